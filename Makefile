@@ -1,0 +1,48 @@
+# Entry points: `make demo`, `make test`, `make train-imagenet DATA=/path/to/imagenet`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/imagenet/resnet50.yaml
+ARGS ?=
+DEMO_DATA := data/synth-demo
+export PYTHONUNBUFFERED := 1
+export RAY_DEDUP_LOGS := 0
+.DEFAULT_GOAL := install
+
+.PHONY: install demo test lint clean train-imagenet
+
+# Cluster submission (mk/cluster.mk) and experiment targets (mk/experiments.mk, mk/bench.mk).
+-include $(wildcard mk/*.mk)
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; a re-run is instant.
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+$(DEMO_DATA)/.complete: | $(STAMP)
+	$(PY) -m pipeline data synth --out $(DEMO_DATA) --classes 10 --train-per-class 100 --val-per-class 20 --seed 0
+	@touch $@
+
+demo: $(STAMP) $(DEMO_DATA)/.complete
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pipeline train --config configs/demo.yaml data.root=$(DEMO_DATA) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests
+	$(VENV)/bin/ruff format --check pipeline tests
+
+train-imagenet: $(STAMP)
+	@if [ -z "$(DATA)" ]; then echo "error: DATA is not set. Usage: make train-imagenet DATA=/path/to/imagenet [CONFIG=$(CONFIG)] [ARGS=\"key=value ...\"]" >&2; exit 2; fi
+	$(PY) -m pipeline data check-layout $(DATA)
+	$(PY) -m pipeline train --config $(CONFIG) data.root=$(DATA) $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache runs wandb data/synth-* bench-results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,422 @@
+"""One typed, frozen, validated configuration for a run.
+
+    cfg = load_config("configs/imagenet/resnet50.yaml", ["optim.lr=0.2", "cluster.num_workers=8"])
+
+A YAML file may name a ``base:`` file (a path relative to itself, or a list of them); the
+file's own keys are merged over the base, section by section, so each experiment's file
+holds only what differs. Dotted ``key=value`` overrides come last and are parsed as YAML
+scalars (``1e-4``, ``true``, ``[30, 60, 90]``, ``null``).
+
+Every error is a ``ConfigError`` that names the key: unknown keys suggest the closest valid
+one, wrong types name the expected type, bad choices list the choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the file or key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["imagenet", "cifar10"] = "imagenet"
+    root: str = "data/imagenet"
+    # Train augmentation: "paper" = shorter side random in [scale_min, scale_max] + random crop
+    # + flip (+ PCA colour); "inception" = random-resized-crop; "none" = resize + centre crop.
+    augment: Literal["paper", "inception", "none"] = "paper"
+    crop_size: int = 224
+    scale_min: int = 256
+    scale_max: int = 480
+    val_resize: int = 256
+    pca_std: float = 0.1
+    # "meanstd": per-channel mean/std; "mean": the paper's mean subtraction only.
+    normalize: Literal["meanstd", "mean"] = "meanstd"
+    decoder: Literal["auto", "mixed", "cpu"] = "auto"
+    hw_decoder_load: float = 0.65
+    num_threads: int = 0  # 0: derived from the CPUs Ray gives each worker
+    prefetch: int = 2
+    val_split: int = 0  # CIFAR-10: hold out this many training images as validation (paper: 5000)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet50"
+    num_classes: int = 1000
+    shortcut: Literal["A", "B", "C"] | None = None  # None: the registered model's own option
+    v1_5: bool | None = None
+    zero_init_residual: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 256  # global batch, split evenly over workers
+    lr: float = 0.1  # base lr at batch 256 (see scale_lr)
+    scale_lr: bool = True  # linear scaling rule: lr = base lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    no_wd_bn_bias: bool = False  # exclude BN and bias parameters from weight decay
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: Literal["step", "plateau", "constant"] = "step"
+    epochs: int = 120
+    max_iters: int | None = None  # stop after this many iterations (the paper's 600k / 64k)
+    milestones: tuple[int, ...] = (30, 60, 90)
+    milestone_unit: Literal["epoch", "iter"] = "epoch"
+    gamma: float = 0.1
+    plateau_patience: int = 5
+    plateau_threshold: float = 0.1  # absolute improvement in val top-1 error (percent points)
+    min_lr: float = 1e-5
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_lr for large batches
+    warmup_lr: float = 0.0
+    # The paper's ResNet-110 rule: lr = warmup_lr until training error < this (percent).
+    warmup_until_train_err: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: Literal["center", "tencrop", "multiscale"] = "center"
+    final_mode: Literal["center", "tencrop", "multiscale"] | None = "tencrop"
+    scales: tuple[int, ...] = (224, 256, 384, 480, 640)
+    every_n_epochs: int = 1
+    batch_size: int = 0  # global; 0: same as the training batch
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    cudnn_benchmark: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_workers: int = 1
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    storage_path: str = "runs"  # local folder or s3:// / gs:// URI
+    num_to_keep: int = 2
+    every_n_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "resnet-pipeline"
+    entity: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    log_every_n_steps: int = 50
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    seed: int = 0
+    log_every_n_steps: int = 20
+    resume_from: str | None = None  # a checkpoint directory to start from
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------- loading and merging
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a YAML file with its ``base:`` chain merged in."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: base files form a cycle: {' -> '.join(map(str, _seen + (path,)))}")
+    data = _read_yaml(path)
+    bases = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, read_config_tree(path.parent / base, _seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.2", "model.name=resnet18"]`` -> nested mapping."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.2)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return tree
+
+
+# ---------------------------------------------------------------- typed construction
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            keys += _all_keys(f.type, prefix + f.name + ".")
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1] if len(errors) == 1 else ConfigError(
+            f"{key}: expected {_type_name(tp)}, got {value!r}"
+        )
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        # YAML reads `true`/`false` as booleans; let them select "true"/"false" choices.
+        candidate = str(value).lower() if isinstance(value, bool) else value
+        if candidate in choices:
+            return candidate
+        raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of {', '.join(map(str, choices))}")
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool (true or false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+            return float(value)
+        raise ConfigError(f"{key}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected str, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # a bug in this module, not the user's
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    valid = _all_keys(Config)
+    for key in data:
+        if key not in names:
+            full = prefix + str(key)
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(sorted(names))}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, data[name], tp)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    """Value checks that types cannot express."""
+    positive = {
+        "optim.batch_size": cfg.optim.batch_size,
+        "data.crop_size": cfg.data.crop_size,
+        "schedule.epochs": cfg.schedule.epochs,
+        "cluster.num_workers": cfg.cluster.num_workers,
+        "model.num_classes": cfg.model.num_classes,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
+    if cfg.data.scale_min > cfg.data.scale_max:
+        raise ConfigError(f"data.scale_min ({cfg.data.scale_min}) is larger than data.scale_max ({cfg.data.scale_max})")
+    if cfg.data.augment == "paper" and cfg.data.dataset == "imagenet" and cfg.data.scale_min < cfg.data.crop_size:
+        raise ConfigError(
+            f"data.scale_min ({cfg.data.scale_min}) must be at least data.crop_size ({cfg.data.crop_size}) "
+            "for the paper's random crop"
+        )
+    if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
+        raise ConfigError(f"schedule.milestones must be increasing, got {list(cfg.schedule.milestones)}")
+    if cfg.optim.batch_size % cfg.cluster.num_workers:
+        raise ConfigError(
+            f"optim.batch_size ({cfg.optim.batch_size}) is the global batch and must divide evenly over "
+            f"cluster.num_workers ({cfg.cluster.num_workers}); choose a multiple of {cfg.cluster.num_workers}"
+        )
+    eval_batch = cfg.eval.batch_size or cfg.optim.batch_size
+    if eval_batch % cfg.cluster.num_workers:
+        raise ConfigError(
+            f"eval.batch_size ({eval_batch}) must divide evenly over cluster.num_workers ({cfg.cluster.num_workers})"
+        )
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty run name without '/', got {cfg.name!r}")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (with its bases), apply dotted overrides, validate."""
+    data = read_config_tree(path) if path is not None else {}
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, JSON, W&B and Ray's train_loop_config."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- derived values
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed once from the config and the world size; printed and saved."""
+
+    world_size: int
+    per_worker_batch: int
+    per_worker_eval_batch: int
+    lr: float  # after the linear scaling rule
+    iters_per_epoch: int
+    total_iters: int
+    epochs: int
+
+
+def derive(cfg: Config, num_train_images: int, world_size: int | None = None) -> Derived:
+    world = world_size or cfg.cluster.num_workers
+    global_batch = cfg.optim.batch_size
+    if global_batch % world:
+        raise ConfigError(f"optim.batch_size ({global_batch}) must divide evenly over {world} workers")
+    eval_batch = cfg.eval.batch_size or global_batch
+    per_worker = global_batch // world
+    # Every epoch is a fresh global permutation cut into whole global batches, so all ranks
+    # take the same number of steps (DDP needs it) and a resumed epoch replays exactly.
+    iters_per_epoch = num_train_images // global_batch
+    if iters_per_epoch == 0:
+        raise ConfigError(
+            f"optim.batch_size ({global_batch}) is larger than the training set ({num_train_images} images); "
+            "lower optim.batch_size"
+        )
+    total = iters_per_epoch * cfg.schedule.epochs
+    if cfg.schedule.max_iters is not None:
+        total = min(total, cfg.schedule.max_iters)
+    epochs = math.ceil(total / iters_per_epoch)
+    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
+    return Derived(
+        world_size=world,
+        per_worker_batch=per_worker,
+        per_worker_eval_batch=max(1, eval_batch // world),
+        lr=lr,
+        iters_per_epoch=iters_per_epoch,
+        total_iters=total,
+        epochs=epochs,
+    )
