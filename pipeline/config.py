@@ -213,11 +213,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class, sections and leaves."""
     keys = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
-            keys += _all_keys(f.type, prefix + f.name + ".")
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], prefix + f.name + ".")
     return keys
 
 
@@ -272,6 +274,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected int, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected float, got {value!r}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(f"{key}: expected a finite float, got {value!r}")
@@ -289,11 +296,14 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    valid = _all_keys(Config)
     for key in data:
         if key not in names:
             full = prefix + str(key)
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
+            # Siblings first (optim.lrr -> optim.lr), then any key (shedule.epochs -> schedule.epochs).
+            siblings = [prefix + n for n in names]
+            close = difflib.get_close_matches(full, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
+                full, _all_keys(Config), n=1, cutoff=0.6
+            )
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(sorted(names))}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
     kwargs = {}

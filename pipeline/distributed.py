@@ -1,0 +1,176 @@
+"""Who am I, where do I run, and how do ranks agree: the one place that knows about Ray Train.
+
+The engine asks this module for a ``DistContext`` and never reads rank environment
+variables itself. Three ways to run, one code path:
+
+- inside a Ray Train worker: ranks and devices from ``ray.train.get_context()``, process
+  group already set up by ``TorchTrainer``;
+- under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set): a process group is
+  initialised here (NCCL on GPU, gloo on CPU);
+- a single plain process: world size 1, no process group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    under_ray: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_id(self) -> int | None:
+        """The local CUDA index for DALI (as PyTorch sees it after CUDA_VISIBLE_DEVICES), or None on CPU."""
+        return self.device.index if self.device.type == "cuda" else None
+
+
+def init_context(under_ray: bool, use_gpu: bool | None = None) -> DistContext:
+    """Discover the rank/world/device of this process and make sure a process group exists.
+
+    Args:
+        under_ray: True inside a ``TorchTrainer`` worker (the launcher says so explicitly).
+        use_gpu: outside Ray, False forces the CPU; None uses CUDA when present.
+    """
+    if under_ray:
+        import ray.train
+        import ray.train.torch
+
+        rt = ray.train.get_context()
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistContext(rt.get_world_rank(), rt.get_world_size(), rt.get_local_rank(), device, True)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() if use_gpu is None else use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    return DistContext(rank, world, local_rank, device, False)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (float64 on the way, so counts stay exact); no-op in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s object on every rank (e.g. a decision only rank 0 can make)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """DDP over the process group (Ray's ``prepare_model`` under Ray, plain DDP under torchrun)."""
+    if ctx.world_size == 1:
+        return model.to(ctx.device)
+    if ctx.under_ray:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=ctx.device)
+    model = model.to(ctx.device)
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers (for checkpoints and eval)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+# ---------------------------------------------------------------- reporting and checkpoints
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def local_checkpoints(location: str) -> list[Path]:
+    """This run's checkpoint folders on a local filesystem, newest first (by name: epoch-numbered)."""
+    root = Path(location)
+    if "://" in location or not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+
+
+def checkpoint_candidates(ctx: DistContext, location: str) -> list[Path]:
+    """Checkpoints to resume from, newest first: Ray's latest (after a restart or a re-run of the
+    same name), then the older ones kept beside it, so a truncated latest can fall back."""
+    found: list[Path] = []
+    if ctx.under_ray:
+        import ray.train
+
+        latest = ray.train.get_checkpoint()
+        if latest is not None:
+            found.append(Path(latest.to_directory()) if "://" in latest.path else Path(latest.path))
+    for path in local_checkpoints(location):
+        if path.name not in {p.name for p in found}:
+            found.append(path)
+    return found
+
+
+def report_epoch(
+    ctx: DistContext,
+    metrics: dict[str, Any],
+    name: str,
+    location: str,
+    save: Callable[[Path], Any],
+    num_to_keep: int,
+) -> str:
+    """Persist a checkpoint written by ``save(directory)`` on rank 0 and report the metrics.
+
+    Under Ray every rank calls ``ray.train.report`` (it is a barrier); rank 0 hands over the
+    checkpoint and Ray copies it to ``<storage>/<name>/<checkpoint name>``, keeping
+    ``num_to_keep`` as its ``CheckpointConfig`` says. Without Ray, rank 0 writes it there
+    itself and prunes the oldest.
+    """
+    if ctx.under_ray:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if ctx.is_main:
+                save(Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.is_main else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    elif ctx.is_main:
+        target = Path(location) / name
+        save(target)
+        for old in local_checkpoints(location)[max(num_to_keep, 1) :]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return f"{location.rstrip('/')}/{name}"

@@ -1,0 +1,89 @@
+"""The paper's learning-rate rules as pure functions of the iteration (and a little state).
+
+    lr = learning_rate(cfg.schedule, base_lr=0.1, it=32_000, iters_per_epoch=391, state=ScheduleState())
+
+- ``step``: multiply by ``gamma`` at each milestone (epochs or iterations). CIFAR-10:
+  0.1, 0.01 from iteration 32,000, 0.001 from 48,000, stop at 64,000.
+- ``plateau``: multiply by ``gamma`` when the validation error has not improved by
+  ``plateau_threshold`` for ``plateau_patience`` epochs (the paper's ImageNet rule). The
+  decision is ``plateau_update``, fed the globally reduced error so every rank agrees.
+- warm-up: linear from ``warmup_lr`` over ``warmup_epochs``; or the paper's ResNet-110
+  rule, ``warmup_lr`` until the training error is below ``warmup_until_train_err``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from pipeline.config import ScheduleConfig
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """What the lr depends on besides the iteration; saved in checkpoints."""
+
+    plateau_best: float = math.inf
+    plateau_bad_epochs: int = 0
+    plateau_reductions: int = 0
+    warmup_done: bool = False  # the ResNet-110 rule has seen training error below its threshold
+
+
+def decay_factor(cfg: ScheduleConfig, it: int, iters_per_epoch: int, state: ScheduleState) -> float:
+    """The multiplier on the base lr from milestones or plateau reductions, before warm-up."""
+    if cfg.kind == "step":
+        position = it if cfg.milestone_unit == "iter" else it // iters_per_epoch
+        passed = sum(1 for m in cfg.milestones if position >= m)
+        return cfg.gamma**passed
+    if cfg.kind == "plateau":
+        return cfg.gamma**state.plateau_reductions
+    return 1.0
+
+
+def learning_rate(
+    cfg: ScheduleConfig, *, base_lr: float, it: int, iters_per_epoch: int, state: ScheduleState
+) -> float:
+    """The lr for iteration ``it`` (0-based).
+
+    Args:
+        cfg: the schedule section.
+        base_lr: the lr after linear scaling (``Derived.lr``).
+        it: the global iteration about to run.
+        iters_per_epoch: optimizer steps per epoch.
+        state: plateau counters and the ResNet-110 warm-up flag.
+    """
+    lr = base_lr * decay_factor(cfg, it, iters_per_epoch, state)
+    if cfg.warmup_until_train_err is not None and not state.warmup_done:
+        return cfg.warmup_lr
+    warmup_iters = round(cfg.warmup_epochs * iters_per_epoch)
+    if it < warmup_iters:
+        return cfg.warmup_lr + (lr - cfg.warmup_lr) * it / warmup_iters
+    return lr
+
+
+def plateau_update(cfg: ScheduleConfig, state: ScheduleState, val_err: float, *, base_lr: float) -> ScheduleState:
+    """The state after an epoch whose (globally reduced) validation error is ``val_err``.
+
+    An epoch counts as an improvement when the error beats the best by more than the
+    threshold (the best only moves then, as in torch's ReduceLROnPlateau); after ``plateau_patience`` epochs without one the lr is divided (once per
+    plateau), unless that would take it under ``min_lr``.
+    """
+    if cfg.kind != "plateau":
+        return state
+    if val_err < state.plateau_best - cfg.plateau_threshold:
+        return replace(state, plateau_best=val_err, plateau_bad_epochs=0)
+    bad = state.plateau_bad_epochs + 1
+    if bad >= cfg.plateau_patience and base_lr * cfg.gamma ** (state.plateau_reductions + 1) >= cfg.min_lr:
+        return replace(
+            state,
+            plateau_bad_epochs=0,
+            plateau_reductions=state.plateau_reductions + 1,
+        )
+    return replace(state, plateau_bad_epochs=bad)
+
+
+def warmup_update(cfg: ScheduleConfig, state: ScheduleState, train_err: float) -> ScheduleState:
+    """The ResNet-110 rule: once the (globally reduced) training error is under the threshold, warm-up ends."""
+    if cfg.warmup_until_train_err is None or state.warmup_done:
+        return state
+    return replace(state, warmup_done=train_err < cfg.warmup_until_train_err)

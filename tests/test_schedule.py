@@ -1,0 +1,84 @@
+"""The paper's lr rules drawn as curves and compared with the paper's numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
+
+
+def lr_at(cfg, it, ipe=391, state=ScheduleState(), base=0.1):
+    return learning_rate(cfg.schedule, base_lr=base, it=it, iters_per_epoch=ipe, state=state)
+
+
+def test_cifar_step_schedule_matches_the_paper():
+    cfg = load_config(None, ["schedule.milestones=[32000, 48000]", "schedule.milestone_unit=iter"])
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 31_999) == pytest.approx(0.1)
+    assert lr_at(cfg, 32_000) == pytest.approx(0.01)
+    assert lr_at(cfg, 47_999) == pytest.approx(0.01)
+    assert lr_at(cfg, 48_000) == pytest.approx(0.001)
+    assert lr_at(cfg, 63_999) == pytest.approx(0.001)
+
+
+def test_cifar_training_ends_at_64k():
+    from pipeline.config import derive
+
+    cfg = load_config(None, ["optim.batch_size=128", "optim.scale_lr=false", "schedule.epochs=1000", "schedule.max_iters=64000"])
+    assert derive(cfg, 50_000).total_iters == 64_000
+
+
+def test_imagenet_epoch_milestones():
+    cfg = load_config(None, ["schedule.milestones=[30, 60, 90]"])
+    ipe = 5004
+    assert lr_at(cfg, 30 * ipe - 1, ipe) == pytest.approx(0.1)
+    assert lr_at(cfg, 30 * ipe, ipe) == pytest.approx(0.01)
+    assert lr_at(cfg, 60 * ipe, ipe) == pytest.approx(0.001)
+    assert lr_at(cfg, 90 * ipe, ipe) == pytest.approx(0.0001)
+
+
+def test_linear_warmup_ramps_then_hands_over():
+    cfg = load_config(None, ["schedule.warmup_epochs=5", "schedule.warmup_lr=0.0", "schedule.milestones=[30]"])
+    ipe = 100
+    assert lr_at(cfg, 0, ipe, base=0.4) == 0.0
+    assert lr_at(cfg, 250, ipe, base=0.4) == pytest.approx(0.2)
+    assert lr_at(cfg, 500, ipe, base=0.4) == pytest.approx(0.4)
+
+
+def test_plateau_decisions_on_a_scripted_error_sequence():
+    cfg = load_config(None, ["schedule.kind=plateau", "schedule.plateau_patience=2", "schedule.plateau_threshold=0.5"])
+    state = ScheduleState()
+    lrs = []
+    # improves, improves, stalls (within threshold), stalls -> /10, improves, stalls, stalls -> /10
+    for err in [60.0, 50.0, 49.8, 49.9, 40.0, 39.9, 40.2]:
+        state = plateau_update(cfg.schedule, state, err, base_lr=0.1)
+        lrs.append(lr_at(cfg, 0, state=state))
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001])
+    assert state.plateau_reductions == 2
+
+
+def test_plateau_respects_min_lr():
+    cfg = load_config(None, ["schedule.kind=plateau", "schedule.plateau_patience=1", "schedule.min_lr=0.001"])
+    state = ScheduleState()
+    for _ in range(10):
+        state = plateau_update(cfg.schedule, state, 50.0, base_lr=0.1)
+    assert lr_at(cfg, 0, state=state) == pytest.approx(0.001)
+
+
+def test_resnet110_warmup_rule():
+    cfg = load_config(
+        None,
+        ["schedule.warmup_until_train_err=80", "schedule.warmup_lr=0.01", "schedule.milestones=[32000, 48000]",
+         "schedule.milestone_unit=iter"],
+    )
+    state = ScheduleState()
+    assert lr_at(cfg, 0, state=state) == pytest.approx(0.01)
+    state = warmup_update(cfg.schedule, state, train_err=85.0)
+    assert lr_at(cfg, 300, state=state) == pytest.approx(0.01)
+    state = warmup_update(cfg.schedule, state, train_err=79.0)
+    assert state.warmup_done
+    assert lr_at(cfg, 400, state=state) == pytest.approx(0.1)
+    # once done it stays done, even if the error bounces back
+    assert warmup_update(cfg.schedule, state, train_err=90.0).warmup_done
+    assert lr_at(cfg, 32_000, state=state) == pytest.approx(0.01)
