@@ -112,6 +112,17 @@ def read(directory: Path) -> dict[str, Any]:
     return state
 
 
+def restore_model(state: dict[str, Any], model: torch.nn.Module) -> None:
+    """Load only the weights (evaluation), failing with the exact missing and unexpected keys."""
+    result = model.load_state_dict(state["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            "checkpoint does not fit this model "
+            f"(model.name={state['config'].get('model', {}).get('name')!r} in the checkpoint); "
+            f"missing keys: {result.missing_keys or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}"
+        )
+
+
 def restore(
     state: dict[str, Any],
     *,
@@ -120,13 +131,7 @@ def restore(
     scaler: torch.amp.GradScaler | None,
 ) -> TrainingProgress:
     """Load a state read by ``read`` into the live objects; returns the progress to resume from."""
-    result = model.load_state_dict(state["model"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            "checkpoint does not fit this model "
-            f"(model.name={state['config'].get('model', {}).get('name')!r} in the checkpoint); "
-            f"missing keys: {result.missing_keys or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}"
-        )
+    restore_model(state, model)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and scaler.is_enabled() and state["scaler"]:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,20 @@ def preflight(cfg: Config) -> str:
     )
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """Resolve relative local paths here: Ray Train workers run in their own working directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or is_uri(path) else str(Path(path).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(cfg.checkpoint.storage_path)),
+        resume_from=absolute(cfg.resume_from),
+    )
+
+
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.engine import train_worker
 
@@ -86,8 +101,20 @@ def _quiet_ray_env() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
-def run_on_ray(cfg: Config) -> None:
-    """Start or join Ray and run ``train_worker`` on every worker; raises on training failure."""
+def run_on_ray(
+    cfg: Config,
+    worker: Callable[[dict[str, Any]], None] = _ray_worker,
+    extra: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Any:
+    """Start or join Ray and run ``worker`` (by default ``train_worker``) on every worker.
+
+    Args:
+        cfg: the resolved config; its ``cluster`` section sizes the worker group.
+        worker: the per-worker function; it gets ``{"config": to_dict(cfg), **extra}``.
+        extra: more entries for the worker's loop config.
+        name: the Ray Train run name (default ``cfg.name``, which is what resume keys on).
+    """
     _quiet_ray_env()
     import logging
 
@@ -115,16 +142,16 @@ def run_on_ray(cfg: Config) -> None:
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
+    cfg = with_absolute_paths(cfg)
     storage = cfg.checkpoint.storage_path
-    storage = storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
     print(
         f"Ray: {'cluster at ' + address if address else 'local'}; {cfg.cluster.num_workers} workers x {resources}, "
         f"{cfg.cluster.placement_strategy}, backend {'nccl' if use_gpu else 'gloo'}",
         flush=True,
     )
     trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        worker,
+        train_loop_config={"config": to_dict(cfg), **(extra or {})},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=use_gpu,
@@ -132,7 +159,7 @@ def run_on_ray(cfg: Config) -> None:
             placement_strategy=cfg.cluster.placement_strategy,
         ),
         run_config=RunConfig(
-            name=cfg.name,
+            name=name or cfg.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(
@@ -142,7 +169,7 @@ def run_on_ray(cfg: Config) -> None:
             ),
         ),
     )
-    trainer.fit()
+    return trainer.fit()  # raises TrainingFailedError when the workers fail beyond max_failures
 
 
 def print_summary(cfg: Config) -> dict[str, Any] | None:
@@ -173,7 +200,7 @@ def main(argv: list[str]) -> int:
     from pipeline.data.layout import DataLayoutError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = with_absolute_paths(load_config(args.config, args.overrides))
         print(preflight(cfg), flush=True)
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,62 @@
+"""Shared fixtures: small generated datasets (real JPEG / CIFAR archive formats) and one local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep W&B and Ray quiet and offline in every test, whatever the developer's shell says.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet(tmp_path_factory) -> Path:
+    """4 classes x 16 train / 4 val JPEGs in the ImageNet folder layout."""
+    from pipeline.data.synth import write_synthetic_imagenet
+
+    root = tmp_path_factory.mktemp("tiny-imagenet") / "data"
+    write_synthetic_imagenet(root, classes=4, train_per_class=16, val_per_class=4, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One 2-CPU local Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_overrides(data_root: Path, storage: Path, name: str = "tiny") -> list[str]:
+    """A config small enough to train in seconds on two CPU cores."""
+    return [
+        f"name={name}",
+        f"data.root={data_root}",
+        "data.crop_size=32",
+        "data.scale_min=36",
+        "data.scale_max=48",
+        "data.val_resize=36",
+        "model.name=resnet18",
+        "model.num_classes=4",
+        "optim.batch_size=16",
+        "optim.scale_lr=false",
+        "optim.lr=0.02",
+        "schedule.kind=constant",
+        "schedule.epochs=4",
+        "eval.mode=center",
+        "eval.final_mode=tencrop",
+        "cluster.num_workers=2",
+        "cluster.use_gpu=false",
+        "tracking.mode=offline",
+        "log_every_n_steps=2",
+        f"checkpoint.storage_path={storage}",
+    ]
