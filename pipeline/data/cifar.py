@@ -1,0 +1,219 @@
+"""CIFAR-10 held whole on the training device, augmented there per batch with torch ops.
+
+    train, val, num_train = build_cifar_loaders("data/cifar", cfg.data, global_batch=128, shard_id=rank,
+                                                num_shards=world, device=device, seed=cfg.seed,
+                                                eval_batch_size=500)
+    for images, labels in train.epoch(epoch): ...
+
+The archive is the standard python one (``root/cifar-10-batches-py/data_batch_1..5, test_batch``),
+read with torchvision. 50k 32x32 images are 150 MB as uint8, so a decode-per-sample loader
+would only add latency: the paper's augmentation (4-pixel zero pad, random 32 crop, random
+flip) is a few tensor ops on the whole batch. The training order follows the same rule as the
+ImageNet loader (a permutation per (seed, epoch), whole global batches, equal steps per rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import DataConfig
+from pipeline.data.constants import CIFAR_DIRNAME, CIFAR_IMAGE_SIZE, CIFAR_PAD, CIFAR_SPLIT_SEED
+from pipeline.data.imagenet import Loader, augmentation_seed, train_shard, val_shard
+from pipeline.data.layout import DataLayoutError
+
+
+def _read_split(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 32, 32, 3], labels int64 [N]) via torchvision's reader."""
+    from torchvision.datasets import CIFAR10
+
+    class _CIFAR10(CIFAR10):
+        # torchvision checks each file's md5 against the official archive; a synthetic archive in
+        # the same format must load too, so only presence is checked (download still verifies
+        # the tarball's md5).
+        train_list = [[f"data_batch_{i}", None] for i in range(1, 6)]
+        test_list = [["test_batch", None]]
+        meta = {"filename": "batches.meta", "key": "label_names", "md5": None}
+
+    try:
+        ds = _CIFAR10(str(root), train=train, download=download)
+    except RuntimeError:
+        raise DataLayoutError(
+            f"{root / CIFAR_DIRNAME}: CIFAR-10 not found (expected data_batch_1..5, test_batch, batches.meta). "
+            f"Extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into {root}, pass download=True "
+            f"where there is a network, or write a synthetic archive with "
+            f"`python -m pipeline data synth-cifar --out {root}`"
+        ) from None
+    return np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
+
+
+def split_train_val(num_train: int, val_split: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out val indices), the same on every rank and run (fixed seed)."""
+    if not 0 < val_split < num_train:
+        raise ValueError(
+            f"data.val_split ({val_split}) must be between 1 and the training set size - 1 ({num_train - 1})"
+        )
+    perm = np.random.default_rng(CIFAR_SPLIT_SEED).permutation(num_train)
+    return np.sort(perm[val_split:]), np.sort(perm[:val_split])
+
+
+class _Normalizer:
+    """x (uint8 NCHW) -> float: minus the training set's mean image ("mean", the paper's
+    per-pixel mean) or minus the per-channel mean over the per-channel std ("meanstd")."""
+
+    def __init__(self, train_images: torch.Tensor, kind: str):
+        x = train_images.double()
+        if kind == "mean":
+            self.mean = x.mean(0).float()  # [3, 32, 32]
+            self.std = torch.ones(1, device=x.device)
+        elif kind == "meanstd":
+            self.mean = x.mean((0, 2, 3)).float().view(3, 1, 1)
+            self.std = x.std((0, 2, 3)).float().view(3, 1, 1)
+        else:
+            raise ValueError(f"data.normalize={kind!r}; choose 'mean' or 'meanstd'")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The paper's CIFAR augmentation on a normalised batch [B, 3, 32, 32], on x's device.
+
+    Padding is applied after normalisation, so the 4 padded pixels are zeros of the
+    mean-subtracted input (neutral), not black.
+    """
+    b, size = x.shape[0], x.shape[-1]
+    padded = F.pad(x, (CIFAR_PAD,) * 4)
+    span = 2 * CIFAR_PAD + 1
+    oy = torch.randint(0, span, (b,), device=x.device, generator=generator)
+    ox = torch.randint(0, span, (b,), device=x.device, generator=generator)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    ar = torch.arange(size, device=x.device)
+    rows = (oy[:, None] + ar)[:, :, None]  # [B, 32, 1]
+    cols = (ox[:, None] + ar)[:, None, :]  # [B, 1, 32]
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)  # a flip is the crop read right to left
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+class _CifarTrain:
+    def __init__(self, images, labels, normalize, *, global_batch, shard_id, num_shards, seed):
+        self.images, self.labels, self.normalize = images, labels, normalize
+        self.global_batch, self.shard_id, self.num_shards, self.seed = (
+            global_batch,
+            shard_id,
+            num_shards,
+            seed,
+        )
+        self.per_rank = global_batch // num_shards
+        # Validate the sharding arguments now rather than at the first epoch.
+        train_shard(
+            len(labels),
+            global_batch=global_batch,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            seed=seed,
+            epoch=0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.global_batch
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = train_shard(
+            len(self.labels),
+            global_batch=self.global_batch,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            seed=self.seed,
+            epoch=epoch,
+        )
+        order_t = torch.as_tensor(order, device=self.images.device)
+        g = torch.Generator(device=self.images.device)
+        g.manual_seed(augmentation_seed(self.seed, epoch, self.shard_id))
+        for idx in order_t.split(self.per_rank):
+            yield augment_batch(self.normalize(self.images[idx]), g), self.labels[idx]
+
+
+class _CifarEval:
+    def __init__(self, images, labels, normalize, *, batch_size, shard_id, num_shards):
+        mine = val_shard(len(labels), shard_id=shard_id, num_shards=num_shards)
+        self.images, self.labels = images[mine.start : mine.stop], labels[mine.start : mine.stop]
+        self.normalize, self.batch_size = normalize, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            end = start + self.batch_size
+            yield self.normalize(self.images[start:end]), self.labels[start:end]
+
+
+def build_cifar_loaders(
+    root: str | Path,
+    cfg: DataConfig,
+    *,
+    global_batch: int,
+    shard_id: int,
+    num_shards: int,
+    device: torch.device,
+    seed: int,
+    eval_batch_size: int,
+    download: bool = False,
+) -> tuple[Loader, Loader, int]:
+    """CIFAR-10 train and validation loaders on ``device``.
+
+    Args:
+        root: folder holding ``cifar-10-batches-py/``.
+        cfg: ``normalize`` ("mean": the paper's per-pixel mean image; "meanstd": per channel) and
+            ``val_split`` (> 0: hold out that many training images as validation, the paper's 5000;
+            0: validate on test_batch).
+        global_batch: training batch over all ranks; must divide by ``num_shards``.
+        shard_id, num_shards: world rank and size.
+        device: where the dataset lives and augmentation runs.
+        seed: run seed: per-epoch order from (seed, epoch), augmentation from (seed, epoch, rank).
+        eval_batch_size: validation batch per worker.
+        download: fetch the official archive into ``root`` if it is missing.
+
+    Returns:
+        (train loader, val loader, number of training images). Train batches are
+        ``global_batch // num_shards`` float32 [B, 3, 32, 32] with int64 labels [B]; each rank's
+        val loader covers a disjoint slice, so the ranks together score each image once.
+    """
+    root = Path(root).expanduser()
+    train_np, train_y = _read_split(root, train=True, download=download)
+    if cfg.val_split > 0:
+        keep, held = split_train_val(len(train_y), cfg.val_split)
+        val_np, val_y = train_np[held], train_y[held]
+        train_np, train_y = train_np[keep], train_y[keep]
+    else:
+        val_np, val_y = _read_split(root, train=False, download=False)
+    if train_np.shape[1:] != (CIFAR_IMAGE_SIZE, CIFAR_IMAGE_SIZE, 3):
+        raise DataLayoutError(
+            f"{root / CIFAR_DIRNAME}: images have shape {train_np.shape[1:]}, expected 32x32x3"
+        )
+
+    def to_device(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device), torch.from_numpy(y).to(device)
+
+    train_x, train_t = to_device(train_np, train_y)
+    val_x, val_t = to_device(val_np, val_y)
+    normalize = _Normalizer(train_x, cfg.normalize)  # training statistics only, also for validation
+    train = _CifarTrain(
+        train_x,
+        train_t,
+        normalize,
+        global_batch=global_batch,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+    )
+    val = _CifarEval(
+        val_x, val_t, normalize, batch_size=eval_batch_size, shard_id=shard_id, num_shards=num_shards
+    )
+    return train, val, len(train_t)

@@ -1,0 +1,174 @@
+"""``python -m pipeline data <command>``: dataset tools.
+
+    python -m pipeline data synth --out data/synth --classes 10 --train-per-class 100 --val-per-class 20
+    python -m pipeline data synth-cifar --out data/cifar-synth
+    python -m pipeline data check-layout /data/imagenet
+    python -m pipeline data verify /data/imagenet [--fix] [--json] [--workers N]
+    python -m pipeline data prepare-val --val /data/imagenet/val --labels LOC_val_solution.csv [--undo]
+
+Exit status: 0 success, 1 problems found (verify), 2 bad input or layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline data", description="dataset tools")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write a small synthetic ImageNet-layout dataset (real JPEGs)")
+    s.add_argument(
+        "--out", required=True, type=Path, help="destination folder (new, empty, or an earlier synth)"
+    )
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--train-per-class", type=int, default=100)
+    s.add_argument("--val-per-class", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0, help="processes (0: all CPUs)")
+    s.add_argument(
+        "--force", action="store_true", help="replace an earlier synthetic dataset with other settings"
+    )
+
+    c = sub.add_parser("synth-cifar", help="write a synthetic CIFAR-10 archive in the real python format")
+    c.add_argument(
+        "--out", required=True, type=Path, help="dataset root; files go to OUT/cifar-10-batches-py/"
+    )
+    c.add_argument("--train-per-class", type=int, default=500)
+    c.add_argument("--test-per-class", type=int, default=100)
+    c.add_argument("--seed", type=int, default=0)
+
+    k = sub.add_parser(
+        "check-layout", help="check ROOT/train/<class>/ and ROOT/val/<class>/ and count images"
+    )
+    k.add_argument("root", type=Path)
+
+    v = sub.add_parser("verify", help="decode-check every image; --fix repairs or quarantines bad ones")
+    v.add_argument("root", type=Path)
+    v.add_argument(
+        "--fix", action="store_true", help="rewrite PNG/CMYK/grey as RGB JPEG; quarantine unreadable files"
+    )
+    v.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    v.add_argument("--workers", type=int, default=0, help="processes (0: all CPUs)")
+
+    r = sub.add_parser("prepare-val", help="sort the flat ImageNet val folder into class folders")
+    r.add_argument("--val", required=True, type=Path, help="the folder of ILSVRC2012_val_*.JPEG files")
+    r.add_argument(
+        "--labels",
+        type=Path,
+        help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt (needs --synsets)",
+    )
+    r.add_argument(
+        "--synsets",
+        type=Path,
+        help="synset order for ground_truth.txt's 1-based ids: LOC_synset_mapping.txt or one wnid per line "
+        "in the devkit (meta.mat) order",
+    )
+    r.add_argument(
+        "--undo", action="store_true", help="move the files back, using the manifest written before"
+    )
+    r.add_argument("--dry-run", action="store_true", help="check and count, move nothing")
+    return p
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from pipeline.data.synth import write_synthetic_imagenet
+
+    summary = write_synthetic_imagenet(
+        args.out,
+        args.classes,
+        args.train_per_class,
+        args.val_per_class,
+        args.seed,
+        workers=args.workers or None,
+        force=args.force,
+    )
+    if summary["up_to_date"]:
+        print(f"{summary['out']}: already holds this synthetic dataset; nothing to do")
+    else:
+        print(
+            f"wrote {summary['train']} train + {summary['val']} val images ({args.classes} classes, "
+            f"{summary['bytes'] / 1e6:.1f} MB) to {summary['out']} in {summary['seconds']:.1f}s"
+        )
+    return 0
+
+
+def _synth_cifar(args: argparse.Namespace) -> int:
+    from pipeline.data.synth import write_synthetic_cifar
+
+    out = write_synthetic_cifar(args.out, args.train_per_class, args.test_per_class, args.seed)
+    print(
+        f"wrote a synthetic CIFAR-10 archive ({args.train_per_class * 10} train, {args.test_per_class * 10} test) to {out}"
+    )
+    return 0
+
+
+def _check_layout(args: argparse.Namespace) -> int:
+    from pipeline.data.layout import scan_imagenet
+
+    index = scan_imagenet(args.root)
+    print(
+        f"{args.root}: {len(index.classes)} classes, {len(index.train_files)} train images, "
+        f"{len(index.val_files)} val images"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.data.tools import verify_images
+
+    report = verify_images(args.root, fix=args.fix, workers=args.workers or None)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for problem in report.problems:
+            print(f"{problem.path}: {problem.reason}" + (f" -> {problem.action}" if problem.action else ""))
+        print(report.summary(), file=sys.stderr)
+    return 1 if report.remaining else 0
+
+
+def _prepare_val(args: argparse.Namespace) -> int:
+    from pipeline.data.tools import prepare_val, undo_prepare_val
+
+    if args.undo:
+        n = undo_prepare_val(args.val)
+        print(f"{args.val}: moved {n} images back to the flat layout")
+        return 0
+    if args.labels is None:
+        print(
+            "error: prepare-val needs --labels (LOC_val_solution.csv or the devkit ground truth)",
+            file=sys.stderr,
+        )
+        return 2
+    n, classes = prepare_val(args.val, args.labels, synsets=args.synsets, dry_run=args.dry_run)
+    verb = "would move" if args.dry_run else "moved"
+    print(f"{args.val}: {verb} {n} images into {classes} class folders")
+    return 0
+
+
+COMMANDS = {
+    "synth": _synth,
+    "synth-cifar": _synth_cifar,
+    "check-layout": _check_layout,
+    "verify": _verify,
+    "prepare-val": _prepare_val,
+}
+
+
+def main(argv: list[str]) -> int:
+    """Run one data command; returns the exit status (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # DataLayoutError is a ValueError; every message here names the path and the fix.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

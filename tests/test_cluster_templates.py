@@ -1,0 +1,403 @@
+"""The cluster templates hold what they promise, checked without a cloud or a Kubernetes API.
+
+- Launcher YAMLs validate against the cluster-config schema Ray 2.60 ships
+  (``ray/autoscaler/ray-schema.json``) and Ray's own ``validate_config``.
+- KubeRay manifests parse and carry the GPU limits, the ImageNet PVC, /dev/shm in memory,
+  the W&B key and Ray token from Secrets, and the training entrypoint.
+- Security: token auth everywhere, no dashboard open to the outside, no secret in a file.
+- ``cluster/runtime_env.yaml`` is a valid runtime env, mirrors pyproject, and its excludes
+  keep data, runs and environments out of the upload.
+- ``make submit`` / ``job-*`` refuse to run without their variables (exit 2, a message).
+- ``cluster/scripts/stage_imagenet.sh`` turns (tiny) ImageNet archives into the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+import zipfile
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import validate_config
+
+from pipeline.config import ClusterConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+LAUNCHER_YAMLS = sorted([*CLUSTER.glob("aws/*.yaml"), *CLUSTER.glob("gcp/*.yaml")])
+KUBE_YAMLS = sorted(CLUSTER.glob("kuberay/*.yaml"))
+RAY_VERSION = "2.60.0"
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def runtime_env() -> dict:
+    return yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+
+
+def project_deps_without_ray() -> list[str]:
+    return [d for d in pyproject()["project"]["dependencies"] if not re.match(r"ray\b", d)]
+
+
+# ------------------------------------------------------------------ cluster launcher
+
+
+def test_there_are_launcher_templates_for_aws_and_gcp():
+    assert {p.parent.name for p in LAUNCHER_YAMLS} == {"aws", "gcp"}
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_launcher_yaml_validates_against_rays_schema(path):
+    config = yaml.safe_load(path.read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(config)  # Ray's extra checks: head type listed, min_workers within max_workers
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_launcher_yaml_gpu_nodes_storage_and_pins(path):
+    config = yaml.safe_load(path.read_text())
+    docker = config["docker"]
+    for image in (docker["image"], docker["head_image"]):
+        assert image.startswith(f"rayproject/ray:{RAY_VERSION}-py311"), image
+    gpu_types = {k: v for k, v in config["available_node_types"].items() if v["resources"].get("GPU")}
+    assert gpu_types and all(v["resources"]["GPU"] == 8 for v in gpu_types.values())
+    assert config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert 1 <= max(v.get("max_workers", 0) for v in gpu_types.values()) <= config["max_workers"]
+    assert all(v.get("min_workers", 0) == 0 for v in gpu_types.values())  # scale to zero when idle
+    # A large /dev/shm for DALI and NCCL on the GPU nodes (Docker's default is 64 MB).
+    shm = [o for o in docker["worker_run_options"] if o.startswith("--shm-size=")]
+    assert shm and int(re.match(r"--shm-size=(\d+)g", shm[0]).group(1)) >= 64
+    # The project at a pinned release, matching pyproject's version.
+    version = pyproject()["project"]["version"]
+    assert any(f"resnet-pipeline.git@v{version}" in c for c in config["setup_commands"])
+    # Shared storage mounted on the host and handed to the containers.
+    host_mounts = " ".join(config["initialization_commands"])
+    assert "mount -t lustre" in host_mounts or "mount -t nfs" in host_mounts
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_launcher_yaml_keeps_token_auth_and_a_loopback_dashboard(path):
+    config = yaml.safe_load(path.read_text())
+    text = path.read_text()
+    run_options = config["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in run_options
+    assert any(o.startswith("-e RAY_AUTH_TOKEN_PATH=") for o in run_options)
+    token_path = next(o for o in run_options if o.startswith("-e RAY_AUTH_TOKEN_PATH=")).split("=", 1)[1]
+    assert any(o.endswith(":ro") and Path(token_path).parent.as_posix() in o for o in run_options)
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in text
+    # The security group Ray creates opens SSH only; nothing here adds dashboard/GCS rules.
+    assert "security_group" not in config["provider"]
+    # Secrets are fetched into files at boot, never written into the template.
+    init = " ".join(config["initialization_commands"])
+    assert "ray_auth_token" in init and "umask 077" in init
+    assert not re.search(r"WANDB_API_KEY\s*[:=]\s*['\"]?[0-9a-f]{20,}", text)
+    assert "RAY_AUTH_TOKEN=" not in text  # the token travels as a file, not in a command line
+
+
+# ------------------------------------------------------------------ KubeRay
+
+
+def kube_docs() -> dict[str, list[dict]]:
+    return {rel(p): [d for d in yaml.safe_load_all(p.read_text()) if d] for p in KUBE_YAMLS}
+
+
+def find(kind: str) -> list[dict]:
+    return [d for docs in kube_docs().values() for d in docs if d["kind"] == kind]
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    specs = [(d["metadata"]["name"], d["spec"]) for d in find("RayCluster")]
+    specs += [(d["metadata"]["name"], d["spec"]["rayClusterSpec"]) for d in find("RayJob")]
+    return specs
+
+
+def env_map(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def secret_ref(container: dict, name: str) -> dict | None:
+    entry = env_map(container).get(name)
+    return entry and entry.get("valueFrom", {}).get("secretKeyRef")
+
+
+def pod_specs(spec: dict) -> list[tuple[str, dict]]:
+    pods = [("head", spec["headGroupSpec"]["template"]["spec"])]
+    pods += [(g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+    return pods
+
+
+def test_kube_manifests_parse_and_hold_every_kind():
+    docs = kube_docs()
+    assert all(docs.values()), docs.keys()
+    assert find("RayCluster") and find("RayJob") and find("PersistentVolumeClaim")
+    for docs_in_file in docs.values():
+        for d in docs_in_file:
+            assert d["apiVersion"] and d["metadata"]["name"]
+
+
+def test_ray_clusters_have_gpu_workers_shm_pvc_and_secrets():
+    claims = {d["metadata"]["name"] for d in find("PersistentVolumeClaim")}
+    specs = ray_cluster_specs()
+    assert len(specs) == 2
+    for name, spec in specs:
+        assert spec["rayVersion"] == RAY_VERSION
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", name
+        for group in spec["workerGroupSpecs"]:
+            assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+        for group_name, pod in pod_specs(spec):
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            (container,) = pod["containers"]
+            assert container["image"].startswith(f"rayproject/ray:{RAY_VERSION}-py311"), container["image"]
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            # /dev/shm backed by memory.
+            shm = volumes[mounts["/dev/shm"]["name"]]
+            assert shm["emptyDir"]["medium"] == "Memory", (name, group_name)
+            # ImageNet from the shared claim, read-only.
+            data = mounts["/mnt/imagenet"]
+            claim = volumes[data["name"]]["persistentVolumeClaim"]
+            assert claim["claimName"] in claims and data["readOnly"] is True
+            # Ray token and W&B key only from Secrets.
+            assert env_map(container)["RAY_AUTH_MODE"]["value"] == "token"
+            assert secret_ref(container, "RAY_AUTH_TOKEN"), (name, group_name)
+            assert secret_ref(container, "WANDB_API_KEY"), (name, group_name)
+            if group_name != "head":
+                limits = container["resources"]["limits"]
+                assert int(limits["nvidia.com/gpu"]) == 8
+                assert container["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+        # The autoscaler sidecar talks to the GCS and needs the token as well.
+        autoscaler_env = {e["name"]: e for e in spec["autoscalerOptions"]["env"]}
+        assert autoscaler_env["RAY_AUTH_MODE"]["value"] == "token"
+        assert autoscaler_env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+
+
+def env_entries(node) -> list[dict]:
+    """Every ``{name: ..., value/valueFrom: ...}`` mapping anywhere in a manifest."""
+    if isinstance(node, dict):
+        found = [node] if "name" in node and ("value" in node or "valueFrom" in node) else []
+        return found + [e for v in node.values() for e in env_entries(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in env_entries(v)]
+    return []
+
+
+def test_no_secret_value_or_public_service_in_manifests():
+    secret_vars = {"WANDB_API_KEY", "RAY_AUTH_TOKEN"}
+    for path in KUBE_YAMLS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            text = json.dumps(doc)
+            assert "LoadBalancer" not in text and "NodePort" not in text, path
+            assert doc["kind"] != "Secret", path  # Secrets are created by hand (README)
+            for entry in env_entries(doc):
+                if entry["name"] in secret_vars:
+                    assert "value" not in entry and entry["valueFrom"]["secretKeyRef"], (path, entry)
+
+
+def test_rayjob_runs_the_training_entrypoint_with_the_runtime_env():
+    (job,) = find("RayJob")
+    spec = job["spec"]
+    words = shlex.split(spec["entrypoint"])
+    assert words[:4] == ["python", "-m", "pipeline", "train"]
+    config_path, overrides = words[words.index("--config") + 1], words[words.index("--config") + 2 :]
+    assert "data.root=/mnt/imagenet" in overrides
+    if not any((ROOT / "configs" / "imagenet").glob("*.yaml")):
+        load_config(None, overrides)  # keys and types at least, until the ImageNet configs land
+        pytest.skip("configs/imagenet/ holds no configs yet")
+    cfg = load_config(ROOT / config_path, overrides)
+    assert cfg.cluster.num_workers % 8 == 0 and cfg.cluster.use_gpu == "true"
+    # Its runtime env installs the same packages as cluster/runtime_env.yaml.
+    job_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert job_env["pip"]["packages"] == runtime_env()["pip"]["packages"]
+    assert job_env["working_dir"].endswith(f"/v{pyproject()['project']['version']}.zip")
+    # The submitter pod reaches the authenticated Jobs API.
+    (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
+    assert env_map(submitter)["RAY_AUTH_MODE"]["value"] == "token"
+    assert secret_ref(submitter, "RAY_AUTH_TOKEN")
+    assert "command" not in submitter  # KubeRay fills in `ray job submit ...`
+
+
+# ------------------------------------------------------------------ runtime env
+
+
+def test_runtime_env_is_valid_and_mirrors_pyproject():
+    from ray.runtime_env import RuntimeEnv
+
+    spec = runtime_env()
+    RuntimeEnv(**spec)  # Ray's own validation of every field
+    assert spec["pip"]["packages"] == project_deps_without_ray()
+    for needed in ("data/", "runs/", ".venv/", "wandb/", ".git/"):
+        assert needed in spec["excludes"]
+    # A runtime env is stored with the job and shown by `ray job list`: no secrets in it.
+    for key in spec.get("env_vars", {}):
+        assert not re.search(r"KEY|TOKEN|SECRET|PASSWORD", key), key
+
+
+def test_runtime_env_excludes_keep_bulk_out_of_the_upload(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+
+    tree = tmp_path / "checkout"
+    for name in [
+        "pipeline/__init__.py",
+        "configs/demo.yaml",
+        "data/imagenet/train/a/1.JPEG",
+        "runs/demo/state.pt",
+        ".venv/bin/python",
+        "wandb/run/x.wandb",
+        ".git/HEAD",
+        "pipeline/models/resnet.py",
+    ]:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("x")
+    target = tmp_path / "pkg.zip"
+    # Without .gitignore's help: the excludes alone must do it.
+    create_package(str(tree), target, include_gitignore=False, excludes=runtime_env()["excludes"])
+    names = {n.rstrip("/") for n in zipfile.ZipFile(target).namelist()}
+    assert {"pipeline/__init__.py", "configs/demo.yaml", "pipeline/models/resnet.py"} <= names
+    assert not [n for n in names if n.split("/")[0] in {"data", "runs", ".venv", "wandb", ".git"}], names
+
+
+# ------------------------------------------------------------------ make targets
+
+
+def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+@needs_make
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["submit", "ADDRESS=http://127.0.0.1:8265"], "CONFIG is not set"),
+        (["submit", "CONFIG=configs/demo.yaml"], "ADDRESS is not set"),
+        (["submit", "CONFIG=configs/demo.yaml", "ADDRESS=127.0.0.1:8265"], "must be the dashboard URL"),
+        (
+            ["submit", "CONFIG=configs/none.yaml", "ADDRESS=http://x:8265", "RAY_AUTH_MODE=disabled"],
+            "not found",
+        ),
+        (
+            ["submit", "CONFIG=/etc/hosts", "ADDRESS=http://x:8265", "RAY_AUTH_MODE=disabled"],
+            "inside this checkout",
+        ),
+        (["job-logs", "ADDRESS=http://127.0.0.1:8265"], "JOB is not set"),
+        (["job-status", "ADDRESS=http://127.0.0.1:8265"], "JOB is not set"),
+        (["job-stop", "JOB=raysubmit_x"], "ADDRESS is not set"),
+    ],
+)
+def test_make_job_targets_refuse_missing_variables(args, message):
+    proc = make(*args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    if "is not set" in message:
+        assert "Usage: make " in proc.stderr, proc.stderr
+
+
+@needs_make
+def test_make_submit_needs_the_ray_token(tmp_path):
+    proc = make(
+        "submit", "CONFIG=configs/demo.yaml", "ADDRESS=http://127.0.0.1:8265", env={"HOME": str(tmp_path)}
+    )
+    assert proc.returncode == 2 and "no Ray auth token" in proc.stderr, proc.stderr
+
+
+@needs_make
+def test_make_address_defaults_to_ray_address(tmp_path):
+    # RAY_ADDRESS supplies ADDRESS; the missing token is the next thing reported.
+    proc = make("job-status", "JOB=x", env={"RAY_ADDRESS": "http://127.0.0.1:8265", "HOME": str(tmp_path)})
+    assert proc.returncode == 2 and "no Ray auth token" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ docs and the ImageNet staging script
+
+
+def test_readme_documents_every_cluster_field_and_template():
+    readme = (CLUSTER / "README.md").read_text()
+    for f in dataclasses.fields(ClusterConfig):
+        assert f"cluster.{f.name}" in readme, f.name
+    for path in [
+        *LAUNCHER_YAMLS,
+        *KUBE_YAMLS,
+        CLUSTER / "runtime_env.yaml",
+        CLUSTER / "scripts" / "stage_imagenet.sh",
+    ]:
+        assert rel(path) in readme, rel(path)
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "WANDB_API_KEY"):
+        assert var in readme
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_stage_imagenet_script_builds_the_layout(tmp_path):
+    src, dest = tmp_path / "archives", tmp_path / "shared" / "imagenet"
+    src.mkdir()
+    wnids, jpeg = ["n01440764", "n01443537"], _jpeg()
+    with tarfile.open(src / "ILSVRC2012_img_train.tar", "w") as outer:
+        for w in wnids:  # the official train archive is a tar of per-class tars
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as t:
+                for i in range(3):
+                    _add(t, f"{w}_{i}.JPEG", jpeg)
+            _add(outer, f"{w}.tar", inner.getvalue())
+    with tarfile.open(src / "ILSVRC2012_img_val.tar", "w") as t:
+        for i in range(1, 5):
+            _add(t, f"ILSVRC2012_val_{i:08d}.JPEG", jpeg)
+    (src / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n"
+        + "".join(f"ILSVRC2012_val_{i:08d},{wnids[i % 2]} 1 2 3 4\n" for i in range(1, 5))
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = str(CLUSTER / "scripts" / "stage_imagenet.sh")
+    proc = subprocess.run(
+        ["bash", script, str(src), str(dest)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (dest / "train").iterdir()) == wnids
+    assert len(list((dest / "train" / wnids[0]).glob("*.JPEG"))) == 3
+    assert sum(1 for _ in (dest / "val").glob("n*/*.JPEG")) == 4
+    assert not (dest / "_archives").exists()
+    again = subprocess.run(
+        ["bash", script, str(src), str(dest)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0 and "already staged" in again.stdout, again.stdout + again.stderr

@@ -1,0 +1,401 @@
+"""DALI ImageNet pipelines on CPU: the test protocols against torchvision, training augmentation,
+and the sharding guarantees DDP relies on (equal steps, disjoint shards, every val image once)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC, PCA_SCALE
+from pipeline.data.imagenet import (
+    TEN_CROP_WINDOWS,
+    build_train_loader,
+    build_val_loader,
+    train_shard,
+    val_shard,
+)
+from pipeline.data.layout import ImageFolderIndex
+from pipeline.data.synth import render_image
+
+# Small sizes keep DALI fast on two CPU cores; the geometry is the paper's (resize, then crop).
+CFG = DataConfig(crop_size=56, val_resize=64, scale_min=64, scale_max=96, normalize="meanstd")
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+# (width, height) chosen so that the shorter side -> 64 gives a whole-pixel longer side with an
+# even margin around the 56 crop: torchvision rounds a .5 centre offset to even, DALI away from 0,
+# which is a legitimate 1-pixel difference this test is not about. Includes up- and downscaling
+# and both orientations.
+REF_SIZES = [(144, 96), (96, 144), (80, 64), (60, 48), (48, 72)]
+
+
+def _index(files: list[str], labels: list[int] | None = None) -> ImageFolderIndex:
+    labels = list(range(len(files))) if labels is None else labels
+    return ImageFolderIndex(("c",), tuple(files), tuple(labels), tuple(files), tuple(labels))
+
+
+@pytest.fixture(scope="module")
+def ref_images(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("ref")
+    files = []
+    for i, size in enumerate(REF_SIZES):
+        img = render_image(i, size, np.random.default_rng(i))
+        path = d / f"ref{i}.jpg"
+        # 4:4:4 chroma so decoders cannot differ in chroma upsampling; only resampling is compared.
+        img.save(path, quality=95, subsampling=0)
+        files.append(str(path))
+    return files
+
+
+@pytest.fixture(scope="module")
+def train_images(tmp_path_factory) -> list[str]:
+    """24 varied JPEGs, each its own label, so shard membership can be read off the labels."""
+    d = tmp_path_factory.mktemp("train")
+    files = []
+    for i in range(24):
+        rng = np.random.default_rng(100 + i)
+        size = (int(rng.integers(70, 130)), int(rng.integers(70, 130)))
+        path = d / f"t{i:02d}.JPEG"
+        render_image(i % 10, size, rng).save(path, quality=90)
+        files.append(str(path))
+    return files
+
+
+def _torchvision_reference(files: list[str], mode: str) -> torch.Tensor:
+    from torchvision import transforms as T
+
+    crop = T.CenterCrop(CFG.crop_size) if mode == "center" else T.TenCrop(CFG.crop_size)
+    out = []
+    for path in files:
+        with Image.open(path) as im:
+            crops = crop(T.Resize(CFG.val_resize)(im.convert("RGB")))  # Resize(int): shorter side, antialias
+        for c in [crops] if mode == "center" else crops:
+            out.append((torch.from_numpy(np.asarray(c, np.float32)).permute(2, 0, 1) - MEAN) / STD)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mode", ["center", "tencrop"])
+def test_val_matches_torchvision(ref_images, mode):
+    loader = build_val_loader(
+        _index(ref_images),
+        CFG,
+        mode=mode,
+        scales=(),
+        batch_size=2,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        num_threads=1,
+    )
+    batches = list(loader.epoch(0))
+    assert len(batches) == len(loader) == 3
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    per_sample = 10 if mode == "tencrop" else 1
+    assert images.shape == (len(ref_images) * per_sample, 3, CFG.crop_size, CFG.crop_size)
+    assert labels.tolist() == list(range(len(ref_images))) and labels.dtype == torch.int64
+    ref = _torchvision_reference(ref_images, mode)
+    # Compare in 0-255 intensity levels. DALI's antialiased linear resize and PIL's bilinear
+    # resize are the same triangle filter; they differ by output rounding (+-1 level) and the odd
+    # JPEG IDCT rounding, so a crop's mean difference stays well under one level. A crop taken
+    # one pixel off, or a crop in the wrong TenCrop position or unflipped, differs by several
+    # levels on average on these textured images - that is what the bounds catch.
+    diff = ((images - ref) * STD).abs()
+    per_crop = diff.mean(dim=(1, 2, 3))
+    assert per_crop.max() < 0.6, per_crop
+    assert torch.quantile(diff.flatten(), 0.999) <= 2.0
+    assert diff.max() <= 12.0
+
+
+def test_tencrop_order_is_sample_major_with_flips(ref_images):
+    loader = build_val_loader(
+        _index(ref_images[:1]),
+        CFG,
+        mode="tencrop",
+        scales=(),
+        batch_size=1,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        num_threads=1,
+    )
+    ((crops, labels),) = list(loader.epoch(0))
+    assert crops.shape[0] == 10 and labels.tolist() == [0]
+    # The second five are the mirrors of the first five's windows on the flipped image:
+    # flip(tl of flipped image) == tr of the original, and so on.
+    for i, (x, y, m) in enumerate(TEN_CROP_WINDOWS[:5]):
+        assert m == 0 and TEN_CROP_WINDOWS[5 + i] == (1.0 - x, y, 1)
+    torch.testing.assert_close(crops[5].flip(-1), crops[1])  # flipped tl == original tr, mirrored
+    torch.testing.assert_close(crops[9].flip(-1), crops[4])  # centre (even margins)
+
+
+def test_multiscale_whole_image_per_scale(ref_images):
+    scales = (48, 64)
+    loader = build_val_loader(
+        _index(ref_images),
+        CFG,
+        mode="multiscale",
+        scales=scales,
+        batch_size=2,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        num_threads=1,
+    )
+    seen = 0
+    for batch, labels in loader.epoch(0):
+        assert isinstance(batch, list) and len(batch) == len(labels)
+        for sample, label in zip(batch, labels.tolist(), strict=True):
+            w, h = REF_SIZES[label]
+            assert len(sample) == len(scales)
+            for s, t in zip(scales, sample, strict=True):
+                assert t.dtype == torch.float32 and t.shape[:2] == (1, 3)
+                assert min(t.shape[2:]) == s
+                assert abs(max(t.shape[2:]) - max(w, h) * s / min(w, h)) <= 1
+        seen += len(labels)
+    assert seen == len(ref_images)
+
+
+@pytest.mark.parametrize("mode", ["center", "tencrop", "multiscale"])
+def test_val_every_image_exactly_once(train_images, mode):
+    files = train_images[:7]  # 7 images over batch 2: uneven shards and partial last batches
+    index = _index(files)
+    # 8 ranks over 7 images: one rank has nothing and must yield nothing (not a padded sample).
+    for world in (1, 2, 3) if mode != "center" else (1, 2, 3, 8):
+        labels = []
+        for rank in range(world):
+            loader = build_val_loader(
+                index,
+                CFG,
+                mode=mode,
+                scales=(48,),
+                batch_size=2,
+                shard_id=rank,
+                num_shards=world,
+                device_id=None,
+                num_threads=1,
+            )
+            got = [y for _, y in loader.epoch(0)]
+            assert len(got) == len(loader)
+            labels += [label for y in got for label in y.tolist()]
+        assert sorted(labels) == list(range(7)), (world, labels)
+
+
+def test_val_shard_partitions():
+    for n in (0, 1, 7, 50_000):
+        for world in (1, 2, 3, 8):
+            parts = [val_shard(n, shard_id=r, num_shards=world) for r in range(world)]
+            assert sum(len(p) for p in parts) == n
+            assert [i for p in parts for i in p] == list(range(n))
+
+
+def test_train_shards_equal_steps_and_disjoint():
+    n, batch = 103, 12
+    for world in (1, 2, 3):
+        shards = [
+            train_shard(n, global_batch=batch, shard_id=r, num_shards=world, seed=5, epoch=2)
+            for r in range(world)
+        ]
+        assert all(len(s) == (n // batch) * (batch // world) for s in shards)
+        flat = np.concatenate(shards)
+        assert len(set(flat.tolist())) == len(flat)  # disjoint, no repeats
+        # The global batch at step k is the same set whatever the world size.
+        step0 = sorted(np.concatenate([s[: batch // world] for s in shards]).tolist())
+        assert step0 == sorted(
+            train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=2)[:batch].tolist()
+        )
+    assert not np.array_equal(
+        train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=0),
+        train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=1),
+    )
+    with pytest.raises(ValueError, match="divide"):
+        train_shard(n, global_batch=10, shard_id=0, num_shards=3, seed=0, epoch=0)
+
+
+def _collect(loader, epoch):
+    xs, ys = zip(*loader.epoch(epoch), strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_train_paper_shapes_ranges_and_determinism(train_images):
+    index = _index(train_images)
+    kwargs = dict(global_batch=8, shard_id=0, num_shards=1, device_id=None, seed=3, num_threads=2)
+    loader = build_train_loader(index, CFG, **kwargs)
+    assert len(loader) == 3
+    x0, y0 = _collect(loader, 0)
+    assert x0.shape == (24, 3, 56, 56) and x0.dtype == torch.float32
+    assert y0.dtype == torch.int64 and sorted(y0.tolist()) == list(range(24))  # one full pass
+    # meanstd-normalised 0-255 pixels (plus a little lighting noise) stay within these bounds.
+    lo = ((0 - MEAN) / STD).min() - 0.5
+    hi = ((255 - MEAN) / STD).max() + 0.5
+    assert lo < x0.min() and x0.max() < hi and x0.std() > 0.3
+    x0b, y0b = _collect(build_train_loader(index, CFG, **kwargs), 0)  # a fresh loader: resume replays
+    assert torch.equal(x0, x0b) and torch.equal(y0, y0b)
+    x1, y1 = _collect(loader, 1)
+    assert not torch.equal(y0, y1)  # new order
+    order1 = torch.argsort(y1)
+    assert not torch.allclose(x0[torch.argsort(y0)], x1[order1])  # new augmentation of the same images
+
+
+def test_train_ranks_equal_steps_disjoint_labels(train_images):
+    index = _index(train_images[:22])  # 22 // 6 = 3 steps, 4 images dropped this epoch
+    for world in (2, 3):
+        seen = []
+        for rank in range(world):
+            loader = build_train_loader(
+                index,
+                replace(CFG, augment="none"),
+                global_batch=6,
+                shard_id=rank,
+                num_shards=world,
+                device_id=None,
+                seed=0,
+                num_threads=1,
+            )
+            batches = list(loader.epoch(4))
+            assert len(batches) == len(loader) == 3
+            assert all(y.shape == (6 // world,) for _, y in batches)
+            seen += torch.cat([y for _, y in batches]).tolist()
+        assert len(seen) == len(set(seen)) == 18
+
+
+@pytest.mark.parametrize("augment", ["inception", "none"])
+def test_train_other_augments(train_images, augment):
+    loader = build_train_loader(
+        _index(train_images[:8]),
+        replace(CFG, augment=augment),
+        global_batch=4,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        seed=0,
+        num_threads=1,
+    )
+    for x, y in loader.epoch(0):
+        assert x.shape == (4, 3, 56, 56) and y.shape == (4,)
+
+
+def test_train_channels_last_and_half(train_images):
+    loader = build_train_loader(
+        _index(train_images[:8]),
+        CFG,
+        global_batch=4,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        seed=0,
+        num_threads=1,
+        channels_last=True,
+        half=True,
+    )
+    x, _ = next(iter(loader.epoch(0)))
+    assert x.shape == (4, 3, 56, 56) and x.dtype == torch.float16
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture(scope="module")
+def grey_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("grey") / "grey.png"  # PNG: lossless, so the pixels are exactly 128
+    Image.new("RGB", (80, 70), (128, 128, 128)).save(path)
+    return str(path)
+
+
+def test_pca_lighting_is_alexnet_noise(grey_file):
+    """On a flat grey image every output pixel of a sample is 128 + offset - mean, and the offset
+    must be eigvec @ (alpha * eigval) * 255 with alpha ~ N(0, pca_std)."""
+    n, pca_std = 96, 0.1
+    cfg = replace(CFG, normalize="mean", pca_std=pca_std)
+    loader = build_train_loader(
+        _index([grey_file] * n, [0] * n),
+        cfg,
+        global_batch=32,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        seed=1,
+        num_threads=2,
+    )
+    x, _ = _collect(loader, 0)
+    assert x.std(dim=(2, 3)).max() < 1e-3  # one constant offset per image and channel
+    offsets = x.mean(dim=(2, 3)) - (128 - torch.tensor(IMAGENET_MEAN))  # [n, 3]
+    basis = torch.tensor(PCA_EIGVEC) * torch.tensor(PCA_EIGVAL) * PCA_SCALE  # offset = basis @ alpha
+    alphas = torch.linalg.solve(basis, offsets.T).T
+    assert alphas.abs().max() < 6 * pca_std
+    assert 0.7 * pca_std < alphas.std() < 1.3 * pca_std
+
+    plain = build_train_loader(
+        _index([grey_file] * 8, [0] * 8),
+        replace(cfg, pca_std=0.0),
+        global_batch=8,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        seed=1,
+        num_threads=1,
+    )
+    xp, _ = _collect(plain, 0)
+    torch.testing.assert_close(
+        xp, torch.full_like(xp, 0) + (128 - torch.tensor(IMAGENET_MEAN)).view(1, 3, 1, 1)
+    )
+
+
+def test_synthetic_dataset_end_to_end(tmp_path: Path):
+    """The writer's output goes through the layout scan and both loaders."""
+    from pipeline.data.layout import scan_imagenet
+    from pipeline.data.synth import write_synthetic_imagenet
+
+    write_synthetic_imagenet(tmp_path / "d", classes=3, train_per_class=4, val_per_class=2, seed=0, workers=1)
+    index = scan_imagenet(tmp_path / "d")
+    train = build_train_loader(
+        index, CFG, global_batch=4, shard_id=0, num_shards=1, device_id=None, seed=0, num_threads=1
+    )
+    assert sum(y.numel() for _, y in train.epoch(0)) == 12
+    val = build_val_loader(
+        index,
+        CFG,
+        mode="center",
+        scales=(),
+        batch_size=4,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        num_threads=1,
+    )
+    assert sorted(torch.cat([y for _, y in val.epoch(0)]).tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_paper_crop_covers_the_scaled_window(tmp_path):
+    """'paper': the crop is c pixels of the image rescaled to shorter side S ~ U[scale_min, scale_max],
+    i.e. a (c * short / S)-pixel window of the original. A horizontal ramp (R = x) makes the
+    window's width readable from the output's red range."""
+    w, h = 400, 300
+    ramp = np.repeat(np.repeat(np.linspace(0, 255, w, dtype=np.float32)[None, :, None], h, 0), 3, 2)
+    path = tmp_path / "ramp.png"
+    Image.fromarray(ramp.round().astype(np.uint8)).save(path)
+    cfg = replace(CFG, normalize="mean", pca_std=0.0)
+    loader = build_train_loader(
+        _index([str(path)] * 32, [0] * 32),
+        cfg,
+        global_batch=32,
+        shard_id=0,
+        num_shards=1,
+        device_id=None,
+        seed=0,
+        num_threads=2,
+    )
+    x, _ = _collect(loader, 0)
+    red = x[:, 0] + IMAGENET_MEAN[0]  # back to 0-255
+    span = (red[:, :, -1] - red[:, :, 0]).abs().mean(1)  # levels across the crop's width, per sample
+    per_px = 255 / (w - 1)
+    lo = cfg.crop_size * h / cfg.scale_max * per_px * (cfg.crop_size - 1) / cfg.crop_size
+    hi = cfg.crop_size * h / cfg.scale_min * per_px
+    assert (span > lo - 3).all() and (span < hi + 3).all(), (span, lo, hi)
+    assert span.max() - span.min() > 0.5 * (hi - lo)  # the scale really is random
+    flipped = (red[:, :, -1] < red[:, :, 0]).all(1)
+    assert 4 < flipped.sum() < 28
