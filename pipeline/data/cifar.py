@@ -217,3 +217,11 @@ def build_cifar_loaders(
         val_x, val_t, normalize, batch_size=eval_batch_size, shard_id=shard_id, num_shards=num_shards
     )
     return train, val, len(train_t)
+
+
+def cifar_num_train(root: str | Path, val_split: int = 0) -> int:
+    """Training images after the optional hold-out; checks the archive exists (``DataLayoutError``)."""
+    _, labels = _read_split(Path(root), train=True, download=False)
+    if val_split:
+        split_train_val(len(labels), val_split)  # validates the size
+    return len(labels) - val_split
