@@ -28,7 +28,9 @@ $(DEMO_DATA)/.complete: | $(STAMP)
 	$(PY) -m pipeline data synth --out $(DEMO_DATA) --classes 10 --train-per-class 100 --val-per-class 20 --seed 0
 	@touch $@
 
+# A fresh run every time (a kept runs/demo would be resumed, not retrained).
 demo: $(STAMP) $(DEMO_DATA)/.complete
+	rm -rf runs/demo
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pipeline train --config configs/demo.yaml data.root=$(DEMO_DATA) $(ARGS)
 
 test: $(STAMP)
@@ -38,10 +40,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests
 	$(VENV)/bin/ruff format --check pipeline tests
 
+# One Ray worker per local GPU (none: one CPU worker); ARGS may still set cluster.num_workers.
+GPUS ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 train-imagenet: $(STAMP)
 	@if [ -z "$(DATA)" ]; then echo "error: DATA is not set. Usage: make train-imagenet DATA=/path/to/imagenet [CONFIG=$(CONFIG)] [ARGS=\"key=value ...\"]" >&2; exit 2; fi
 	$(PY) -m pipeline data check-layout $(DATA)
-	$(PY) -m pipeline train --config $(CONFIG) data.root=$(DATA) $(ARGS)
+	$(PY) -m pipeline train --config $(CONFIG) data.root=$(DATA) $(if $(filter-out 0,$(GPUS)),cluster.num_workers=$(GPUS)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache runs wandb data/synth-* bench-results

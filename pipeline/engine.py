@@ -277,6 +277,18 @@ def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) ->
     )
 
 
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 def _restore(run: Run, location: str) -> ckpt.TrainingProgress:
     """The progress to start from: this run's newest readable checkpoint, else ``resume_from``, else nothing.
 
@@ -296,6 +308,9 @@ def _restore(run: Run, location: str) -> ckpt.TrainingProgress:
         progress = ckpt.restore(state, model=unwrap(run.model), optimizer=run.optimizer, scaler=run.scaler)
         if run.ctx.is_main:
             print(f"restored from checkpoint {source}: epoch {progress.epoch}, step {progress.step}", flush=True)
+            changed = config_changes(state["config"], to_dict(run.cfg))
+            if changed:
+                print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
         return progress
     if candidates:
         raise ckpt.CheckpointError(

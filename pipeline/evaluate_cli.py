@@ -56,6 +56,9 @@ def eval_worker(config: dict[str, Any], checkpoint: str, out: str, under_ray: bo
 
 
 def _ray_eval_worker(loop_config: dict[str, Any]) -> None:
+    from pipeline.launch import quiet_worker_logs
+
+    quiet_worker_logs()
     eval_worker(loop_config["config"], loop_config["checkpoint"], loop_config["out"], under_ray=True)
 
 

@@ -86,9 +86,17 @@ def with_absolute_paths(cfg: Config) -> Config:
     )
 
 
+def quiet_worker_logs() -> None:
+    """Ray Train logs every report at INFO from each worker; keep its warnings only."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.engine import train_worker
 
+    quiet_worker_logs()
     train_worker(loop_config["config"], under_ray=True)
 
 
@@ -99,6 +107,8 @@ def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Ray Train re-routes print() through its logger, which echoes every line twice on the console.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def run_on_ray(
@@ -119,7 +129,7 @@ def run_on_ray(
     import logging
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     address = os.environ.get("RAY_ADDRESS")
@@ -131,7 +141,6 @@ def run_on_ray(
             need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=True,
             )
@@ -167,6 +176,8 @@ def run_on_ray(
                 checkpoint_score_attribute="val/top1_err",
                 checkpoint_score_order="min",
             ),
+            # Ray Train's INFO lines repeat every report; warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit()  # raises TrainingFailedError when the workers fail beyond max_failures
