@@ -173,7 +173,8 @@ def train_one_epoch(
         run: the live objects.
         epoch: 0-based epoch index.
         progress: step counter and schedule state at the start of the epoch.
-        on_steps: called on every rank every ``log_every_n_steps`` with step metrics and the step.
+        on_steps: called on every rank with step metrics and the step, every ``log_every_n_steps``,
+            every ``tracking.log_every_n_steps`` and at the epoch's last step.
     """
     cfg, ctx, derived = run.cfg, run.ctx, run.derived
     run.model.train()
@@ -217,7 +218,7 @@ def train_one_epoch(
             hits, seen = _reduce_counts(list(window), device)
             state = warmup_update(cfg.schedule, state, 100.0 * (1 - hits / seen))
             window.zero_()
-        if step % cfg.log_every_n_steps == 0 or i == steps_this_epoch - 1:
+        if step % cfg.log_every_n_steps == 0 or step % cfg.tracking.log_every_n_steps == 0 or i == steps_this_epoch - 1:
             elapsed = time.perf_counter() - tick
             done = i + 1
             img_per_s = done * cfg.optim.batch_size / max(time.perf_counter() - start, 1e-9)
@@ -367,7 +368,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     printer = _Printer(run)
 
     def on_steps(metrics: dict[str, float], step: int) -> None:
-        printer.steps(metrics, step)
+        if step % cfg.log_every_n_steps == 0 or metrics["epoch"] % 1 == 0:
+            printer.steps(metrics, step)
         if step % cfg.tracking.log_every_n_steps == 0:
             tracker.log(metrics, step=step)
 

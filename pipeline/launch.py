@@ -216,11 +216,22 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.no_ray:
-        from pipeline.engine import train_worker
+    from pipeline.checkpoint import CheckpointError
 
-        train_worker(to_dict(cfg), under_ray=False)
-    else:
-        run_on_ray(cfg)
+    try:
+        if args.no_ray:
+            from pipeline.engine import train_worker
+
+            train_worker(to_dict(cfg), under_ray=False)
+        else:
+            run_on_ray(cfg)
+    except (CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if type(e).__name__ != "TrainingFailedError":  # Ray's wrapper: workers failed beyond max_failures
+            raise
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
     print_summary(cfg)
     return 0

@@ -1,0 +1,50 @@
+# Paper experiments. Included by the top Makefile (which defines PY, STAMP and ARGS).
+#
+#   make degradation [DATA=data/cifar10] [DEGRADATION_ARGS="schedule.max_iters=200"] [ARGS=...]
+#   make degradation-report            # only redo the figure and table from finished runs
+#
+# The degradation problem (He et al. 2015, Sec. 4.2 and Fig. 6): on CIFAR-10, plain-56 has
+# higher training *and* test error than plain-20, while ResNet-56 beats ResNet-20. The four
+# networks train one after another (each uses the whole machine) into
+# <checkpoint.storage_path>/<name>/ (runs/<name>/ by default), all in the W&B group
+# `degradation-cifar10` so one dashboard chart holds them; then `pipeline report` draws the
+# curves and the table against the paper into DEGRADATION_REPORT.
+#
+# DEGRADATION_ARGS and ARGS are dotted config overrides appended to every run (and used to
+# find the run folders for the report), e.g. a short CPU check:
+#   make degradation DATA=data/cifar-synth DEGRADATION_ARGS="schedule.max_iters=200"
+# DEGRADATION_TRAIN_FLAGS go to `pipeline train` itself, e.g. --no-ray (one process, no Ray).
+
+DEGRADATION_CONFIGS ?= configs/cifar10/plain20.yaml configs/cifar10/plain56.yaml \
+	configs/cifar10/resnet20.yaml configs/cifar10/resnet56.yaml
+DEGRADATION_DATA ?= $(if $(DATA),$(DATA),data/cifar10)
+DEGRADATION_ARGS ?=
+DEGRADATION_TRAIN_FLAGS ?=
+DEGRADATION_REPORT ?= runs/degradation-report
+# Group first so that DEGRADATION_ARGS / ARGS can still rename it.
+DEGRADATION_OVERRIDES = data.root=$(DEGRADATION_DATA) tracking.group=degradation-cifar10 $(DEGRADATION_ARGS) $(ARGS)
+
+# Prints each config's run folder exactly as the engine resolves it (name, storage path and
+# overrides included), so the report finds the runs wherever they went.
+define _DEGRADATION_RUN_DIRS_PY
+import sys
+from pipeline.config import load_config
+from pipeline.rundir import run_location
+for path in sys.argv[1].split():
+    cfg = load_config(path, sys.argv[2:])
+    print(run_location(cfg.checkpoint.storage_path, cfg.name))
+endef
+export _DEGRADATION_RUN_DIRS_PY
+
+.PHONY: degradation degradation-report
+
+degradation: $(STAMP)
+	@set -e; for cfg in $(DEGRADATION_CONFIGS); do \
+		echo "== degradation: $$cfg"; \
+		$(PY) -m pipeline train $(DEGRADATION_TRAIN_FLAGS) --config $$cfg $(DEGRADATION_OVERRIDES); \
+	done
+	@$(MAKE) --no-print-directory degradation-report
+
+degradation-report: $(STAMP)
+	@set -e; dirs="$$($(PY) -c "$$_DEGRADATION_RUN_DIRS_PY" "$(DEGRADATION_CONFIGS)" $(DEGRADATION_OVERRIDES))"; \
+	$(PY) -m pipeline report --runs $$dirs --out $(DEGRADATION_REPORT)

@@ -1,0 +1,411 @@
+"""Weights & Biases tracking, on rank 0 only.
+
+    tracker = Tracker.create(cfg.tracking, run_name=cfg.name, run_dir=run_dir, config=resolved,
+                             run_id=progress.wandb_run_id, is_main=ctx.is_main)
+    tracker.log({"epoch": 3, "val/top1_err": 31.2, ...}, step=global_iteration)
+    tracker.summary({"final/tencrop/top1_err": 24.1})
+    tracker.finish()
+
+Modes (``tracking.mode``; the ``WANDB_MODE`` environment variable, when set, replaces it
+unless the config says ``disabled``, so ``WANDB_MODE=online make demo`` needs no config edit):
+
+- ``online``: streams to the W&B server. With no API key (``WANDB_API_KEY``, ``~/.netrc``)
+  or no reachable server, the run falls back to ``offline`` with one warning; training never
+  stops or hangs because of tracking.
+- ``offline``: writes ``<run_dir>/wandb/offline-run-*/run-<id>.wandb``; upload it later with
+  ``wandb sync`` (docs/wandb.md).
+- ``disabled``: wandb is not imported and nothing is written.
+
+Every rank other than 0 gets a no-op tracker that never imports wandb. The run id is kept in
+the checkpoint by the engine and passed back on restart, so a resumed run (``resume="allow"``)
+continues the same W&B run.
+
+The API key is only ever read by wandb itself from the environment or netrc; it is never
+passed in, logged, or written to the run config.
+
+``read_wandb_records`` / ``read_wandb_history`` read a ``.wandb`` file back (wandb ships the
+protobuf definitions but, since the Go core took over, no Python reader).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import string
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import TrackingConfig
+
+if TYPE_CHECKING:
+    from wandb.proto.wandb_internal_pb2 import Record
+
+# Bounded waits so that a dead network costs at most this much, never a hang. wandb's own
+# environment variables still win when set (they are the names its users know).
+INIT_TIMEOUT_S = 60.0
+FINISH_TIMEOUT_S = 120.0
+
+# Metrics logged once per epoch (charted against `epoch`); everything else is logged every N
+# iterations and charted against wandb's step, which the engine sets to the global iteration
+# (the x-axis of the paper's Figures 4 and 6).
+EPOCH_METRICS = (
+    "train/loss",
+    "train/top1_err",
+    "train/top5_err",
+    "val/top1_err",
+    "val/top5_err",
+    "val/*",
+    "epoch_time_s",
+    "data_wait_frac",
+    "gpu_mem_gb",
+)
+# Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
+MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
+
+_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
+
+
+class TrackingWarning(UserWarning):
+    """Tracking degraded (fell back to offline, or stopped) but training goes on."""
+
+
+def resolve_mode(configured: str) -> str:
+    """The mode to use: ``WANDB_MODE`` when set to a known mode, else the config's.
+
+    A config that says ``disabled`` stays disabled: that is a deliberate choice (benchmarks,
+    tests), while ``WANDB_MODE=offline`` is usually a machine-wide safety net.
+
+    Args:
+        configured: ``tracking.mode`` from the config.
+    """
+    if configured == "disabled":
+        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    return _MODES.get(env, configured)
+
+
+def new_run_id() -> str:
+    """A fresh W&B run id (8 base-36 characters, wandb's own format)."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+class Tracker:
+    """One W&B run, or a no-op stand-in (non-zero ranks, ``disabled`` mode, failures).
+
+    Build it with :meth:`Tracker.create`; the constructor only stores state.
+    """
+
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        mode: str = "disabled",
+        run_id: str | None = None,
+        wandb_dir: str | None = None,
+    ):
+        self._run = run
+        self.mode = mode
+        self.run_id = run_id
+        self.wandb_dir = wandb_dir
+
+    @classmethod
+    def create(
+        cls,
+        cfg: TrackingConfig,
+        *,
+        run_name: str,
+        run_dir: pathlib.Path,
+        config: dict,
+        run_id: str | None,
+        is_main: bool,
+    ) -> Tracker:
+        """Start (or resume) the W&B run on rank 0; a no-op tracker elsewhere.
+
+        Args:
+            cfg: the ``tracking`` section of the config.
+            run_name: the run's display name (``cfg.name``).
+            run_dir: the run's local folder; wandb writes under ``run_dir/wandb``.
+            config: the resolved config as a plain dict, stored as the W&B run config.
+            run_id: the W&B id saved in the checkpoint, to continue that run; None for a new run.
+            is_main: whether this is rank 0; other ranks never import wandb.
+        """
+        if not is_main:
+            return cls(mode="disabled", run_id=run_id)
+        mode = resolve_mode(cfg.mode)
+        if mode == "disabled":
+            return cls(mode="disabled", run_id=run_id)
+        try:
+            import wandb
+        except Exception as e:  # a broken install must not stop training
+            warnings.warn(
+                f"W&B: cannot import wandb ({e}); tracking is off for this run", TrackingWarning, stacklevel=2
+            )
+            return cls(mode="disabled", run_id=run_id)
+
+        try:
+            # Global quiet first: wandb.login() prints, and looks up the user name over the
+            # network, unless the process-wide settings are silent.
+            wandb.setup(settings=wandb.Settings(silent=True))
+        except Exception as e:
+            warnings.warn(
+                f"W&B: wandb.setup failed ({type(e).__name__}: {e}); tracking is off for this run",
+                TrackingWarning,
+                stacklevel=2,
+            )
+            return cls(mode="disabled", run_id=run_id)
+        run_dir = pathlib.Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        init = dict(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            name=run_name,
+            tags=list(cfg.tags) or None,
+            config=config,
+            dir=str(run_dir),
+            id=run_id or new_run_id(),
+            resume="allow",
+        )
+
+        reason = None
+        if mode == "online":
+            reason = _missing_credentials(wandb)
+            if reason is None:
+                try:
+                    return cls._start(wandb, "online", init)
+                except Exception as e:  # no network, server error, init timeout
+                    reason = f"wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                    # The failed run still holds its id in wandb's service process; a fresh
+                    # service lets the offline retry reuse the same id.
+                    _quiet_teardown(wandb)
+        try:
+            tracker = cls._start(wandb, "offline", init)
+        except Exception as e:
+            warnings.warn(
+                f"W&B: offline run could not start ({type(e).__name__}: {e}); tracking is off for this run",
+                TrackingWarning,
+                stacklevel=2,
+            )
+            _quiet_teardown(wandb)
+            return cls(mode="disabled", run_id=init["id"])
+        if reason is not None:
+            warnings.warn(
+                f"W&B: tracking.mode is 'online' but {reason}; logging offline to {tracker.wandb_dir} "
+                f"instead. Upload it later with: wandb sync {tracker.wandb_dir}",
+                TrackingWarning,
+                stacklevel=2,
+            )
+        else:
+            print(
+                f"W&B: offline run {tracker.run_id} in {tracker.wandb_dir} (upload: wandb sync "
+                f"{tracker.wandb_dir})",
+                flush=True,
+            )
+        return tracker
+
+    @classmethod
+    def _start(cls, wandb: Any, mode: str, init: dict[str, Any]) -> Tracker:
+        settings = wandb.Settings(
+            silent=True,
+            # Ray already collects worker stdout, and wandb's fd redirect fights pytest and Ray.
+            console="off",
+            init_timeout=_env_float("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S),
+            # Past this, finish() gives up uploading; the data stays on disk for `wandb sync`.
+            finish_timeout=_env_float("WANDB_FINISH_TIMEOUT", FINISH_TIMEOUT_S),
+        )
+        run = wandb.init(mode=mode, settings=settings, **init)
+        _define_metrics(run)
+        tracker = cls(run, mode=mode, run_id=run.id, wandb_dir=str(run.settings.sync_dir))
+        if mode == "online":
+            print(f"W&B: run {run.id} at {run.url}", flush=True)
+        return tracker
+
+    def log(self, metrics: dict[str, float], *, step: int) -> None:
+        """Log one row of metrics at a global training iteration.
+
+        Args:
+            metrics: name -> value (errors in percent); include ``epoch`` for the epoch x-axis.
+            step: the global training iteration; must not decrease within a run.
+        """
+        if self._run is None:
+            return
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        self._guard("log", lambda: self._run.log(row, step=int(step)))
+
+    def summary(self, values: dict) -> None:
+        """Set run summary values (final numbers shown in the W&B runs table).
+
+        Args:
+            values: summary key -> value.
+        """
+        if self._run is None:
+            return
+        self._guard("summary", lambda: self._run.summary.update(dict(values)))
+
+    def finish(self) -> None:
+        """Close the run (flushes the offline file, or uploads within ``FINISH_TIMEOUT_S``)."""
+        if self._run is None:
+            return
+        run, self._run = self._run, None
+        try:
+            run.finish()
+            # finish() returns before wandb's service has closed the run file; tearing the
+            # service down waits for that, so the .wandb file is whole once this returns (a
+            # later init starts a fresh service).
+            import wandb
+
+            wandb.teardown()
+        except Exception as e:
+            warnings.warn(
+                f"W&B: finishing the run failed ({type(e).__name__}: {e})", TrackingWarning, stacklevel=2
+            )
+
+    def _guard(self, what: str, fn: Any) -> None:
+        # Tracking must never kill a training run: on the first failure, warn and stop tracking.
+        try:
+            fn()
+        except Exception as e:
+            warnings.warn(
+                f"W&B: {what} failed ({type(e).__name__}: {e}); tracking is off for the rest of this run",
+                TrackingWarning,
+                stacklevel=3,
+            )
+            self._run = None
+
+
+def _missing_credentials(wandb: Any) -> str | None:
+    """Why online mode cannot start (no key), or None. Never prompts, never touches the network."""
+    try:
+        if wandb.login(prompt=False, verify=False):
+            return None
+    except Exception as e:  # e.g. a malformed key
+        return f"the W&B credentials are unusable ({type(e).__name__}: {e})"
+    return "no W&B API key was found (WANDB_API_KEY or ~/.netrc; run `wandb login`)"
+
+
+def _quiet_teardown(wandb: Any) -> None:
+    try:
+        wandb.teardown()
+        # teardown() drops the process-wide settings; keep wandb quiet for the retry.
+        wandb.setup(settings=wandb.Settings(silent=True))
+    except Exception:
+        pass  # the retry (or the no-op tracker) reports what still fails
+
+
+def _define_metrics(run: Any) -> None:
+    run.define_metric("epoch")
+    # The engine logs `step` in epoch rows too; it equals wandb's own step, so hide its chart.
+    run.define_metric("step", hidden=True)
+    # One call per metric with all its options: later calls for the same name are separate
+    # records in the run file, so keep each definition whole.
+    for name in EPOCH_METRICS:
+        summary = "min,last" if name in MIN_SUMMARY_METRICS else None
+        run.define_metric(name, step_metric="epoch", summary=summary)
+
+
+# ---------------------------------------------------------------- reading .wandb files back
+
+# wandb's transaction log is LevelDB's log format: a 7-byte file header (":W&B", magic 0xBEE1,
+# version 0), then 32 KiB blocks of records, each with a 7-byte header (CRC-32 of type byte +
+# payload, little-endian length, type); a record that does not fit a block is split into
+# FIRST/MIDDLE/LAST pieces, and a block tail shorter than a header is zero padding.
+_FILE_HEADER = struct.Struct("<4sHB")
+_RECORD_HEADER = struct.Struct("<IHB")
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def read_wandb_records(path: str | pathlib.Path) -> Iterator[Record]:
+    """Yield the protobuf ``Record`` messages of a ``.wandb`` file, in order.
+
+    A truncated tail (a run still writing, or killed) ends the iteration quietly.
+
+    Args:
+        path: a ``run-<id>.wandb`` file.
+
+    Raises:
+        ValueError: the file is not a wandb log or a record fails its checksum.
+    """
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = pathlib.Path(path).read_bytes()
+    if len(data) < _FILE_HEADER.size:
+        raise ValueError(f"{path}: too short to be a .wandb file")
+    ident, magic, version = _FILE_HEADER.unpack_from(data, 0)
+    if ident != b":W&B" or magic != 0xBEE1 or version != 0:
+        raise ValueError(f"{path}: not a .wandb file (header {data[:7]!r})")
+    pos, pending = _FILE_HEADER.size, None
+    while pos < len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < _RECORD_HEADER.size:
+            pos += left_in_block
+            continue
+        if pos + _RECORD_HEADER.size > len(data):
+            return
+        crc, length, kind = _RECORD_HEADER.unpack_from(data, pos)
+        start = pos + _RECORD_HEADER.size
+        payload = data[start : start + length]
+        if kind == 0 and length == 0:  # zero-filled (preallocated) tail
+            return
+        if len(payload) < length:
+            return
+        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
+            raise ValueError(f"{path}: record at byte {pos} fails its checksum")
+        pos = start + length
+        if kind == _FULL:
+            pending = payload
+        elif kind == _FIRST:
+            pending = bytearray(payload)
+            continue
+        elif kind in (_MIDDLE, _LAST) and pending is not None:
+            pending += payload
+            if kind == _MIDDLE:
+                continue
+        else:
+            raise ValueError(f"{path}: unexpected record type {kind} at byte {pos}")
+        record = Record()
+        record.ParseFromString(bytes(pending))
+        pending = None
+        yield record
+
+
+def _history_value(item: Any) -> Any:
+    import json
+
+    kind = item.WhichOneof("value")
+    if kind is None:
+        return json.loads(item.value_json) if item.value_json else None
+    if kind == "none":
+        return None
+    if kind == "json":
+        return json.loads(item.json)
+    return getattr(item, kind)
+
+
+def read_wandb_history(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The history rows logged to a ``.wandb`` file, as dicts (with ``_step`` and ``_runtime``).
+
+    Args:
+        path: a ``run-<id>.wandb`` file.
+    """
+    rows = []
+    for record in read_wandb_records(path):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in record.history.item:
+            key = item.key or "/".join(item.nested_key)
+            row[key] = _history_value(item)
+        rows.append(row)
+    return rows

@@ -1,0 +1,184 @@
+"""Fault tolerance: a killed worker, a stopped and restarted run, a truncated checkpoint.
+
+Every run here is a real ``python -m pipeline train`` process on the tiny generated dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from pipeline import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def epochs_in(metrics: Path) -> list[int]:
+    if not metrics.is_file():
+        return []
+    return [json.loads(line)["epoch"] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def train_cmd(*overrides: str, no_ray: bool = False) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "train", "--config", "configs/demo.yaml", *(["--no-ray"] if no_ray else []), *overrides]
+
+
+def env_with_marker(marker: str) -> dict[str, str]:
+    return {**os.environ, "PIPELINE_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"}
+
+
+def processes_with_marker(marker: str, name: str) -> list[int]:
+    """PIDs whose command line holds ``name`` and whose environment carries our marker (so
+    Ray processes of anything else on the machine are never touched)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if name in cmdline and f"PIPELINE_TEST_MARKER={marker}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"training exited early with {proc.returncode}:\n{out[-4000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out waiting for training progress")
+
+
+@pytest.mark.ray
+def test_sigkilled_worker_is_restarted_from_checkpoint(tiny_imagenet, tmp_path):
+    marker = uuid.uuid4().hex
+    overrides = tiny_overrides(tiny_imagenet, tmp_path, "killed") + ["schedule.epochs=5", "cluster.max_failures=1"]
+    proc = subprocess.Popen(
+        train_cmd(*overrides), cwd=ROOT, env=env_with_marker(marker), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    try:
+        wait_for(lambda: (tmp_path / "killed" / "checkpoint_epoch0002").is_dir(), 240, proc)
+        workers = processes_with_marker(marker, "RayTrainWorker")
+        assert workers, "no Ray Train worker process found"
+        os.kill(workers[-1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert epochs_in(metrics) == [1, 2, 3, 4, 5], out[-4000:]
+    restored = [line for line in out.splitlines() if "restored from checkpoint" in line]
+    assert restored, out[-4000:]
+    assert "checkpoint_epoch000" in restored[0]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["epochs"] == 5 and summary["steps"] == 5 * 8
+
+    # Starting the same run (same name and storage) again continues from its latest checkpoint.
+    again = subprocess.run(
+        train_cmd(*overrides[:-2], "schedule.epochs=6"), cwd=ROOT, env=env_with_marker(marker),
+        capture_output=True, text=True, timeout=400,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "restored from checkpoint" in again.stdout and "epoch 5, step 40" in again.stdout
+    assert epochs_in(metrics) == [1, 2, 3, 4, 5, 6]
+
+
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = sorted(run_dir.glob("checkpoint_epoch*"))[-1]
+    return ckpt.read(latest)["model"]
+
+
+def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_imagenet, tmp_path):
+    common = tiny_overrides(tiny_imagenet, tmp_path, "x")[1:] + ["schedule.epochs=4", "cluster.num_workers=1", "schedule.kind=step", "schedule.milestones=[2]"]
+    # The uninterrupted reference.
+    ref = subprocess.run(train_cmd("name=straight", *common, no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    # The same run, stopped (SIGTERM) once epoch 2's checkpoint exists, then started again.
+    proc = subprocess.Popen(
+        train_cmd("name=stopped", *common, no_ray=True), cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env_with_marker("stop"),
+    )
+    try:
+        wait_for(lambda: (tmp_path / "stopped" / "checkpoint_epoch0002" / "state.pt").is_file(), 300, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped_at = max(epochs_in(tmp_path / "stopped" / "metrics.jsonl"))
+    assert stopped_at < 4, "the run finished before it could be stopped"
+    resumed = subprocess.run(train_cmd("name=stopped", *common, no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"epoch {stopped_at}, step {stopped_at * 8}" in resumed.stdout
+
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    after = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in after] == [1, 2, 3, 4]  # each epoch exactly once
+    assert [(r["step"], r["lr"]) for r in after] == [(r["step"], r["lr"]) for r in straight]
+    for a, b in zip(after, straight, strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-5)
+    # On CPU with fixed seeds the data order, augmentation and arithmetic repeat exactly.
+    a, b = model_state(tmp_path / "stopped"), model_state(tmp_path / "straight")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(tiny_imagenet, tmp_path):
+    common = tiny_overrides(tiny_imagenet, tmp_path, "trunc") + ["cluster.num_workers=1", "checkpoint.num_to_keep=2"]
+    first = subprocess.run(train_cmd(*common, "schedule.epochs=3", no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "trunc"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_epoch0002", "checkpoint_epoch0003"]
+    state = run_dir / "checkpoint_epoch0003" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])
+
+    again = subprocess.run(train_cmd(*common, "schedule.epochs=4", no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipping unusable checkpoint" in again.stdout and "truncated or corrupt" in again.stdout
+    assert "epoch 2, step 16" in again.stdout
+    assert epochs_in(run_dir / "metrics.jsonl") == [1, 2, 3, 4]
+
+    # With every checkpoint unreadable: a clear message and exit code 1, no torch traceback.
+    for path in run_dir.glob("checkpoint_*/state.pt"):
+        path.write_bytes(b"not a checkpoint")
+    broken = subprocess.run(train_cmd(*common, "schedule.epochs=5", no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert broken.returncode == 1
+    assert "none of the checkpoints of run 'trunc' can be read" in broken.stderr
+    assert "Traceback" not in broken.stderr
+
+
+def test_checkpoint_key_mismatch_lists_keys(tmp_path):
+    torch.save({"model": {}, "epoch": 1, "surprise": 2}, tmp_path / "state.pt")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.read(tmp_path)
+    message = str(err.value)
+    assert "missing: ['best_val_top1_err', 'config'" in message and "unexpected: ['surprise']" in message
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model
+
+    state = {"model": build_model(ModelConfig(name="resnet18", num_classes=4)).state_dict(), "config": {"model": {"name": "resnet18"}}}
+    with pytest.raises(ckpt.CheckpointError, match=r"missing keys: \[.*layer4.2.*\]|unexpected keys: \[.*\]"):
+        ckpt.restore_model(state, build_model(ModelConfig(name="resnet34", num_classes=4)))
