@@ -53,14 +53,15 @@ def preflight(cfg: Config) -> str:
             f"model.num_classes ({cfg.model.num_classes}) is smaller than the {num_classes} classes in "
             f"{cfg.data.root}; set model.num_classes={num_classes}"
         )
-    from pipeline.models import MODEL_NAMES
+    import torch
 
-    if cfg.model.name not in MODEL_NAMES:
-        import difflib
+    from pipeline.models import build_model
 
-        close = difflib.get_close_matches(cfg.model.name, MODEL_NAMES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}{hint} (see `python -m pipeline models`)")
+    try:
+        with torch.device("meta"):  # builds the graph only: no memory, no arithmetic
+            build_model(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     derived = derive(cfg, num_train)
     return (
         "resolved config:\n"

@@ -1,0 +1,135 @@
+"""Evaluation: exact across world sizes, the eval command, precision options, the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from pipeline.config import load_config, to_dict
+from pipeline.evaluate import evaluate, topk_correct
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {
+    "center": [],
+    "tencrop": [],
+    "multiscale": ["eval.scales=[48, 56, 64]"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_imagenet, tmp_path_factory) -> tuple[list[str], Path]:
+    """Overrides and the last checkpoint of a 2-epoch single-process run."""
+    from pipeline.engine import train_worker
+
+    storage = tmp_path_factory.mktemp("eval-runs")
+    overrides = tiny_overrides(tiny_imagenet, storage, "evalsrc") + ["schedule.epochs=2", "eval.batch_size=6"]
+    summary = train_worker(to_dict(load_config(None, overrides + ["cluster.num_workers=1"])))
+    return overrides, Path(summary["checkpoint"])
+
+
+def test_topk_counts():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])
+    top1, top5 = topk_correct(scores, labels)
+    assert (top1.item(), top5.item()) == (1, 3)  # top-5 clamps to the 3 classes
+
+
+def test_tencrop_averages_softmax_over_crops():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # crop k of each image votes for class k % 2
+            k = torch.arange(x.shape[0]) % 10
+            return torch.stack([(k % 2 == 0).float() * 10, (k % 2 == 1).float() * 10], dim=1)
+
+    images = torch.zeros(20, 3, 4, 4)  # 2 images x 10 crops
+    labels = torch.tensor([0, 1])
+    out = evaluate(Fixed(), [(images, labels)], mode="tencrop", device=torch.device("cpu"))
+    # a 5/5 split: averaged probabilities tie and topk picks class 0 -> image 0 right, image 1 wrong
+    assert out["val/images"] == 2 and out["val/top1_err"] == 50.0
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray, mode):
+    from pipeline.evaluate_cli import _ray_eval_worker, eval_worker
+    from pipeline.launch import run_on_ray
+
+    overrides, checkpoint = trained
+    single = eval_worker(
+        to_dict(load_config(None, overrides + ["cluster.num_workers=1", f"eval.mode={mode}", *MODES[mode]])),
+        str(checkpoint), str(tmp_path / "one.json"),
+    )
+    cfg = load_config(None, overrides + ["cluster.num_workers=2", f"eval.mode={mode}", *MODES[mode]])
+    run_on_ray(cfg, worker=_ray_eval_worker, extra={"checkpoint": str(checkpoint), "out": str(tmp_path / "two.json")}, name=f"eval-{mode}")
+    double = json.loads((tmp_path / "two.json").read_text())
+    assert double["world_size"] == 2 and single["world_size"] == 1
+    assert double["images"] == single["images"] == 16
+    assert double["top1_err"] == single["top1_err"]
+    assert double["top5_err"] == single["top5_err"]
+
+
+def test_eval_command_writes_json(trained, tmp_path):
+    overrides, checkpoint = trained
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "eval", "--config", "configs/demo.yaml", "--checkpoint", str(checkpoint),
+         "--no-ray", "--out", str(out), *overrides, "cluster.num_workers=1", "eval.mode=tencrop"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["eval_mode"] == "tencrop" and record["images"] == 16
+    assert 0 <= record["top1_err"] <= 100 and record["top5_err"] == 0.0
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "eval", "--config", "configs/demo.yaml", "--checkpoint", str(tmp_path),
+         *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "no checkpoint state here" in bad.stderr
+
+
+def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
+    from pipeline.engine import train_worker
+
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_imagenet, tmp_path, "bf16")
+        + ["cluster.num_workers=1", "schedule.epochs=1", "precision.amp=bf16", "precision.channels_last=true",
+           "eval.final_mode=center", "optim.no_wd_bn_bias=true"],
+    )
+    summary = train_worker(to_dict(cfg))
+    record = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert torch.isfinite(torch.tensor(record["train/loss"]))
+    assert summary["val_images"] == 16
+
+
+def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", "configs/demo.yaml", "--no-ray",
+         *tiny_overrides(tiny_imagenet, tmp_path, "nan"), "cluster.num_workers=1", "optim.lr=1e12",
+         "model.zero_init_residual=false", "schedule.epochs=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert re.search(r"non-finite loss \(nan\) at epoch 0 step \d+ with lr [0-9.]+e\+1[12]", proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_param_groups_exclude_bn_and_bias_by_type():
+    from pipeline.engine import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    decay, no_decay = param_groups(model, 1e-4, no_wd_bn_bias=True)
+    assert [tuple(p.shape) for p in decay["params"]] == [(4, 3, 3, 3), (2, 36)]
+    assert sorted(tuple(p.shape) for p in no_decay["params"]) == [(2,), (4,), (4,)]
+    assert no_decay["weight_decay"] == 0.0
+    (everything,) = param_groups(model, 1e-4, no_wd_bn_bias=False)
+    assert len(everything["params"]) == 5 and everything["weight_decay"] == 1e-4
