@@ -98,17 +98,23 @@ def read(directory: Path) -> dict[str, Any]:
     """Load and check a checkpoint's state dict; ``CheckpointError`` on anything unusable."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint state here (expected a {STATE_FILE} written by this pipeline)")
+        raise CheckpointError(
+            f"{path}: no checkpoint state here (expected a {STATE_FILE} written by this pipeline)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt files surface as many different torch errors
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
+        raise CheckpointError(
+            f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupt"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training state (got {type(state).__name__})")
     missing = sorted(REQUIRED_KEYS - state.keys())
     unexpected = sorted(state.keys() - REQUIRED_KEYS)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: wrong keys; missing: {missing or 'none'}; unexpected: {unexpected or 'none'}")
+        raise CheckpointError(
+            f"{path}: wrong keys; missing: {missing or 'none'}; unexpected: {unexpected or 'none'}"
+        )
     return state
 
 

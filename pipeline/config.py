@@ -246,8 +246,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as e:
                 errors.append(e)
-        raise errors[-1] if len(errors) == 1 else ConfigError(
-            f"{key}: expected {_type_name(tp)}, got {value!r}"
+        raise (
+            errors[-1]
+            if len(errors) == 1
+            else ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         )
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -255,7 +257,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         candidate = str(value).lower() if isinstance(value, bool) else value
         if candidate in choices:
             return candidate
-        raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of {', '.join(map(str, choices))}")
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid choice; choose one of {', '.join(map(str, choices))}"
+        )
     if origin is tuple:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
@@ -304,7 +308,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             close = difflib.get_close_matches(full, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
                 full, _all_keys(Config), n=1, cutoff=0.6
             )
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(sorted(names))}"
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(sorted(names))}"
+            )
             raise ConfigError(f"unknown config key {full!r}{hint}")
     kwargs = {}
     for name in names:
@@ -333,8 +339,14 @@ def _check(cfg: Config) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if cfg.data.scale_min > cfg.data.scale_max:
-        raise ConfigError(f"data.scale_min ({cfg.data.scale_min}) is larger than data.scale_max ({cfg.data.scale_max})")
-    if cfg.data.augment == "paper" and cfg.data.dataset == "imagenet" and cfg.data.scale_min < cfg.data.crop_size:
+        raise ConfigError(
+            f"data.scale_min ({cfg.data.scale_min}) is larger than data.scale_max ({cfg.data.scale_max})"
+        )
+    if (
+        cfg.data.augment == "paper"
+        and cfg.data.dataset == "imagenet"
+        and cfg.data.scale_min < cfg.data.crop_size
+    ):
         raise ConfigError(
             f"data.scale_min ({cfg.data.scale_min}) must be at least data.crop_size ({cfg.data.crop_size}) "
             "for the paper's random crop"

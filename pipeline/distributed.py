@@ -125,7 +125,9 @@ def local_checkpoints(location: str) -> list[Path]:
     root = Path(location)
     if "://" in location or not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)), reverse=True
+    )
 
 
 def checkpoint_candidates(ctx: DistContext, location: str) -> list[Path]:

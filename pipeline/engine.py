@@ -12,6 +12,7 @@ W&B, ``ray.train.report``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -40,7 +41,7 @@ from pipeline.distributed import (
 )
 from pipeline.evaluate import autocast, evaluate, topk_correct
 from pipeline.rundir import RunDir, run_location
-from pipeline.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
+from pipeline.schedule import learning_rate, plateau_update, warmup_update
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
 
@@ -113,9 +114,13 @@ def build_data(cfg: Config, ctx: DistContext, eval_batch: int) -> Data:
     train = build_train_loader(index, cfg.data, global_batch=cfg.optim.batch_size, seed=cfg.seed, **common)
 
     def make_val(mode: str) -> Any:
-        return build_val_loader(index, cfg.data, mode=mode, scales=cfg.eval.scales, batch_size=eval_batch, **common)
+        return build_val_loader(
+            index, cfg.data, mode=mode, scales=cfg.eval.scales, batch_size=eval_batch, **common
+        )
 
-    return Data(train=train, num_train=len(index.train_files), num_classes=index.num_classes, make_val=make_val)
+    return Data(
+        train=train, num_train=len(index.train_files), num_classes=index.num_classes, make_val=make_val
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> list[dict[str, Any]]:
@@ -161,7 +166,9 @@ def build_model_for(cfg: Config, ctx: DistContext, num_classes: int) -> tuple[nn
 
 
 def _reduce_counts(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
-    return all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])).tolist()
+    return all_reduce_sum(
+        torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    ).tolist()
 
 
 def train_one_epoch(
@@ -192,7 +199,9 @@ def train_one_epoch(
         t0 = time.perf_counter()
         images, labels = next(batches)
         data_wait += time.perf_counter() - t0
-        lr = learning_rate(cfg.schedule, base_lr=derived.lr, it=step, iters_per_epoch=derived.iters_per_epoch, state=state)
+        lr = learning_rate(
+            cfg.schedule, base_lr=derived.lr, it=step, iters_per_epoch=derived.iters_per_epoch, state=state
+        )
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, cfg.precision.amp):
@@ -212,17 +221,40 @@ def train_one_epoch(
         with torch.no_grad():
             top1, top5 = topk_correct(logits.detach().float(), labels)
             n = labels.numel()
-            sums += torch.stack([loss.detach().double() * n, top1.double(), top5.double(), torch.tensor(n, device=device, dtype=torch.float64)])
+            sums += torch.stack(
+                [
+                    loss.detach().double() * n,
+                    top1.double(),
+                    top5.double(),
+                    torch.tensor(n, device=device, dtype=torch.float64),
+                ]
+            )
             window += torch.stack([top1.double(), torch.tensor(n, device=device, dtype=torch.float64)])
-        if cfg.schedule.warmup_until_train_err is not None and not state.warmup_done and step % WARMUP_CHECK_EVERY == 0:
+        if (
+            cfg.schedule.warmup_until_train_err is not None
+            and not state.warmup_done
+            and step % WARMUP_CHECK_EVERY == 0
+        ):
             hits, seen = _reduce_counts(list(window), device)
             state = warmup_update(cfg.schedule, state, 100.0 * (1 - hits / seen))
             window.zero_()
-        if step % cfg.log_every_n_steps == 0 or step % cfg.tracking.log_every_n_steps == 0 or i == steps_this_epoch - 1:
+        if (
+            step % cfg.log_every_n_steps == 0
+            or step % cfg.tracking.log_every_n_steps == 0
+            or i == steps_this_epoch - 1
+        ):
             elapsed = time.perf_counter() - tick
             done = i + 1
             img_per_s = done * cfg.optim.batch_size / max(time.perf_counter() - start, 1e-9)
-            on_steps({"train/step_loss": loss_value, "lr": lr, "img_per_s": img_per_s, "epoch": epoch + done / steps_this_epoch}, step)
+            on_steps(
+                {
+                    "train/step_loss": loss_value,
+                    "lr": lr,
+                    "img_per_s": img_per_s,
+                    "epoch": epoch + done / steps_this_epoch,
+                },
+                step,
+            )
             tick += elapsed
     wall = time.perf_counter() - start
     loss_sum, top1, top5, n = _reduce_counts(list(sums), device)
@@ -308,7 +340,9 @@ def _restore(run: Run, location: str) -> ckpt.TrainingProgress:
             continue
         progress = ckpt.restore(state, model=unwrap(run.model), optimizer=run.optimizer, scaler=run.scaler)
         if run.ctx.is_main:
-            print(f"restored from checkpoint {source}: epoch {progress.epoch}, step {progress.step}", flush=True)
+            print(
+                f"restored from checkpoint {source}: epoch {progress.epoch}, step {progress.step}", flush=True
+            )
             changed = config_changes(state["config"], to_dict(run.cfg))
             if changed:
                 print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
@@ -332,7 +366,9 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
 
     cfg = config_from_dict(config)
     wall_start = time.perf_counter()
-    ctx = init_context(under_ray, use_gpu=None if cfg.cluster.use_gpu == "auto" else cfg.cluster.use_gpu == "true")
+    ctx = init_context(
+        under_ray, use_gpu=None if cfg.cluster.use_gpu == "auto" else cfg.cluster.use_gpu == "true"
+    )
     seed_everything(cfg.seed + ctx.rank)
     torch.backends.cudnn.benchmark = cfg.precision.cudnn_benchmark
 
@@ -375,6 +411,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
 
     val_loader = data.make_val(cfg.eval.mode)
     last_ckpt = None
+    last_val: dict[str, float] = {"val/top1_err": float("inf")}
     img_per_s = []
     for epoch in range(progress.epoch, derived.epochs):
         train_metrics, progress = train_one_epoch(run, epoch, progress, on_steps)
@@ -382,11 +419,17 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
         if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == derived.epochs:
             val = evaluate(
-                unwrap(run.model), val_loader.epoch(epoch), mode=cfg.eval.mode, device=ctx.device,
-                amp=cfg.precision.amp, channels_last=cfg.precision.channels_last,
+                unwrap(run.model),
+                val_loader.epoch(epoch),
+                mode=cfg.eval.mode,
+                device=ctx.device,
+                amp=cfg.precision.amp,
+                channels_last=cfg.precision.channels_last,
             )
             metrics.update({k: v for k, v in val.items() if k != "val/images"})
-            new_schedule = plateau_update(cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=derived.lr)
+            new_schedule = plateau_update(
+                cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=derived.lr
+            )
             progress = dataclasses.replace(
                 progress,
                 schedule=new_schedule,
@@ -403,16 +446,27 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             )
             rundir.append_metrics(metrics)
             tracker.log(metrics, step=progress.step)
+        last_val = {k: v for k, v in metrics.items() if k.startswith("val/")} or last_val
         last_ckpt = report_epoch(
-            ctx, metrics, f"checkpoint_epoch{epoch + 1:04d}", location,
-            lambda d: ckpt.save(d, model=plain, optimizer=optimizer, scaler=scaler, progress=progress, config=resolved),
+            ctx,
+            # Ray keeps the best checkpoints by val/top1_err, so epochs without validation carry the last one.
+            {**last_val, **metrics},
+            f"checkpoint_epoch{epoch + 1:04d}",
+            location,
+            functools.partial(
+                ckpt.save, model=plain, optimizer=optimizer, scaler=scaler, progress=progress, config=resolved
+            ),
             num_to_keep=cfg.checkpoint.num_to_keep,
         )
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
     final = evaluate(
-        plain, data.make_val(final_mode).epoch(0), mode=final_mode, device=ctx.device,
-        amp=cfg.precision.amp, channels_last=cfg.precision.channels_last,
+        plain,
+        data.make_val(final_mode).epoch(0),
+        mode=final_mode,
+        device=ctx.device,
+        amp=cfg.precision.amp,
+        channels_last=cfg.precision.channels_last,
     )
     summary = {
         "name": cfg.name,
@@ -433,7 +487,12 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     }
     if ctx.is_main:
         rundir.write_summary(summary)
-        tracker.summary({f"final/{final_mode}/top1_err": summary["val_top1_err"], f"final/{final_mode}/top5_err": summary["val_top5_err"]})
+        tracker.summary(
+            {
+                f"final/{final_mode}/top1_err": summary["val_top1_err"],
+                f"final/{final_mode}/top5_err": summary["val_top5_err"],
+            }
+        )
         tracker.finish()
     barrier()
     return summary

@@ -31,7 +31,9 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+def topk_correct(
+    scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> list[torch.Tensor]:
     """How many rows have their label within the top k scores, for each k (clamped to the class count)."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = top.eq(labels[:, None])

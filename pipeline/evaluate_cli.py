@@ -27,15 +27,21 @@ def eval_worker(config: dict[str, Any], checkpoint: str, out: str, under_ray: bo
     from pipeline.evaluate import evaluate
 
     cfg = config_from_dict(config)
-    ctx = init_context(under_ray, use_gpu=None if cfg.cluster.use_gpu == "auto" else cfg.cluster.use_gpu == "true")
+    ctx = init_context(
+        under_ray, use_gpu=None if cfg.cluster.use_gpu == "auto" else cfg.cluster.use_gpu == "true"
+    )
     eval_batch = (cfg.eval.batch_size or cfg.optim.batch_size) // ctx.world_size
     data = build_data(cfg, ctx, eval_batch)
     model, _ = build_model_for(cfg, ctx, data.num_classes)
     ckpt.restore_model(ckpt.read(Path(checkpoint)), model)
     start = time.perf_counter()
     result = evaluate(
-        model, data.make_val(cfg.eval.mode).epoch(0), mode=cfg.eval.mode, device=ctx.device,
-        amp=cfg.precision.amp, channels_last=cfg.precision.channels_last,
+        model,
+        data.make_val(cfg.eval.mode).epoch(0),
+        mode=cfg.eval.mode,
+        device=ctx.device,
+        amp=cfg.precision.amp,
+        channels_last=cfg.precision.channels_last,
     )
     record = {
         "checkpoint": str(checkpoint),

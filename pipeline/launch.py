@@ -27,9 +27,15 @@ from pipeline.rundir import is_uri, run_location
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/imagenet/resnet50.yaml")
-    parser.add_argument("--no-ray", action="store_true", help="run the engine in this process (or under torchrun)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.2")
+    parser.add_argument(
+        "--config", required=True, help="YAML experiment file, e.g. configs/imagenet/resnet50.yaml"
+    )
+    parser.add_argument(
+        "--no-ray", action="store_true", help="run the engine in this process (or under torchrun)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.2"
+    )
     return parser.parse_args(argv)
 
 
@@ -194,7 +200,10 @@ def print_summary(cfg: Config) -> dict[str, Any] | None:
     rate = summary.get("img_per_s")
     lines = [
         ("model", summary["model"]),
-        ("val top-1 err", f"{summary['val_top1_err']:.2f}%  ({summary['eval_mode']}, {summary.get('val_images')} images)"),
+        (
+            "val top-1 err",
+            f"{summary['val_top1_err']:.2f}%  ({summary['eval_mode']}, {summary.get('val_images')} images)",
+        ),
         ("val top-5 err", f"{summary['val_top5_err']:.2f}%"),
         ("train img/s", f"{rate:.1f}" if rate is not None else "-"),
         ("epochs", f"{summary['epochs']} ({summary.get('steps')} steps)"),

@@ -87,5 +87,8 @@ class RunDir:
         self._sync("metrics.jsonl")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _atomic_write(self.local / "summary.json", json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
+        _atomic_write(
+            self.local / "summary.json",
+            json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n",
+        )
         self._sync("summary.json")

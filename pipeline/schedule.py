@@ -61,7 +61,9 @@ def learning_rate(
     return lr
 
 
-def plateau_update(cfg: ScheduleConfig, state: ScheduleState, val_err: float, *, base_lr: float) -> ScheduleState:
+def plateau_update(
+    cfg: ScheduleConfig, state: ScheduleState, val_err: float, *, base_lr: float
+) -> ScheduleState:
     """The state after an epoch whose (globally reduced) validation error is ``val_err``.
 
     An epoch counts as an improvement when the error beats the best by more than the

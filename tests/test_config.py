@@ -21,15 +21,32 @@ def write(path: Path, text: str) -> Path:
 
 def test_defaults_are_the_papers_imagenet_protocol():
     cfg = load_config(None)
-    assert (cfg.optim.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (256, 0.1, 0.9, 1e-4)
-    assert (cfg.data.scale_min, cfg.data.scale_max, cfg.data.crop_size, cfg.data.pca_std) == (256, 480, 224, 0.1)
+    assert (cfg.optim.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
+        256,
+        0.1,
+        0.9,
+        1e-4,
+    )
+    assert (cfg.data.scale_min, cfg.data.scale_max, cfg.data.crop_size, cfg.data.pca_std) == (
+        256,
+        480,
+        224,
+        0.1,
+    )
 
 
 def test_overrides_convert_types(tmp_path):
     cfg = load_config(
         None,
-        ["optim.lr=0.2", "schedule.milestones=[10, 20]", "precision.channels_last=true", "schedule.max_iters=null",
-         "optim.weight_decay=5e-5", "cluster.num_workers=4", "model.shortcut=A"],
+        [
+            "optim.lr=0.2",
+            "schedule.milestones=[10, 20]",
+            "precision.channels_last=true",
+            "schedule.max_iters=null",
+            "optim.weight_decay=5e-5",
+            "cluster.num_workers=4",
+            "model.shortcut=A",
+        ],
     )
     assert cfg.optim.lr == 0.2 and isinstance(cfg.optim.lr, float)
     assert cfg.schedule.milestones == (10, 20)
@@ -74,7 +91,10 @@ def test_wrong_type_names_expected_type():
 
 
 def test_bad_choice_lists_choices():
-    with pytest.raises(ConfigError, match=r"eval.mode: 'twelvecrop' is not a valid choice; choose one of center, tencrop, multiscale"):
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.mode: 'twelvecrop' is not a valid choice; choose one of center, tencrop, multiscale",
+    ):
         load_config(None, ["eval.mode=twelvecrop"])
 
 
@@ -110,7 +130,10 @@ def test_derived_values_follow_linear_scaling_and_equal_steps():
     assert d.lr == pytest.approx(0.4)
     assert d.iters_per_epoch == 1_281_167 // 1024
     assert d.total_iters == 90 * (1_281_167 // 1024)
-    cifar = load_config(None, ["optim.batch_size=128", "schedule.epochs=1000", "schedule.max_iters=64000", "optim.scale_lr=false"])
+    cifar = load_config(
+        None,
+        ["optim.batch_size=128", "schedule.epochs=1000", "schedule.max_iters=64000", "optim.scale_lr=false"],
+    )
     d = derive(cifar, num_train_images=50_000)
     assert (d.iters_per_epoch, d.total_iters, d.epochs, d.lr) == (390, 64_000, 165, 0.1)
 
@@ -121,7 +144,9 @@ def test_batch_larger_than_dataset_is_an_error():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_cli_exits_2_before_ray_on_config_typo():

@@ -63,10 +63,16 @@ def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray, mode):
     overrides, checkpoint = trained
     single = eval_worker(
         to_dict(load_config(None, overrides + ["cluster.num_workers=1", f"eval.mode={mode}", *MODES[mode]])),
-        str(checkpoint), str(tmp_path / "one.json"),
+        str(checkpoint),
+        str(tmp_path / "one.json"),
     )
     cfg = load_config(None, overrides + ["cluster.num_workers=2", f"eval.mode={mode}", *MODES[mode]])
-    run_on_ray(cfg, worker=_ray_eval_worker, extra={"checkpoint": str(checkpoint), "out": str(tmp_path / "two.json")}, name=f"eval-{mode}")
+    run_on_ray(
+        cfg,
+        worker=_ray_eval_worker,
+        extra={"checkpoint": str(checkpoint), "out": str(tmp_path / "two.json")},
+        name=f"eval-{mode}",
+    )
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["world_size"] == 2 and single["world_size"] == 1
     assert double["images"] == single["images"] == 16
@@ -78,9 +84,26 @@ def test_eval_command_writes_json(trained, tmp_path):
     overrides, checkpoint = trained
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "eval", "--config", "configs/demo.yaml", "--checkpoint", str(checkpoint),
-         "--no-ray", "--out", str(out), *overrides, "cluster.num_workers=1", "eval.mode=tencrop"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "eval",
+            "--config",
+            "configs/demo.yaml",
+            "--checkpoint",
+            str(checkpoint),
+            "--no-ray",
+            "--out",
+            str(out),
+            *overrides,
+            "cluster.num_workers=1",
+            "eval.mode=tencrop",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -88,9 +111,21 @@ def test_eval_command_writes_json(trained, tmp_path):
     assert 0 <= record["top1_err"] <= 100 and record["top5_err"] == 0.0
 
     bad = subprocess.run(
-        [sys.executable, "-m", "pipeline", "eval", "--config", "configs/demo.yaml", "--checkpoint", str(tmp_path),
-         *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "eval",
+            "--config",
+            "configs/demo.yaml",
+            "--checkpoint",
+            str(tmp_path),
+            *overrides,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and "no checkpoint state here" in bad.stderr
 
@@ -101,8 +136,14 @@ def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
     cfg = load_config(
         None,
         tiny_overrides(tiny_imagenet, tmp_path, "bf16")
-        + ["cluster.num_workers=1", "schedule.epochs=1", "precision.amp=bf16", "precision.channels_last=true",
-           "eval.final_mode=center", "optim.no_wd_bn_bias=true"],
+        + [
+            "cluster.num_workers=1",
+            "schedule.epochs=1",
+            "precision.amp=bf16",
+            "precision.channels_last=true",
+            "eval.final_mode=center",
+            "optim.no_wd_bn_bias=true",
+        ],
     )
     summary = train_worker(to_dict(cfg))
     record = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
@@ -112,20 +153,41 @@ def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
 
 def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--config", "configs/demo.yaml", "--no-ray",
-         *tiny_overrides(tiny_imagenet, tmp_path, "nan"), "cluster.num_workers=1", "optim.lr=1e12",
-         "model.zero_init_residual=false", "schedule.epochs=3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            "--no-ray",
+            *tiny_overrides(tiny_imagenet, tmp_path, "nan"),
+            "cluster.num_workers=1",
+            "optim.lr=1e12",
+            "model.zero_init_residual=false",
+            "schedule.epochs=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1
-    assert re.search(r"non-finite loss \(nan\) at epoch 0 step \d+ with lr [0-9.]+e\+1[12]", proc.stderr), proc.stderr
+    assert re.search(r"non-finite loss \(nan\) at epoch 0 step \d+ with lr [0-9.]+e\+1[12]", proc.stderr), (
+        proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 
 def test_param_groups_exclude_bn_and_bias_by_type():
     from pipeline.engine import param_groups
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(2),
+    )
     model(torch.zeros(1, 3, 5, 5))
     decay, no_decay = param_groups(model, 1e-4, no_wd_bn_bias=True)
     assert [tuple(p.shape) for p in decay["params"]] == [(4, 3, 3, 3), (2, 36)]

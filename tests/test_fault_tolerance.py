@@ -30,7 +30,16 @@ def epochs_in(metrics: Path) -> list[int]:
 
 
 def train_cmd(*overrides: str, no_ray: bool = False) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "train", "--config", "configs/demo.yaml", *(["--no-ray"] if no_ray else []), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        *(["--no-ray"] if no_ray else []),
+        *overrides,
+    ]
 
 
 def env_with_marker(marker: str) -> dict[str, str]:
@@ -70,10 +79,18 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
 @pytest.mark.ray
 def test_sigkilled_worker_is_restarted_from_checkpoint(tiny_imagenet, tmp_path):
     marker = uuid.uuid4().hex
-    overrides = tiny_overrides(tiny_imagenet, tmp_path, "killed") + ["schedule.epochs=5", "cluster.max_failures=1"]
+    overrides = tiny_overrides(tiny_imagenet, tmp_path, "killed") + [
+        "schedule.epochs=5",
+        "cluster.max_failures=1",
+    ]
     proc = subprocess.Popen(
-        train_cmd(*overrides), cwd=ROOT, env=env_with_marker(marker), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        train_cmd(*overrides),
+        cwd=ROOT,
+        env=env_with_marker(marker),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     metrics = tmp_path / "killed" / "metrics.jsonl"
     try:
@@ -95,8 +112,12 @@ def test_sigkilled_worker_is_restarted_from_checkpoint(tiny_imagenet, tmp_path):
 
     # Starting the same run (same name and storage) again continues from its latest checkpoint.
     again = subprocess.run(
-        train_cmd(*overrides[:-2], "schedule.epochs=6"), cwd=ROOT, env=env_with_marker(marker),
-        capture_output=True, text=True, timeout=400,
+        train_cmd(*overrides[:-2], "schedule.epochs=6"),
+        cwd=ROOT,
+        env=env_with_marker(marker),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "restored from checkpoint" in again.stdout and "epoch 5, step 40" in again.stdout
@@ -109,15 +130,30 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_imagenet, tmp_path):
-    common = tiny_overrides(tiny_imagenet, tmp_path, "x")[1:] + ["schedule.epochs=4", "cluster.num_workers=1", "schedule.kind=step", "schedule.milestones=[2]"]
+    common = tiny_overrides(tiny_imagenet, tmp_path, "x")[1:] + [
+        "schedule.epochs=4",
+        "cluster.num_workers=1",
+        "schedule.kind=step",
+        "schedule.milestones=[2]",
+    ]
     # The uninterrupted reference.
-    ref = subprocess.run(train_cmd("name=straight", *common, no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        train_cmd("name=straight", *common, no_ray=True),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     # The same run, stopped (SIGTERM) once epoch 2's checkpoint exists, then started again.
     proc = subprocess.Popen(
-        train_cmd("name=stopped", *common, no_ray=True), cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env_with_marker("stop"),
+        train_cmd("name=stopped", *common, no_ray=True),
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env_with_marker("stop"),
     )
     try:
         wait_for(lambda: (tmp_path / "stopped" / "checkpoint_epoch0002" / "state.pt").is_file(), 300, proc)
@@ -128,11 +164,15 @@ def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_ima
             proc.kill()
     stopped_at = max(epochs_in(tmp_path / "stopped" / "metrics.jsonl"))
     assert stopped_at < 4, "the run finished before it could be stopped"
-    resumed = subprocess.run(train_cmd("name=stopped", *common, no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        train_cmd("name=stopped", *common, no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"epoch {stopped_at}, step {stopped_at * 8}" in resumed.stdout
 
-    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    straight = [
+        json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
     after = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in after] == [1, 2, 3, 4]  # each epoch exactly once
     assert [(r["step"], r["lr"]) for r in after] == [(r["step"], r["lr"]) for r in straight]
@@ -146,15 +186,33 @@ def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_ima
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(tiny_imagenet, tmp_path):
-    common = tiny_overrides(tiny_imagenet, tmp_path, "trunc") + ["cluster.num_workers=1", "checkpoint.num_to_keep=2"]
-    first = subprocess.run(train_cmd(*common, "schedule.epochs=3", no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    common = tiny_overrides(tiny_imagenet, tmp_path, "trunc") + [
+        "cluster.num_workers=1",
+        "checkpoint.num_to_keep=2",
+    ]
+    first = subprocess.run(
+        train_cmd(*common, "schedule.epochs=3", no_ray=True),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "trunc"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_epoch0002", "checkpoint_epoch0003"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [
+        "checkpoint_epoch0002",
+        "checkpoint_epoch0003",
+    ]
     state = run_dir / "checkpoint_epoch0003" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])
 
-    again = subprocess.run(train_cmd(*common, "schedule.epochs=4", no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        train_cmd(*common, "schedule.epochs=4", no_ray=True),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipping unusable checkpoint" in again.stdout and "truncated or corrupt" in again.stdout
     assert "epoch 2, step 16" in again.stdout
@@ -163,7 +221,13 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tiny_imagenet, tmp_p
     # With every checkpoint unreadable: a clear message and exit code 1, no torch traceback.
     for path in run_dir.glob("checkpoint_*/state.pt"):
         path.write_bytes(b"not a checkpoint")
-    broken = subprocess.run(train_cmd(*common, "schedule.epochs=5", no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    broken = subprocess.run(
+        train_cmd(*common, "schedule.epochs=5", no_ray=True),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert broken.returncode == 1
     assert "none of the checkpoints of run 'trunc' can be read" in broken.stderr
     assert "Traceback" not in broken.stderr
@@ -179,6 +243,9 @@ def test_checkpoint_key_mismatch_lists_keys(tmp_path):
     from pipeline.config import ModelConfig
     from pipeline.models import build_model
 
-    state = {"model": build_model(ModelConfig(name="resnet18", num_classes=4)).state_dict(), "config": {"model": {"name": "resnet18"}}}
+    state = {
+        "model": build_model(ModelConfig(name="resnet18", num_classes=4)).state_dict(),
+        "config": {"model": {"name": "resnet18"}},
+    }
     with pytest.raises(ckpt.CheckpointError, match=r"missing keys: \[.*layer4.2.*\]|unexpected keys: \[.*\]"):
         ckpt.restore_model(state, build_model(ModelConfig(name="resnet34", num_classes=4)))

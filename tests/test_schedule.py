@@ -8,7 +8,8 @@ from pipeline.config import load_config
 from pipeline.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
 
 
-def lr_at(cfg, it, ipe=391, state=ScheduleState(), base=0.1):
+def lr_at(cfg, it, ipe=391, state=None, base=0.1):
+    state = state or ScheduleState()
     return learning_rate(cfg.schedule, base_lr=base, it=it, iters_per_epoch=ipe, state=state)
 
 
@@ -25,7 +26,10 @@ def test_cifar_step_schedule_matches_the_paper():
 def test_cifar_training_ends_at_64k():
     from pipeline.config import derive
 
-    cfg = load_config(None, ["optim.batch_size=128", "optim.scale_lr=false", "schedule.epochs=1000", "schedule.max_iters=64000"])
+    cfg = load_config(
+        None,
+        ["optim.batch_size=128", "optim.scale_lr=false", "schedule.epochs=1000", "schedule.max_iters=64000"],
+    )
     assert derive(cfg, 50_000).total_iters == 64_000
 
 
@@ -39,7 +43,9 @@ def test_imagenet_epoch_milestones():
 
 
 def test_linear_warmup_ramps_then_hands_over():
-    cfg = load_config(None, ["schedule.warmup_epochs=5", "schedule.warmup_lr=0.0", "schedule.milestones=[30]"])
+    cfg = load_config(
+        None, ["schedule.warmup_epochs=5", "schedule.warmup_lr=0.0", "schedule.milestones=[30]"]
+    )
     ipe = 100
     assert lr_at(cfg, 0, ipe, base=0.4) == 0.0
     assert lr_at(cfg, 250, ipe, base=0.4) == pytest.approx(0.2)
@@ -47,7 +53,9 @@ def test_linear_warmup_ramps_then_hands_over():
 
 
 def test_plateau_decisions_on_a_scripted_error_sequence():
-    cfg = load_config(None, ["schedule.kind=plateau", "schedule.plateau_patience=2", "schedule.plateau_threshold=0.5"])
+    cfg = load_config(
+        None, ["schedule.kind=plateau", "schedule.plateau_patience=2", "schedule.plateau_threshold=0.5"]
+    )
     state = ScheduleState()
     lrs = []
     # improves, improves, stalls (within threshold), stalls -> /10, improves, stalls, stalls -> /10
@@ -69,8 +77,12 @@ def test_plateau_respects_min_lr():
 def test_resnet110_warmup_rule():
     cfg = load_config(
         None,
-        ["schedule.warmup_until_train_err=80", "schedule.warmup_lr=0.01", "schedule.milestones=[32000, 48000]",
-         "schedule.milestone_unit=iter"],
+        [
+            "schedule.warmup_until_train_err=80",
+            "schedule.warmup_lr=0.01",
+            "schedule.milestones=[32000, 48000]",
+            "schedule.milestone_unit=iter",
+        ],
     )
     state = ScheduleState()
     assert lr_at(cfg, 0, state=state) == pytest.approx(0.01)

@@ -22,15 +22,29 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_single_process_engine_writes_run_dir(tiny_imagenet, tmp_path):
     from pipeline.engine import train_worker
 
-    cfg = load_config(None, tiny_overrides(tiny_imagenet, tmp_path, "solo") + ["cluster.num_workers=1", "schedule.epochs=2"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_imagenet, tmp_path, "solo") + ["cluster.num_workers=1", "schedule.epochs=2"]
+    )
     summary = train_worker(to_dict(cfg))
     run_dir = tmp_path / "solo"
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
-    for key in ("epoch", "step", "lr", "train/loss", "train/top1_err", "val/top1_err", "val/top5_err", "img_per_s", "data_wait_frac"):
+    for key in (
+        "epoch",
+        "step",
+        "lr",
+        "train/loss",
+        "train/top1_err",
+        "val/top1_err",
+        "val/top5_err",
+        "img_per_s",
+        "data_wait_frac",
+    ):
         assert key in records[-1], key
-    assert records[-1]["step"] == 2 * (64 // 16)
-    assert 0 <= records[-1]["val/top1_err"] <= 100 and records[-1]["val/top5_err"] == 0.0  # 4 classes: top-5 always hits
+    assert records[-1]["step"] == 2 * (128 // 16)
+    assert (
+        0 <= records[-1]["val/top1_err"] <= 100 and records[-1]["val/top5_err"] == 0.0
+    )  # 4 classes: top-5 always hits
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["eval_mode"] == "tencrop" and on_disk["val_images"] == 16
     assert on_disk["val_top1_err"] == pytest.approx(summary["val_top1_err"])
@@ -52,7 +66,7 @@ def test_two_worker_ray_train_run_learns_and_reports(tiny_imagenet, tmp_path, lo
     assert [r["epoch"] for r in records] == list(range(1, 7))
     losses = [r["train/loss"] for r in records]
     assert losses[-1] < losses[0], losses
-    assert records[-1]["step"] == 6 * (64 // 16)
+    assert records[-1]["step"] == 6 * (128 // 16)
     summary = json.loads((tmp_path / "ray2" / "summary.json").read_text())
     assert summary["val_images"] == 16  # every val image scored once across the 2 workers
 
@@ -62,7 +76,10 @@ def test_cli_rejects_bad_layout_before_ray(tmp_path):
     (tmp_path / "val" / "cls").mkdir(parents=True)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "--config", "configs/demo.yaml", f"data.root={tmp_path}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "cls" in proc.stderr and "Ray" not in proc.stdout
