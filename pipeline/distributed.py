@@ -130,16 +130,40 @@ def local_checkpoints(location: str) -> list[Path]:
     )
 
 
+def remote_checkpoints(location: str) -> list[Path]:
+    """This run's checkpoints under a URI (``s3://``, ``gs://``), newest first, fetched to local folders."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(location)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = sorted(
+        (
+            i.base_name
+            for i in infos
+            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+        ),
+        reverse=True,
+    )
+    fetched = []
+    for name in names:
+        local = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        pyarrow.fs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs)
+        fetched.append(local)
+    return fetched
+
+
 def checkpoint_candidates(ctx: DistContext, location: str) -> list[Path]:
     """Checkpoints to resume from, newest first: Ray's latest (after a restart or a re-run of the
     same name), then the older ones kept beside it, so a truncated latest can fall back."""
+    if "://" in location:  # Ray's latest lives in the same storage folder as the older ones
+        return remote_checkpoints(location)
     found: list[Path] = []
     if ctx.under_ray:
         import ray.train
 
         latest = ray.train.get_checkpoint()
         if latest is not None:
-            found.append(Path(latest.to_directory()) if "://" in latest.path else Path(latest.path))
+            found.append(Path(latest.path))
     for path in local_checkpoints(location):
         if path.name not in {p.name for p in found}:
             found.append(path)
@@ -169,6 +193,14 @@ def report_epoch(
                 save(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.is_main else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    elif ctx.is_main and "://" in location:
+        import pyarrow.fs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            fs, root = pyarrow.fs.FileSystem.from_uri(f"{location.rstrip('/')}/{name}")
+            fs.create_dir(root, recursive=True)
+            pyarrow.fs.copy_files(tmp, root, destination_filesystem=fs)
     elif ctx.is_main:
         target = Path(location) / name
         save(target)

@@ -486,6 +486,11 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "run_dir": location,
     }
     if ctx.is_main:
+        print(
+            f"final ({final_mode}, {final['val/images']} images): val top-1 err {summary['val_top1_err']:.2f}% "
+            f"top-5 err {summary['val_top5_err']:.2f}% | checkpoint {last_ckpt} | run dir {location}",
+            flush=True,
+        )
         rundir.write_summary(summary)
         tracker.summary(
             {

@@ -48,7 +48,9 @@ class RunDir:
     def __init__(self, location: str):
         self.location = location
         if is_uri(location):
-            self.local = Path(tempfile.gettempdir()) / "pipeline-staging" / location.split("://", 1)[1]
+            self.local = (
+                Path(tempfile.gettempdir()) / "pipeline-staging" / location.split("://", 1)[1].lstrip("/")
+            )
         else:
             self.local = Path(location)
         self.local.mkdir(parents=True, exist_ok=True)

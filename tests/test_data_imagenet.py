@@ -399,3 +399,23 @@ def test_paper_crop_covers_the_scaled_window(tmp_path):
     assert span.max() - span.min() > 0.5 * (hi - lo)  # the scale really is random
     flipped = (red[:, :, -1] < red[:, :, 0]).all(1)
     assert 4 < flipped.sum() < 28
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_decode_failure_names_the_file(train_images, tmp_path, split):
+    bad = tmp_path / "bad.JPEG"
+    bad.write_bytes(b"this is not a jpeg")
+    files = train_images[:5] + [str(bad)] + train_images[5:10]
+    index = _index(files)
+    if split == "train":
+        loader = build_train_loader(
+            index, CFG, global_batch=4, shard_id=0, num_shards=1, device_id=None, seed=0, num_threads=1
+        )
+    else:
+        loader = build_val_loader(
+            index, CFG, mode="center", scales=(64,), batch_size=4, shard_id=0, num_shards=1, device_id=None,
+            num_threads=1,
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"cannot decode .*bad\.JPEG .*data verify"):
+        for _ in loader.epoch(0):
+            pass

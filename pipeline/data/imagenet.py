@@ -280,26 +280,57 @@ def _labels(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
     return raw.reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
 
 
-def _dense_batches(pipe: Any, num_samples: int, device: torch.device, channels_last: bool) -> Iterator[tuple]:
-    """Iterate one pass over a pipeline with dense outputs; only the ``num_samples`` real samples."""
+def _culprits(files: list[str], start: int, window: int) -> list[str]:
+    """The files that do not decode among ``files[start:start + window]`` (DALI does not say which)."""
+    from pipeline.data.tools import check_image
+
+    found = []
+    for path in files[start : start + window]:
+        problem = check_image(path)
+        if problem is not None:
+            found.append(f"{path} ({problem[1]})")
+    return found
+
+
+def _decode_error(pipe: Any, files: list[str], seen: int, error: RuntimeError) -> RuntimeError:
+    """``error`` re-worded to name the files that do not decode, when they can be found.
+
+    DALI does not say which file failed; the failing batch is at most the prefetch depth ahead
+    of the last one delivered, so only that window of files is checked.
+    """
+    bad = _culprits(files, seen, pipe.max_batch_size * (pipe.prefetch_queue_depth + 2))
+    if not bad:
+        return error
+    return RuntimeError(
+        f"cannot decode {', '.join(bad)}; run `python -m pipeline data verify <root> --fix` "
+        "to repair or quarantine such files"
+    )
+
+
+def _dense_batches(pipe: Any, files: list[str], device: torch.device, channels_last: bool) -> Iterator[tuple]:
+    """Iterate one pass over a pipeline with dense outputs; only the real samples of ``files``."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    it = DALIGenericIterator(
-        pipe,
-        ["images", "labels"],
-        reader_name=READER,
-        last_batch_policy=LastBatchPolicy.PARTIAL,
-        auto_reset=False,
-    )
     seen = 0
+    it = None
     try:
+        # The iterator prefetches on construction, so a bad file can fail here already.
+        it = DALIGenericIterator(
+            pipe,
+            ["images", "labels"],
+            reader_name=READER,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            auto_reset=False,
+        )
         for batch in it:
             images, labels = batch[0]["images"], batch[0]["labels"]
-            n = min(labels.shape[0], num_samples - seen)  # belt and braces: never yield a padded sample
+            n = min(labels.shape[0], len(files) - seen)  # belt and braces: never yield a padded sample
             if n <= 0:
                 break
             seen += n
             yield images[:n], _labels(labels[:n], device)
+    except RuntimeError as e:
+        raise _decode_error(pipe, files, seen, e) from e
     finally:
         del it
 
@@ -390,7 +421,7 @@ def build_train_loader(
             half=half,
         )
         try:
-            for images, lab in _dense_batches(pipe, len(order), device, channels_last):
+            for images, lab in _dense_batches(pipe, files[order].tolist(), device, channels_last):
                 yield _nchw(images, channels_last), lab
         finally:
             del pipe
@@ -468,7 +499,7 @@ def build_val_loader(
             if mode == "multiscale":
                 yield from _multiscale_batches(pipe, len(files), batch_size, device, channels_last)
                 return
-            for images, lab in _dense_batches(pipe, len(files), device, channels_last):
+            for images, lab in _dense_batches(pipe, files, device, channels_last):
                 if mode == "tencrop":
                     # [B, 10, ...] -> [B*10, ...]: rows 10i..10i+9 are sample i's crops.
                     images = images.reshape(images.shape[0] * NUM_TEN_CROPS, *images.shape[2:])
