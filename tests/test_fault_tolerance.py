@@ -42,6 +42,15 @@ def train_cmd(*overrides: str, no_ray: bool = False) -> list[str]:
     ]
 
 
+def train(
+    *overrides: str, no_ray: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline train`` to completion and capture its output."""
+    return subprocess.run(
+        train_cmd(*overrides, no_ray=no_ray), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 def env_with_marker(marker: str) -> dict[str, str]:
     return {**os.environ, "PIPELINE_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"}
 
@@ -111,14 +120,7 @@ def test_sigkilled_worker_is_restarted_from_checkpoint(tiny_imagenet, tmp_path):
     assert summary["epochs"] == 5 and summary["steps"] == 5 * 8
 
     # Starting the same run (same name and storage) again continues from its latest checkpoint.
-    again = subprocess.run(
-        train_cmd(*overrides[:-2], "schedule.epochs=6"),
-        cwd=ROOT,
-        env=env_with_marker(marker),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    again = train(*overrides[:-2], "schedule.epochs=6", env=env_with_marker(marker))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "restored from checkpoint" in again.stdout and "epoch 5, step 40" in again.stdout
     assert epochs_in(metrics) == [1, 2, 3, 4, 5, 6]
@@ -137,13 +139,7 @@ def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_ima
         "schedule.milestones=[2]",
     ]
     # The uninterrupted reference.
-    ref = subprocess.run(
-        train_cmd("name=straight", *common, no_ray=True),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    ref = train("name=straight", *common, no_ray=True)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     # The same run, stopped (SIGTERM) once epoch 2's checkpoint exists, then started again.
@@ -162,11 +158,12 @@ def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_ima
     finally:
         if proc.poll() is None:
             proc.kill()
-    stopped_at = max(epochs_in(tmp_path / "stopped" / "metrics.jsonl"))
-    assert stopped_at < 4, "the run finished before it could be stopped"
-    resumed = subprocess.run(
-        train_cmd("name=stopped", *common, no_ray=True), cwd=ROOT, capture_output=True, text=True, timeout=600
+    # The newest complete checkpoint is where the restart must pick up.
+    stopped_at = max(
+        int(p.parent.name[-4:]) for p in (tmp_path / "stopped").glob("checkpoint_epoch*/state.pt")
     )
+    assert stopped_at < 4, "the run finished before it could be stopped"
+    resumed = train("name=stopped", *common, no_ray=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"epoch {stopped_at}, step {stopped_at * 8}" in resumed.stdout
 
@@ -190,13 +187,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tiny_imagenet, tmp_p
         "cluster.num_workers=1",
         "checkpoint.num_to_keep=2",
     ]
-    first = subprocess.run(
-        train_cmd(*common, "schedule.epochs=3", no_ray=True),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    first = train(*common, "schedule.epochs=3", no_ray=True)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "trunc"
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [
@@ -206,13 +197,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tiny_imagenet, tmp_p
     state = run_dir / "checkpoint_epoch0003" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])
 
-    again = subprocess.run(
-        train_cmd(*common, "schedule.epochs=4", no_ray=True),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = train(*common, "schedule.epochs=4", no_ray=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipping unusable checkpoint" in again.stdout and "truncated or corrupt" in again.stdout
     assert "epoch 2, step 16" in again.stdout
@@ -221,13 +206,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tiny_imagenet, tmp_p
     # With every checkpoint unreadable: a clear message and exit code 1, no torch traceback.
     for path in run_dir.glob("checkpoint_*/state.pt"):
         path.write_bytes(b"not a checkpoint")
-    broken = subprocess.run(
-        train_cmd(*common, "schedule.epochs=5", no_ray=True),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    broken = train(*common, "schedule.epochs=5", no_ray=True)
     assert broken.returncode == 1
     assert "none of the checkpoints of run 'trunc' can be read" in broken.stderr
     assert "Traceback" not in broken.stderr
@@ -260,25 +239,13 @@ def test_uri_storage_holds_run_files_and_resumes(tiny_imagenet, tmp_path):
         "cluster.num_workers=1",
         "eval.final_mode=center",
     ]
-    first = subprocess.run(
-        train_cmd(*common, "schedule.epochs=2", no_ray=True),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    first = train(*common, "schedule.epochs=2", no_ray=True)
     assert first.returncode == 0, first.stderr[-3000:]
     run = store / "remote"
     assert (run / "checkpoint_epoch0002" / "state.pt").is_file()
     assert epochs_in(run / "metrics.jsonl") == [1, 2]
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
-    again = subprocess.run(
-        train_cmd(*common, "schedule.epochs=3", no_ray=True),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = train(*common, "schedule.epochs=3", no_ray=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 2, step 16" in again.stdout
     assert epochs_in(run / "metrics.jsonl") == [1, 2, 3]
