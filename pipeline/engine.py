@@ -158,7 +158,10 @@ def build_model_for(cfg: Config, ctx: DistContext, num_classes: int) -> tuple[nn
         if ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif ctx.is_main:  # PyTorch's SyncBatchNorm runs on GPUs only
-            print("warning: precision.sync_bn is ignored on CPU workers; BN statistics stay per worker", flush=True)
+            print(
+                "warning: precision.sync_bn is ignored on CPU workers; BN statistics stay per worker",
+                flush=True,
+            )
     model = model.to(ctx.device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
