@@ -363,6 +363,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"eval.batch_size ({eval_batch}) must divide evenly over cluster.num_workers ({cfg.cluster.num_workers})"
         )
+    if cfg.data.dataset == "cifar10":
+        for key, mode in (("eval.mode", cfg.eval.mode), ("eval.final_mode", cfg.eval.final_mode)):
+            if mode not in (None, "center"):
+                raise ConfigError(
+                    f"{key}: {mode!r} is for ImageNet; CIFAR-10 is scored on whole 32x32 images, use center"
+                )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty run name without '/', got {cfg.name!r}")
 

@@ -160,3 +160,9 @@ def test_cli_exits_2_on_missing_data_dir(tmp_path):
     proc = run_cli("train", "--config", "configs/demo.yaml", f"data.root={tmp_path / 'missing'}")
     assert proc.returncode == 2
     assert str(tmp_path / "missing") in proc.stderr
+
+
+def test_cifar_is_scored_on_whole_images():
+    with pytest.raises(ConfigError, match=r"eval.final_mode: 'tencrop' is for ImageNet"):
+        load_config(None, ["data.dataset=cifar10", "eval.final_mode=tencrop"])
+    assert load_config(None, ["data.dataset=cifar10", "eval.final_mode=center"]).eval.final_mode == "center"
