@@ -304,6 +304,28 @@ class _Printer:
             flush=True,
         )
 
+    def epoch(self, metrics: dict[str, float]) -> None:
+        nan = float("nan")
+        print(
+            f"epoch {metrics['epoch']}/{self.run.derived.epochs} done: train loss {metrics['train/loss']:.4f} "
+            f"top1 err {metrics['train/top1_err']:.2f}% | val top1 err {metrics.get('val/top1_err', nan):.2f}% "
+            f"top5 err {metrics.get('val/top5_err', nan):.2f}% | lr {metrics['lr']:.5g} "
+            f"| {metrics['img_per_s']:.1f} img/s | {metrics['epoch_time_s']:.1f}s",
+            flush=True,
+        )
+
+
+def validate(run: Run, model: nn.Module, batches: Any, mode: str) -> dict[str, float]:
+    """``evaluate`` with the run's device and precision settings."""
+    return evaluate(
+        model,
+        batches,
+        mode=mode,
+        device=run.ctx.device,
+        amp=run.cfg.precision.amp,
+        channels_last=run.cfg.precision.channels_last,
+    )
+
 
 def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) -> str:
     """The derived values printed at start (and saved in config.yaml under ``derived``)."""
@@ -424,14 +446,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         img_per_s.append(train_metrics["img_per_s"])
         metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
         if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == derived.epochs:
-            val = evaluate(
-                unwrap(run.model),
-                val_loader.epoch(epoch),
-                mode=cfg.eval.mode,
-                device=ctx.device,
-                amp=cfg.precision.amp,
-                channels_last=cfg.precision.channels_last,
-            )
+            val = validate(run, unwrap(run.model), val_loader.epoch(epoch), cfg.eval.mode)
             metrics.update({k: v for k, v in val.items() if k != "val/images"})
             new_schedule = plateau_update(
                 cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=derived.lr
@@ -443,13 +458,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             )
         progress = dataclasses.replace(progress, epoch=epoch + 1)
         if ctx.is_main:
-            print(
-                f"epoch {epoch + 1}/{derived.epochs} done: train loss {metrics['train/loss']:.4f} "
-                f"top1 err {metrics['train/top1_err']:.2f}% | val top1 err {metrics.get('val/top1_err', float('nan')):.2f}% "
-                f"top5 err {metrics.get('val/top5_err', float('nan')):.2f}% | lr {metrics['lr']:.5g} "
-                f"| {metrics['img_per_s']:.1f} img/s | {metrics['epoch_time_s']:.1f}s",
-                flush=True,
-            )
+            printer.epoch(metrics)
             rundir.append_metrics(metrics)
             tracker.log(metrics, step=progress.step)
         last_val = {k: v for k, v in metrics.items() if k.startswith("val/")} or last_val
@@ -466,14 +475,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         )
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
-    final = evaluate(
-        plain,
-        data.make_val(final_mode).epoch(0),
-        mode=final_mode,
-        device=ctx.device,
-        amp=cfg.precision.amp,
-        channels_last=cfg.precision.channels_last,
-    )
+    final = validate(run, plain, data.make_val(final_mode).epoch(0), final_mode)
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,
