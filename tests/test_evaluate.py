@@ -55,29 +55,36 @@ def test_tencrop_averages_softmax_over_crops():
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("mode", list(MODES))
-def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray, mode):
-    from pipeline.evaluate_cli import _ray_eval_worker, eval_worker
+def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray):
+    """For every mode, 2 Ray workers (each scoring its shard) give exactly the 1-process counts."""
+    from pipeline.evaluate_cli import eval_worker
     from pipeline.launch import run_on_ray
 
     overrides, checkpoint = trained
-    single = eval_worker(
-        to_dict(load_config(None, overrides + ["cluster.num_workers=1", f"eval.mode={mode}", *MODES[mode]])),
-        str(checkpoint),
-        str(tmp_path / "one.json"),
-    )
-    cfg = load_config(None, overrides + ["cluster.num_workers=2", f"eval.mode={mode}", *MODES[mode]])
+
+    def mode_config(mode: str, workers: int) -> dict:
+        return to_dict(
+            load_config(
+                None, overrides + [f"cluster.num_workers={workers}", f"eval.mode={mode}", *MODES[mode]]
+            )
+        )
+
+    def all_modes_worker(loop_config: dict) -> None:  # pickled by value: one Ray run scores every mode
+        for mode in MODES:
+            eval_worker(
+                mode_config(mode, 2), str(checkpoint), str(tmp_path / f"two-{mode}.json"), under_ray=True
+            )
+
     run_on_ray(
-        cfg,
-        worker=_ray_eval_worker,
-        extra={"checkpoint": str(checkpoint), "out": str(tmp_path / "two.json")},
-        name=f"eval-{mode}",
+        load_config(None, overrides + ["cluster.num_workers=2"]), worker=all_modes_worker, name="eval-modes"
     )
-    double = json.loads((tmp_path / "two.json").read_text())
-    assert double["world_size"] == 2 and single["world_size"] == 1
-    assert double["images"] == single["images"] == 16
-    assert double["top1_err"] == single["top1_err"]
-    assert double["top5_err"] == single["top5_err"]
+    for mode in MODES:
+        single = eval_worker(mode_config(mode, 1), str(checkpoint), str(tmp_path / f"one-{mode}.json"))
+        double = json.loads((tmp_path / f"two-{mode}.json").read_text())
+        assert double["world_size"] == 2 and single["world_size"] == 1, mode
+        assert double["images"] == single["images"] == 16, mode
+        assert double["top1_err"] == single["top1_err"], mode
+        assert double["top5_err"] == single["top5_err"], mode
 
 
 def test_eval_command_writes_json(trained, tmp_path):
