@@ -373,7 +373,7 @@ def bench_variant(
                 paired_ratio(evals["ours"], evals["torchvision"]) if "torchvision" in evals else None
             )
             row["eval_timing"] = evals
-    except Exception as e:  # noqa: BLE001 - one variant failing (compile, OOM) must not lose the others
+    except Exception as e:  # one variant failing (compile, OOM) must not lose the others
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
     finally:
         del models

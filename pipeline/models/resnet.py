@@ -117,7 +117,7 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
-            out = out + self.shortcut(x)
+            out += self.shortcut(x)  # in place, as torchvision: no extra activation-sized buffer per block
         return self.relu(out)  # the paper's ReLU comes after the addition
 
     def last_bn(self) -> nn.BatchNorm2d:
@@ -160,7 +160,7 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.shortcut is not None:
-            out = out + self.shortcut(x)
+            out += self.shortcut(x)  # in place, as torchvision: no extra activation-sized buffer per block
         return self.relu(out)
 
     def last_bn(self) -> nn.BatchNorm2d:
