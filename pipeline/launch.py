@@ -107,7 +107,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     train_worker(loop_config["config"], under_ray=True)
 
 
-def _quiet_ray_env() -> None:
+def quiet_ray_env() -> None:
     """Turn Ray's own console noise down where it has a switch (before ray is imported)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -132,7 +132,7 @@ def run_on_ray(
         extra: more entries for the worker's loop config.
         name: the Ray Train run name (default ``cfg.name``, which is what resume keys on).
     """
-    _quiet_ray_env()
+    quiet_ray_env()
     import logging
 
     import ray

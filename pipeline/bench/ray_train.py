@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -205,16 +204,6 @@ def run_trainer(config: dict[str, Any], workers: int, storage: str, t0: float) -
     }
 
 
-def _quiet_ray_env() -> None:
-    # As pipeline.launch does, before ray is imported: Ray Train V2, no print re-routing (it
-    # echoes every line twice), no usage stats.
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench ray`` options.
 
@@ -241,7 +230,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info()
     plain = run_plain(config)
 
-    _quiet_ray_env()
+    from pipeline.launch import quiet_ray_env  # the training launcher's settings, so both measure the same
+
+    quiet_ray_env()
     t0 = time.time()
     import logging
 
