@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_pipeline
 
 from pipeline.config import ConfigError, derive, dump_yaml, load_config, parse_overrides, to_dict
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, text: str) -> Path:
@@ -143,21 +140,15 @@ def test_batch_larger_than_dataset_is_an_error():
         derive(load_config(None), num_train_images=100)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
-
-
 def test_cli_exits_2_before_ray_on_config_typo():
-    proc = run_cli("train", "--config", "configs/demo.yaml", "optim.lrr=0.1")
+    proc = run_pipeline("train", "--config", "configs/demo.yaml", "optim.lrr=0.1")
     assert proc.returncode == 2
     assert "did you mean 'optim.lr'" in proc.stderr
     assert "Ray" not in proc.stdout
 
 
 def test_cli_exits_2_on_missing_data_dir(tmp_path):
-    proc = run_cli("train", "--config", "configs/demo.yaml", f"data.root={tmp_path / 'missing'}")
+    proc = run_pipeline("train", "--config", "configs/demo.yaml", f"data.root={tmp_path / 'missing'}")
     assert proc.returncode == 2
     assert str(tmp_path / "missing") in proc.stderr
 

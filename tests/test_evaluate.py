@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import run_pipeline, tiny_overrides
 
 from pipeline.config import load_config, to_dict
 from pipeline.evaluate import evaluate, topk_correct
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = {
     "center": [],
     "tencrop": [],
@@ -90,48 +87,31 @@ def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray):
 def test_eval_command_writes_json(trained, tmp_path):
     overrides, checkpoint = trained
     out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "eval",
-            "--config",
-            "configs/demo.yaml",
-            "--checkpoint",
-            str(checkpoint),
-            "--no-ray",
-            "--out",
-            str(out),
-            *overrides,
-            "cluster.num_workers=1",
-            "eval.mode=tencrop",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_pipeline(
+        "eval",
+        "--config",
+        "configs/demo.yaml",
+        "--checkpoint",
+        str(checkpoint),
+        "--no-ray",
+        "--out",
+        str(out),
+        *overrides,
+        "cluster.num_workers=1",
+        "eval.mode=tencrop",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["eval_mode"] == "tencrop" and record["images"] == 16
     assert 0 <= record["top1_err"] <= 100 and record["top5_err"] == 0.0
 
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "eval",
-            "--config",
-            "configs/demo.yaml",
-            "--checkpoint",
-            str(tmp_path),
-            *overrides,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    bad = run_pipeline(
+        "eval",
+        "--config",
+        "configs/demo.yaml",
+        "--checkpoint",
+        str(tmp_path),
+        *overrides,
         timeout=120,
     )
     assert bad.returncode == 2 and "no checkpoint state here" in bad.stderr
@@ -159,25 +139,16 @@ def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--config",
-            "configs/demo.yaml",
-            "--no-ray",
-            *tiny_overrides(tiny_imagenet, tmp_path, "nan"),
-            "cluster.num_workers=1",
-            "optim.lr=1e12",
-            "model.zero_init_residual=false",
-            "schedule.epochs=3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_pipeline(
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        "--no-ray",
+        *tiny_overrides(tiny_imagenet, tmp_path, "nan"),
+        "cluster.num_workers=1",
+        "optim.lr=1e12",
+        "model.zero_init_residual=false",
+        "schedule.epochs=3",
     )
     assert proc.returncode == 1
     assert re.search(r"non-finite loss \(nan\) at epoch 0 step \d+ with lr [0-9.]+e\+1[12]", proc.stderr), (
