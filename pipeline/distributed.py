@@ -1,4 +1,4 @@
-"""Who am I, where do I run, and how do ranks agree: the one place that knows about Ray Train.
+"""Who am I, where do I run, and how do ranks agree: the one place that reads Ray Train's context.
 
 The engine asks this module for a ``DistContext`` and never reads rank environment
 variables itself. Three ways to run, one code path:
@@ -13,11 +13,7 @@ variables itself. Three ways to run, one code path:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,98 +109,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if inner is None:
             return model
         model = inner
-
-
-# ---------------------------------------------------------------- reporting and checkpoints
-
-CHECKPOINT_PREFIX = "checkpoint_"
-
-
-def local_checkpoints(location: str) -> list[Path]:
-    """This run's checkpoint folders on a local filesystem, newest first (by name: epoch-numbered)."""
-    root = Path(location)
-    if "://" in location or not root.is_dir():
-        return []
-    return sorted(
-        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)), reverse=True
-    )
-
-
-def remote_checkpoints(location: str) -> list[Path]:
-    """This run's checkpoints under a URI (``s3://``, ``gs://``), newest first, fetched to local folders."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(location)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    names = sorted(
-        (
-            i.base_name
-            for i in infos
-            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
-        ),
-        reverse=True,
-    )
-    fetched = []
-    for name in names:
-        local = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-        pyarrow.fs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs)
-        fetched.append(local)
-    return fetched
-
-
-def checkpoint_candidates(ctx: DistContext, location: str) -> list[Path]:
-    """Checkpoints to resume from, newest first: Ray's latest (after a restart or a re-run of the
-    same name), then the older ones kept beside it, so a truncated latest can fall back."""
-    if "://" in location:  # Ray's latest lives in the same storage folder as the older ones
-        return remote_checkpoints(location)
-    found: list[Path] = []
-    if ctx.under_ray:
-        import ray.train
-
-        latest = ray.train.get_checkpoint()
-        if latest is not None:
-            found.append(Path(latest.path))
-    for path in local_checkpoints(location):
-        if path.name not in {p.name for p in found}:
-            found.append(path)
-    return found
-
-
-def report_epoch(
-    ctx: DistContext,
-    metrics: dict[str, Any],
-    name: str,
-    location: str,
-    save: Callable[[Path], Any],
-    num_to_keep: int,
-) -> str:
-    """Persist a checkpoint written by ``save(directory)`` on rank 0 and report the metrics.
-
-    Under Ray every rank calls ``ray.train.report`` (it is a barrier); rank 0 hands over the
-    checkpoint and Ray copies it to ``<storage>/<name>/<checkpoint name>``, keeping
-    ``num_to_keep`` as its ``CheckpointConfig`` says. Without Ray, rank 0 writes it there
-    itself and prunes the oldest.
-    """
-    if ctx.under_ray:
-        import ray.train
-
-        with tempfile.TemporaryDirectory() as tmp:
-            if ctx.is_main:
-                save(Path(tmp))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.is_main else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-    elif ctx.is_main and "://" in location:
-        import pyarrow.fs
-
-        with tempfile.TemporaryDirectory() as tmp:
-            save(Path(tmp))
-            fs, root = pyarrow.fs.FileSystem.from_uri(f"{location.rstrip('/')}/{name}")
-            fs.create_dir(root, recursive=True)
-            pyarrow.fs.copy_files(tmp, root, destination_filesystem=fs)
-    elif ctx.is_main:
-        target = Path(location) / name
-        save(target)
-        for old in local_checkpoints(location)[max(num_to_keep, 1) :]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return f"{location.rstrip('/')}/{name}"

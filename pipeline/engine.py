@@ -1,12 +1,13 @@
-"""The training loop every worker runs: data -> model -> optimizer and schedule -> resume -> epochs.
+"""The training loop every worker runs: setup -> resume -> epochs -> final evaluation.
 
     from pipeline.engine import train_worker
     train_worker(to_dict(load_config("configs/demo.yaml")))      # one process, no Ray
 
 ``pipeline.launch`` runs the same function on every Ray Train worker (``under_ray=True``);
-under ``torchrun`` it forms its own process group. ``train_one_epoch`` and ``evaluate``
-return metric dicts; ``train_worker`` decides where they go (stdout, ``metrics.jsonl``,
-W&B, ``ray.train.report``).
+under ``torchrun`` it forms its own process group. Setup (data, model, optimizer) is
+``pipeline.worker``'s; this module only steps. ``train_one_epoch`` and ``evaluate`` return
+metric dicts; ``train_worker`` decides where they go (stdout, ``metrics.jsonl``, W&B,
+``ray.train.report``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,147 +27,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, ConfigError, Derived, config_from_dict, derive, to_dict
-from pipeline.distributed import (
-    DistContext,
-    all_reduce_sum,
-    barrier,
-    checkpoint_candidates,
-    init_context,
-    report_epoch,
-    unwrap,
-    wrap_model,
-)
-from pipeline.evaluate import autocast, evaluate, topk_correct
-from pipeline.rundir import RunDir, run_location
+from pipeline.config import Config, Derived, config_changes, config_from_dict, requested_gpu, to_dict
+from pipeline.distributed import all_reduce_sum, barrier, init_context
+from pipeline.evaluate import evaluate, topk_correct
+from pipeline.precision import autocast
+from pipeline.rundir import RunDir
 from pipeline.schedule import learning_rate, plateau_update, warmup_update
+from pipeline.storage import checkpoint_candidates, report_epoch, run_location
+from pipeline.worker import Run, setup_run
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
 
 
-@dataclass
-class Data:
-    """This rank's loaders and what the run needs to know about the dataset."""
+@dataclass(frozen=True)
+class LogDue:
+    """What a step's metrics go to: the console line, the tracker, or both."""
 
-    train: Any  # a Loader: len() batches per epoch, .epoch(e) yields (images, labels)
-    num_train: int
-    num_classes: int
-    make_val: Callable[[str], Any]  # eval mode -> a Loader over this rank's validation shard
+    console: bool
+    tracker: bool
 
 
-@dataclass
-class Run:
-    """The live objects of one worker's run; the config stays frozen, state lives here."""
-
-    cfg: Config
-    ctx: DistContext
-    derived: Derived
-    data: Data
-    model: nn.Module  # wrapped (DDP / compiled) for training
-    optimizer: torch.optim.SGD
-    scaler: torch.amp.GradScaler
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def worker_threads(cfg: Config) -> int:
-    """DALI threads per worker: the configured number, else the CPUs Ray reserves for the worker."""
-    if cfg.data.num_threads > 0:
-        return cfg.data.num_threads
-    return max(1, min(int(cfg.cluster.cpus_per_worker), os.cpu_count() or 1))
-
-
-def build_data(cfg: Config, ctx: DistContext, eval_batch: int) -> Data:
-    """The train loader and a factory of val loaders, sharded by world rank."""
-    if cfg.data.dataset == "cifar10":
-        from pipeline.data.cifar import build_cifar_loaders
-
-        train, val, num_train = build_cifar_loaders(
-            cfg.data.root,
-            cfg.data,
-            global_batch=cfg.optim.batch_size,
-            shard_id=ctx.rank,
-            num_shards=ctx.world_size,
-            device=ctx.device,
-            seed=cfg.seed,
-            eval_batch_size=eval_batch,
-        )
-        return Data(train=train, num_train=num_train, num_classes=10, make_val=lambda mode: val)
-
-    from pipeline.data.imagenet import build_train_loader, build_val_loader
-    from pipeline.data.layout import scan_imagenet
-
-    index = scan_imagenet(cfg.data.root)
-    common = dict(
-        shard_id=ctx.rank,
-        num_shards=ctx.world_size,
-        device_id=ctx.device_id,
-        num_threads=worker_threads(cfg),
-        channels_last=cfg.precision.channels_last,
-        half=cfg.precision.amp == "fp16",
+def log_due(cfg: Config, step: int, last_of_epoch: bool) -> LogDue | None:
+    """Whether step ``step`` (just completed) is logged, and where; None when it is not."""
+    due = LogDue(
+        console=step % cfg.log_every_n_steps == 0 or last_of_epoch,
+        tracker=step % cfg.tracking.log_every_n_steps == 0,
     )
-    train = build_train_loader(index, cfg.data, global_batch=cfg.optim.batch_size, seed=cfg.seed, **common)
-
-    def make_val(mode: str) -> Any:
-        return build_val_loader(
-            index, cfg.data, mode=mode, scales=cfg.eval.scales, batch_size=eval_batch, **common
-        )
-
-    return Data(
-        train=train, num_train=len(index.train_files), num_classes=index.num_classes, make_val=make_val
-    )
-
-
-def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> list[dict[str, Any]]:
-    """SGD groups: weight decay on everything (the paper), or not on BN and bias parameters.
-
-    BN parameters are found by module type, biases as the ``bias`` of their module, so a
-    layer called ``bn_like_conv`` is never mistaken for a norm layer.
-    """
-    if not no_wd_bn_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-        elif getattr(module, "bias", None) is not None and isinstance(module.bias, nn.Parameter):
-            no_decay.add(id(module.bias))
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
-    ]
-
-
-def build_model_for(cfg: Config, ctx: DistContext, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """(the plain module, the module to train: DDP-wrapped, channels_last, compiled as configured)."""
-    from pipeline.models import build_model
-
-    if num_classes > cfg.model.num_classes:
-        raise ConfigError(
-            f"model.num_classes ({cfg.model.num_classes}) is smaller than the dataset's {num_classes} classes; "
-            f"set model.num_classes={num_classes}"
-        )
-    model = build_model(cfg.model)
-    if cfg.precision.sync_bn and ctx.world_size > 1:
-        if ctx.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif ctx.is_main:  # PyTorch's SyncBatchNorm runs on GPUs only
-            print(
-                "warning: precision.sync_bn is ignored on CPU workers; BN statistics stay per worker",
-                flush=True,
-            )
-    model = model.to(ctx.device)
-    if cfg.precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    trained = wrap_model(model, ctx)
-    if cfg.precision.compile:
-        trained = torch.compile(trained)
-    return model, trained
+    return due if due.console or due.tracker else None
 
 
 def _reduce_counts(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
@@ -177,8 +62,11 @@ def _reduce_counts(values: list[torch.Tensor | float], device: torch.device) -> 
     ).tolist()
 
 
+StepCallback = Callable[[dict[str, float], int, LogDue], None]
+
+
 def train_one_epoch(
-    run: Run, epoch: int, progress: ckpt.TrainingProgress, on_steps: Callable[[dict[str, float], int], None]
+    run: Run, epoch: int, progress: ckpt.TrainingProgress, on_steps: StepCallback
 ) -> tuple[dict[str, float], ckpt.TrainingProgress]:
     """One pass over this rank's shard; returns epoch metrics (reduced over ranks) and the new progress.
 
@@ -186,8 +74,7 @@ def train_one_epoch(
         run: the live objects.
         epoch: 0-based epoch index.
         progress: step counter and schedule state at the start of the epoch.
-        on_steps: called on every rank with step metrics and the step, every ``log_every_n_steps``,
-            every ``tracking.log_every_n_steps`` and at the epoch's last step.
+        on_steps: called on every rank with step metrics, the step and where they go (``log_due``).
     """
     cfg, ctx, derived = run.cfg, run.ctx, run.derived
     run.model.train()
@@ -244,11 +131,8 @@ def train_one_epoch(
             hits, seen = _reduce_counts(list(window), device)
             state = warmup_update(cfg.schedule, state, 100.0 * (1 - hits / seen))
             window.zero_()
-        if (
-            step % cfg.log_every_n_steps == 0
-            or step % cfg.tracking.log_every_n_steps == 0
-            or i == steps_this_epoch - 1
-        ):
+        due = log_due(cfg, step, last_of_epoch=i == steps_this_epoch - 1)
+        if due is not None:
             elapsed = time.perf_counter() - tick
             done = i + 1
             img_per_s = done * cfg.optim.batch_size / max(time.perf_counter() - start, 1e-9)
@@ -260,6 +144,7 @@ def train_one_epoch(
                     "epoch": epoch + done / steps_this_epoch,
                 },
                 step,
+                due,
             )
             tick += elapsed
     wall = time.perf_counter() - start
@@ -338,18 +223,6 @@ def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) ->
     )
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two config dicts."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changes
-
-
 def _restore(run: Run, location: str) -> ckpt.TrainingProgress:
     """The progress to start from: this run's newest readable checkpoint, else ``resume_from``, else nothing.
 
@@ -366,7 +239,7 @@ def _restore(run: Run, location: str) -> ckpt.TrainingProgress:
             if run.ctx.is_main:
                 print(f"warning: skipping unusable checkpoint: {e}", flush=True)
             continue
-        progress = ckpt.restore(state, model=unwrap(run.model), optimizer=run.optimizer, scaler=run.scaler)
+        progress = ckpt.restore(state, model=run.plain, optimizer=run.optimizer, scaler=run.scaler)
         if run.ctx.is_main:
             print(
                 f"restored from checkpoint {source}: epoch {progress.epoch}, step {progress.step}", flush=True
@@ -394,24 +267,9 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
 
     cfg = config_from_dict(config)
     wall_start = time.perf_counter()
-    ctx = init_context(
-        under_ray, use_gpu=None if cfg.cluster.use_gpu == "auto" else cfg.cluster.use_gpu == "true"
-    )
-    seed_everything(cfg.seed + ctx.rank)
-    torch.backends.cudnn.benchmark = cfg.precision.cudnn_benchmark
-
-    eval_batch = (cfg.eval.batch_size or cfg.optim.batch_size) // ctx.world_size
-    data = build_data(cfg, ctx, eval_batch)
-    derived = derive(cfg, data.num_train, ctx.world_size)
-    plain, trained = build_model_for(cfg, ctx, data.num_classes)
-    optimizer = torch.optim.SGD(
-        param_groups(plain, cfg.optim.weight_decay, cfg.optim.no_wd_bn_bias),
-        lr=derived.lr,
-        momentum=cfg.optim.momentum,
-        nesterov=cfg.optim.nesterov,
-    )
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision.amp == "fp16")
-    run = Run(cfg, ctx, derived, data, trained, optimizer, scaler)
+    ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
+    run = setup_run(cfg, ctx)
+    derived, data = run.derived, run.data
     location = run_location(cfg.checkpoint.storage_path, cfg.name)
     progress = _restore(run, location)
     rundir = RunDir(location) if ctx.is_main else None
@@ -423,7 +281,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     tracker = Tracker.create(
         cfg.tracking,
         run_name=cfg.name,
-        run_dir=rundir.local if rundir else Path("."),
+        run_dir=rundir.local_dir if rundir else Path("."),
         config={**resolved, "derived": dataclasses.asdict(derived)},
         run_id=progress.wandb_run_id,
         is_main=ctx.is_main,
@@ -431,10 +289,10 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     progress = dataclasses.replace(progress, wandb_run_id=tracker.run_id)
     printer = _Printer(run)
 
-    def on_steps(metrics: dict[str, float], step: int) -> None:
-        if step % cfg.log_every_n_steps == 0 or metrics["epoch"] % 1 == 0:
+    def on_steps(metrics: dict[str, float], step: int, due: LogDue) -> None:
+        if due.console:
             printer.steps(metrics, step)
-        if step % cfg.tracking.log_every_n_steps == 0:
+        if due.tracker:
             tracker.log(metrics, step=step)
 
     val_loader = data.make_val(cfg.eval.mode)
@@ -446,7 +304,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         img_per_s.append(train_metrics["img_per_s"])
         metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
         if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == derived.epochs:
-            val = validate(run, unwrap(run.model), val_loader.epoch(epoch), cfg.eval.mode)
+            val = validate(run, run.plain, val_loader.epoch(epoch), cfg.eval.mode)
             metrics.update({k: v for k, v in val.items() if k != "val/images"})
             new_schedule = plateau_update(
                 cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=derived.lr
@@ -469,13 +327,18 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             f"checkpoint_epoch{epoch + 1:04d}",
             location,
             functools.partial(
-                ckpt.save, model=plain, optimizer=optimizer, scaler=scaler, progress=progress, config=resolved
+                ckpt.save,
+                model=run.plain,
+                optimizer=run.optimizer,
+                scaler=run.scaler,
+                progress=progress,
+                config=resolved,
             ),
             num_to_keep=cfg.checkpoint.num_to_keep,
         )
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
-    final = validate(run, plain, data.make_val(final_mode).epoch(0), final_mode)
+    final = validate(run, run.plain, data.make_val(final_mode).epoch(0), final_mode)
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,

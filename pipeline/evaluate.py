@@ -13,7 +13,6 @@ are summed across ranks, so any world size gives the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,14 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.distributed import all_reduce_sum
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Mixed precision context for ``precision.amp`` (``none`` | ``bf16`` | ``fp16``)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from pipeline.precision import autocast
 
 
 def topk_correct(

@@ -16,23 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, config_from_dict, load_config, to_dict
+from pipeline.config import ConfigError, config_from_dict, load_config, requested_gpu, to_dict
+from pipeline.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
 
 
 def eval_worker(config: dict[str, Any], checkpoint: str, out: str, under_ray: bool = False) -> dict[str, Any]:
     """Load ``checkpoint`` into the configured model and evaluate it in ``eval.mode`` on every rank."""
     from pipeline import checkpoint as ckpt
     from pipeline.distributed import init_context
-    from pipeline.engine import build_data, build_model_for
     from pipeline.evaluate import evaluate
+    from pipeline.worker import build_data, build_model_for
 
     cfg = config_from_dict(config)
-    ctx = init_context(
-        under_ray, use_gpu=None if cfg.cluster.use_gpu == "auto" else cfg.cluster.use_gpu == "true"
-    )
-    eval_batch = (cfg.eval.batch_size or cfg.optim.batch_size) // ctx.world_size
-    data = build_data(cfg, ctx, eval_batch)
-    model, _ = build_model_for(cfg, ctx, data.num_classes)
+    ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
+    data, _ = build_data(cfg, ctx)
+    model, _ = build_model_for(cfg, ctx)
     ckpt.restore_model(ckpt.read(Path(checkpoint)), model)
     start = time.perf_counter()
     result = evaluate(
@@ -62,8 +60,6 @@ def eval_worker(config: dict[str, Any], checkpoint: str, out: str, under_ray: bo
 
 
 def _ray_eval_worker(loop_config: dict[str, Any]) -> None:
-    from pipeline.launch import quiet_worker_logs
-
     quiet_worker_logs()
     eval_worker(loop_config["config"], loop_config["checkpoint"], loop_config["out"], under_ray=True)
 
@@ -79,12 +75,12 @@ def main(argv: list[str]) -> int:
 
     from pipeline import checkpoint as ckpt
     from pipeline.data.layout import DataLayoutError
-    from pipeline.launch import dataset_size, run_on_ray, with_absolute_paths
+    from pipeline.data.source import open_dataset
 
     try:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
         ckpt.read(Path(args.checkpoint))  # fail before any worker starts
-        dataset_size(cfg)
+        open_dataset(cfg.data)
     except (ConfigError, DataLayoutError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.rundir import RunDir
 
 # ---------------------------------------------------------------- the paper's numbers
 
@@ -79,32 +80,32 @@ PAPER_RESULTS: tuple[PaperResult, ...] = (
     ),
 )
 
-_NAME = re.compile(
-    r"(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>\d+)(?:_(?P<opt>[abc]))?(?P<v15>_v1_5)?"
-)
-
 
 def canonical_model(name: str, shortcut: str | None = None, v1_5: bool | None = None) -> str:
     """The paper-table key of a registered model with its config overrides applied.
 
     ``resnet34`` (option B by default) -> ``resnet34_b``; ``resnet34`` with ``model.shortcut=A``
     -> ``resnet34_a``; ``cifar_resnet56`` -> ``cifar_resnet56_a``; plain nets keep their name.
-    ResNet-50 v1.5 gets a ``_v1_5`` suffix: it is not the paper's network.
+    ResNet-50 v1.5 gets a ``_v1_5`` suffix: it is not the paper's network. A name the registry
+    does not know is returned as it is (it matches no paper row).
 
     Args:
         name: ``model.name`` from the config.
         shortcut: ``model.shortcut`` (None: the model's own option).
         v1_5: ``model.v1_5`` (None: the model's own choice).
     """
-    m = _NAME.fullmatch(name.lower())
-    if m is None:
+    from pipeline.models import model_spec
+
+    try:
+        spec = model_spec(name)
+    except ValueError:
         return name
-    prefix = m["cifar"] or ""
-    if m["kind"] == "plain":
-        return f"{prefix}plain{m['depth']}"
-    option = (shortcut or m["opt"] or ("a" if prefix else "b")).lower()
-    newer = v1_5 if v1_5 is not None else bool(m["v15"])
-    return f"{prefix}resnet{m['depth']}_{option}" + ("_v1_5" if newer else "")
+    prefix = "cifar_" if spec.family == "cifar" else ""
+    if spec.plain:
+        return f"{prefix}plain{spec.depth}"
+    option = (shortcut or spec.shortcut).lower()
+    newer = v1_5 if v1_5 is not None else spec.v1_5
+    return f"{prefix}resnet{spec.depth}_{option}" + ("_v1_5" if newer else "")
 
 
 def paper_eval(dataset: str, eval_mode: str | None) -> str | None:
@@ -167,7 +168,7 @@ def _num(value: Any) -> float | None:
 
 
 def load_run(path: str | Path) -> RunData:
-    """Read one run directory (``config.yaml``, ``metrics.jsonl``, ``summary.json``).
+    """Read one run directory (``config.yaml``, ``metrics.jsonl``, ``summary.json``), local or a URI.
 
     Args:
         path: the run directory.
@@ -175,17 +176,10 @@ def load_run(path: str | Path) -> RunData:
     Raises:
         FileNotFoundError: the directory has neither a config nor metrics.
     """
-    path = Path(path)
-    config_path, metrics_path, summary_path = (
-        path / n for n in ("config.yaml", "metrics.jsonl", "summary.json")
-    )
-    if not config_path.is_file() and not metrics_path.is_file():
+    run_dir = RunDir(str(path))
+    if not run_dir.exists():
         raise FileNotFoundError(f"{path}: not a run directory (no config.yaml or metrics.jsonl)")
-    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    metrics = []
-    if metrics_path.is_file():
-        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    config, metrics, summary = run_dir.read_config(), run_dir.read_metrics(), run_dir.read_summary()
 
     model_cfg = config.get("model") or {}
     eval_cfg = config.get("eval") or {}
@@ -199,7 +193,7 @@ def load_run(path: str | Path) -> RunData:
         top1, top5 = _num(last.get("val/top1_err")), _num(last.get("val/top5_err"))
     return RunData(
         path=path,
-        name=config.get("name") or path.name,
+        name=config.get("name") or str(path).rstrip("/").rsplit("/", 1)[-1],
         model=model,
         model_key=canonical_model(model, model_cfg.get("shortcut"), model_cfg.get("v1_5")),
         dataset=(config.get("data") or {}).get("dataset", "imagenet"),
@@ -255,15 +249,6 @@ def results_table(runs: list[RunData]) -> str:
 
 PANEL_SIZE_IN = (6.0, 4.5)  # inches per panel
 DPI = 100
-
-
-def figure_size_px(num_panels: int) -> tuple[int, int]:
-    """Pixel size (width, height) of ``curves.png`` with this many panels.
-
-    Args:
-        num_panels: 1 (one family of networks) or 2 (plain and residual side by side).
-    """
-    return round(PANEL_SIZE_IN[0] * num_panels * DPI), round(PANEL_SIZE_IN[1] * DPI)
 
 
 def plot_curves(runs: list[RunData], out: str | Path, x: str = "step") -> Path:
@@ -323,7 +308,7 @@ def plot_curves(runs: list[RunData], out: str | Path, x: str = "step") -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the pixel size stays figure_size_px()
+    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": each panel stays PANEL_SIZE_IN x DPI pixels
     plt.close(fig)
     return out
 
@@ -347,12 +332,12 @@ def fetch_wandb_runs(project_path: str, dest: Path, group: str | None = None) ->
     keys = ("epoch", "step", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
     paths = []
     for run in api.runs(project_path, filters={"group": group} if group else None):
-        run_dir = dest / (run.name or run.id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        path = dest / (run.name or run.id)
+        run_dir = RunDir(str(path))
         config = {
             k: v.get("value", v) if isinstance(v, dict) and "value" in v else v for k, v in run.config.items()
         }
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        run_dir.write_config(config)
         # Epoch rows only (the every-N-steps rows carry no error rates); wandb's own `_step`
         # is the global iteration when the engine's `step` key is missing.
         rows = [
@@ -360,7 +345,7 @@ def fetch_wandb_runs(project_path: str, dest: Path, group: str | None = None) ->
             for row in run.scan_history()
             if row.get("train/top1_err") is not None or row.get("val/top1_err") is not None
         ]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_dir.write_metrics(rows)
         finals = {k: v for k, v in run.summary_metrics.items() if k.startswith("final/")}
         if finals:  # the engine's "final/<eval mode>/top1_err" summary keys
             mode = next(iter(finals)).split("/")[1]
@@ -370,8 +355,8 @@ def fetch_wandb_runs(project_path: str, dest: Path, group: str | None = None) ->
                 "val_top1_err": finals.get(f"final/{mode}/top1_err"),
                 "val_top5_err": finals.get(f"final/{mode}/top5_err"),
             }
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        paths.append(run_dir)
+            run_dir.write_summary(summary)
+        paths.append(path)
     return paths
 
 

@@ -22,9 +22,6 @@ continues the same W&B run.
 
 The API key is only ever read by wandb itself from the environment or netrc; it is never
 passed in, logged, or written to the run config.
-
-``read_wandb_records`` / ``read_wandb_history`` read a ``.wandb`` file back (wandb ships the
-protobuf definitions but, since the Go core took over, no Python reader).
 """
 
 from __future__ import annotations
@@ -33,16 +30,10 @@ import os
 import pathlib
 import secrets
 import string
-import struct
 import warnings
-import zlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.config import TrackingConfig
-
-if TYPE_CHECKING:
-    from wandb.proto.wandb_internal_pb2 import Record
 
 # Bounded waits so that a dead network costs at most this much, never a hang. wandb's own
 # environment variables still win when set (they are the names its users know).
@@ -180,31 +171,44 @@ class Tracker:
 
         reason = None
         if mode == "online":
-            reason = _missing_credentials(wandb)
-            if reason is None:
-                try:
-                    return cls._start(wandb, "online", init)
-                except Exception as e:  # no network, server error, init timeout
-                    reason = f"wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-                    # The failed run still holds its id in wandb's service process; a fresh
-                    # service lets the offline retry reuse the same id.
-                    _quiet_teardown(wandb)
+            tracker, reason = cls._try_online(wandb, init)
+            if tracker is not None:
+                return tracker
+        return cls._offline(wandb, init, fallback_reason=reason)
+
+    @classmethod
+    def _try_online(cls, wandb: Any, init: dict[str, Any]) -> tuple[Tracker | None, str | None]:
+        """(the online tracker, None), or (None, why it cannot start); never prompts or hangs."""
+        reason = _missing_credentials(wandb)
+        if reason is not None:
+            return None, reason
+        try:
+            return cls._start(wandb, "online", init), None
+        except Exception as e:  # no network, server error, init timeout
+            # The failed run still holds its id in wandb's service process; a fresh service lets
+            # the offline retry reuse the same id.
+            _quiet_teardown(wandb)
+            return None, f"wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+
+    @classmethod
+    def _offline(cls, wandb: Any, init: dict[str, Any], fallback_reason: str | None) -> Tracker:
+        """The offline run (the configured mode, or the fallback when online could not start)."""
         try:
             tracker = cls._start(wandb, "offline", init)
         except Exception as e:
             warnings.warn(
                 f"W&B: offline run could not start ({type(e).__name__}: {e}); tracking is off for this run",
                 TrackingWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             _quiet_teardown(wandb)
             return cls(mode="disabled", run_id=init["id"])
-        if reason is not None:
+        if fallback_reason is not None:
             warnings.warn(
-                f"W&B: tracking.mode is 'online' but {reason}; logging offline to {tracker.wandb_dir} "
+                f"W&B: tracking.mode is 'online' but {fallback_reason}; logging offline to {tracker.wandb_dir} "
                 f"instead. Upload it later with: wandb sync {tracker.wandb_dir}",
                 TrackingWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         else:
             print(
@@ -312,100 +316,3 @@ def _define_metrics(run: Any) -> None:
     for name in EPOCH_METRICS:
         summary = "min,last" if name in MIN_SUMMARY_METRICS else None
         run.define_metric(name, step_metric="epoch", summary=summary)
-
-
-# ---------------------------------------------------------------- reading .wandb files back
-
-# wandb's transaction log is LevelDB's log format: a 7-byte file header (":W&B", magic 0xBEE1,
-# version 0), then 32 KiB blocks of records, each with a 7-byte header (CRC-32 of type byte +
-# payload, little-endian length, type); a record that does not fit a block is split into
-# FIRST/MIDDLE/LAST pieces, and a block tail shorter than a header is zero padding.
-_FILE_HEADER = struct.Struct("<4sHB")
-_RECORD_HEADER = struct.Struct("<IHB")
-_BLOCK = 32768
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def read_wandb_records(path: str | pathlib.Path) -> Iterator[Record]:
-    """Yield the protobuf ``Record`` messages of a ``.wandb`` file, in order.
-
-    A truncated tail (a run still writing, or killed) ends the iteration quietly.
-
-    Args:
-        path: a ``run-<id>.wandb`` file.
-
-    Raises:
-        ValueError: the file is not a wandb log or a record fails its checksum.
-    """
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    data = pathlib.Path(path).read_bytes()
-    if len(data) < _FILE_HEADER.size:
-        raise ValueError(f"{path}: too short to be a .wandb file")
-    ident, magic, version = _FILE_HEADER.unpack_from(data, 0)
-    if ident != b":W&B" or magic != 0xBEE1 or version != 0:
-        raise ValueError(f"{path}: not a .wandb file (header {data[:7]!r})")
-    pos, pending = _FILE_HEADER.size, None
-    while pos < len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _RECORD_HEADER.size:
-            pos += left_in_block
-            continue
-        if pos + _RECORD_HEADER.size > len(data):
-            return
-        crc, length, kind = _RECORD_HEADER.unpack_from(data, pos)
-        start = pos + _RECORD_HEADER.size
-        payload = data[start : start + length]
-        if kind == 0 and length == 0:  # zero-filled (preallocated) tail
-            return
-        if len(payload) < length:
-            return
-        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
-            raise ValueError(f"{path}: record at byte {pos} fails its checksum")
-        pos = start + length
-        if kind == _FULL:
-            pending = payload
-        elif kind == _FIRST:
-            pending = bytearray(payload)
-            continue
-        elif kind in (_MIDDLE, _LAST) and pending is not None:
-            pending += payload
-            if kind == _MIDDLE:
-                continue
-        else:
-            raise ValueError(f"{path}: unexpected record type {kind} at byte {pos}")
-        record = Record()
-        record.ParseFromString(bytes(pending))
-        pending = None
-        yield record
-
-
-def _history_value(item: Any) -> Any:
-    import json
-
-    kind = item.WhichOneof("value")
-    if kind is None:
-        return json.loads(item.value_json) if item.value_json else None
-    if kind == "none":
-        return None
-    if kind == "json":
-        return json.loads(item.json)
-    return getattr(item, kind)
-
-
-def read_wandb_history(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The history rows logged to a ``.wandb`` file, as dicts (with ``_step`` and ``_runtime``).
-
-    Args:
-        path: a ``run-<id>.wandb`` file.
-    """
-    rows = []
-    for record in read_wandb_records(path):
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            row[key] = _history_value(item)
-        rows.append(row)
-    return rows

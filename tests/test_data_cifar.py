@@ -15,7 +15,7 @@ from pipeline.config import DataConfig
 from pipeline.data import cli
 from pipeline.data.cifar import augment_batch, build_cifar_loaders, split_train_val
 from pipeline.data.layout import DataLayoutError
-from pipeline.data.synth import write_synthetic_cifar
+from pipeline.data.synth_cifar import write_synthetic_cifar
 
 CFG = DataConfig(dataset="cifar10", normalize="mean", val_split=0)
 CPU = torch.device("cpu")
@@ -117,7 +117,7 @@ def test_train_determinism_and_epochs(cifar_root):
 
 
 def test_ranks_equal_steps_disjoint_and_val_once(cifar_root):
-    from pipeline.data.imagenet import train_shard
+    from pipeline.data.sharding import train_shard
 
     full_val = torch.cat([x for x, _ in _loaders(cifar_root)[1].epoch(0)])
     for world in (1, 2, 3):

@@ -13,14 +13,10 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC, PCA_SCALE
-from pipeline.data.imagenet import (
-    TEN_CROP_WINDOWS,
-    build_train_loader,
-    build_val_loader,
-    train_shard,
-    val_shard,
-)
+from pipeline.data.dali_pipeline import TEN_CROP_WINDOWS
+from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import ImageFolderIndex
+from pipeline.data.sharding import train_shard, val_shard
 from pipeline.data.synth import render_image
 
 # Small sizes keep DALI fast on two CPU cores; the geometry is the paper's (resize, then crop).

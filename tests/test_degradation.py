@@ -14,8 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.report import figure_size_px
-from pipeline.tracking import read_wandb_records
+from pipeline.wandb_offline import read_wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")
@@ -64,7 +63,7 @@ def test_make_degradation_short_run(tmp_path: Path):
         assert f"| {model} |" in markdown
     assert "| 8.75 |" in markdown and "| 6.97 |" in markdown  # Table 6: ResNet-20, ResNet-56
     with Image.open(report / "curves.png") as png:
-        assert png.size == figure_size_px(2)
+        assert png.size == (1200, 450)
 
     # All four runs sit in one W&B group, so one dashboard chart compares them.
     groups = set()

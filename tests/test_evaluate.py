@@ -55,7 +55,7 @@ def test_tencrop_averages_softmax_over_crops():
 def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray):
     """For every mode, 2 Ray workers (each scoring its shard) give exactly the 1-process counts."""
     from pipeline.evaluate_cli import eval_worker
-    from pipeline.launch import run_on_ray
+    from pipeline.ray_runner import run_on_ray
 
     overrides, checkpoint = trained
 
@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
 
 
 def test_param_groups_exclude_bn_and_bias_by_type():
-    from pipeline.engine import param_groups
+    from pipeline.worker import param_groups
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, bias=False),

@@ -12,7 +12,6 @@ from PIL import Image
 from pipeline.report import (
     PAPER_RESULTS,
     canonical_model,
-    figure_size_px,
     load_run,
     main,
     paper_eval,
@@ -100,7 +99,7 @@ def test_report_writes_png_of_the_expected_size_and_the_table(degradation_runs, 
 
     with Image.open(out / "curves.png") as png:
         assert png.format == "PNG"
-        assert png.size == figure_size_px(2)  # plain and residual panels side by side
+        assert png.size == (1200, 450)  # plain and residual panels side by side
     printed = capsys.readouterr().out
     markdown = (out / "report.md").read_text()
     assert markdown in printed and "curves.png" in markdown
@@ -151,7 +150,7 @@ def test_imagenet_runs_match_model_option_and_evaluation(tmp_path: Path):
     # No summary.json yet: the last epoch's validation, flagged as such.
     assert rows["r152"][2] == "center (last epoch)" and rows["r152"][3] == "24.50"
     with Image.open(out / "curves.png") as png:
-        assert png.size == figure_size_px(2)
+        assert png.size == (1200, 450)
 
 
 def test_single_family_gets_one_panel(tmp_path: Path):
@@ -159,7 +158,7 @@ def test_single_family_gets_one_panel(tmp_path: Path):
     out = tmp_path / "report"
     assert main(["--runs", str(run), "--out", str(out)]) == 0
     with Image.open(out / "curves.png") as png:
-        assert png.size == figure_size_px(1)
+        assert png.size == (600, 450)
     assert _rows((out / "report.md").read_text())["r20"][2] == "center, 5000 held out"
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import TrackingConfig
-from pipeline.tracking import Tracker, TrackingWarning, read_wandb_history, read_wandb_records
+from pipeline.tracking import Tracker, TrackingWarning
+from pipeline.wandb_offline import read_wandb_history, read_wandb_records
 
 pytest.importorskip("wandb")
 

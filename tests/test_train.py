@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import run_pipeline, tiny_overrides
 
 from pipeline.config import load_config, to_dict
 
@@ -55,10 +55,10 @@ def test_single_process_engine_writes_run_dir(tiny_imagenet, tmp_path):
 
 @pytest.mark.ray
 def test_two_worker_ray_train_run_learns_and_reports(tiny_imagenet, tmp_path, local_ray):
-    from pipeline.launch import run_on_ray
+    from pipeline.launch import train_on_ray
 
     cfg = load_config(None, tiny_overrides(tiny_imagenet, tmp_path, "ray2") + ["schedule.epochs=6"])
-    result = run_on_ray(cfg)
+    result = train_on_ray(cfg)
     assert result.error is None
     assert result.checkpoint is not None and (Path(result.checkpoint.path) / "state.pt").is_file()
     assert result.metrics["epoch"] == 6 and "val/top1_err" in result.metrics
@@ -83,3 +83,24 @@ def test_cli_rejects_bad_layout_before_ray(tmp_path):
     )
     assert proc.returncode == 2
     assert "cls" in proc.stderr and "Ray" not in proc.stdout
+
+
+@pytest.mark.ray
+def test_console_holds_the_pipelines_lines_and_not_rays_reports(tiny_imagenet, tmp_path):
+    """What `make demo` prints to a file or pipe: our lines, Ray's warnings, no per-report INFO, no colour."""
+    overrides = tiny_overrides(tiny_imagenet, tmp_path, "quiet") + ["schedule.epochs=2"]
+    proc = run_pipeline("train", "--config", "configs/demo.yaml", *overrides)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for line in (
+        "resolved config:",
+        "derived:",
+        "epoch 1/2 done:",
+        "epoch 2/2 done:",
+        "final (tencrop",
+        "== summary ==",
+    ):
+        assert line in out, line
+    assert out.count("epoch 2/2 done:") == 1  # rank 0 alone prints progress
+    assert "Reporting training result" not in out and "TrainingReport(" not in out
+    assert "\x1b[" not in out  # no ANSI colour codes when the output is not a terminal

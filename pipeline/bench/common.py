@@ -11,17 +11,11 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.host import usable_cpus
+
 
 class BenchError(ValueError):
     """A benchmark request that cannot run as given; the message says why and what to do."""
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, not the host's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def load_average() -> list[float]:

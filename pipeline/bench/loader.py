@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from pipeline.bench.common import BenchError, finish_machine, machine_info, median, ratio, usable_cpus
+from pipeline.bench.common import BenchError, finish_machine, machine_info, median, ratio
+from pipeline.host import usable_cpus
 
 HELP = "DALI train / 10-crop val pipelines vs a torchvision DataLoader at equal threads (images/s)"
 

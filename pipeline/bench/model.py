@@ -28,20 +28,19 @@ import argparse
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.bench.common import BenchError, cpu_model, finish_machine, machine_info, median, ratio
+from pipeline.bench.common import BenchError, cpu_model, finish_machine, machine_info, ratio
+from pipeline.bench.steps import NUM_CROPS, make_eval_step, make_train_step
+from pipeline.bench.timing import paired_ratio, rate, time_interleaved
 
 HELP = "training-step and 10-crop eval images/s (fp32/bf16, channels_last, torch.compile) vs torchvision"
 
 AMP = {"fp32": "none", "bf16": "bf16"}  # variant dtype -> precision.amp
-NUM_CROPS = 10
 
 # Our networks that are torchvision's, operation for operation. Our resnet50/101/152 are the
 # paper's v1 (stride in the first 1x1) and have no torchvision twin; resnet50_v1_5 is the twin of
@@ -135,153 +134,6 @@ def build_reference(name: str, num_classes: int) -> tuple[nn.Module | None, str 
     return getattr(torchvision.models, twin)(num_classes=num_classes), f"torchvision.models.{twin}", None
 
 
-def _sync(device: torch.device) -> None:
-    # CUDA runs asynchronously: without this the clock would stop when the kernels are queued.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_train_step(
-    model: nn.Module,
-    device: torch.device,
-    variant: Variant,
-    batch_size: int,
-    input_size: int,
-    num_classes: int,
-) -> Callable[[], None]:
-    """A closure that runs one training step on a fixed random batch.
-
-    Args:
-        model: the module to train (already on ``device``, in the variant's layout, maybe compiled).
-        device: where the batch lives.
-        variant: precision and memory layout.
-        batch_size: images per step.
-        input_size: side of the square input.
-        num_classes: range of the random labels.
-    """
-    from pipeline.evaluate import autocast
-
-    fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
-    gen = torch.Generator().manual_seed(0)
-    x = (
-        torch.randn(batch_size, 3, input_size, input_size, generator=gen)
-        .to(device)
-        .contiguous(memory_format=fmt)
-    )
-    y = torch.randint(num_classes, (batch_size,), generator=gen).to(device)
-    # A small lr keeps weights finite on random labels (the arithmetic is the same for any lr);
-    # momentum and weight decay as the paper, so the optimizer does the engine's work.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    amp = AMP[variant.dtype]
-
-    def step() -> None:
-        with autocast(device, amp):
-            loss = F.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def make_eval_step(
-    model: nn.Module, device: torch.device, variant: Variant, images: int, input_size: int
-) -> Callable[[], None]:
-    """A closure that scores ``images`` images by the 10-crop protocol (10 x images crops forward).
-
-    Args:
-        model: the module in eval mode.
-        device: where the crops live.
-        variant: precision and memory layout.
-        images: images per step (each contributes 10 crops).
-        input_size: side of each crop.
-    """
-    from pipeline.evaluate import autocast
-
-    fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(images * NUM_CROPS, 3, input_size, input_size, generator=gen).to(device)
-    x = x.contiguous(memory_format=fmt)
-    amp = AMP[variant.dtype]
-
-    def step() -> None:
-        with torch.no_grad(), autocast(device, amp):
-            probs = model(x).float().softmax(dim=1)
-            probs.view(images, NUM_CROPS, -1).mean(dim=1)
-
-    return step
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], None]], *, warmup: int, timed: int, block: int, device: torch.device
-) -> dict[str, dict[str, Any]]:
-    """Warm every step function up, then alternate timed blocks of ``block`` calls between them.
-
-    Interleaving is what makes a ratio trustworthy on a shared machine: a burst of someone
-    else's load lands on both sides instead of on whichever ran second.
-
-    Args:
-        steps: name -> a function that runs one step.
-        warmup: untimed calls each (the first one also pays for torch.compile and cuDNN autotuning).
-        timed: timed calls each.
-        block: calls per timed block; the device is synchronised only at block boundaries.
-        device: synchronised around every timed block.
-
-    Returns:
-        name -> ``{"first_step_s", "block_steps", "block_s"}``.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for name, step in steps.items():
-        first = None
-        for i in range(warmup):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            if i == 0:
-                first = time.perf_counter() - t0
-        out[name] = {"first_step_s": first, "block_steps": [], "block_s": []}
-    sizes = [min(block, timed - i) for i in range(0, timed, block)]
-    names = list(steps)
-    for i, size in enumerate(sizes):
-        # The order flips every round, so going first (or right after the other model) is no bias.
-        for name in names if i % 2 == 0 else names[::-1]:
-            step = steps[name]
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(size):
-                step()
-            _sync(device)
-            out[name]["block_steps"].append(size)
-            out[name]["block_s"].append(time.perf_counter() - t0)
-    return out
-
-
-def rate(timing: dict[str, Any], images_per_step: int) -> float:
-    """Images/s from the median block: one descheduled block moves it less than it moves the mean.
-
-    Args:
-        timing: one entry of ``time_interleaved``'s result.
-        images_per_step: images one call processes.
-    """
-    return median(
-        [n * images_per_step / s for n, s in zip(timing["block_steps"], timing["block_s"], strict=True)]
-    )
-
-
-def paired_ratio(ours: dict[str, Any], reference: dict[str, Any]) -> float:
-    """Median over rounds of (reference block time / our block time): ours / reference as a rate.
-
-    A cross-check of ``ratio``: neighbouring blocks share the machine's load of the moment,
-    so a slow drift in load cancels here; when the two disagree by more than a few percent,
-    the run was noisy and more ``--steps`` are needed.
-
-    Args:
-        ours, reference: entries of ``time_interleaved``'s result (the same block sizes).
-    """
-    return median([r / o for o, r in zip(ours["block_s"], reference["block_s"], strict=True)])
-
-
 def _prepare(model: nn.Module, device: torch.device, variant: Variant) -> nn.Module:
     model = model.to(device)
     if variant.channels_last:
@@ -337,7 +189,9 @@ def bench_variant(
             m.train()
         train = time_interleaved(
             {
-                k: make_train_step(m, device, variant, batch_size, input_size, num_classes)
+                k: make_train_step(
+                    m, device, variant.channels_last, AMP[variant.dtype], batch_size, input_size, num_classes
+                )
                 for k, m in models.items()
             },
             warmup=warmup,
@@ -358,7 +212,12 @@ def bench_variant(
             for m in models.values():
                 m.eval()
             evals = time_interleaved(
-                {k: make_eval_step(m, device, variant, eval_images, input_size) for k, m in models.items()},
+                {
+                    k: make_eval_step(
+                        m, device, variant.channels_last, AMP[variant.dtype], eval_images, input_size
+                    )
+                    for k, m in models.items()
+                },
                 warmup=warmup,
                 timed=steps,
                 block=block,

@@ -230,7 +230,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info()
     plain = run_plain(config)
 
-    from pipeline.launch import quiet_ray_env  # the training launcher's settings, so both measure the same
+    from pipeline.ray_runner import (
+        quiet_ray_env,  # the training launcher's settings, so both measure the same
+    )
 
     quiet_ray_env()
     t0 = time.time()

@@ -1,32 +1,11 @@
 """Data: ImageNet layout scan, DALI train/val loaders, CIFAR-10, dataset tools, synthetic data.
 
-    from pipeline.data import scan_imagenet, build_train_loader, build_val_loader, build_cifar_loaders
+- ``source``: the one place that tells ImageNet from CIFAR-10 (sizes for the preflight, loaders
+  for the worker);
+- ``sharding``: who reads what in which order (pure functions of seed, epoch, rank, world);
+- ``dali_pipeline`` / ``imagenet``: the DALI graphs and the loaders that iterate them;
+- ``cifar``: CIFAR-10 held on the training device; ``layout``: the ImageNet folder scan;
+- ``synth``, ``tools``, ``cli``: generated datasets, verify / prepare-val, the ``data`` command.
 
-Names resolve lazily so ``import pipeline.data`` costs nothing until a loader is built
-(DALI and torchvision are only imported by the modules that need them).
+Import the submodule you need: DALI and torchvision load only with the modules that use them.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "DataLayoutError": "pipeline.data.layout",
-    "ImageFolderIndex": "pipeline.data.layout",
-    "scan_imagenet": "pipeline.data.layout",
-    "Loader": "pipeline.data.imagenet",
-    "build_train_loader": "pipeline.data.imagenet",
-    "build_val_loader": "pipeline.data.imagenet",
-    "build_cifar_loaders": "pipeline.data.cifar",
-    "write_synthetic_imagenet": "pipeline.data.synth",
-    "write_synthetic_cifar": "pipeline.data.synth",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from pipeline.config import DataConfig
 from pipeline.data.constants import CIFAR_DIRNAME, CIFAR_IMAGE_SIZE, CIFAR_PAD, CIFAR_SPLIT_SEED
-from pipeline.data.imagenet import Loader, augmentation_seed, train_shard, val_shard
 from pipeline.data.layout import DataLayoutError
+from pipeline.data.sharding import Loader, augmentation_seed, train_shard, val_shard
 
 
 def _read_split(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -98,7 +98,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _synth_cifar(args: argparse.Namespace) -> int:
-    from pipeline.data.synth import write_synthetic_cifar
+    from pipeline.data.synth_cifar import write_synthetic_cifar
 
     out = write_synthetic_cifar(args.out, args.train_per_class, args.test_per_class, args.seed)
     print(

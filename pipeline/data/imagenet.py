@@ -1,4 +1,4 @@
-"""DALI pipelines for ImageNet-layout data: training augmentation and the paper's test protocols.
+"""ImageNet-layout loaders: this rank's batches from the DALI graphs, as torch tensors.
 
     index = scan_imagenet(cfg.data.root)
     train = build_train_loader(index, cfg.data, global_batch=256, shard_id=rank, num_shards=world,
@@ -7,264 +7,25 @@
     val = build_val_loader(index, cfg.data, mode="tencrop", scales=(), batch_size=32, shard_id=rank,
                            num_shards=world, device_id=local_gpu_or_None, num_threads=4)
 
-One builder, ``_build_pipeline(mode=...)``, makes every pipeline: the train modes ("paper",
-"inception", "none") and the test modes ("center", "tencrop", "multiscale") share the reader,
-the decoder and the normalisation, and differ only in the geometric step between them.
-
-Sharding is done here, not by the DALI reader: each epoch's file list for this rank is computed
-in numpy and handed to ``fn.readers.file(files=...)`` in order. That keeps the train order a
-pure function of (seed, epoch) - so a resumed epoch replays exactly - and makes every rank take
-the same number of steps (DDP needs it). Validation shards are disjoint contiguous slices and
-padded samples never leave this module, so summing over ranks scores each image exactly once.
+Each epoch's file list for this rank comes from ``pipeline.data.sharding`` and is handed to the
+reader in order; padded samples (the reader repeats one to fill the last batch) never leave
+this module, so summing over ranks scores each image exactly once.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.constants import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NUM_TEN_CROPS,
-    PCA_EIGVAL,
-    PCA_EIGVEC,
-    PCA_SCALE,
-)
+from pipeline.data.constants import NUM_TEN_CROPS
+from pipeline.data.dali_pipeline import READER, TRAIN_MODES, VAL_MODES, build_pipeline
 from pipeline.data.layout import ImageFolderIndex
-
-TRAIN_MODES = ("paper", "inception", "none")
-VAL_MODES = ("center", "tencrop", "multiscale")
-READER = "Reader"
-
-# TenCrop order (torchvision): five_crop(img) then five_crop(hflip(img)). A crop of the flipped
-# image at the left edge is the mirror of the original's crop at the right edge, hence pos_x 1-x.
-_FIVE = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # (pos_x, pos_y): tl, tr, bl, br, c
-TEN_CROP_WINDOWS: tuple[tuple[float, float, int], ...] = tuple((x, y, 0) for x, y in _FIVE) + tuple(
-    (1.0 - x, y, 1) for x, y in _FIVE
-)
-
-
-class Loader(Protocol):
-    """What the engine iterates: a fixed number of batches per epoch on this rank."""
-
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor]]: ...
-
-
-# ---------------------------------------------------------------- sharding (pure functions)
-
-
-def train_shard(
-    num_files: int, *, global_batch: int, shard_id: int, num_shards: int, seed: int, epoch: int
-) -> np.ndarray:
-    """Indices this rank reads in ``epoch``, in order: ``len == steps * global_batch // num_shards``.
-
-    A full permutation from ``default_rng([seed, epoch])`` is cut to whole global batches; rank r
-    takes the r-th contiguous slice of every global batch, so the global batch at step k is the
-    same whatever the world size, and every rank takes ``num_files // global_batch`` steps.
-    """
-    _check_shard(shard_id, num_shards)
-    if global_batch % num_shards:
-        raise ValueError(f"global batch {global_batch} does not divide over {num_shards} shards")
-    steps = num_files // global_batch
-    if steps == 0:
-        raise ValueError(f"global batch {global_batch} is larger than the training set ({num_files} images)")
-    perm = np.random.default_rng([seed, epoch]).permutation(num_files)[: steps * global_batch]
-    per_rank = global_batch // num_shards
-    return perm.reshape(steps, num_shards, per_rank)[:, shard_id, :].reshape(-1)
-
-
-def val_shard(num_files: int, *, shard_id: int, num_shards: int) -> range:
-    """This rank's contiguous slice of the validation set (DALI's own shard formula)."""
-    _check_shard(shard_id, num_shards)
-    return range(num_files * shard_id // num_shards, num_files * (shard_id + 1) // num_shards)
-
-
-def _check_shard(shard_id: int, num_shards: int) -> None:
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id {shard_id} is not in [0, num_shards={num_shards})")
-
-
-def augmentation_seed(seed: int, epoch: int, shard_id: int) -> int:
-    """DALI's pipeline seed: distinct per (seed, epoch, rank), reproducible on resume."""
-    return int(np.random.SeedSequence([seed, epoch, shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-# ---------------------------------------------------------------- the pipeline builder
-
-
-def _decoder_device(cfg: DataConfig, device_id: int | None) -> str:
-    if device_id is None:
-        if cfg.decoder == "mixed":
-            raise ValueError("data.decoder='mixed' needs a GPU (device_id); use data.decoder=auto or cpu")
-        return "cpu"
-    return "cpu" if cfg.decoder == "cpu" else "mixed"
-
-
-def _build_pipeline(
-    mode: str,
-    files: Sequence[str],
-    labels: Sequence[int],
-    cfg: DataConfig,
-    *,
-    batch_size: int,
-    device_id: int | None,
-    num_threads: int,
-    seed: int,
-    channels_last: bool,
-    half: bool,
-    scales: tuple[int, ...] = (),
-) -> Any:
-    """One DALI pipeline for ``mode`` over ``files`` in the given order.
-
-    Args:
-        mode: "paper" | "inception" | "none" (training) or "center" | "tencrop" | "multiscale" (test).
-        files, labels: what the reader yields, in this order (no shuffling, no sharding here).
-        cfg: crop/scale sizes, PCA std, normalisation, decoder choice.
-        batch_size: samples per ``run()``.
-        device_id: local GPU index, or None for an all-CPU pipeline.
-        num_threads: DALI CPU worker threads.
-        seed: the pipeline seed every random operator derives from.
-        channels_last, half: output layout HWC instead of CHW; float16 instead of float32.
-        scales: shorter sides for "multiscale" (one output per scale).
-
-    Returns:
-        A built ``nvidia.dali.Pipeline`` with outputs (images..., labels).
-    """
-    import nvidia.dali as dali
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import Pipeline
-
-    pipe = Pipeline(
-        batch_size=batch_size,
-        num_threads=max(1, num_threads),
-        device_id=device_id,
-        seed=seed,
-        prefetch_queue_depth=max(1, cfg.prefetch),
-    )
-    decode_device = _decoder_device(cfg, device_id)
-    # The mixed decoder's outputs are on the GPU already; a CPU decode feeding a GPU run moves there.
-    to_gpu = device_id is not None and decode_device == "cpu"
-    decode_kwargs: dict[str, Any] = {"device": decode_device, "output_type": types.RGB}
-    if decode_device == "mixed":
-        decode_kwargs["hw_decoder_load"] = cfg.hw_decoder_load
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD if cfg.normalize == "meanstd" else (1.0, 1.0, 1.0), np.float32)
-    cmn_kwargs: dict[str, Any] = {
-        "dtype": types.FLOAT16 if half else types.FLOAT,
-        "output_layout": "HWC" if channels_last else "CHW",
-        "std": std.tolist(),
-    }
-    crop = (cfg.crop_size, cfg.crop_size)
-
-    with pipe:
-        jpegs, label = fn.readers.file(
-            files=list(files),
-            labels=[int(x) for x in labels],
-            random_shuffle=False,
-            pad_last_batch=True,  # the last partial batch repeats a sample; it is cut before yielding
-            name=READER,
-        )
-        if mode == "paper":
-            # Resize-shorter-to-S-then-crop-c, computed the cheap way: the c x c crop of the image
-            # scaled to shorter side S is a (c * short / S)^2 window of the original. Decode only
-            # that window (ROI decode) and resize it straight to c x c, instead of decoding and
-            # resizing the whole image to up to 480 x 640 and throwing most of it away.
-            lo, hi = float(cfg.scale_min), float(cfg.scale_max)
-            shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # [H, W, C], EXIF-oriented like the decoder
-            short = dali.math.min(shape[0], shape[1])
-            scale = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-            window = dali.math.min(short, float(cfg.crop_size) * short / scale)
-            images = fn.decoders.image_crop(
-                jpegs,
-                crop_w=window,
-                crop_h=window,
-                crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-                crop_pos_y=fn.random.uniform(range=[0.0, 1.0]),
-                **decode_kwargs,
-            )
-        elif mode == "inception":
-            # Decode only the random window (ROI decode); then one resize straight to the crop size.
-            images = fn.decoders.image_random_crop(
-                jpegs,
-                random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3],
-                num_attempts=100,
-                **decode_kwargs,
-            )
-        else:
-            images = fn.decoders.image(jpegs, **decode_kwargs)
-        if to_gpu:
-            images = images.gpu()
-
-        if mode == "paper":
-            images = fn.resize(images, size=list(crop), antialias=True)
-            outputs = [
-                fn.crop_mirror_normalize(
-                    images,
-                    mirror=fn.random.coin_flip(probability=0.5),
-                    mean=_lighting_mean(mean, cfg.pca_std) if cfg.pca_std > 0 else mean.tolist(),
-                    **cmn_kwargs,
-                )
-            ]
-        elif mode == "inception":
-            images = fn.resize(images, size=list(crop), antialias=True)
-            mirror = fn.random.coin_flip(probability=0.5)
-            outputs = [fn.crop_mirror_normalize(images, mirror=mirror, mean=mean.tolist(), **cmn_kwargs)]
-        elif mode in ("none", "center"):
-            images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
-            outputs = [fn.crop_mirror_normalize(images, crop=crop, mean=mean.tolist(), **cmn_kwargs)]
-        elif mode == "tencrop":
-            images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
-            crops = [
-                fn.crop_mirror_normalize(
-                    images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, mean=mean.tolist(), **cmn_kwargs
-                )
-                for x, y, m in TEN_CROP_WINDOWS
-            ]
-            outputs = [fn.stack(*crops, axis=0)]  # [10, C, H, W] per sample: sample-major rows
-        elif mode == "multiscale":
-            outputs = [
-                fn.crop_mirror_normalize(
-                    fn.resize(images, resize_shorter=float(s), antialias=True),
-                    mean=mean.tolist(),
-                    **cmn_kwargs,
-                )
-                for s in scales
-            ]
-        else:
-            raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {TRAIN_MODES + VAL_MODES}")
-        pipe.set_outputs(*outputs, label)
-    pipe.build()
-    return pipe
-
-
-def _lighting_mean(mean: np.ndarray, pca_std: float) -> Any:
-    """Per-sample mean with AlexNet PCA lighting folded in: (x + eigvec @ (a * eigval)) - mean.
-
-    Lighting adds one RGB offset per image, so subtracting ``mean - offset`` in the normaliser
-    is the same arithmetic without an extra pass over the pixels. alpha ~ N(0, pca_std) per
-    image and eigen-component; the eigen-values are for 0-1 pixels, hence PCA_SCALE.
-    """
-    import nvidia.dali.fn as fn
-
-    alphas = [fn.random.normal(stddev=pca_std) for _ in range(3)]
-    channels = []
-    for c in range(3):
-        offset = sum(PCA_EIGVEC[c][j] * PCA_EIGVAL[j] * PCA_SCALE * alphas[j] for j in range(3))
-        channels.append(float(mean[c]) - offset)
-    return fn.stack(*channels)
-
-
-# ---------------------------------------------------------------- loaders
+from pipeline.data.sharding import Loader, augmentation_seed, train_shard, val_shard
+from pipeline.host import usable_cpus
 
 
 def _torch_device(device_id: int | None) -> torch.device:
@@ -349,15 +110,6 @@ class _DaliLoader:
         return self._make_pass(epoch)
 
 
-def _threads(num_threads: int) -> int:
-    if num_threads > 0:
-        return num_threads
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def build_train_loader(
     index: ImageFolderIndex,
     cfg: DataConfig,
@@ -397,7 +149,7 @@ def build_train_loader(
         len(files), global_batch=global_batch, shard_id=shard_id, num_shards=num_shards, seed=seed, epoch=0
     )
     device = _torch_device(device_id)
-    threads = _threads(num_threads)
+    threads = num_threads if num_threads > 0 else usable_cpus()
 
     def one_epoch(epoch: int) -> Iterator[tuple[Any, torch.Tensor]]:
         order = train_shard(
@@ -408,7 +160,7 @@ def build_train_loader(
             seed=seed,
             epoch=epoch,
         )
-        pipe = _build_pipeline(
+        pipe = build_pipeline(
             cfg.augment,
             files[order].tolist(),
             labels[order].tolist(),
@@ -471,13 +223,13 @@ def build_val_loader(
     files = list(index.val_files[mine.start : mine.stop])
     labels = list(index.val_labels[mine.start : mine.stop])
     device = _torch_device(device_id)
-    threads = _threads(num_threads)
+    threads = num_threads if num_threads > 0 else usable_cpus()
     num_batches = -(-len(files) // batch_size)
 
     def make_pipe() -> Any:
         # An empty shard (more ranks than images) still needs a valid reader: give it one file
         # and yield nothing from it.
-        return _build_pipeline(
+        return build_pipeline(
             mode,
             files or list(index.val_files[:1]),
             labels or [0],

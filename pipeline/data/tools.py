@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.data.constants import IMAGE_SUFFIXES
 from pipeline.data.layout import DataLayoutError
+from pipeline.host import usable_cpus
 
 QUARANTINE = ".quarantine"  # under ROOT, outside train/ and val/, hidden from the layout scan
 MANIFEST = "manifest.jsonl"
@@ -143,15 +144,6 @@ def _rewrite_rgb_jpeg(path: Path, keep_original: Path) -> None:
         raise OSError("the rewritten file does not verify")
 
 
-def _workers(requested: int | None) -> int:
-    if requested:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def verify_images(
     root: str | os.PathLike[str], *, fix: bool = False, workers: int | None = None
 ) -> VerifyReport:
@@ -173,7 +165,7 @@ def verify_images(
         raise DataLayoutError(f"{root_path}: not a folder; pass the dataset root (with train/ and val/)")
     files = _image_files(root_path)
     tasks = [(str(root_path), rel) for rel in files]
-    n = min(_workers(workers), max(1, len(tasks)))
+    n = min(workers or usable_cpus(), max(1, len(tasks)))
     if n > 1 and len(tasks) > 1:
         methods = multiprocessing.get_all_start_methods()
         with multiprocessing.get_context("fork" if "fork" in methods else None).Pool(n) as pool:

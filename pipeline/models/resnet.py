@@ -100,12 +100,8 @@ class BasicBlock(nn.Module):
         width: int,
         stride: int = 1,
         shortcut: Shortcut | None = "B",
-        v1_5: bool = False,
     ) -> None:
         super().__init__()
-        # v1_5 is accepted so every block builds from the same arguments; a basic block has its
-        # stride in the first 3x3 in both forms.
-        del v1_5
         self.conv1 = conv3x3(in_channels, width, stride)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width)
@@ -190,14 +186,16 @@ def make_stage(
         num_blocks: blocks in the stage.
         stride: spatial stride of the first block.
         shortcut: "A", "B", "C", or None for a plain stage.
-        v1_5: bottlenecks stride in the 3x3 instead of the first 1x1.
+        v1_5: bottlenecks stride in the 3x3 instead of the first 1x1 (a basic block has its
+            stride in the first 3x3 in both forms).
 
     Returns:
         The stage and its number of output channels.
     """
+    extra = {"v1_5": v1_5} if block is Bottleneck else {}
     blocks = []
     for i in range(num_blocks):
-        blocks.append(block(in_channels, width, stride if i == 0 else 1, shortcut, v1_5))
+        blocks.append(block(in_channels, width, stride if i == 0 else 1, shortcut, **extra))
         in_channels = width * block.expansion
     return nn.Sequential(*blocks), in_channels
 

@@ -1,6 +1,4 @@
-"""One typed, frozen, validated configuration for a run.
-
-    cfg = load_config("configs/imagenet/resnet50.yaml", ["optim.lr=0.2", "cluster.num_workers=8"])
+"""Reading a config: YAML with ``base:`` chains, dotted overrides, typed construction, validation.
 
 A YAML file may name a ``base:`` file (a path relative to itself, or a list of them); the
 file's own keys are merged over the base, section by section, so each experiment's file
@@ -18,137 +16,12 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the file or key."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: Literal["imagenet", "cifar10"] = "imagenet"
-    root: str = "data/imagenet"
-    # Train augmentation: "paper" = shorter side random in [scale_min, scale_max] + random crop
-    # + flip (+ PCA colour); "inception" = random-resized-crop; "none" = resize + centre crop.
-    augment: Literal["paper", "inception", "none"] = "paper"
-    crop_size: int = 224
-    scale_min: int = 256
-    scale_max: int = 480
-    val_resize: int = 256
-    pca_std: float = 0.1
-    # "meanstd": per-channel mean/std; "mean": the paper's mean subtraction only.
-    normalize: Literal["meanstd", "mean"] = "meanstd"
-    decoder: Literal["auto", "mixed", "cpu"] = "auto"
-    hw_decoder_load: float = 0.65
-    num_threads: int = 0  # 0: derived from the CPUs Ray gives each worker
-    prefetch: int = 2
-    val_split: int = 0  # CIFAR-10: hold out this many training images as validation (paper: 5000)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "resnet50"
-    num_classes: int = 1000
-    shortcut: Literal["A", "B", "C"] | None = None  # None: the registered model's own option
-    v1_5: bool | None = None
-    zero_init_residual: bool = False
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    batch_size: int = 256  # global batch, split evenly over workers
-    lr: float = 0.1  # base lr at batch 256 (see scale_lr)
-    scale_lr: bool = True  # linear scaling rule: lr = base lr * batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    no_wd_bn_bias: bool = False  # exclude BN and bias parameters from weight decay
-    label_smoothing: float = 0.0
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    kind: Literal["step", "plateau", "constant"] = "step"
-    epochs: int = 120
-    max_iters: int | None = None  # stop after this many iterations (the paper's 600k / 64k)
-    milestones: tuple[int, ...] = (30, 60, 90)
-    milestone_unit: Literal["epoch", "iter"] = "epoch"
-    gamma: float = 0.1
-    plateau_patience: int = 5
-    plateau_threshold: float = 0.1  # absolute improvement in val top-1 error (percent points)
-    min_lr: float = 1e-5
-    warmup_epochs: float = 0.0  # linear warm-up from warmup_lr for large batches
-    warmup_lr: float = 0.0
-    # The paper's ResNet-110 rule: lr = warmup_lr until training error < this (percent).
-    warmup_until_train_err: float | None = None
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    mode: Literal["center", "tencrop", "multiscale"] = "center"
-    final_mode: Literal["center", "tencrop", "multiscale"] | None = "tencrop"
-    scales: tuple[int, ...] = (224, 256, 384, 480, 640)
-    every_n_epochs: int = 1
-    batch_size: int = 0  # global; 0: same as the training batch
-
-
-@dataclass(frozen=True)
-class PrecisionConfig:
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    cudnn_benchmark: bool = True
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    num_workers: int = 1
-    use_gpu: Literal["auto", "true", "false"] = "auto"
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = 0
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    storage_path: str = "runs"  # local folder or s3:// / gs:// URI
-    num_to_keep: int = 2
-    every_n_steps: int = 0
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "resnet-pipeline"
-    entity: str | None = None
-    group: str | None = None
-    tags: tuple[str, ...] = ()
-    log_every_n_steps: int = 50
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str = "run"
-    seed: int = 0
-    log_every_n_steps: int = 20
-    resume_from: str | None = None  # a checkpoint directory to start from
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
+from pipeline.config.schema import Config, ConfigError
 
 # ---------------------------------------------------------------- loading and merging
 
@@ -358,7 +231,7 @@ def _check(cfg: Config) -> None:
             f"optim.batch_size ({cfg.optim.batch_size}) is the global batch and must divide evenly over "
             f"cluster.num_workers ({cfg.cluster.num_workers}); choose a multiple of {cfg.cluster.num_workers}"
         )
-    eval_batch = cfg.eval.batch_size or cfg.optim.batch_size
+    eval_batch = cfg.global_eval_batch
     if eval_batch % cfg.cluster.num_workers:
         raise ConfigError(
             f"eval.batch_size ({eval_batch}) must divide evenly over cluster.num_workers ({cfg.cluster.num_workers})"
@@ -401,50 +274,3 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-# ---------------------------------------------------------------- derived values
-
-
-@dataclass(frozen=True)
-class Derived:
-    """Values computed once from the config and the world size; printed and saved."""
-
-    world_size: int
-    per_worker_batch: int
-    per_worker_eval_batch: int
-    lr: float  # after the linear scaling rule
-    iters_per_epoch: int
-    total_iters: int
-    epochs: int
-
-
-def derive(cfg: Config, num_train_images: int, world_size: int | None = None) -> Derived:
-    world = world_size or cfg.cluster.num_workers
-    global_batch = cfg.optim.batch_size
-    if global_batch % world:
-        raise ConfigError(f"optim.batch_size ({global_batch}) must divide evenly over {world} workers")
-    eval_batch = cfg.eval.batch_size or global_batch
-    per_worker = global_batch // world
-    # Every epoch is a fresh global permutation cut into whole global batches, so all ranks
-    # take the same number of steps (DDP needs it) and a resumed epoch replays exactly.
-    iters_per_epoch = num_train_images // global_batch
-    if iters_per_epoch == 0:
-        raise ConfigError(
-            f"optim.batch_size ({global_batch}) is larger than the training set ({num_train_images} images); "
-            "lower optim.batch_size"
-        )
-    total = iters_per_epoch * cfg.schedule.epochs
-    if cfg.schedule.max_iters is not None:
-        total = min(total, cfg.schedule.max_iters)
-    epochs = math.ceil(total / iters_per_epoch)
-    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
-    return Derived(
-        world_size=world,
-        per_worker_batch=per_worker,
-        per_worker_eval_batch=max(1, eval_batch // world),
-        lr=lr,
-        iters_per_epoch=iters_per_epoch,
-        total_iters=total,
-        epochs=epochs,
-    )

@@ -1,0 +1,60 @@
+"""Who reads what: the per-epoch training order, the validation shards, the augmentation seeds.
+
+Pure functions of (number of files, seed, epoch, rank, world size), shared by the ImageNet
+(DALI) and CIFAR-10 loaders. Sharding is done here rather than by a reader: each epoch's order
+is a function of (seed, epoch), so a resumed epoch replays exactly, and every rank takes the
+same number of steps (DDP needs it). Validation shards are disjoint contiguous slices, so
+summing counts over ranks scores each image exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class Loader(Protocol):
+    """What the engine iterates: a fixed number of batches per epoch on this rank."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor]]: ...
+
+
+def train_shard(
+    num_files: int, *, global_batch: int, shard_id: int, num_shards: int, seed: int, epoch: int
+) -> np.ndarray:
+    """Indices this rank reads in ``epoch``, in order: ``len == steps * global_batch // num_shards``.
+
+    A full permutation from ``default_rng([seed, epoch])`` is cut to whole global batches; rank r
+    takes the r-th contiguous slice of every global batch, so the global batch at step k is the
+    same whatever the world size, and every rank takes ``num_files // global_batch`` steps.
+    """
+    _check_shard(shard_id, num_shards)
+    if global_batch % num_shards:
+        raise ValueError(f"global batch {global_batch} does not divide over {num_shards} shards")
+    steps = num_files // global_batch
+    if steps == 0:
+        raise ValueError(f"global batch {global_batch} is larger than the training set ({num_files} images)")
+    perm = np.random.default_rng([seed, epoch]).permutation(num_files)[: steps * global_batch]
+    per_rank = global_batch // num_shards
+    return perm.reshape(steps, num_shards, per_rank)[:, shard_id, :].reshape(-1)
+
+
+def val_shard(num_files: int, *, shard_id: int, num_shards: int) -> range:
+    """This rank's contiguous slice of the validation set (DALI's own shard formula)."""
+    _check_shard(shard_id, num_shards)
+    return range(num_files * shard_id // num_shards, num_files * (shard_id + 1) // num_shards)
+
+
+def _check_shard(shard_id: int, num_shards: int) -> None:
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id {shard_id} is not in [0, num_shards={num_shards})")
+
+
+def augmentation_seed(seed: int, epoch: int, shard_id: int) -> int:
+    """DALI's pipeline seed: distinct per (seed, epoch, rank), reproducible on resume."""
+    return int(np.random.SeedSequence([seed, epoch, shard_id]).generate_state(1)[0] & 0x7FFFFFFF)

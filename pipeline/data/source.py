@@ -1,0 +1,127 @@
+"""The one place that tells ImageNet from CIFAR-10: dataset sizes for the preflight, loaders for a worker.
+
+    source = open_dataset(cfg.data)              # checks the layout; cheap (no decoding)
+    check_num_classes(cfg.model.num_classes, source)
+    data = source.loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), num_threads=2,
+                          eval_batch=64)
+
+The launcher opens the dataset before Ray starts (a wrong path fails in seconds, with exit
+code 2); each worker opens it again on its own node and builds its shard's loaders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, ConfigError, DataConfig
+from pipeline.data.sharding import Loader
+
+
+@dataclass
+class Data:
+    """This rank's loaders and what the run needs to know about the dataset."""
+
+    train: Loader
+    num_train: int
+    num_classes: int
+    make_val: Callable[[str], Loader]  # eval mode -> a Loader over this rank's validation shard
+
+
+class ImageNetSource:
+    """An ImageNet-layout folder read by DALI (decoded on the GPU when the worker has one)."""
+
+    def __init__(self, cfg: DataConfig):
+        from pipeline.data.layout import scan_imagenet
+
+        self.index = scan_imagenet(cfg.root)
+        self.root = cfg.root
+        self.num_train = len(self.index.train_files)
+        self.num_classes = self.index.num_classes
+
+    def loaders(
+        self,
+        cfg: Config,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        num_threads: int,
+        eval_batch: int,
+    ) -> Data:
+        from pipeline.data.imagenet import build_train_loader, build_val_loader
+
+        common: dict[str, Any] = dict(
+            shard_id=rank,
+            num_shards=world_size,
+            device_id=device.index if device.type == "cuda" else None,
+            num_threads=num_threads,
+            channels_last=cfg.precision.channels_last,
+            half=cfg.precision.amp == "fp16",
+        )
+        train = build_train_loader(
+            self.index, cfg.data, global_batch=cfg.optim.batch_size, seed=cfg.seed, **common
+        )
+
+        def make_val(mode: str) -> Loader:
+            return build_val_loader(
+                self.index, cfg.data, mode=mode, scales=cfg.eval.scales, batch_size=eval_batch, **common
+            )
+
+        return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val)
+
+
+class CifarSource:
+    """The CIFAR-10 python archive, held whole on the training device."""
+
+    num_classes = 10
+
+    def __init__(self, cfg: DataConfig):
+        from pipeline.data.cifar import cifar_num_train
+
+        self.root = cfg.root
+        self.num_train = cifar_num_train(cfg.root, cfg.val_split)
+
+    def loaders(
+        self,
+        cfg: Config,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        num_threads: int,
+        eval_batch: int,
+    ) -> Data:
+        from pipeline.data.cifar import build_cifar_loaders
+
+        train, val, num_train = build_cifar_loaders(
+            cfg.data.root,
+            cfg.data,
+            global_batch=cfg.optim.batch_size,
+            shard_id=rank,
+            num_shards=world_size,
+            device=device,
+            seed=cfg.seed,
+            eval_batch_size=eval_batch,
+        )
+        return Data(train=train, num_train=num_train, num_classes=self.num_classes, make_val=lambda mode: val)
+
+
+DataSource = ImageNetSource | CifarSource
+
+
+def open_dataset(cfg: DataConfig) -> DataSource:
+    """The dataset ``data.dataset`` names, its layout checked (``DataLayoutError`` names the path)."""
+    return CifarSource(cfg) if cfg.dataset == "cifar10" else ImageNetSource(cfg)
+
+
+def check_num_classes(model_classes: int, source: DataSource) -> None:
+    """A classifier narrower than the dataset would fail at the first out-of-range label: say it now."""
+    if source.num_classes > model_classes:
+        raise ConfigError(
+            f"model.num_classes ({model_classes}) is smaller than the {source.num_classes} classes in "
+            f"{source.root}; set model.num_classes={source.num_classes}"
+        )

@@ -1,0 +1,143 @@
+"""The one place that starts Ray and builds a ``TorchTrainer``; the train, eval and bench commands use it.
+
+    result = run_on_ray(cfg, worker=my_worker, extra={"checkpoint": path})
+
+``worker(loop_config)`` runs on every Ray Train worker with ``loop_config = {"config":
+to_dict(cfg), **extra}``; it should call ``quiet_worker_logs()`` first. Ray is joined at
+``RAY_ADDRESS`` when set (or inside a submitted job), otherwise started here with as many
+CPUs as the workers ask for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, requested_gpu, to_dict
+from pipeline.host import usable_cpus
+from pipeline.storage import is_uri
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Resolve relative local paths here: Ray Train workers run in their own working directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or is_uri(path) else str(Path(path).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(cfg.checkpoint.storage_path)),
+        resume_from=absolute(cfg.resume_from),
+    )
+
+
+def quiet_ray_env() -> None:
+    """Turn Ray's own console noise down where it has a switch (before ray is imported)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Ray Train re-routes print() through its logger, which echoes every line twice on the console.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if (
+        not sys.stdout.isatty()
+    ):  # colour codes in the "(RayTrainWorker pid=...)" prefix garble files and pipes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def quiet_worker_logs() -> None:
+    """Keep a worker's console to warnings and the pipeline's own printed lines.
+
+    Ray Train sets the worker's root logger to INFO and logs ``Reporting training result N:
+    TrainingReport(...)`` on every rank at every report, through a logger named after its
+    source file (so not under ``ray.train``). The pipeline prints; it logs nothing at INFO.
+    """
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def _connect(cfg: Config) -> str | None:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local one; returns the address joined."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            # A local cluster with as many CPUs as the workers ask for (at least the machine's).
+            need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
+            ray.init(
+                num_cpus=max(usable_cpus(), int(need + 0.999)),
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+    return address
+
+
+def run_on_ray(
+    cfg: Config,
+    worker: Callable[[dict[str, Any]], None],
+    extra: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Any:
+    """Start or join Ray and run ``worker`` on ``cluster.num_workers`` Ray Train workers.
+
+    Args:
+        cfg: the resolved config; its ``cluster`` section sizes the worker group.
+        worker: the per-worker function; it gets ``{"config": to_dict(cfg), **extra}``.
+        extra: more entries for the worker's loop config.
+        name: the Ray Train run name (default ``cfg.name``, which is what resume keys on).
+
+    Returns:
+        Ray Train's ``Result``; raises ``TrainingFailedError`` when the workers fail beyond
+        ``cluster.max_failures``.
+    """
+    quiet_ray_env()
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    address = _connect(cfg)
+    use_gpu = requested_gpu(cfg.cluster)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.cluster.gpus_per_worker
+    cfg = with_absolute_paths(cfg)
+    print(
+        f"Ray: {'cluster at ' + address if address else 'local'}; {cfg.cluster.num_workers} workers x {resources}, "
+        f"{cfg.cluster.placement_strategy}, backend {'nccl' if use_gpu else 'gloo'}",
+        flush=True,
+    )
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={"config": to_dict(cfg), **(extra or {})},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.cluster.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name or cfg.name,
+            storage_path=cfg.checkpoint.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.checkpoint.num_to_keep,
+                checkpoint_score_attribute="val/top1_err",
+                checkpoint_score_order="min",
+            ),
+            # Ray Train's INFO lines repeat every report; warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()

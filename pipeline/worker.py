@@ -1,0 +1,124 @@
+"""A worker's setup before its first step: seeds, threads, data, model, optimizer.
+
+    ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
+    run = setup_run(cfg, ctx)          # data -> derived values -> model (DDP, compile) -> SGD
+
+The loop (``pipeline.engine``) takes the ``Run`` from here and only steps through epochs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import Config, Derived, derive
+from pipeline.data.source import Data, check_num_classes, open_dataset
+from pipeline.distributed import DistContext, wrap_model
+from pipeline.host import usable_cpus
+
+
+@dataclass
+class Run:
+    """The live objects of one worker's run; the config stays frozen, state lives here."""
+
+    cfg: Config
+    ctx: DistContext
+    derived: Derived
+    data: Data
+    plain: nn.Module  # the bare network (checkpoints, evaluation)
+    model: nn.Module  # what trains: DDP-wrapped, channels_last, compiled as configured
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def worker_threads(cfg: Config) -> int:
+    """DALI threads per worker: the configured number, else the CPUs Ray reserves for the worker."""
+    if cfg.data.num_threads > 0:
+        return cfg.data.num_threads
+    return max(1, min(int(cfg.cluster.cpus_per_worker), usable_cpus()))
+
+
+def build_data(cfg: Config, ctx: DistContext) -> tuple[Data, Derived]:
+    """This rank's loaders and the values derived from the dataset's size and the world size."""
+    source = open_dataset(cfg.data)
+    check_num_classes(cfg.model.num_classes, source)
+    derived = derive(cfg, source.num_train, ctx.world_size)
+    data = source.loaders(
+        cfg,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device,
+        num_threads=worker_threads(cfg),
+        eval_batch=derived.per_worker_eval_batch,
+    )
+    return data, derived
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> list[dict[str, Any]]:
+    """SGD groups: weight decay on everything (the paper), or not on BN and bias parameters.
+
+    BN parameters are found by module type, biases as the ``bias`` of their module, so a
+    layer called ``bn_like_conv`` is never mistaken for a norm layer.
+    """
+    if not no_wd_bn_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+        elif getattr(module, "bias", None) is not None and isinstance(module.bias, nn.Parameter):
+            no_decay.add(id(module.bias))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def build_model_for(cfg: Config, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """(the plain module, the module to train: DDP-wrapped, channels_last, compiled as configured)."""
+    from pipeline.models import build_model
+
+    model = build_model(cfg.model)
+    if cfg.precision.sync_bn and ctx.world_size > 1:
+        if ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:  # PyTorch's SyncBatchNorm runs on GPUs only
+            print(
+                "warning: precision.sync_bn is ignored on CPU workers; BN statistics stay per worker",
+                flush=True,
+            )
+    model = model.to(ctx.device)
+    if cfg.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trained = wrap_model(model, ctx)
+    if cfg.precision.compile:
+        trained = torch.compile(trained)
+    return model, trained
+
+
+def setup_run(cfg: Config, ctx: DistContext) -> Run:
+    """Everything a worker needs before its first step, in order: data, model, optimizer."""
+    seed_everything(cfg.seed + ctx.rank)
+    torch.backends.cudnn.benchmark = cfg.precision.cudnn_benchmark
+    data, derived = build_data(cfg, ctx)
+    plain, trained = build_model_for(cfg, ctx)
+    optimizer = torch.optim.SGD(
+        param_groups(plain, cfg.optim.weight_decay, cfg.optim.no_wd_bn_bias),
+        lr=derived.lr,
+        momentum=cfg.optim.momentum,
+        nesterov=cfg.optim.nesterov,
+    )
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision.amp == "fp16")
+    return Run(cfg, ctx, derived, data, plain, trained, optimizer, scaler)
