@@ -37,9 +37,9 @@ import struct
 import warnings
 import zlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
-from pipeline.config import TrackingConfig
+from pipeline.config import EvalConfig, TrackingConfig
 
 if TYPE_CHECKING:
     from wandb.proto.wandb_internal_pb2 import Record
@@ -49,22 +49,42 @@ if TYPE_CHECKING:
 INIT_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 
-# Metrics logged once per epoch (charted against `epoch`); everything else is logged every N
-# iterations and charted against wandb's step, which the engine sets to the global iteration
-# (the x-axis of the paper's Figures 4 and 6).
+# ---- Every metric name the pipeline logs, in one place: `_define_metrics` declares them to W&B,
+# the dashboards (pipeline/dashboard_views.py) chart only these, and tests/test_dashboard.py checks
+# the keys a real engine run logs against them, so a renamed metric cannot leave an empty panel.
+
+# The x-axes in the engine's rows: `epoch` (fractional in step rows) and `step` (= wandb's step).
+AXIS_METRICS = ("epoch", "step")
+# Logged every tracking.log_every_n_steps iterations (epoch rows carry lr and img_per_s too) and
+# charted against wandb's step, which the engine sets to the global iteration (the x-axis of the
+# paper's Figures 4 and 6).
+STEP_METRICS = ("train/step_loss", "lr", "img_per_s")
+# Logged once per epoch and charted against `epoch` (val/ ones only in epochs that validate).
 EPOCH_METRICS = (
     "train/loss",
     "train/top1_err",
     "train/top5_err",
+    "val/loss",
     "val/top1_err",
     "val/top5_err",
-    "val/*",
     "epoch_time_s",
     "data_wait_frac",
     "gpu_mem_gb",
+    "world_size",
+    "global_batch",
 )
+# Not in every run: gpu_mem_gb on GPU workers only; world_size and global_batch once the engine
+# records them in its epoch rows (until then the dashboards' panels for them stay empty).
+OPTIONAL_METRICS = ("gpu_mem_gb", "world_size", "global_batch")
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
 MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
+# Summary only, set at the end of a run: the final evaluation in its mode (e.g. 10-crop).
+FINAL_SUMMARY_METRICS = tuple(
+    f"final/{mode}/{err}"
+    for mode in get_args(get_type_hints(EvalConfig)["mode"])
+    for err in ("top1_err", "top5_err")
+)
+LOGGED_METRICS = frozenset(AXIS_METRICS + STEP_METRICS + EPOCH_METRICS)
 
 _MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
 
