@@ -103,7 +103,8 @@ def view_keys(spec: Any, keys: ViewKeys | None = None) -> ViewKeys:
         keys.unknown_panels.add(view_type)
     if set(spec) == {"section", "name"}:  # a filter, grouping or sort key
         _add_key(keys, spec["section"], spec["name"])
-    for column in spec.get("columnOrder", []) if isinstance(spec.get("columnOrder"), list) else []:
+    columns = spec.get("columnOrder")  # a run table's columns, e.g. "summary:final/tencrop/top1_err"
+    for column in columns if isinstance(columns, list) else []:
         section, _, name = column.partition(":")
         _add_key(keys, section, name)
     for value in spec.values():
