@@ -39,9 +39,10 @@ PROBE_TIMEOUT_S = 10.0  # connecting to the W&B server; past this it counts as u
 BUILTIN_AXES = frozenset({"_step", "_runtime", "_timestamp", "_absolute_runtime"})
 # Panels that name no metric key (the checker fails on any other panel type it does not know).
 KEYLESS_PANELS = frozenset({"Run Comparer", "Markdown Panel"})
-# Letters, digits and - _ . only: W&B's own rule for entity names, and safe inside the filter
-# expressions that wandb-workspaces parses.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# W&B entity (user or team) names: letters, digits, - _ and dots.
+_ENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# W&B refuses these characters in project names.
+_PROJECT = re.compile(r"[^/\\#?%:]+")
 # A group may hold anything tracking.group does, except quotes and backslashes.
 _GROUP = re.compile(r"[^'\"\\]+")
 
@@ -213,10 +214,13 @@ def save_blocker() -> str | None:
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag, value in (("--entity", args.entity), ("--project", args.project)):
-        if not _NAME.fullmatch(value):
-            hint = " (give the project with --project)" if "/" in value and flag == "--entity" else ""
-            parser.error(f"{flag} {value!r}: use letters, digits and - _ . only{hint}")
+    if not _ENTITY.fullmatch(args.entity):
+        hint = " (give the project with --project)" if "/" in args.entity else ""
+        parser.error(
+            f"--entity {args.entity!r}: a W&B user or team name has letters, digits and - _ . only{hint}"
+        )
+    if not _PROJECT.fullmatch(args.project):
+        parser.error(f"--project {args.project!r}: must be non-empty, without any of / \\ # ? % :")
     if args.group is not None and not _GROUP.fullmatch(args.group):
         parser.error(f"--group {args.group!r}: must be non-empty, without quotes or backslashes")
 

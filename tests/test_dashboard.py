@@ -198,6 +198,7 @@ def test_dry_run_prints_the_report_as_json(capsys):
         (["--entity", "e", "--kind", "curves"], "invalid choice: 'curves'"),
         (["--entity", "my-team/resnet-pipeline"], "give the project with --project"),
         (["--entity", "e", "--project", ""], "--project ''"),
+        (["--entity", "e", "--project", "my-team/resnet-pipeline"], "without any of /"),
         (["--entity", "e", "--group", "it's"], "--group"),
     ],
 )
