@@ -253,6 +253,7 @@ class _FakeWandb(BaseHTTPRequestHandler):
     """Just enough of W&B's GraphQL API for ``wandb.Api()`` and the two ``save()`` calls."""
 
     requests: list[dict[str, Any]]
+    refuse_upsert = False  # answer upsertView with a GraphQL error, as for a key without access
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -277,7 +278,9 @@ class _FakeWandb(BaseHTTPRequestHandler):
                         "displayName": v["displayName"], "description": v["description"], "updatedAt": "2026-01-01T00:00:00",
                         "project": {"id": "p1", "name": v["projectName"], "entityName": v["entityName"]}}  # fmt: skip
                 data = {"upsertView": {"inserted": True, "view": view}}
-        reply = json.dumps({"data": data}).encode()
+                if self.refuse_upsert:
+                    data = {"errors": [{"message": "permission denied", "path": ["upsertView"]}]}
+        reply = json.dumps(data if "errors" in data else {"data": data}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(reply)))
@@ -294,23 +297,25 @@ def _without_ids(value: Any) -> Any:
     return value
 
 
-@needs_workspaces
-@pytest.mark.parametrize("kind", ["training", "degradation"])
-def test_save_sends_what_dry_run_prints(kind, tmp_path):
-    handler = type("Handler", (_FakeWandb,), {"requests": []})
+def _against_fake_wandb(tmp_path: Path, *args: str, refuse: bool = False) -> tuple[Any, Any, int]:
+    handler = type("Handler", (_FakeWandb,), {"requests": [], "refuse_upsert": refuse})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = _isolated_wandb_env(tmp_path / "home")
         env.update(WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{server.server_port}")
-        result = _dashboard(env, "--entity", "e", "--kind", kind, "--group", "g1")
+        return _dashboard(env, "--entity", "e", *args), handler.requests, server.server_port
     finally:
         server.shutdown()
+
+
+@needs_workspaces
+@pytest.mark.parametrize("kind", ["training", "degradation"])
+def test_save_sends_what_dry_run_prints(kind, tmp_path):
+    result, requests, port = _against_fake_wandb(tmp_path, "--kind", kind, "--group", "g1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert (
-        f"saved the {kind} " in result.stdout and f"http://127.0.0.1:{server.server_port}/e/" in result.stdout
-    )
-    (sent,) = [r["variables"] for r in handler.requests if "upsertView" in r["query"]]
+    assert f"saved the {kind} " in result.stdout and f"http://127.0.0.1:{port}/e/" in result.stdout
+    (sent,) = [r["variables"] for r in requests if "upsertView" in r["query"]]
 
     from pipeline.dashboard_views import build
 
@@ -318,3 +323,15 @@ def test_save_sends_what_dry_run_prints(kind, tmp_path):
     for field in ("entityName", "projectName", "displayName", "type", "description"):
         assert sent[field] == expected[field], field
     assert _without_ids(json.loads(sent["spec"])) == _without_ids(expected["spec"])
+
+
+@needs_workspaces
+def test_a_refused_save_exits_1_and_still_prints_the_json(tmp_path):
+    result, requests, _ = _against_fake_wandb(tmp_path, "--kind", "training", refuse=True)
+    assert result.returncode == 1
+    assert (
+        "error: saving the training workspace failed" in result.stderr
+        and "permission denied" in result.stderr
+    )
+    assert json.loads(result.stdout)["type"] == "project-view"
+    assert any("upsertView" in r["query"] for r in requests)
