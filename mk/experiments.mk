@@ -8,7 +8,8 @@
 # networks train one after another (each uses the whole machine) into
 # <checkpoint.storage_path>/<name>/ (runs/<name>/ by default), all in the W&B group
 # `degradation-cifar10` so one dashboard chart holds them; then `pipeline report` draws the
-# curves and the table against the paper into DEGRADATION_REPORT.
+# curves and the table against the paper into DEGRADATION_REPORT, and the last lines give the
+# command that builds the same view as a W&B report (`pipeline dashboard`, docs/wandb.md).
 #
 # DEGRADATION_ARGS and ARGS are dotted config overrides appended to every run (and used to
 # find the run folders for the report), e.g. a short CPU check:
@@ -36,6 +37,21 @@ for path in sys.argv[1].split():
 endef
 export _DEGRADATION_RUN_DIRS_PY
 
+# Prints the `pipeline dashboard` command for these runs, with the W&B entity, project and group
+# they were logged under (the first config's, overrides included).
+define _DEGRADATION_DASHBOARD_PY
+import shlex, sys
+from pipeline.config import load_config
+t = load_config(sys.argv[1].split()[0], sys.argv[2:]).tracking
+args = ["--kind", "degradation", "--entity", t.entity or "ENTITY", "--project", t.project]
+args += ["--group", t.group] if t.group else []
+print("W&B report of these runs (the paper's Fig. 6; upload offline runs first with `wandb sync`):")
+print("  python -m pipeline dashboard " + " ".join(shlex.quote(a) for a in args))
+if not t.entity:
+    print("  (ENTITY: your W&B user or team; tracking.entity is not set)")
+endef
+export _DEGRADATION_DASHBOARD_PY
+
 .PHONY: degradation degradation-report
 
 degradation: $(STAMP)
@@ -47,4 +63,5 @@ degradation: $(STAMP)
 
 degradation-report: $(STAMP)
 	@set -e; dirs="$$($(PY) -c "$$_DEGRADATION_RUN_DIRS_PY" "$(DEGRADATION_CONFIGS)" $(DEGRADATION_OVERRIDES))"; \
-	$(PY) -m pipeline report --runs $$dirs --out $(DEGRADATION_REPORT)
+	$(PY) -m pipeline report --runs $$dirs --out $(DEGRADATION_REPORT); \
+	$(PY) -c "$$_DEGRADATION_DASHBOARD_PY" "$(DEGRADATION_CONFIGS)" $(DEGRADATION_OVERRIDES)

@@ -17,12 +17,16 @@ COMMANDS = {
     "models": ("pipeline.models.cli", "list registered models with params and multiply-adds"),
     "bench": ("pipeline.bench", "throughput benchmarks (loader, model, ray)"),
     "report": ("pipeline.report", "figures and tables against the paper from run directories"),
+    "dashboard": (
+        "pipeline.dashboard",
+        "W&B workspaces and reports built in code (training, degradation, ...)",
+    ),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m pipeline <command> [args]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

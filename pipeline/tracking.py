@@ -31,31 +31,51 @@ import pathlib
 import secrets
 import string
 import warnings
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
-from pipeline.config import TrackingConfig
+from pipeline.config import EvalConfig, TrackingConfig
 
 # Bounded waits so that a dead network costs at most this much, never a hang. wandb's own
 # environment variables still win when set (they are the names its users know).
 INIT_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 
-# Metrics logged once per epoch (charted against `epoch`); everything else is logged every N
-# iterations and charted against wandb's step, which the engine sets to the global iteration
-# (the x-axis of the paper's Figures 4 and 6).
+# ---- Every metric name the pipeline logs, in one place: `_define_metrics` declares them to W&B,
+# the dashboards (pipeline/dashboard_views.py) chart only these, and tests/test_dashboard.py checks
+# the keys a real engine run logs against them, so a renamed metric cannot leave an empty panel.
+
+# The x-axes in the engine's rows: `epoch` (fractional in step rows) and `step` (= wandb's step).
+AXIS_METRICS = ("epoch", "step")
+# Logged every tracking.log_every_n_steps iterations (epoch rows carry lr and img_per_s too) and
+# charted against wandb's step, which the engine sets to the global iteration (the x-axis of the
+# paper's Figures 4 and 6).
+STEP_METRICS = ("train/step_loss", "lr", "img_per_s")
+# Logged once per epoch and charted against `epoch` (val/ ones only in epochs that validate).
 EPOCH_METRICS = (
     "train/loss",
     "train/top1_err",
     "train/top5_err",
+    "val/loss",
     "val/top1_err",
     "val/top5_err",
-    "val/*",
     "epoch_time_s",
     "data_wait_frac",
     "gpu_mem_gb",
+    "world_size",
+    "global_batch",
 )
+# Not in every run: gpu_mem_gb on GPU workers only; world_size and global_batch once the engine
+# records them in its epoch rows (until then the dashboards' panels for them stay empty).
+OPTIONAL_METRICS = ("gpu_mem_gb", "world_size", "global_batch")
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
 MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
+# Summary only, set at the end of a run: the final evaluation in its mode (e.g. 10-crop).
+FINAL_SUMMARY_METRICS = tuple(
+    f"final/{mode}/{err}"
+    for mode in get_args(get_type_hints(EvalConfig)["mode"])
+    for err in ("top1_err", "top5_err")
+)
+LOGGED_METRICS = frozenset(AXIS_METRICS + STEP_METRICS + EPOCH_METRICS)
 
 _MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
 
@@ -179,7 +199,7 @@ class Tracker:
     @classmethod
     def _try_online(cls, wandb: Any, init: dict[str, Any]) -> tuple[Tracker | None, str | None]:
         """(the online tracker, None), or (None, why it cannot start); never prompts or hangs."""
-        reason = _missing_credentials(wandb)
+        reason = missing_credentials(wandb)
         if reason is not None:
             return None, reason
         try:
@@ -288,7 +308,7 @@ class Tracker:
             self._run = None
 
 
-def _missing_credentials(wandb: Any) -> str | None:
+def missing_credentials(wandb: Any) -> str | None:
     """Why online mode cannot start (no key), or None. Never prompts, never touches the network."""
     try:
         if wandb.login(prompt=False, verify=False):

@@ -6,12 +6,14 @@ run, ``--no-ray``, to keep it to seconds), then checks the report and the W&B gr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import run_pipeline
 from PIL import Image
 
 from pipeline.wandb_offline import read_wandb_records
@@ -73,3 +75,13 @@ def test_make_degradation_short_run(tmp_path: Path):
             r.run.run_group for r in read_wandb_records(wandb_file) if r.WhichOneof("record_type") == "run"
         }
     assert groups == {"degradation-cifar10"}
+
+    # It ends with the command that builds the W&B report of these runs, and that command works.
+    command = result.stdout.strip().splitlines()[-2].split()
+    assert command[:4] == ["python", "-m", "pipeline", "dashboard"], result.stdout[-1000:]
+    assert command[4:] == ["--kind", "degradation", "--entity", "ENTITY", "--project", "resnet-pipeline",
+                           "--group", "degradation-cifar10"]  # fmt: skip
+    if importlib.util.find_spec("wandb_workspaces") is not None:  # the '.[dashboards]' extra
+        dry_run = run_pipeline(*command[3:], "--dry-run", timeout=180)
+        assert dry_run.returncode == 0, dry_run.stderr[-2000:]
+        assert json.loads(dry_run.stdout)["displayName"].endswith("(degradation-cifar10)")
