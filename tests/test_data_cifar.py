@@ -138,3 +138,17 @@ def test_ranks_equal_steps_disjoint_and_val_once(cifar_root):
 def test_missing_archive_says_what_to_do(tmp_path):
     with pytest.raises(DataLayoutError, match="synth-cifar|download"):
         _loaders(tmp_path)
+
+
+def test_resumed_epoch_and_other_world_sizes_get_the_same_augmented_batches(cifar_root):
+    train, _, _ = _loaders(cifar_root, global_batch=30)
+    straight = list(train.epoch(2))
+    resumed = list(_loaders(cifar_root, global_batch=30)[0].epoch(2, start=4))
+    for (x, y), (xr, yr) in zip(straight[4:], resumed, strict=True):
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+    thirds = [
+        list(_loaders(cifar_root, global_batch=30, shard_id=r, num_shards=3)[0].epoch(2)) for r in range(3)
+    ]
+    for step, (x, y) in enumerate(straight):
+        assert torch.equal(torch.cat([t[step][0] for t in thirds]), x)
+        assert torch.equal(torch.cat([t[step][1] for t in thirds]), y)

@@ -415,3 +415,23 @@ def test_decode_failure_names_the_file(train_images, tmp_path, split):
     with pytest.raises(RuntimeError, match=r"cannot decode .*bad\.JPEG .*data verify"):
         for _ in loader.epoch(0):
             pass
+
+
+def test_train_resume_mid_epoch_and_any_world_size_replay_the_same_batches(train_images):
+    """The feed draws files and augmentation from (seed, epoch, step, place in the global batch):
+    a loader started at step k of an epoch, or run on another world size, sees the same samples."""
+    index = _index(train_images)  # 24 images, global batch 8: 3 steps per epoch
+    common = dict(global_batch=8, device_id=None, seed=3, num_threads=1)
+    one = build_train_loader(index, CFG, shard_id=0, num_shards=1, **common)
+    straight = list(one.epoch(0)) + list(one.epoch(1))  # one pipeline, run on across the boundary
+    assert one._next == (2, 0)  # the pipeline was not rebuilt for epoch 1
+    resumed = list(build_train_loader(index, CFG, shard_id=0, num_shards=1, **common).epoch(1, start=1))
+    for (x, y), (xr, yr) in zip(straight[4:], resumed, strict=True):
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+    halves = [
+        list(build_train_loader(index, CFG, shard_id=r, num_shards=2, **common).epoch(1)) for r in range(2)
+    ]
+    for step in range(3):
+        x, y = straight[3 + step]
+        assert torch.equal(torch.cat([halves[0][step][1], halves[1][step][1]]), y)
+        torch.testing.assert_close(torch.cat([halves[0][step][0], halves[1][step][0]]), x)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.config import DataConfig
 from pipeline.data.constants import CIFAR_DIRNAME, CIFAR_IMAGE_SIZE, CIFAR_PAD, CIFAR_SPLIT_SEED
 from pipeline.data.layout import DataLayoutError
-from pipeline.data.sharding import Loader, augmentation_seed, train_shard, val_shard
+from pipeline.data.sharding import Loader, batch_seed, train_shard, val_shard
 
 
 def _read_split(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -80,18 +80,23 @@ class _Normalizer:
         return (x.float() - self.mean) / self.std
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, generator: torch.Generator, global_batch: int | None = None, part: slice = slice(None)
+) -> torch.Tensor:
     """The paper's CIFAR augmentation on a normalised batch [B, 3, 32, 32], on x's device.
 
     Padding is applied after normalisation, so the 4 padded pixels are zeros of the
-    mean-subtracted input (neutral), not black.
+    mean-subtracted input (neutral), not black. With ``global_batch``, the offsets and flips are
+    drawn for the whole global batch and ``part`` picks this rank's: a sample's augmentation
+    then depends on its place in the global batch only, whatever the world size.
     """
     b, size = x.shape[0], x.shape[-1]
+    n = global_batch or b
     padded = F.pad(x, (CIFAR_PAD,) * 4)
     span = 2 * CIFAR_PAD + 1
-    oy = torch.randint(0, span, (b,), device=x.device, generator=generator)
-    ox = torch.randint(0, span, (b,), device=x.device, generator=generator)
-    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    oy = torch.randint(0, span, (n,), device=x.device, generator=generator)[part]
+    ox = torch.randint(0, span, (n,), device=x.device, generator=generator)[part]
+    flip = (torch.rand(n, device=x.device, generator=generator) < 0.5)[part]
     ar = torch.arange(size, device=x.device)
     rows = (oy[:, None] + ar)[:, :, None]  # [B, 32, 1]
     cols = (ox[:, None] + ar)[:, None, :]  # [B, 1, 32]
@@ -123,7 +128,9 @@ class _CifarTrain:
     def __len__(self) -> int:
         return len(self.labels) // self.global_batch
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` from step ``start`` on; the augmentation of step k is drawn
+        from (seed, epoch, k), so a resumed epoch replays exactly."""
         order = train_shard(
             len(self.labels),
             global_batch=self.global_batch,
@@ -132,11 +139,16 @@ class _CifarTrain:
             seed=self.seed,
             epoch=epoch,
         )
-        order_t = torch.as_tensor(order, device=self.images.device)
+        order_t = torch.as_tensor(order, device=self.images.device).view(-1, self.per_rank)
         g = torch.Generator(device=self.images.device)
-        g.manual_seed(augmentation_seed(self.seed, epoch, self.shard_id))
-        for idx in order_t.split(self.per_rank):
-            yield augment_batch(self.normalize(self.images[idx]), g), self.labels[idx]
+        mine = slice(self.shard_id * self.per_rank, (self.shard_id + 1) * self.per_rank)
+        for step in range(start, len(order_t)):
+            idx = order_t[step]
+            g.manual_seed(batch_seed(self.seed, epoch, step))  # sets the generator's state: no device sync
+            yield (
+                augment_batch(self.normalize(self.images[idx]), g, self.global_batch, mine),
+                self.labels[idx],
+            )
 
 
 class _CifarEval:
@@ -148,10 +160,10 @@ class _CifarEval:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.labels), self.batch_size):
-            end = start + self.batch_size
-            yield self.normalize(self.images[start:end]), self.labels[start:end]
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for first in range(0, len(self.labels), self.batch_size):
+            end = first + self.batch_size
+            yield self.normalize(self.images[first:end]), self.labels[first:end]
 
 
 def build_cifar_loaders(

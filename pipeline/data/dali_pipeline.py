@@ -1,12 +1,17 @@
-"""The DALI graphs: one builder for the paper's training augmentation and its test protocols.
+"""The DALI graphs: the paper's training augmentation, fed batch by batch, and its test protocols.
 
+    pipe = build_train_pipeline("paper", feed, cfg.data, batch_size=64, device_id=None, num_threads=2,
+                                seed=0, channels_last=False, half=False)
     pipe = build_pipeline("tencrop", files, labels, cfg.data, batch_size=32, device_id=None,
                           num_threads=2, seed=0, channels_last=False, half=False)
 
-The train modes ("paper", "inception", "none") and the test modes ("center", "tencrop",
-"multiscale") share the reader, the decoder and the normalisation, and differ only in the
-geometric step between them. The reader takes the files in the order given: sharding and
-shuffling are decided in ``pipeline.data.sharding``.
+Training pipelines are built once per run and fed by an external source: each batch's file
+names, labels and augmentation parameters come from ``pipeline.data.imagenet``'s feed, which
+computes them as pure functions of (seed, epoch, step, position in the global batch). So a
+run resumed at any step, on any world size, sees the very images and crops it would have
+seen; and the feed runs on across epoch boundaries, so DALI's prefetching never drains. Test
+pipelines read a fixed shard with DALI's file reader. Files are read by DALI itself, local
+paths and ``s3://`` alike (``AWS_ENDPOINT_URL`` and the rest of the AWS environment apply).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pipeline.data.constants import (
 TRAIN_MODES = ("paper", "inception", "none")
 VAL_MODES = ("center", "tencrop", "multiscale")
 READER = "Reader"
+# What the training feed delivers per sample, in this order ("paper" adds the augmentation).
+FEED_OUTPUTS = {"paper": 7, "inception": 2, "none": 2}  # names, labels[, scale, pos_x, pos_y, mirror, mean]
 
 # TenCrop order (torchvision): five_crop(img) then five_crop(hflip(img)). A crop of the flipped
 # image at the left edge is the mirror of the original's crop at the right edge, hence pos_x 1-x.
@@ -45,6 +52,139 @@ def _decoder_device(cfg: DataConfig, device_id: int | None) -> str:
     return "cpu" if cfg.decoder == "cpu" else "mixed"
 
 
+def _new_pipeline(
+    cfg: DataConfig, batch_size: int, device_id: int | None, num_threads: int, seed: int
+) -> Any:
+    from nvidia.dali import Pipeline
+
+    return Pipeline(
+        batch_size=batch_size,
+        num_threads=max(1, num_threads),
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=max(1, cfg.prefetch),
+    )
+
+
+def _decode_kwargs(cfg: DataConfig, device_id: int | None) -> tuple[dict[str, Any], bool]:
+    """(decoder arguments, whether decoded images still have to move to the GPU)."""
+    import nvidia.dali.types as types
+
+    device = _decoder_device(cfg, device_id)
+    kwargs: dict[str, Any] = {"device": device, "output_type": types.RGB}
+    if device == "mixed":
+        kwargs["hw_decoder_load"] = cfg.hw_decoder_load
+    # The mixed decoder's outputs are on the GPU already; a CPU decode feeding a GPU run moves there.
+    return kwargs, device_id is not None and device == "cpu"
+
+
+def _normalize_kwargs(cfg: DataConfig, channels_last: bool, half: bool) -> dict[str, Any]:
+    import nvidia.dali.types as types
+
+    std = IMAGENET_STD if cfg.normalize == "meanstd" else (1.0, 1.0, 1.0)
+    return {
+        "dtype": types.FLOAT16 if half else types.FLOAT,
+        "output_layout": "HWC" if channels_last else "CHW",
+        "std": [float(x) for x in std],
+    }
+
+
+def lighting_means(alphas: np.ndarray) -> np.ndarray:
+    """Per-sample normalisation means with AlexNet PCA lighting folded in: mean - eigvec @ (a * eigval).
+
+    Lighting adds one RGB offset per image, so subtracting ``mean - offset`` in the normaliser
+    is the same arithmetic without an extra pass over the pixels. ``alphas`` [N, 3] ~ N(0,
+    pca_std); the eigen-values are for 0-1 pixels, hence PCA_SCALE. Returns float32 [N, 3].
+    """
+    basis = np.asarray(PCA_EIGVEC, np.float64) * np.asarray(PCA_EIGVAL, np.float64) * PCA_SCALE
+    offsets = alphas.astype(np.float64) @ basis.T  # offset_c = sum_j eigvec[c][j] * eigval[j] * scale * a_j
+    return (np.asarray(IMAGENET_MEAN, np.float64)[None, :] - offsets).astype(np.float32)
+
+
+def build_train_pipeline(
+    mode: str,
+    feed: Any,
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    device_id: int | None,
+    num_threads: int,
+    seed: int,
+    channels_last: bool,
+    half: bool,
+) -> Any:
+    """The training pipeline for ``mode``, fed batch by batch by ``feed``.
+
+    Args:
+        mode: "paper" (the paper's scale augmentation, crop, flip, PCA lighting), "inception"
+            (random-resized crop, DALI's own randomness: not replayed exactly on resume), "none"
+            (resize and centre crop).
+        feed: an iterator yielding, per batch, ``FEED_OUTPUTS[mode]`` lists of per-sample arrays:
+            UTF-8 file names (uint8), labels (int64) and, for "paper", the shorter side to scale to,
+            the crop position (x, y in [0, 1]), the flip (int32) and the normalisation mean [3].
+        cfg: sizes, normalisation, decoder choice, ``mmap``.
+        batch_size: samples per batch (this rank's share of the global batch).
+        device_id: local GPU index, or None for an all-CPU pipeline.
+        num_threads: DALI CPU worker threads.
+        seed: seeds DALI's own random operators ("inception" only).
+        channels_last, half: output layout HWC instead of CHW; float16 instead of float32.
+
+    Returns:
+        A built pipeline with outputs (images, labels), labels on the GPU when ``device_id`` is set.
+    """
+    import nvidia.dali as dali
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"data.augment={mode!r}; choose one of {TRAIN_MODES}")
+    pipe = _new_pipeline(cfg, batch_size, device_id, num_threads, seed)
+    decode_kwargs, to_gpu = _decode_kwargs(cfg, device_id)
+    cmn_kwargs = _normalize_kwargs(cfg, channels_last, half)
+    crop = [cfg.crop_size, cfg.crop_size]
+    mean = [float(x) for x in IMAGENET_MEAN]
+    with pipe:
+        names, labels, *aug = fn.external_source(source=feed, num_outputs=FEED_OUTPUTS[mode], batch=True)
+        # mmap pays off on a local disk only; on network filesystems (Lustre, NFS, Filestore) plain reads win.
+        jpegs = fn.io.file.read(names, dont_use_mmap=not cfg.mmap)
+        if mode == "paper":
+            scale, pos_x, pos_y, mirror, sample_mean = aug
+            # Resize-shorter-to-S-then-crop-c, computed the cheap way: the c x c crop of the image
+            # scaled to shorter side S is a (c * short / S)^2 window of the original. Decode only
+            # that window (ROI decode) and resize it straight to c x c, instead of decoding and
+            # resizing the whole image to up to 480 x 640 and throwing most of it away.
+            shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # [H, W, C], EXIF-oriented like the decoder
+            short = dali.math.min(shape[0], shape[1])
+            window = dali.math.min(short, float(cfg.crop_size) * short / scale)
+            images = fn.decoders.image_crop(
+                jpegs, crop_w=window, crop_h=window, crop_pos_x=pos_x, crop_pos_y=pos_y, **decode_kwargs
+            )
+            images = images.gpu() if to_gpu else images
+            images = fn.resize(images, size=crop, antialias=True)
+            images = fn.crop_mirror_normalize(images, mirror=mirror, mean=sample_mean, **cmn_kwargs)
+        elif mode == "inception":
+            # Decode only the random window (ROI decode); then one resize straight to the crop size.
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                num_attempts=100,
+                **decode_kwargs,
+            )
+            images = images.gpu() if to_gpu else images
+            images = fn.resize(images, size=crop, antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5)
+            images = fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, **cmn_kwargs)
+        else:
+            images = fn.decoders.image(jpegs, **decode_kwargs)
+            images = images.gpu() if to_gpu else images
+            images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
+            images = fn.crop_mirror_normalize(images, crop=crop, mean=mean, **cmn_kwargs)
+        pipe.set_outputs(images, labels.gpu() if device_id is not None else labels)
+    pipe.build()
+    return pipe
+
+
 def build_pipeline(
     mode: str,
     files: Sequence[str],
@@ -59,47 +199,30 @@ def build_pipeline(
     half: bool,
     scales: tuple[int, ...] = (),
 ) -> Any:
-    """One DALI pipeline for ``mode`` over ``files`` in the given order.
+    """One test pipeline for ``mode`` over ``files`` in the given order.
 
     Args:
-        mode: "paper" | "inception" | "none" (training) or "center" | "tencrop" | "multiscale" (test).
+        mode: "center" | "tencrop" | "multiscale".
         files, labels: what the reader yields, in this order (no shuffling, no sharding here).
         cfg: crop/scale sizes, PCA std, normalisation, decoder choice.
         batch_size: samples per ``run()``.
         device_id: local GPU index, or None for an all-CPU pipeline.
         num_threads: DALI CPU worker threads.
-        seed: the pipeline seed every random operator derives from.
+        seed: the pipeline seed (the test modes draw nothing random).
         channels_last, half: output layout HWC instead of CHW; float16 instead of float32.
         scales: shorter sides for "multiscale" (one output per scale).
 
     Returns:
         A built ``nvidia.dali.Pipeline`` with outputs (images..., labels).
     """
-    import nvidia.dali as dali
     import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import Pipeline
 
-    pipe = Pipeline(
-        batch_size=batch_size,
-        num_threads=max(1, num_threads),
-        device_id=device_id,
-        seed=seed,
-        prefetch_queue_depth=max(1, cfg.prefetch),
-    )
-    decode_device = _decoder_device(cfg, device_id)
-    # The mixed decoder's outputs are on the GPU already; a CPU decode feeding a GPU run moves there.
-    to_gpu = device_id is not None and decode_device == "cpu"
-    decode_kwargs: dict[str, Any] = {"device": decode_device, "output_type": types.RGB}
-    if decode_device == "mixed":
-        decode_kwargs["hw_decoder_load"] = cfg.hw_decoder_load
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD if cfg.normalize == "meanstd" else (1.0, 1.0, 1.0), np.float32)
-    cmn_kwargs: dict[str, Any] = {
-        "dtype": types.FLOAT16 if half else types.FLOAT,
-        "output_layout": "HWC" if channels_last else "CHW",
-        "std": std.tolist(),
-    }
+    if mode not in VAL_MODES:
+        raise ValueError(f"eval mode {mode!r}; choose one of {VAL_MODES}")
+    pipe = _new_pipeline(cfg, batch_size, device_id, num_threads, seed)
+    decode_kwargs, to_gpu = _decode_kwargs(cfg, device_id)
+    cmn_kwargs = _normalize_kwargs(cfg, channels_last, half)
+    mean = [float(x) for x in IMAGENET_MEAN]
     crop = (cfg.crop_size, cfg.crop_size)
 
     with pipe:
@@ -110,60 +233,18 @@ def build_pipeline(
             pad_last_batch=True,  # the last partial batch repeats a sample; it is cut before yielding
             name=READER,
         )
-        if mode == "paper":
-            # Resize-shorter-to-S-then-crop-c, computed the cheap way: the c x c crop of the image
-            # scaled to shorter side S is a (c * short / S)^2 window of the original. Decode only
-            # that window (ROI decode) and resize it straight to c x c, instead of decoding and
-            # resizing the whole image to up to 480 x 640 and throwing most of it away.
-            lo, hi = float(cfg.scale_min), float(cfg.scale_max)
-            shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # [H, W, C], EXIF-oriented like the decoder
-            short = dali.math.min(shape[0], shape[1])
-            scale = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-            window = dali.math.min(short, float(cfg.crop_size) * short / scale)
-            images = fn.decoders.image_crop(
-                jpegs,
-                crop_w=window,
-                crop_h=window,
-                crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-                crop_pos_y=fn.random.uniform(range=[0.0, 1.0]),
-                **decode_kwargs,
-            )
-        elif mode == "inception":
-            # Decode only the random window (ROI decode); then one resize straight to the crop size.
-            images = fn.decoders.image_random_crop(
-                jpegs,
-                random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3],
-                num_attempts=100,
-                **decode_kwargs,
-            )
-        else:
-            images = fn.decoders.image(jpegs, **decode_kwargs)
+        images = fn.decoders.image(jpegs, **decode_kwargs)
         if to_gpu:
             images = images.gpu()
 
-        if mode == "paper":
-            images = fn.resize(images, size=list(crop), antialias=True)
-            outputs = [
-                fn.crop_mirror_normalize(
-                    images,
-                    mirror=fn.random.coin_flip(probability=0.5),
-                    mean=_lighting_mean(mean, cfg.pca_std) if cfg.pca_std > 0 else mean.tolist(),
-                    **cmn_kwargs,
-                )
-            ]
-        elif mode == "inception":
-            images = fn.resize(images, size=list(crop), antialias=True)
-            mirror = fn.random.coin_flip(probability=0.5)
-            outputs = [fn.crop_mirror_normalize(images, mirror=mirror, mean=mean.tolist(), **cmn_kwargs)]
-        elif mode in ("none", "center"):
+        if mode == "center":
             images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
-            outputs = [fn.crop_mirror_normalize(images, crop=crop, mean=mean.tolist(), **cmn_kwargs)]
+            outputs = [fn.crop_mirror_normalize(images, crop=crop, mean=mean, **cmn_kwargs)]
         elif mode == "tencrop":
             images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
             crops = [
                 fn.crop_mirror_normalize(
-                    images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, mean=mean.tolist(), **cmn_kwargs
+                    images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, mean=mean, **cmn_kwargs
                 )
                 for x, y, m in TEN_CROP_WINDOWS
             ]
@@ -172,30 +253,13 @@ def build_pipeline(
             outputs = [
                 fn.crop_mirror_normalize(
                     fn.resize(images, resize_shorter=float(s), antialias=True),
-                    mean=mean.tolist(),
+                    mean=mean,
                     **cmn_kwargs,
                 )
                 for s in scales
             ]
         else:
-            raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {TRAIN_MODES + VAL_MODES}")
+            raise AssertionError(mode)  # checked above
         pipe.set_outputs(*outputs, label)
     pipe.build()
     return pipe
-
-
-def _lighting_mean(mean: np.ndarray, pca_std: float) -> Any:
-    """Per-sample mean with AlexNet PCA lighting folded in: (x + eigvec @ (a * eigval)) - mean.
-
-    Lighting adds one RGB offset per image, so subtracting ``mean - offset`` in the normaliser
-    is the same arithmetic without an extra pass over the pixels. alpha ~ N(0, pca_std) per
-    image and eigen-component; the eigen-values are for 0-1 pixels, hence PCA_SCALE.
-    """
-    import nvidia.dali.fn as fn
-
-    alphas = [fn.random.normal(stddev=pca_std) for _ in range(3)]
-    channels = []
-    for c in range(3):
-        offset = sum(PCA_EIGVEC[c][j] * PCA_EIGVAL[j] * PCA_SCALE * alphas[j] for j in range(3))
-        channels.append(float(mean[c]) - offset)
-    return fn.stack(*channels)

@@ -7,13 +7,18 @@
     val = build_val_loader(index, cfg.data, mode="tencrop", scales=(), batch_size=32, shard_id=rank,
                            num_shards=world, device_id=local_gpu_or_None, num_threads=4)
 
-Each epoch's file list for this rank comes from ``pipeline.data.sharding`` and is handed to the
-reader in order; padded samples (the reader repeats one to fill the last batch) never leave
-this module, so summing over ranks scores each image exactly once.
+Training: one pipeline per run, fed by ``_TrainFeed``, which walks epoch after epoch through
+this rank's slice of each global batch (``pipeline.data.sharding``) with the augmentation
+parameters of each sample drawn from (seed, epoch, step) for the whole global batch. A resumed
+run (any step, any world size) asks for ``epoch(e, start=k)`` and gets what an uninterrupted
+run would have seen. Validation: one pipeline per mode, built at the first pass and reused;
+padded samples (the reader repeats one to fill the last batch) never leave this module, so
+summing over ranks scores each image exactly once.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +27,14 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data.constants import NUM_TEN_CROPS
-from pipeline.data.dali_pipeline import READER, TRAIN_MODES, VAL_MODES, build_pipeline
+from pipeline.data.dali_pipeline import (
+    READER,
+    TRAIN_MODES,
+    VAL_MODES,
+    build_pipeline,
+    build_train_pipeline,
+    lighting_means,
+)
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.sharding import Loader, augmentation_seed, train_shard, val_shard
 from pipeline.host import usable_cpus
@@ -41,25 +53,25 @@ def _labels(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
     return raw.reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
 
 
-def _culprits(files: list[str], start: int, window: int) -> list[str]:
-    """The files that do not decode among ``files[start:start + window]`` (DALI does not say which)."""
+def _culprits(files: list[str]) -> list[str]:
+    """The files that do not decode among ``files`` (DALI does not say which)."""
     from pipeline.data.tools import check_image
 
     found = []
-    for path in files[start : start + window]:
+    for path in files:
         problem = check_image(path)
         if problem is not None:
             found.append(f"{path} ({problem[1]})")
     return found
 
 
-def _decode_error(pipe: Any, files: list[str], seen: int, error: RuntimeError) -> RuntimeError:
+def _decode_error(suspects: list[str], error: RuntimeError) -> RuntimeError:
     """``error`` re-worded to name the files that do not decode, when they can be found.
 
     DALI does not say which file failed; the failing batch is at most the prefetch depth ahead
-    of the last one delivered, so only that window of files is checked.
+    of the last one delivered, so only those batches' files are checked.
     """
-    bad = _culprits(files, seen, pipe.max_batch_size * (pipe.prefetch_queue_depth + 2))
+    bad = _culprits(suspects)
     if not bad:
         return error
     return RuntimeError(
@@ -68,46 +80,125 @@ def _decode_error(pipe: Any, files: list[str], seen: int, error: RuntimeError) -
     )
 
 
-def _dense_batches(pipe: Any, files: list[str], device: torch.device, channels_last: bool) -> Iterator[tuple]:
-    """Iterate one pass over a pipeline with dense outputs; only the real samples of ``files``."""
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+# ---------------------------------------------------------------- training
 
-    seen = 0
-    it = None
-    try:
-        # The iterator prefetches on construction, so a bad file can fail here already.
-        it = DALIGenericIterator(
-            pipe,
-            ["images", "labels"],
-            reader_name=READER,
-            last_batch_policy=LastBatchPolicy.PARTIAL,
-            auto_reset=False,
+
+class _TrainFeed:
+    """The external source of the training pipeline: batch after batch, epoch after epoch.
+
+    Everything it yields is a pure function of (seed, epoch, step, rank, world size); the
+    augmentation of a sample depends on its position in the global batch only, so it is the
+    same whatever the world size.
+    """
+
+    def __init__(
+        self, files, labels, cfg: DataConfig, *, global_batch, shard_id, num_shards, seed, epoch, step
+    ):
+        self.files, self.labels, self.cfg = files, labels, cfg
+        self.global_batch, self.shard_id, self.num_shards, self.seed = (
+            global_batch,
+            shard_id,
+            num_shards,
+            seed,
         )
-        for batch in it:
-            images, labels = batch[0]["images"], batch[0]["labels"]
-            n = min(labels.shape[0], len(files) - seen)  # belt and braces: never yield a padded sample
-            if n <= 0:
-                break
-            seen += n
-            yield images[:n], _labels(labels[:n], device)
-    except RuntimeError as e:
-        raise _decode_error(pipe, files, seen, e) from e
-    finally:
-        del it
+        self.per_rank = global_batch // num_shards
+        self.steps = len(files) // global_batch
+        self.epoch, self.step = epoch, step
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+        self.recent: deque[list[str]] = deque(maxlen=max(2, cfg.prefetch + 2))  # for naming undecodable files
+
+    def __iter__(self) -> _TrainFeed:
+        return self
+
+    def _rank_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            order = train_shard(
+                len(self.files),
+                global_batch=self.global_batch,
+                shard_id=self.shard_id,
+                num_shards=self.num_shards,
+                seed=self.seed,
+                epoch=self.epoch,
+            )
+            self._order_epoch, self._order = self.epoch, order.reshape(self.steps, self.per_rank)
+        return self._order
+
+    def _augmentation(self) -> list[list[np.ndarray]]:
+        """Scale, crop position, flip and lighting for this rank's part of the global batch."""
+        cfg, n = self.cfg, self.global_batch
+        rng = np.random.default_rng([self.seed, self.epoch, self.step, 0xA06])
+        lo, hi = float(cfg.scale_min), float(cfg.scale_max)
+        scale = rng.uniform(lo, hi, n) if hi > lo else np.full(n, lo)
+        pos = rng.uniform(0.0, 1.0, (n, 2))
+        mirror = rng.random(n) < 0.5
+        alphas = rng.normal(0.0, cfg.pca_std, (n, 3)) if cfg.pca_std > 0 else np.zeros((n, 3))
+        means = lighting_means(alphas)
+        mine = slice(self.shard_id * self.per_rank, (self.shard_id + 1) * self.per_rank)
+        return [
+            [np.float32(x) for x in scale[mine]],
+            [np.float32(x) for x in pos[mine, 0]],
+            [np.float32(x) for x in pos[mine, 1]],
+            [np.int32(x) for x in mirror[mine]],
+            list(means[mine]),
+        ]
+
+    def __next__(self) -> list[list[np.ndarray]]:
+        idx = self._rank_order()[self.step]
+        names = [self.files[i] for i in idx]
+        self.recent.append(names)
+        batch = [
+            [np.frombuffer(name.encode(), np.uint8) for name in names],
+            [np.int64(self.labels[i]) for i in idx],
+        ]
+        if self.cfg.augment == "paper":
+            batch += self._augmentation()
+        self.step += 1
+        if self.step == self.steps:  # run on into the next epoch: the prefetch queue never drains
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
 
 
-class _DaliLoader:
-    """A Loader that builds a fresh DALI pipeline for each pass (cheap next to an epoch)."""
+class _TrainLoader:
+    """This rank's training batches; the pipeline is built once and rebuilt only to jump."""
 
-    def __init__(self, num_batches: int, make_pass: Callable[[int], Iterator[tuple[Any, torch.Tensor]]]):
-        self._num_batches = num_batches
-        self._make_pass = make_pass
+    def __init__(self, make_feed: Callable[[int, int], _TrainFeed], build: Callable[[_TrainFeed], Any], steps: int,
+                 device: torch.device, channels_last: bool):  # fmt: skip
+        self._make_feed, self._build, self._steps = make_feed, build, steps
+        self._device, self._channels_last = device, channels_last
+        self._it: Any = None
+        self._feed: _TrainFeed | None = None
+        self._next: tuple[int, int] | None = None  # the (epoch, step) the pipeline delivers next
 
     def __len__(self) -> int:
-        return self._num_batches
+        return self._steps
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor]]:
-        return self._make_pass(epoch)
+    def _start(self, epoch: int, start: int) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self._it = None  # releases the old pipeline before the new one allocates
+        self._feed = self._make_feed(epoch, start)
+        pipe = self._build(self._feed)
+        try:
+            # The iterator prefetches on construction, so a bad file can fail here already.
+            self._it = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)
+        except RuntimeError as e:
+            raise _decode_error([f for b in self._feed.recent for f in b], e) from e
+        self._next = (epoch, start)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` from step ``start`` on (earlier steps are skipped unread)."""
+        if not 0 <= start <= self._steps:
+            raise ValueError(f"start step {start} is outside the epoch's {self._steps} steps")
+        if self._next != (epoch, start):
+            self._start(epoch, start)
+        for step in range(start, self._steps):
+            self._next = None  # an abandoned pass leaves the pipeline mid-way: the next call restarts it
+            try:
+                out = next(self._it)[0]
+            except RuntimeError as e:
+                raise _decode_error([f for b in self._feed.recent for f in b], e) from e
+            self._next = (epoch, step + 1) if step + 1 < self._steps else (epoch + 1, 0)
+            yield _nchw(out["images"], self._channels_last), _labels(out["labels"], self._device)
 
 
 def build_train_loader(
@@ -130,55 +221,48 @@ def build_train_loader(
         cfg: augmentation ("paper" | "inception" | "none"), sizes, PCA std, normalisation, decoder.
         global_batch: batch over all ranks; must divide by ``num_shards``.
         shard_id, num_shards: this worker's world rank and the world size.
-        device_id: local GPU index (mixed decode, outputs on ``cuda:device_id``) or None (all CPU).
-        seed: run seed; the file order derives from (seed, epoch), augmentation from (seed, epoch, rank).
+        device_id: local GPU index (mixed decode, outputs and labels on ``cuda:device_id``) or None.
+        seed: run seed; the file order derives from (seed, epoch), augmentation from (seed, epoch, step).
         num_threads: DALI CPU threads (<= 0: every CPU this process may use).
         channels_last: deliver NCHW tensors with channels_last memory.
         half: deliver float16 images.
 
     Returns:
-        A Loader; ``epoch(e)`` yields ``(images [B, 3, crop, crop], labels int64 [B])``.
+        A Loader; ``epoch(e, start=0)`` yields ``(images [B, 3, crop, crop], labels int64 [B])``.
     """
     if cfg.augment not in TRAIN_MODES:
         raise ValueError(f"data.augment={cfg.augment!r}; choose one of {TRAIN_MODES}")
-    files = np.asarray(index.train_files, dtype=object)
-    labels = np.asarray(index.train_labels, dtype=np.int64)
-    per_rank = global_batch // max(1, num_shards)
-    steps = len(files) // global_batch
+    files, labels = list(index.train_files), list(index.train_labels)
+    # Checks the sharding arguments now rather than at the first batch.
     train_shard(
         len(files), global_batch=global_batch, shard_id=shard_id, num_shards=num_shards, seed=seed, epoch=0
     )
-    device = _torch_device(device_id)
     threads = num_threads if num_threads > 0 else usable_cpus()
 
-    def one_epoch(epoch: int) -> Iterator[tuple[Any, torch.Tensor]]:
-        order = train_shard(
-            len(files),
-            global_batch=global_batch,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            seed=seed,
-            epoch=epoch,
-        )
-        pipe = build_pipeline(
+    def make_feed(epoch: int, step: int) -> _TrainFeed:
+        return _TrainFeed(
+            files, labels, cfg, global_batch=global_batch, shard_id=shard_id, num_shards=num_shards,
+            seed=seed, epoch=epoch, step=step,
+        )  # fmt: skip
+
+    def build(feed: _TrainFeed) -> Any:
+        return build_train_pipeline(
             cfg.augment,
-            files[order].tolist(),
-            labels[order].tolist(),
+            feed,
             cfg,
-            batch_size=per_rank,
+            batch_size=global_batch // num_shards,
             device_id=device_id,
             num_threads=threads,
-            seed=augmentation_seed(seed, epoch, shard_id),
+            # Only "inception" draws in DALI; its stream depends on where the pipeline started.
+            seed=augmentation_seed(seed, feed.epoch * feed.steps + feed.step, shard_id),
             channels_last=channels_last,
             half=half,
         )
-        try:
-            for images, lab in _dense_batches(pipe, files[order].tolist(), device, channels_last):
-                yield _nchw(images, channels_last), lab
-        finally:
-            del pipe
 
-    return _DaliLoader(steps, one_epoch)
+    return _TrainLoader(make_feed, build, len(files) // global_batch, _torch_device(device_id), channels_last)
+
+
+# ---------------------------------------------------------------- validation
 
 
 def build_val_loader(
@@ -224,7 +308,6 @@ def build_val_loader(
     labels = list(index.val_labels[mine.start : mine.stop])
     device = _torch_device(device_id)
     threads = num_threads if num_threads > 0 else usable_cpus()
-    num_batches = -(-len(files) // batch_size)
 
     def make_pipe() -> Any:
         # An empty shard (more ranks than images) still needs a valid reader: give it one file
@@ -243,48 +326,90 @@ def build_val_loader(
             scales=tuple(scales),
         )
 
-    def one_pass(_epoch: int) -> Iterator[tuple[Any, torch.Tensor]]:
-        if not files:
+    return _ValLoader(mode, files, make_pipe, batch_size, device, channels_last)
+
+
+class _ValLoader:
+    """One pass over this rank's validation shard per call; the pipeline is built at the first pass
+    and reused (rebuilt only after a pass that was abandoned half-way)."""
+
+    def __init__(self, mode: str, files: list[str], make_pipe: Callable[[], Any], batch_size: int,
+                 device: torch.device, channels_last: bool):  # fmt: skip
+        self.mode, self.files, self._make_pipe, self.batch_size = mode, files, make_pipe, batch_size
+        self._device, self._channels_last = device, channels_last
+        self._pipe: Any = None
+        self._it: Any = None
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def _suspects(self, seen: int) -> list[str]:
+        return self.files[seen : seen + self.batch_size * (self._pipe.prefetch_queue_depth + 2)]
+
+    def epoch(self, _epoch: int, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
+        """Every image of the shard once, in order (``_epoch`` and ``start`` are for the Loader protocol)."""
+        if not self.files:
             return
-        pipe = make_pipe()
+        if self._pipe is None:
+            self._pipe = self._make_pipe()
+        seen, whole = 0, False
         try:
-            if mode == "multiscale":
-                yield from _multiscale_batches(pipe, len(files), batch_size, device, channels_last)
-                return
-            for images, lab in _dense_batches(pipe, files, device, channels_last):
-                if mode == "tencrop":
-                    # [B, 10, ...] -> [B*10, ...]: rows 10i..10i+9 are sample i's crops.
-                    images = images.reshape(images.shape[0] * NUM_TEN_CROPS, *images.shape[2:])
-                yield _nchw(images, channels_last), lab
+            batches = self._multiscale() if self.mode == "multiscale" else self._dense()
+            for images, lab in batches:
+                seen += lab.shape[0]
+                yield images, lab
+            whole = True
+        except RuntimeError as e:
+            raise _decode_error(self._suspects(seen), e) from e
         finally:
-            del pipe
+            if not whole:  # stopped half-way: the reader is mid-epoch, start the next pass afresh
+                self._pipe = self._it = None
 
-    return _DaliLoader(num_batches, one_pass)
+    def _dense(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        if self._it is None:
+            # The iterator prefetches on construction; auto_reset readies it for the next pass.
+            self._it = DALIGenericIterator(
+                self._pipe,
+                ["images", "labels"],
+                reader_name=READER,
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=True,
+            )
+        seen = 0
+        for batch in self._it:
+            images, labels = batch[0]["images"], batch[0]["labels"]
+            n = min(labels.shape[0], len(self.files) - seen)  # belt and braces: never yield a padded sample
+            seen += n
+            if self.mode == "tencrop":
+                # [B, 10, ...] -> [B*10, ...]: rows 10i..10i+9 are sample i's crops.
+                images = images[:n].reshape(n * NUM_TEN_CROPS, *images.shape[2:])
+            else:
+                images = images[:n]
+            yield _nchw(images, self._channels_last), _labels(labels[:n], self._device)
 
-def _multiscale_batches(
-    pipe: Any, num_samples: int, batch_size: int, device: torch.device, channels_last: bool
-) -> Iterator[tuple[list[list[torch.Tensor]], torch.Tensor]]:
-    """Varying image sizes cannot form one tensor: copy each sample's output on its own."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    def _multiscale(self) -> Iterator[tuple[list[list[torch.Tensor]], torch.Tensor]]:
+        """Varying image sizes cannot form one tensor: copy each sample's output on its own."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-    seen = 0
-    while seen < num_samples:
-        outs = pipe.run()
-        *scaled, labels = outs
-        n = min(batch_size, num_samples - seen)  # the reader pads the last batch; drop the padding
-        batch: list[list[torch.Tensor]] = []
-        for i in range(n):
-            per_scale = []
-            for tl in scaled:
-                t = tl[i]
-                out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-                feed_ndarray(
-                    t, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None
-                )
-                per_scale.append(_nchw(out.unsqueeze(0), channels_last))
-            batch.append(per_scale)
-        lab = labels.as_cpu() if hasattr(labels, "as_cpu") else labels
-        lab_t = torch.as_tensor(np.array(lab.as_array()).reshape(-1)[:n], dtype=torch.int64).to(device)
-        seen += n
-        yield batch, lab_t
+        device, seen = self._device, 0
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        while seen < len(self.files):
+            *scaled, labels = self._pipe.run()
+            n = min(
+                self.batch_size, len(self.files) - seen
+            )  # the reader pads the last batch; drop the padding
+            batch: list[list[torch.Tensor]] = []
+            for i in range(n):
+                per_scale = []
+                for tl in scaled:
+                    t = tl[i]
+                    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+                    feed_ndarray(t, out, cuda_stream=stream)
+                    per_scale.append(_nchw(out.unsqueeze(0), self._channels_last))
+                batch.append(per_scale)
+            lab = labels.as_cpu() if hasattr(labels, "as_cpu") else labels
+            lab_t = torch.as_tensor(np.array(lab.as_array()).reshape(-1)[:n], dtype=torch.int64).to(device)
+            seen += n
+            yield batch, lab_t

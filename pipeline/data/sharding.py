@@ -21,7 +21,9 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor]]: ...
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
+        """The batches of ``epoch`` from step ``start`` on (validation loaders ignore both)."""
+        ...
 
 
 def train_shard(
@@ -58,3 +60,8 @@ def _check_shard(shard_id: int, num_shards: int) -> None:
 def augmentation_seed(seed: int, epoch: int, shard_id: int) -> int:
     """DALI's pipeline seed: distinct per (seed, epoch, rank), reproducible on resume."""
     return int(np.random.SeedSequence([seed, epoch, shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def batch_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of one global batch's augmentation: the same for every rank and world size."""
+    return int(np.random.SeedSequence([seed, epoch, step, 1]).generate_state(1)[0] & 0x7FFFFFFF)

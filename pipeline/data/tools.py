@@ -92,14 +92,25 @@ def _image_files(root: Path) -> list[str]:
     return sorted(found)
 
 
+def _read_bytes(path: str) -> bytes:
+    if "://" not in path:
+        return Path(path).read_bytes()
+    import pyarrow.fs
+
+    fs, key = pyarrow.fs.FileSystem.from_uri(path)  # follows AWS_ENDPOINT_URL, as DALI's reader does
+    with fs.open_input_stream(key) as f:
+        return f.read()
+
+
 def check_image(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     """None for a sound RGB (or greyscale) JPEG, else (kind, reason).
 
     Args:
-        path: the file to check; it is fully decoded, so truncation is found.
+        path: the file to check (a local path or an ``s3://`` / ``gs://`` URI); it is fully
+            decoded, so truncation is found.
     """
     try:
-        data = Path(path).read_bytes()
+        data = _read_bytes(str(path))
     except OSError as e:
         return "undecodable", f"unreadable ({e.strerror or e})"
     if not data:
