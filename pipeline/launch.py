@@ -94,9 +94,15 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 
 def quiet_worker_logs() -> None:
-    """Ray Train logs every report at INFO from each worker; keep its warnings only."""
+    """Ray Train logs every report at INFO from each worker; keep its warnings only.
+
+    Its "Reporting training result N" line comes from a logger named by file path (not under
+    ``ray.train``) that reaches the console through the root logger, which Ray Train sets to
+    INFO on workers: put the root back to Python's default, WARNING.
+    """
     import logging
 
+    logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
