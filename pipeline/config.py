@@ -114,6 +114,7 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
+    collective_timeout_s: int = 600  # TorchConfig(timeout_s): a dead peer fails the step by then
 
 
 @dataclass(frozen=True)
@@ -332,12 +333,12 @@ def _check(cfg: Config) -> None:
         "schedule.epochs": cfg.schedule.epochs,
         "cluster.num_workers": cfg.cluster.num_workers,
         "model.num_classes": cfg.model.num_classes,
+        "optim.lr": cfg.optim.lr,
+        "cluster.collective_timeout_s": cfg.cluster.collective_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(
             f"data.scale_min ({cfg.data.scale_min}) is larger than data.scale_max ({cfg.data.scale_max})"
@@ -425,7 +426,6 @@ def derive(cfg: Config, num_train_images: int, world_size: int | None = None) ->
     if global_batch % world:
         raise ConfigError(f"optim.batch_size ({global_batch}) must divide evenly over {world} workers")
     eval_batch = cfg.eval.batch_size or global_batch
-    per_worker = global_batch // world
     # Every epoch is a fresh global permutation cut into whole global batches, so all ranks
     # take the same number of steps (DDP needs it) and a resumed epoch replays exactly.
     iters_per_epoch = num_train_images // global_batch
@@ -441,7 +441,7 @@ def derive(cfg: Config, num_train_images: int, world_size: int | None = None) ->
     lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
     return Derived(
         world_size=world,
-        per_worker_batch=per_worker,
+        per_worker_batch=global_batch // world,
         per_worker_eval_batch=max(1, eval_batch // world),
         lr=lr,
         iters_per_epoch=iters_per_epoch,

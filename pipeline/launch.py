@@ -143,7 +143,7 @@ def run_on_ray(
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     address = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
@@ -174,6 +174,9 @@ def run_on_ray(
     trainer = TorchTrainer(
         worker,
         train_loop_config={"config": to_dict(cfg), **(extra or {})},
+        # The process group's timeout: a collective with a dead peer fails within it (Ray's
+        # default is 30 minutes), and Ray Train restarts the group per cluster.max_failures.
+        torch_config=TorchConfig(timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=use_gpu,
