@@ -348,6 +348,33 @@ def test_trivial_job_spans_both_nodes(cluster, tmp_path):
     assert "NODES 2" in trivial.stdout
 
 
+def without_overload_warning(log: str) -> str:
+    """The log less Ray Train's one transient warning that carries a traceback.
+
+    The controller's first resource request creates the cluster's AutoscalingCoordinator actor
+    and waits 5 s for it; on an overloaded machine (this 2-core one under parallel tests) that
+    can time out, and Ray logs "Failed to send resource request ... safe to ignore" with the
+    GetTimeoutError's traceback, then carries on. Only that block is dropped: any other
+    traceback, and this one with a different ending, still fails the test.
+    """
+    out: list[str] = []
+    block: list[str] = []  # the warning's lines so far, kept if it does not end as expected
+    prefix = None
+    for line in log.splitlines():
+        if prefix is None and "Failed to send resource request for train-" in line:
+            prefix, block = line.split(")", 1)[0], [line]  # "(TrainController pid=N": its lines only
+        elif prefix is not None and line.startswith(prefix) and len(block) < 40:
+            block.append(line)
+            if "ray.exceptions.GetTimeoutError" in line:
+                prefix, block = None, []
+        else:
+            out += block
+            prefix, block = None, []
+            out.append(line)
+    out += block
+    return "\n".join(out)
+
+
 def test_pipeline_job_trains_on_two_nodes_and_its_log_shows_the_run(cluster, tmp_path):
     data = tmp_path / "synth"
     subprocess.run(
@@ -402,8 +429,9 @@ def test_pipeline_job_trains_on_two_nodes_and_its_log_shows_the_run(cluster, tmp
     # Only rank 0 prints the run's lines.
     assert len(re.findall(r"epoch 1/2 done", followed)) == 1, followed[-4000:]
     # Nothing of Ray's own machinery failing, nor Ray Train's per-report chatter, nor colour codes.
+    checked = without_overload_warning(followed)
     for text in ("Traceback", "ModuleNotFoundError", "Reporting training result", "\x1b["):
-        assert text not in followed, (text, followed[-6000:])
+        assert text not in checked, (text, checked[-6000:])
     summary = json.loads((storage / "e2e" / "summary.json").read_text())
     assert summary["val_images"] == 16 and summary["eval_mode"] == "center" and summary["epochs"] == 2
 
@@ -417,3 +445,21 @@ def test_pipeline_job_trains_on_two_nodes_and_its_log_shows_the_run(cluster, tmp
     assert FAKE_WANDB_KEY not in followed
     leaks = [p for p in storage.rglob("*") if p.is_file() and FAKE_WANDB_KEY.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+def test_overload_warning_filter_drops_that_block_only():
+    warning = [
+        "(TrainController pid=7) Failed to send resource request for train-ab12. If this only happens ...",
+        "(TrainController pid=7) Traceback (most recent call last):",
+        '(TrainController pid=7)   File "ray/_private/worker.py", line 1, in get',
+        "(TrainController pid=7) ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+    ]
+    other = [
+        "(TrainController pid=7) Traceback (most recent call last):",
+        "(TrainController pid=7) KeyError: 'x'",
+    ]
+    assert without_overload_warning("\n".join(["a", *warning, "b"])) == "a\nb"
+    # Another traceback after it, or the warning ending otherwise, stays.
+    assert "KeyError" in without_overload_warning("\n".join([*warning, *other]))
+    cut = "\n".join([*warning[:3], "(RayTrainWorker pid=9) epoch 1/2 done"])
+    assert without_overload_warning(cut) == cut
