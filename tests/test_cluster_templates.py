@@ -117,7 +117,8 @@ def test_launcher_yaml_keeps_token_auth_and_a_loopback_dashboard(path):
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "0.0.0.0" not in text
-    # The security group Ray creates opens SSH only; nothing here adds dashboard/GCS rules.
+    # No firewall rules in the templates (AWS's security group, which you create per
+    # cluster/README.md, opens SSH only to the outside); nothing here adds dashboard/GCS rules.
     assert "security_group" not in config["provider"]
     # Secrets are fetched into files at boot, never written into the template.
     init = " ".join(config["initialization_commands"])
