@@ -16,7 +16,10 @@ export RAY_DEDUP_LOGS := 0
 # Cluster submission (mk/cluster.mk) and experiment targets (mk/experiments.mk, mk/bench.mk).
 -include $(wildcard mk/*.mk)
 
+# Says which torch and DALI builds are installed and the NVIDIA driver they need (README,
+# "Older NVIDIA drivers").
 install: $(STAMP)
+	@$(PY) -m pipeline.build_info
 
 # Re-installs only when pyproject.toml changes; a re-run is instant.
 $(STAMP): pyproject.toml

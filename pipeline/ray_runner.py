@@ -103,7 +103,7 @@ def run_on_ray(
     quiet_ray_env()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     address = _connect(cfg)
     use_gpu = requested_gpu(cfg.cluster)
@@ -121,6 +121,9 @@ def run_on_ray(
     trainer = TorchTrainer(
         worker,
         train_loop_config={"config": to_dict(cfg), **(extra or {})},
+        # The process group's timeout: a collective with a dead peer fails within it (Ray's
+        # default is 30 minutes), and Ray Train restarts the group per cluster.max_failures.
+        torch_config=TorchConfig(timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=use_gpu,

@@ -1,9 +1,11 @@
 """A real two-node Ray cluster on this machine, used the way the cluster templates use it.
 
-The head comes from ``ray start --head`` and a second raylet joins with ``ray start
---address``, both with token authentication on (``RAY_AUTH_MODE=token``, the token in a file
-named by ``RAY_AUTH_TOKEN_PATH``) and the dashboard bound to loopback. Jobs go in through
-``make submit`` with a runtime env derived from ``cluster/runtime_env.yaml``.
+The head comes from the project's ``.venv/bin/ray start --head`` and a second raylet joins
+with ``ray start --address``, both with token authentication on (``RAY_AUTH_MODE=token``, the
+token in a file named by ``RAY_AUTH_TOKEN_PATH``), a small object store and the dashboard
+bound to loopback. The training job goes in through ``make submit`` with its default runtime
+env (``cluster/runtime_env.yaml``: no packages, the nodes already have them) and is followed
+with ``make job-logs`` until it ends, as cluster/README.md tells users to do.
 
 Each node gets its own temp dir, its own ports (all random) and a custom resource naming it,
 so the two raylets share the host without touching any other Ray running here. Teardown
@@ -31,7 +33,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.ray
 
@@ -88,6 +89,11 @@ class LocalCluster:
             "WANDB_API_KEY": FAKE_WANDB_KEY,
             "WANDB_MODE": "offline",
             "RAY_DEDUP_LOGS": "0",
+            # Ray Train's placement-group cleaner asks the state API with no address; Ray then
+            # looks for *the* GCS on this host, and with other Ray instances running here (other
+            # tests, other users) it dies with "Found multiple active Ray instances". A real
+            # node hosts one Ray; here the address is named.
+            "RAY_API_SERVER_ADDRESS": self.address,
         }
 
     def _port(self) -> str:
@@ -196,8 +202,9 @@ class LocalCluster:
     # ------------------------------------------------------------ jobs, through the Makefile
 
     def make(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        # -o: this interpreter's venv is the installed project; never re-install it from a test.
         return subprocess.run(
-            ["make", "--no-print-directory", *args],
+            ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
             cwd=ROOT,
             env=self.client_env,
             capture_output=True,
@@ -205,35 +212,26 @@ class LocalCluster:
             timeout=timeout,
         )
 
-    def submit(self, config: str, overrides: list[str], runtime_env: Path) -> str:
+    def submit(self, config: str, overrides: list[str]) -> str:
+        """``make submit`` as a user types it: no RUNTIME_ENV, so the default one."""
         proc = self.make(
-            "submit",
-            f"CONFIG={config}",
-            f"ADDRESS={self.address}",
-            f"RUNTIME_ENV={runtime_env}",
-            "ARGS=" + " ".join(overrides),
+            "submit", f"CONFIG={config}", f"ADDRESS={self.address}", "ARGS=" + " ".join(overrides)
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "runtime env: cluster/runtime_env.yaml (no packages" in proc.stdout, proc.stdout
         match = re.search(r"^submitted: (\S+)$", proc.stdout, re.M)
         assert match, proc.stdout
         assert f"make job-logs JOB={match.group(1)}" in proc.stdout
         return match.group(1)
 
-    def wait_job(self, job_id: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.api(f"/api/jobs/{job_id}")
-            if info["status"] in {"SUCCEEDED", "FAILED", "STOPPED"}:
-                return info
-            time.sleep(2)
-        self.make("job-stop", f"JOB={job_id}", f"ADDRESS={self.address}")
-        raise TimeoutError(
-            f"job {job_id} still {info['status']} after {timeout}s:\n{self.job_logs(job_id)[-5000:]}"
-        )
-
-    def job_logs(self, job_id: str) -> str:
-        proc = self.make("job-logs", f"JOB={job_id}", f"ADDRESS={self.address}", "FOLLOW=0")
-        assert proc.returncode == 0, proc.stderr
+    def follow(self, job_id: str, timeout: float) -> str:
+        """``make job-logs`` (it follows by default): returns once the job has ended."""
+        try:
+            proc = self.make("job-logs", f"JOB={job_id}", f"ADDRESS={self.address}", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.make("job-stop", f"JOB={job_id}", f"ADDRESS={self.address}")
+            raise TimeoutError(f"make job-logs still following {job_id} after {timeout}s") from None
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
     def actor_nodes(self, class_name: str) -> list[str]:
@@ -289,17 +287,6 @@ def cluster():
         assert not c.leftover_pids(), "processes of the test cluster survived teardown"
 
 
-@pytest.fixture(scope="module")
-def job_runtime_env(cluster) -> Path:
-    """cluster/runtime_env.yaml without ``pip``: this venv already holds every pin, and a
-    test must not download torch. Everything else (excludes, env vars) is sent as is."""
-    spec = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    spec.pop("pip")
-    path = cluster.root / "runtime_env.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 def test_token_auth_and_loopback_dashboard(cluster):
     assert cluster.http("/api/jobs/", token=None)[0] == 401
     assert cluster.http("/api/jobs/", token="0" * 64)[0] == 403
@@ -323,7 +310,7 @@ def test_token_auth_and_loopback_dashboard(cluster):
     assert proc.returncode != 0 and "Authentication" in proc.stdout + proc.stderr
 
 
-def test_trivial_job_spans_both_nodes(cluster, job_runtime_env, tmp_path):
+def test_trivial_job_spans_both_nodes(cluster, tmp_path):
     # A job that pins one task to each node by its custom resource and prints the node ids.
     script = "\n".join(
         [
@@ -345,7 +332,7 @@ def test_trivial_job_spans_both_nodes(cluster, job_runtime_env, tmp_path):
             "--working-dir",
             str(ROOT),
             "--runtime-env",
-            str(job_runtime_env),
+            str(ROOT / "cluster" / "runtime_env.yaml"),
             "--",
             "python",
             "-c",
@@ -361,28 +348,38 @@ def test_trivial_job_spans_both_nodes(cluster, job_runtime_env, tmp_path):
     assert "NODES 2" in trivial.stdout
 
 
-def test_pipeline_job_trains_on_two_nodes(cluster, job_runtime_env, tmp_path):
+def without_overload_warning(log: str) -> str:
+    """The log less Ray Train's one transient warning that carries a traceback.
+
+    The controller's first resource request creates the cluster's AutoscalingCoordinator actor
+    and waits 5 s for it; on an overloaded machine (this 2-core one under parallel tests) that
+    can time out, and Ray logs "Failed to send resource request ... safe to ignore" with the
+    GetTimeoutError's traceback, then carries on. Only that block is dropped: any other
+    traceback, and this one with a different ending, still fails the test.
+    """
+    out: list[str] = []
+    block: list[str] = []  # the warning's lines so far, kept if it does not end as expected
+    prefix = None
+    for line in log.splitlines():
+        if prefix is None and "Failed to send resource request for train-" in line:
+            prefix, block = line.split(")", 1)[0], [line]  # "(TrainController pid=N": its lines only
+        elif prefix is not None and line.startswith(prefix) and len(block) < 40:
+            block.append(line)
+            if "ray.exceptions.GetTimeoutError" in line:
+                prefix, block = None, []
+        else:
+            out += block
+            prefix, block = None, []
+            out.append(line)
+    out += block
+    return "\n".join(out)
+
+
+def test_pipeline_job_trains_on_two_nodes_and_its_log_shows_the_run(cluster, tmp_path):
     data = tmp_path / "synth"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "data",
-            "synth",
-            "--out",
-            str(data),
-            "--classes",
-            "4",
-            "--train-per-class",
-            "16",
-            "--val-per-class",
-            "4",
-            "--seed",
-            "0",
-            "--workers",
-            "1",
-        ],
+        [sys.executable, "-m", "pipeline", "data", "synth", "--out", str(data), "--classes", "4"]
+        + ["--train-per-class", "16", "--val-per-class", "4", "--seed", "0", "--workers", "1"],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -399,8 +396,9 @@ def test_pipeline_job_trains_on_two_nodes(cluster, job_runtime_env, tmp_path):
         "data.scale_max=48",
         "data.val_resize=36",
         "optim.batch_size=16",
-        "schedule.epochs=1",
+        "schedule.epochs=2",
         "schedule.warmup_epochs=0",
+        "log_every_n_steps=2",
         "cluster.num_workers=2",
         "cluster.use_gpu=false",
         "cluster.cpus_per_worker=1",
@@ -409,16 +407,33 @@ def test_pipeline_job_trains_on_two_nodes(cluster, job_runtime_env, tmp_path):
         "tracking.mode=offline",
         f"checkpoint.storage_path={storage}",
     ]
-    job = cluster.submit("configs/demo.yaml", overrides, job_runtime_env)
-    info = cluster.wait_job(job, timeout=900)
-    logs = cluster.job_logs(job)
-    assert info["status"] == "SUCCEEDED", logs[-6000:]
+    job = cluster.submit("configs/demo.yaml", overrides)
+    followed = cluster.follow(job, timeout=600)
+    info = cluster.api(f"/api/jobs/{job}")
+    assert info["status"] == "SUCCEEDED", followed[-6000:]
 
-    # The final metrics reach the job's logs (rank 0's epoch line and the driver's summary).
-    assert "epoch 1/1 done" in logs and "val top1 err" in logs, logs[-3000:]
-    assert "== summary ==" in logs and "val top-1 err" in logs, logs[-3000:]
+    # What a local run prints, in the followed log: the resolved config, rank 0's step and
+    # epoch lines and its final line, then the driver's summary.
+    for text in (
+        "resolved config:",
+        "step 2/8 loss",
+        "epoch 1/2 done",
+        "epoch 2/2 done",
+        "final (center, 16 images): val top-1 err",
+        "== summary ==",
+    ):
+        assert text in followed, (text, followed[-4000:])
+    assert (
+        followed.index("epoch 1/2 done") < followed.index("epoch 2/2 done") < followed.index("== summary ==")
+    )
+    # Only rank 0 prints the run's lines.
+    assert len(re.findall(r"epoch 1/2 done", followed)) == 1, followed[-4000:]
+    # Nothing of Ray's own machinery failing, nor Ray Train's per-report chatter, nor colour codes.
+    checked = without_overload_warning(followed)
+    for text in ("Traceback", "ModuleNotFoundError", "Reporting training result", "\x1b["):
+        assert text not in checked, (text, checked[-6000:])
     summary = json.loads((storage / "e2e" / "summary.json").read_text())
-    assert summary["val_images"] == 16 and summary["eval_mode"] == "center"
+    assert summary["val_images"] == 16 and summary["eval_mode"] == "center" and summary["epochs"] == 2
 
     # One training worker on each node (STRICT_SPREAD over two 2-CPU nodes).
     nodes = {n["node_id"] for n in cluster.alive_nodes()}
@@ -427,6 +442,24 @@ def test_pipeline_job_trains_on_two_nodes(cluster, job_runtime_env, tmp_path):
 
     # The W&B key the nodes hold never lands in the job's record, its logs, or its files.
     assert FAKE_WANDB_KEY not in json.dumps(cluster.api(f"/api/jobs/{job}"))
-    assert FAKE_WANDB_KEY not in logs
+    assert FAKE_WANDB_KEY not in followed
     leaks = [p for p in storage.rglob("*") if p.is_file() and FAKE_WANDB_KEY.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+def test_overload_warning_filter_drops_that_block_only():
+    warning = [
+        "(TrainController pid=7) Failed to send resource request for train-ab12. If this only happens ...",
+        "(TrainController pid=7) Traceback (most recent call last):",
+        '(TrainController pid=7)   File "ray/_private/worker.py", line 1, in get',
+        "(TrainController pid=7) ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+    ]
+    other = [
+        "(TrainController pid=7) Traceback (most recent call last):",
+        "(TrainController pid=7) KeyError: 'x'",
+    ]
+    assert without_overload_warning("\n".join(["a", *warning, "b"])) == "a\nb"
+    # Another traceback after it, or the warning ending otherwise, stays.
+    assert "KeyError" in without_overload_warning("\n".join([*warning, *other]))
+    cut = "\n".join([*warning[:3], "(RayTrainWorker pid=9) epoch 1/2 done"])
+    assert without_overload_warning(cut) == cut

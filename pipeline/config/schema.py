@@ -102,6 +102,7 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
+    collective_timeout_s: int = 600  # TorchConfig(timeout_s): a dead peer fails the step by then
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""``cluster.collective_timeout_s`` becomes the process group's timeout (Ray's ``TorchConfig``).
+
+Ray's default is 30 minutes: a peer that died mid-step would hold every other rank in its
+collective that long. The key is checked at load and handed to the ``TorchTrainer`` that
+``run_on_ray`` builds; the trainer itself is replaced here, so no Ray starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_default_and_bad_values_name_the_key():
+    assert load_config(None).cluster.collective_timeout_s == 600
+    assert load_config(None, ["cluster.collective_timeout_s=90"]).cluster.collective_timeout_s == 90
+    for bad in ("0", "-5"):
+        with pytest.raises(ConfigError, match=r"cluster\.collective_timeout_s: must be positive"):
+            load_config(None, [f"cluster.collective_timeout_s={bad}"])
+    with pytest.raises(ConfigError, match=r"cluster\.collective_timeout_s: expected int"):
+        load_config(None, ["cluster.collective_timeout_s=soon"])
+
+
+def test_the_key_reaches_the_trainers_torch_config(monkeypatch, tmp_path):
+    import ray
+    import ray.train.torch
+
+    from pipeline.ray_runner import run_on_ray
+
+    built: dict[str, Any] = {}
+
+    class RecordingTrainer:
+        def __init__(self, worker, **kwargs):
+            built.update(kwargs)
+
+        def fit(self):
+            return "fitted"
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", RecordingTrainer)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as if joined: start no Ray here
+    cfg = load_config(
+        None,
+        ["cluster.collective_timeout_s=45", "cluster.use_gpu=false", f"checkpoint.storage_path={tmp_path}"],
+    )
+    assert run_on_ray(cfg, worker=lambda loop_config: None) == "fitted"
+    torch_config = built["torch_config"]
+    assert isinstance(torch_config, ray.train.torch.TorchConfig)
+    assert torch_config.timeout_s == 45
