@@ -17,7 +17,7 @@ import torch
 from pipeline.schedule import ScheduleState
 
 STATE_FILE = "state.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added epoch_sums (mid-epoch checkpoints); version 1 files still load
 REQUIRED_KEYS = frozenset(
     {
         "format_version",
@@ -33,6 +33,7 @@ REQUIRED_KEYS = frozenset(
         "config",
     }
 )
+OPTIONAL_KEYS = frozenset({"epoch_sums"})
 
 
 class CheckpointError(RuntimeError):
@@ -48,6 +49,9 @@ class TrainingProgress:
     best_val_top1_err: float = float("inf")
     schedule: ScheduleState = ScheduleState()
     wandb_run_id: str | None = None
+    # Mid-epoch only: (loss x n, top-1 hits, top-5 hits, n) of the epoch so far, summed over ranks,
+    # so a resumed epoch reports the same training metrics as an uninterrupted one.
+    epoch_sums: tuple[float, ...] = ()
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,6 +90,7 @@ def save(
         "rng": rng_state(),
         "wandb_run_id": progress.wandb_run_id,
         "config": config,
+        "epoch_sums": list(progress.epoch_sums),
     }
     path = directory / STATE_FILE
     tmp = path.with_suffix(".tmp")
@@ -110,7 +115,7 @@ def read(directory: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training state (got {type(state).__name__})")
     missing = sorted(REQUIRED_KEYS - state.keys())
-    unexpected = sorted(state.keys() - REQUIRED_KEYS)
+    unexpected = sorted(state.keys() - REQUIRED_KEYS - OPTIONAL_KEYS)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: wrong keys; missing: {missing or 'none'}; unexpected: {unexpected or 'none'}"
@@ -149,4 +154,5 @@ def restore(
         best_val_top1_err=float(state["best_val_top1_err"]),
         schedule=ScheduleState(**state["schedule"]),
         wandb_run_id=state["wandb_run_id"],
+        epoch_sums=tuple(float(x) for x in state.get("epoch_sums", ())),
     )

@@ -27,6 +27,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     under_ray: bool
+    local_world_size: int = 1  # processes of this run on this node (they share its CPUs)
 
     @property
     def is_main(self) -> bool:
@@ -53,18 +54,26 @@ def init_context(under_ray: bool, use_gpu: bool | None = None) -> DistContext:
         device = ray.train.torch.get_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return DistContext(rt.get_world_rank(), rt.get_world_size(), rt.get_local_rank(), device, True)
+        return DistContext(
+            rt.get_world_rank(),
+            rt.get_world_size(),
+            rt.get_local_rank(),
+            device,
+            True,
+            rt.get_local_world_size(),
+        )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun sets it
     cuda = torch.cuda.is_available() if use_gpu is None else use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    return DistContext(rank, world, local_rank, device, False)
+    return DistContext(rank, world, local_rank, device, False, local_world)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -89,17 +98,43 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DDP over the process group (Ray's ``prepare_model`` under Ray, plain DDP under torchrun)."""
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BN running statistics).
+
+    DDP broadcasts rank 0's buffers at the start of each forward, then every rank updates its
+    own copy with its own batch: after the last step they differ. Evaluating with one set makes
+    the score the same whatever the world size.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=src)
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, grad_compression: str = "none") -> torch.nn.Module:
+    """DDP over the process group (Ray's ``prepare_model`` under Ray, plain DDP under torchrun).
+
+    Gradients live in DDP's all-reduce buckets (``gradient_as_bucket_view``: no copy between the
+    two, less memory); ``grad_compression="bf16"`` sends them as bf16 (half the bytes).
+    """
     if ctx.world_size == 1:
         return model.to(ctx.device)
+    ddp_kwargs = {"gradient_as_bucket_view": True}
     if ctx.under_ray:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, move_to_device=ctx.device)
-    model = model.to(ctx.device)
-    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        wrapped = ray.train.torch.prepare_model(
+            model, move_to_device=ctx.device, parallel_strategy_kwargs=ddp_kwargs
+        )
+    else:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model.to(ctx.device), device_ids=ids, **ddp_kwargs
+        )
+    if grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        wrapped.register_comm_hook(state=None, hook=default_hooks.bf16_compress_hook)
+    return wrapped
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -5,35 +5,36 @@
 
 ``pipeline.launch`` runs the same function on every Ray Train worker (``under_ray=True``);
 under ``torchrun`` it forms its own process group. Setup (data, model, optimizer) is
-``pipeline.worker``'s; this module only steps. ``train_one_epoch`` and ``evaluate`` return
-metric dicts; ``train_worker`` decides where they go (stdout, ``metrics.jsonl``, W&B,
-``ray.train.report``).
+``pipeline.worker``'s, the metrics' destinations ``pipeline.outputs``'; this module only
+steps. ``train_one_epoch`` and ``evaluate`` return metric dicts.
+
+Nothing in a step waits for the device: the loss and the counts stay on it and are read
+every ``log_every_n_steps`` (and at the end of an epoch); a non-finite loss is noted on the
+device and raised at the next such read, naming the step where it first appeared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, Derived, config_changes, config_from_dict, requested_gpu, to_dict
-from pipeline.distributed import all_reduce_sum, barrier, init_context
+from pipeline.config import Config, config_changes, config_from_dict, requested_gpu, to_dict
+from pipeline.distributed import all_reduce_sum, barrier, broadcast_buffers, broadcast_object, init_context
 from pipeline.evaluate import evaluate, topk_correct
+from pipeline.outputs import RunOutputs
 from pipeline.precision import autocast
-from pipeline.rundir import RunDir
 from pipeline.schedule import learning_rate, plateau_update, warmup_update
-from pipeline.storage import checkpoint_candidates, report_epoch, run_location
+from pipeline.storage import checkpoint_candidates, checkpoint_name, fetched, report_checkpoint, run_location
 from pipeline.worker import Run, setup_run
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
@@ -56,154 +57,173 @@ def log_due(cfg: Config, step: int, last_of_epoch: bool) -> LogDue | None:
     return due if due.console or due.tracker else None
 
 
-def _reduce_counts(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
-    return all_reduce_sum(
-        torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    ).tolist()
-
-
 StepCallback = Callable[[dict[str, float], int, LogDue], None]
+SaveCallback = Callable[[ckpt.TrainingProgress], None]
+
+
+def _lr_at(run: Run, step: int, state: Any) -> float:
+    d = run.derived
+    return learning_rate(
+        run.cfg.schedule, base_lr=d.lr, it=step, iters_per_epoch=d.iters_per_epoch, state=state
+    )
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One optimizer step over this worker's batch, in ``accum_steps`` micro-batches.
+
+    Every micro-batch's loss is scaled by 1/accum_steps, so the summed gradients are those of
+    the whole batch; DDP all-reduces only after the last one (``no_sync`` before). Returns the
+    batch's mean loss and its top-1 / top-5 hit counts, all still on the device.
+    """
+    cfg, d = run.cfg, run.derived
+    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=images.device)
+    hits = torch.zeros(2, dtype=torch.int64, device=images.device)
+    parts = list(zip(images.split(d.micro_batch), labels.split(d.micro_batch), strict=True))
+    for i, (x, y) in enumerate(parts):
+        last = i == len(parts) - 1
+        no_sync = getattr(run.model, "no_sync", None)
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with autocast(images.device, cfg.precision.amp):
+                logits = run.model(x.contiguous(memory_format=fmt))
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            run.scaler.scale(loss / len(parts)).backward()
+        with torch.no_grad():
+            loss_sum += loss.detach()
+            hits += torch.stack(topk_correct(logits.detach().float(), y))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss_sum / len(parts), hits[0], hits[1]
 
 
 def train_one_epoch(
-    run: Run, epoch: int, progress: ckpt.TrainingProgress, on_steps: StepCallback
+    run: Run,
+    epoch: int,
+    progress: ckpt.TrainingProgress,
+    on_steps: StepCallback,
+    save_mid_epoch: SaveCallback | None = None,
 ) -> tuple[dict[str, float], ckpt.TrainingProgress]:
-    """One pass over this rank's shard; returns epoch metrics (reduced over ranks) and the new progress.
+    """One pass over this rank's shard (the rest of it, when resuming mid-epoch).
 
     Args:
         run: the live objects.
         epoch: 0-based epoch index.
-        progress: step counter and schedule state at the start of the epoch.
+        progress: step counter and schedule state; ``progress.step`` may lie inside ``epoch``.
         on_steps: called on every rank with step metrics, the step and where they go (``log_due``).
+        save_mid_epoch: called on every rank every ``checkpoint.every_n_steps`` steps with the
+            progress so far (``epoch_sums`` summed over ranks).
+
+    Returns:
+        The epoch's metrics (reduced over ranks) and the progress at its end.
     """
-    cfg, ctx, derived = run.cfg, run.ctx, run.derived
+    cfg, ctx, d = run.cfg, run.ctx, run.derived
     run.model.train()
-    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     device = ctx.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
-    window = torch.zeros(2, dtype=torch.float64, device=device)  # for the ResNet-110 rule: top1 hits, n
+    first = progress.step - epoch * d.iters_per_epoch  # > 0: resumed mid-epoch
+    end = min(d.iters_per_epoch, d.total_iters - epoch * d.iters_per_epoch)
+    # loss x n, top-1 hits, top-5 hits of this epoch on this rank, on the device; the image count
+    # on the host (a shape). Rank 0 carries the part of a resumed epoch done before the restart.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    seen = 0.0
+    if first > 0 and ctx.is_main and progress.epoch_sums:
+        sums += torch.tensor(progress.epoch_sums[:3], dtype=torch.float64).to(device)
+        seen = progress.epoch_sums[3]
+    window_hits = torch.zeros((), dtype=torch.float64, device=device)  # the ResNet-110 rule
+    window_seen = 0
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
+    bad_loss = torch.zeros((), device=device)
     step, state = progress.step, progress.schedule
-    data_wait = 0.0
-    start = tick = time.perf_counter()
-    steps_this_epoch = min(len(run.data.train), derived.total_iters - step)
-    batches = iter(run.data.train.epoch(epoch))
-    lr = 0.0
-    for i in range(steps_this_epoch):
+    data_wait, lr = 0.0, 0.0
+    start = time.perf_counter()
+    batches = iter(run.data.train.epoch(epoch, start=first))
+    for i in range(first, end):
         t0 = time.perf_counter()
         images, labels = next(batches)
         data_wait += time.perf_counter() - t0
-        lr = learning_rate(
-            cfg.schedule, base_lr=derived.lr, it=step, iters_per_epoch=derived.iters_per_epoch, state=state
-        )
+        lr = _lr_at(run, step, state)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device, cfg.precision.amp):
-            logits = run.model(images.contiguous(memory_format=fmt))
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"non-finite loss ({loss_value}) at epoch {epoch} step {step} with lr {lr:.6g}; "
-                "lower optim.lr, enable warm-up (schedule.warmup_epochs) or check the data"
-            )
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        step += 1
+        loss, top1, top5 = train_step(run, images, labels)
+        n = labels.shape[0]
         with torch.no_grad():
-            top1, top5 = topk_correct(logits.detach().float(), labels)
-            n = labels.numel()
-            sums += torch.stack(
-                [
-                    loss.detach().double() * n,
-                    top1.double(),
-                    top5.double(),
-                    torch.tensor(n, device=device, dtype=torch.float64),
-                ]
-            )
-            window += torch.stack([top1.double(), torch.tensor(n, device=device, dtype=torch.float64)])
+            newly = (bad_step < 0) & ~torch.isfinite(loss)
+            bad_step = torch.where(newly, step, bad_step)
+            bad_loss = torch.where(newly, loss, bad_loss)
+            sums += torch.stack([loss.double() * n, top1.double(), top5.double()])
+            window_hits += top1
+        seen += n
+        window_seen += n
+        step += 1
         if (
             cfg.schedule.warmup_until_train_err is not None
             and not state.warmup_done
             and step % WARMUP_CHECK_EVERY == 0
         ):
-            hits, seen = _reduce_counts(list(window), device)
-            state = warmup_update(cfg.schedule, state, 100.0 * (1 - hits / seen))
-            window.zero_()
-        due = log_due(cfg, step, last_of_epoch=i == steps_this_epoch - 1)
+            # The rule decides on the host: a sync every 10 steps, only during the warm-up.
+            hits, total = _reduce(window_hits.view(1), window_seen)
+            state = warmup_update(cfg.schedule, state, 100.0 * (1 - hits / total))
+            window_hits.zero_()
+            window_seen = 0
+        due = log_due(cfg, step, last_of_epoch=i == end - 1)
         if due is not None:
-            elapsed = time.perf_counter() - tick
-            done = i + 1
-            img_per_s = done * cfg.optim.batch_size / max(time.perf_counter() - start, 1e-9)
+            _raise_if_non_finite(run, epoch, bad_step, bad_loss, state)
+            done = i + 1 - first
             on_steps(
                 {
-                    "train/step_loss": loss_value,
+                    "train/step_loss": loss.item(),
                     "lr": lr,
-                    "img_per_s": img_per_s,
-                    "epoch": epoch + done / steps_this_epoch,
+                    "img_per_s": done * d.global_batch / max(time.perf_counter() - start, 1e-9),
+                    "epoch": epoch + (i + 1) / end,
                 },
                 step,
                 due,
             )
-            tick += elapsed
+        every = cfg.checkpoint.every_n_steps
+        if save_mid_epoch is not None and every and step % every == 0 and i + 1 < end:
+            _raise_if_non_finite(run, epoch, bad_step, bad_loss, state)
+            total = _reduce(sums, seen)
+            save_mid_epoch(dataclasses.replace(progress, step=step, schedule=state, epoch_sums=total))
     wall = time.perf_counter() - start
-    loss_sum, top1, top5, n = _reduce_counts(list(sums), device)
+    loss_sum, top1, top5, n = _reduce(sums, seen)
     metrics = {
         "train/loss": loss_sum / max(n, 1),
         "train/top1_err": 100.0 * (1 - top1 / max(n, 1)),
         "train/top5_err": 100.0 * (1 - top5 / max(n, 1)),
         "lr": lr,
-        "img_per_s": n / max(wall, 1e-9),
+        "img_per_s": (end - first) * d.global_batch / max(wall, 1e-9),
         "epoch_time_s": wall,
         "data_wait_frac": data_wait / max(wall, 1e-9),
+        "world_size": ctx.world_size,
+        "global_batch": d.global_batch,
     }
     if device.type == "cuda":
         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return metrics, dataclasses.replace(progress, step=step, schedule=state)
+    return metrics, dataclasses.replace(progress, step=step, schedule=state, epoch_sums=())
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def _reduce(device_sums: torch.Tensor, host_count: float) -> tuple[float, ...]:
+    """(device sums..., count) summed over ranks: one transfer each way."""
+    count = torch.tensor([host_count], dtype=torch.float64).to(device_sums.device)
+    return tuple(all_reduce_sum(torch.cat([device_sums.double(), count])).tolist())
 
 
-class _Printer:
-    """Rank 0's progress lines: every N steps and one per epoch."""
-
-    def __init__(self, run: Run):
-        self.run, self.start, self.start_step = run, time.perf_counter(), None
-
-    def steps(self, metrics: dict[str, float], step: int) -> None:
-        if not self.run.ctx.is_main:
-            return
-        if self.start_step is None:
-            self.start_step, self.start = step, time.perf_counter()
-        d = self.run.derived
-        rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
-        eta = (d.total_iters - step) / rate if rate > 0 else float("nan")
-        print(
-            f"epoch {metrics['epoch']:.2f}/{d.epochs} step {step}/{d.total_iters} "
-            f"loss {metrics['train/step_loss']:.4f} lr {metrics['lr']:.5g} "
-            f"img/s {metrics['img_per_s']:.1f} eta {_format_eta(eta) if math.isfinite(eta) else '?'}",
-            flush=True,
-        )
-
-    def epoch(self, metrics: dict[str, float]) -> None:
-        nan = float("nan")
-        print(
-            f"epoch {metrics['epoch']}/{self.run.derived.epochs} done: train loss {metrics['train/loss']:.4f} "
-            f"top1 err {metrics['train/top1_err']:.2f}% | val top1 err {metrics.get('val/top1_err', nan):.2f}% "
-            f"top5 err {metrics.get('val/top5_err', nan):.2f}% | lr {metrics['lr']:.5g} "
-            f"| {metrics['img_per_s']:.1f} img/s | {metrics['epoch_time_s']:.1f}s",
-            flush=True,
+def _raise_if_non_finite(
+    run: Run, epoch: int, bad_step: torch.Tensor, bad_loss: torch.Tensor, state: Any
+) -> None:
+    bad = int(bad_step.item())
+    if bad >= 0:
+        raise FloatingPointError(
+            f"non-finite loss ({bad_loss.item()}) at epoch {epoch} step {bad} with lr {_lr_at(run, bad, state):.6g}; "
+            "lower optim.lr, enable warm-up (schedule.warmup_epochs) or check the data"
         )
 
 
-def validate(run: Run, model: nn.Module, batches: Any, mode: str) -> dict[str, float]:
-    """``evaluate`` with the run's device and precision settings."""
+def validate(run: Run, batches: Any, mode: str) -> dict[str, float]:
+    """``evaluate`` with the run's device and precision settings, every rank using rank 0's BN statistics."""
+    broadcast_buffers(run.plain)
     return evaluate(
-        model,
+        run.plain,
         batches,
         mode=mode,
         device=run.ctx.device,
@@ -212,48 +232,53 @@ def validate(run: Run, model: nn.Module, batches: Any, mode: str) -> dict[str, f
     )
 
 
-def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) -> str:
-    """The derived values printed at start (and saved in config.yaml under ``derived``)."""
-    return (
-        f"run {cfg.name}: {cfg.model.name} on {cfg.data.dataset} ({num_train} train images, {num_classes} classes)\n"
-        f"  world size {derived.world_size}, global batch {cfg.optim.batch_size}, per-worker batch {derived.per_worker_batch}\n"
-        f"  lr {derived.lr:g} (base {cfg.optim.lr:g}{', linear scaling' if cfg.optim.scale_lr else ''}), "
-        f"schedule {cfg.schedule.kind}\n"
-        f"  {derived.iters_per_epoch} iterations/epoch, {derived.total_iters} iterations, {derived.epochs} epochs"
-    )
-
-
-def _restore(run: Run, location: str) -> ckpt.TrainingProgress:
-    """The progress to start from: this run's newest readable checkpoint, else ``resume_from``, else nothing.
-
-    A checkpoint that cannot be read (a truncated file after a crash mid-write on some
-    filesystems) is skipped with a warning in favour of the one before it.
-    """
-    candidates = checkpoint_candidates(run.ctx, location)
-    if not candidates and run.cfg.resume_from:
-        candidates = [Path(run.cfg.resume_from)]
+def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str]]:
+    """(the newest readable checkpoint, its state, warnings about the unreadable ones before it)."""
+    warnings = []
     for source in candidates:
         try:
-            state = ckpt.read(source)
-        except ckpt.CheckpointError as e:
-            if run.ctx.is_main:
-                print(f"warning: skipping unusable checkpoint: {e}", flush=True)
-            continue
-        progress = ckpt.restore(state, model=run.plain, optimizer=run.optimizer, scaler=run.scaler)
-        if run.ctx.is_main:
-            print(
-                f"restored from checkpoint {source}: epoch {progress.epoch}, step {progress.step}", flush=True
+            with fetched(source) as folder:
+                return source, ckpt.read(folder), warnings
+        except (ckpt.CheckpointError, OSError) as e:
+            warnings.append(f"warning: skipping unusable checkpoint: {e}")
+    return None, None, warnings
+
+
+def restore(run: Run, location: str) -> ckpt.TrainingProgress:
+    """The progress to start from: rank 0 picks the newest readable checkpoint (Ray's latest, else
+    the one before it, else ``resume_from``); every rank then loads that one. Copies fetched from
+    object storage are removed once loaded."""
+    ctx = run.ctx
+    decision: tuple[str, str | None] = ("none", None)
+    state = None
+    if ctx.is_main:
+        candidates = checkpoint_candidates(ctx, location, run.cfg.resume_from)
+        chosen, state, warnings = _pick_checkpoint(candidates)
+        for line in warnings:
+            print(line, flush=True)
+        if chosen is not None:
+            decision = ("load", chosen)
+        elif candidates:
+            decision = (
+                "error",
+                f"none of the checkpoints of run {run.cfg.name!r} can be read ({', '.join(candidates)}); "
+                "remove them or start under a new name",
             )
-            changed = config_changes(state["config"], to_dict(run.cfg))
-            if changed:
-                print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
-        return progress
-    if candidates:
-        raise ckpt.CheckpointError(
-            f"none of the checkpoints of run {run.cfg.name!r} can be read ({', '.join(map(str, candidates))}); "
-            "remove them or start under a new name"
-        )
-    return ckpt.TrainingProgress()
+    kind, value = broadcast_object(decision)
+    if kind == "error":
+        raise ckpt.CheckpointError(value)
+    if kind == "none":
+        return ckpt.TrainingProgress()
+    if state is None:
+        with fetched(value) as folder:
+            state = ckpt.read(folder)
+    progress = ckpt.restore(state, model=run.plain, optimizer=run.optimizer, scaler=run.scaler)
+    if ctx.is_main:
+        print(f"restored from checkpoint {value}: epoch {progress.epoch}, step {progress.step}", flush=True)
+        changed = config_changes(state["config"], to_dict(run.cfg))
+        if changed:
+            print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
+    return progress
 
 
 def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, Any]:
@@ -263,82 +288,62 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         config: the resolved config as a plain dict (``pipeline.config.to_dict``).
         under_ray: True when called by ``TorchTrainer`` (reporting goes through Ray Train).
     """
-    from pipeline.tracking import Tracker
-
     cfg = config_from_dict(config)
     wall_start = time.perf_counter()
     ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
     run = setup_run(cfg, ctx)
-    derived, data = run.derived, run.data
+    d, data = run.derived, run.data
     location = run_location(cfg.checkpoint.storage_path, cfg.name)
-    progress = _restore(run, location)
-    rundir = RunDir(location) if ctx.is_main else None
+    progress = restore(run, location)
     resolved = to_dict(cfg)
-    if rundir is not None:
-        print(describe(cfg, derived, data.num_train, data.num_classes), flush=True)
-        rundir.write_config({**resolved, "derived": dataclasses.asdict(derived)})
-        rundir.keep_epochs_upto(progress.epoch)
-    tracker = Tracker.create(
-        cfg.tracking,
-        run_name=cfg.name,
-        run_dir=rundir.local_dir if rundir else Path("."),
-        config={**resolved, "derived": dataclasses.asdict(derived)},
-        run_id=progress.wandb_run_id,
-        is_main=ctx.is_main,
-    )
-    progress = dataclasses.replace(progress, wandb_run_id=tracker.run_id)
-    printer = _Printer(run)
-
-    def on_steps(metrics: dict[str, float], step: int, due: LogDue) -> None:
-        if due.console:
-            printer.steps(metrics, step)
-        if due.tracker:
-            tracker.log(metrics, step=step)
-
-    val_loader = data.make_val(cfg.eval.mode)
-    last_ckpt = None
+    out = RunOutputs.open(
+        cfg, d, location, progress, config=resolved, is_main=ctx.is_main,
+        num_train=data.num_train, num_classes=data.num_classes,
+    )  # fmt: skip
+    progress = dataclasses.replace(progress, wandb_run_id=out.tracker.run_id)
     last_val: dict[str, float] = {"val/top1_err": float("inf")}
-    img_per_s = []
-    for epoch in range(progress.epoch, derived.epochs):
-        train_metrics, progress = train_one_epoch(run, epoch, progress, on_steps)
-        img_per_s.append(train_metrics["img_per_s"])
-        metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
-        if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == derived.epochs:
-            val = validate(run, run.plain, val_loader.epoch(epoch), cfg.eval.mode)
-            metrics.update({k: v for k, v in val.items() if k != "val/images"})
-            new_schedule = plateau_update(
-                cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=derived.lr
-            )
-            progress = dataclasses.replace(
-                progress,
-                schedule=new_schedule,
-                best_val_top1_err=min(progress.best_val_top1_err, val["val/top1_err"]),
-            )
-        progress = dataclasses.replace(progress, epoch=epoch + 1)
-        if ctx.is_main:
-            printer.epoch(metrics)
-            rundir.append_metrics(metrics)
-            tracker.log(metrics, step=progress.step)
-        last_val = {k: v for k, v in metrics.items() if k.startswith("val/")} or last_val
-        last_ckpt = report_epoch(
-            ctx,
-            # Ray keeps the best checkpoints by val/top1_err, so epochs without validation carry the last one.
-            {**last_val, **metrics},
-            f"checkpoint_epoch{epoch + 1:04d}",
-            location,
-            functools.partial(
-                ckpt.save,
-                model=run.plain,
-                optimizer=run.optimizer,
-                scaler=run.scaler,
-                progress=progress,
-                config=resolved,
-            ),
-            num_to_keep=cfg.checkpoint.num_to_keep,
+    last_ckpt = None
+
+    def save(name: str, progress: ckpt.TrainingProgress, metrics: dict[str, Any]) -> str:
+        write = functools.partial(
+            ckpt.save,
+            model=run.plain,
+            optimizer=run.optimizer,
+            scaler=run.scaler,
+            progress=progress,
+            config=resolved,
+        )
+        # Ray keeps the best checkpoints by val/top1_err, so reports without validation carry the last one.
+        return report_checkpoint(
+            ctx, {**last_val, **metrics}, name, location, write, num_to_keep=cfg.checkpoint.num_to_keep
         )
 
+    def save_mid_epoch(p: ckpt.TrainingProgress) -> None:
+        save(checkpoint_name(p.epoch, p.step), p, {"epoch": p.epoch, "step": p.step})
+
+    def on_steps(metrics: dict[str, float], step: int, due: LogDue) -> None:
+        out.steps(metrics, step, console=due.console, track=due.tracker)
+
+    img_per_s = []
+    for epoch in range(progress.epoch, d.epochs):
+        train_metrics, progress = train_one_epoch(run, epoch, progress, on_steps, save_mid_epoch)
+        img_per_s.append(train_metrics["img_per_s"])
+        metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
+        if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == d.epochs:
+            val = validate(run, data.make_val(cfg.eval.mode).epoch(epoch), cfg.eval.mode)
+            metrics.update({k: v for k, v in val.items() if k != "val/images"})
+            progress = dataclasses.replace(
+                progress,
+                schedule=plateau_update(cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=d.lr),
+                best_val_top1_err=min(progress.best_val_top1_err, val["val/top1_err"]),
+            )
+            last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        progress = dataclasses.replace(progress, epoch=epoch + 1)
+        out.epoch(metrics, progress.step)
+        last_ckpt = save(checkpoint_name(epoch + 1), progress, metrics)
+
     final_mode = cfg.eval.final_mode or cfg.eval.mode
-    final = validate(run, run.plain, data.make_val(final_mode).epoch(0), final_mode)
+    final = validate(run, data.make_val(final_mode).epoch(0), final_mode)
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,
@@ -349,26 +354,15 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "best_val_top1_err": progress.best_val_top1_err,
         "epochs": progress.epoch,
         "steps": progress.step,
+        "world_size": ctx.world_size,
+        "global_batch": d.global_batch,
         "wall_s": time.perf_counter() - wall_start,
         "img_per_s": float(np.mean(img_per_s)) if img_per_s else None,
         "checkpoint": last_ckpt,
-        "wandb_dir": tracker.wandb_dir,
-        "wandb_mode": tracker.mode,
+        "wandb_dir": out.tracker.wandb_dir,
+        "wandb_mode": out.tracker.mode,
         "run_dir": location,
     }
-    if ctx.is_main:
-        print(
-            f"final ({final_mode}, {final['val/images']} images): val top-1 err {summary['val_top1_err']:.2f}% "
-            f"top-5 err {summary['val_top5_err']:.2f}% | checkpoint {last_ckpt} | run dir {location}",
-            flush=True,
-        )
-        rundir.write_summary(summary)
-        tracker.summary(
-            {
-                f"final/{final_mode}/top1_err": summary["val_top1_err"],
-                f"final/{final_mode}/top5_err": summary["val_top5_err"],
-            }
-        )
-        tracker.finish()
+    out.close(summary, final_mode)
     barrier()
     return summary

@@ -75,17 +75,27 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    # [top-1 correct, top-5 correct, images, summed NLL]; float64 keeps counts exact.
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    with autocast(device, amp):
-        for inputs, labels in batches:
-            labels = labels.to(device, non_blocking=True)
-            probs = _scores(model, inputs, mode, channels_last)
-            top1, top5 = topk_correct(probs, labels)
-            nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-            totals += torch.stack([top1, top5, torch.tensor(labels.numel(), device=device), nll]).double()
-    model.train(was_training)
-    top1, top5, n, nll = all_reduce_sum(totals).tolist()
+    # Whole images at five scales are thousands of new shapes: cuDNN would autotune every one.
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark and mode != "multiscale"
+    # [top-1 correct, top-5 correct, summed NLL] accumulate on the device (float64 keeps counts
+    # exact) and the image count on the host (a shape): nothing waits for the GPU until the end.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    images = 0
+    try:
+        with autocast(device, amp):
+            for inputs, labels in batches:
+                labels = labels.to(device, non_blocking=True)
+                probs = _scores(model, inputs, mode, channels_last)
+                top1, top5 = topk_correct(probs, labels)
+                nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+                sums += torch.stack([top1, top5, nll]).double()
+                images += labels.shape[0]
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        model.train(was_training)
+    totals = torch.cat([sums, torch.tensor([float(images)], dtype=torch.float64, device=device)])
+    top1, top5, nll, n = all_reduce_sum(totals).tolist()
     if n == 0:
         raise RuntimeError("evaluation saw no images: the validation set or this world's shards are empty")
     return {

@@ -1,10 +1,14 @@
 """``python -m pipeline eval --config FILE --checkpoint PATH [key=value ...]``: score a checkpoint.
 
     python -m pipeline eval --config configs/demo.yaml --checkpoint runs/demo/checkpoint_epoch0008 eval.mode=tencrop
+    python -m pipeline eval --config ... --checkpoint s3://bucket/runs/resnet50/checkpoint_epoch0120
 
 Distributed like training (``cluster.num_workers`` Ray workers, each scoring its shard of
 the validation set; ``--no-ray`` for one process), and exact whatever the world size. The
-result is printed and written as JSON (``--out``, default ``<checkpoint>/eval-<mode>.json``).
+checkpoint may be a local folder or a URI: each worker fetches its own copy and removes it
+after loading. Rank 0's result comes back through Ray (no node-local file), is printed and
+written as JSON by this process (``--out``, default ``<checkpoint>/eval-<mode>.json``, a
+URI when the checkpoint is one).
 """
 
 from __future__ import annotations
@@ -20,18 +24,23 @@ from pipeline.config import ConfigError, config_from_dict, load_config, requeste
 from pipeline.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
 
 
-def eval_worker(config: dict[str, Any], checkpoint: str, out: str, under_ray: bool = False) -> dict[str, Any]:
-    """Load ``checkpoint`` into the configured model and evaluate it in ``eval.mode`` on every rank."""
+def eval_worker(config: dict[str, Any], checkpoint: str, under_ray: bool = False) -> dict[str, Any]:
+    """Load ``checkpoint`` into the configured model and evaluate it in ``eval.mode`` on every rank.
+
+    Returns the result (the same on every rank: the counts are summed over ranks).
+    """
     from pipeline import checkpoint as ckpt
     from pipeline.distributed import init_context
     from pipeline.evaluate import evaluate
+    from pipeline.storage import fetched
     from pipeline.worker import build_data, build_model_for
 
     cfg = config_from_dict(config)
     ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
     data, _ = build_data(cfg, ctx)
     model, _ = build_model_for(cfg, ctx)
-    ckpt.restore_model(ckpt.read(Path(checkpoint)), model)
+    with fetched(checkpoint) as folder:
+        ckpt.restore_model(ckpt.read(folder), model)
     start = time.perf_counter()
     result = evaluate(
         model,
@@ -53,15 +62,32 @@ def eval_worker(config: dict[str, Any], checkpoint: str, out: str, under_ray: bo
         "world_size": ctx.world_size,
         "wall_s": time.perf_counter() - start,
     }
-    if ctx.is_main:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
 def _ray_eval_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
     quiet_worker_logs()
-    eval_worker(loop_config["config"], loop_config["checkpoint"], loop_config["out"], under_ray=True)
+    record = eval_worker(loop_config["config"], loop_config["checkpoint"], under_ray=True)
+    ray.train.report(record)  # rank 0's record becomes the run's result on the driver
+
+
+def _check_checkpoint(location: str) -> None:
+    """Fail before any worker starts: a local checkpoint is read whole, a remote one must hold state.pt."""
+    from pipeline import checkpoint as ckpt
+    from pipeline.storage import is_uri
+
+    if not is_uri(location):
+        ckpt.read(Path(location))
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{location.rstrip('/')}/{ckpt.STATE_FILE}")
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        raise ckpt.CheckpointError(
+            f"{location}: no {ckpt.STATE_FILE} there (is it a checkpoint folder of this pipeline?)"
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -76,25 +102,29 @@ def main(argv: list[str]) -> int:
     from pipeline import checkpoint as ckpt
     from pipeline.data.layout import DataLayoutError
     from pipeline.data.source import open_dataset
+    from pipeline.storage import is_uri, write_text
 
+    checkpoint = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())
     try:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
-        ckpt.read(Path(args.checkpoint))  # fail before any worker starts
+        _check_checkpoint(checkpoint)
         open_dataset(cfg.data)
-    except (ConfigError, DataLayoutError, ckpt.CheckpointError) as e:
+    except (ConfigError, DataLayoutError, ckpt.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = str(Path(args.out or Path(args.checkpoint) / f"eval-{cfg.eval.mode}.json").resolve())
+    out = args.out or f"{checkpoint.rstrip('/')}/eval-{cfg.eval.mode}.json"
     if args.no_ray:
-        eval_worker(to_dict(cfg), str(Path(args.checkpoint).resolve()), out)
+        record = eval_worker(to_dict(cfg), checkpoint)
     else:
-        run_on_ray(
+        result = run_on_ray(
             cfg,
             worker=_ray_eval_worker,
-            extra={"checkpoint": str(Path(args.checkpoint).resolve()), "out": out},
+            extra={"checkpoint": checkpoint},
             name=f"{cfg.name}-eval-{time.strftime('%Y%m%d-%H%M%S')}",
         )
-    record = json.loads(Path(out).read_text())
-    print(json.dumps(record, indent=2))
+        record = dict(result.metrics)
+    text = json.dumps(record, indent=2)
+    write_text(out if is_uri(out) else str(Path(out).resolve()), text + "\n")
+    print(text)
     print(f"wrote {out}")
     return 0

@@ -1,20 +1,24 @@
 """Where a run lives: its location (a local folder or an ``s3://`` / ``gs://`` URI) and its checkpoints.
 
-    location = run_location(cfg.checkpoint.storage_path, cfg.name)   # <storage>/<name>
-    candidates = checkpoint_candidates(ctx, location)                 # newest first
-    report_epoch(ctx, metrics, "checkpoint_epoch0003", location, save, num_to_keep=2)
+    location = run_location(cfg.checkpoint.storage_path, cfg.name)     # <storage>/<name>
+    names = checkpoint_candidates(ctx, location)                        # newest first, as locations
+    with fetched(names[0]) as folder: state = checkpoint.read(folder)   # a local copy, removed after
+    report_checkpoint(ctx, metrics, "checkpoint_epoch0003", location, save, num_to_keep=2)
 
 Checkpoints are folders ``checkpoint_*`` under the run's location, beside the run's files
-(``pipeline.rundir``). Under Ray, Ray Train copies and prunes them (its ``CheckpointConfig``);
-without Ray, rank 0 writes and prunes them here. URIs go through pyarrow's filesystems,
-which is what Ray itself uses.
+(``pipeline.rundir``), named so that sorting by name is sorting by time
+(``checkpoint_epoch0003`` < ``checkpoint_epoch0003_step0000450`` < ``checkpoint_epoch0004``).
+Under Ray, Ray Train uploads (asynchronously) and prunes them; without Ray, rank 0 writes and
+prunes them here. URIs go through pyarrow's filesystems, as Ray's own storage does, so
+``AWS_ENDPOINT_URL`` and the rest of the standard environment apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,60 +39,94 @@ def run_location(storage_path: str, name: str) -> str:
     return str(Path(storage_path).expanduser().resolve() / name)
 
 
-CHECKPOINT_PREFIX = "checkpoint_"
+def checkpoint_name(epochs_done: int, step: int | None = None) -> str:
+    """The folder name of a checkpoint after ``epochs_done`` epochs (and, mid-epoch, at global ``step``)."""
+    return f"{CHECKPOINT_PREFIX}epoch{epochs_done:04d}" + ("" if step is None else f"_step{step:07d}")
 
 
-def local_checkpoints(location: str) -> list[Path]:
-    """This run's checkpoint folders on a local filesystem, newest first (by name: epoch-numbered)."""
-    root = Path(location)
-    if is_uri(location) or not root.is_dir():
-        return []
-    return sorted(
-        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)), reverse=True
-    )
-
-
-def remote_checkpoints(location: str) -> list[Path]:
-    """This run's checkpoints under a URI (``s3://``, ``gs://``), newest first, fetched to local folders."""
+def _filesystem(uri: str) -> tuple[Any, str]:
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(location)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    names = sorted(
-        (
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def list_checkpoints(location: str) -> list[str]:
+    """This run's checkpoints (as locations), newest first."""
+    if not is_uri(location):
+        root = Path(location)
+        if not root.is_dir():
+            return []
+        names = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    else:
+        import pyarrow.fs
+
+        fs, root_path = _filesystem(location)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root_path, allow_not_found=True))
+        names = [
             i.base_name
             for i in infos
             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
-        ),
-        reverse=True,
-    )
-    fetched = []
-    for name in names:
-        local = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-        pyarrow.fs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs)
-        fetched.append(local)
-    return fetched
+        ]
+    return [f"{location.rstrip('/')}/{n}" for n in sorted(names, reverse=True)]
 
 
-def checkpoint_candidates(ctx: DistContext, location: str) -> list[Path]:
-    """Checkpoints to resume from, newest first: Ray's latest (after a restart or a re-run of the
-    same name), then the older ones kept beside it, so a truncated latest can fall back."""
-    if is_uri(location):  # Ray's latest lives in the same storage folder as the older ones
-        return remote_checkpoints(location)
-    found: list[Path] = []
+@contextlib.contextmanager
+def fetched(location: str) -> Iterator[Path]:
+    """A local folder holding the checkpoint at ``location``: the folder itself when it is local,
+    else a temporary copy, removed on exit."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    import pyarrow.fs
+
+    fs, path = _filesystem(location)
+    local = Path(tempfile.mkdtemp(prefix="pipeline-checkpoint-"))
+    try:
+        pyarrow.fs.copy_files(path, str(local), source_filesystem=fs)
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def write_text(location: str, text: str) -> None:
+    """Write a small file at a local path or a URI (its folder created as needed)."""
+    if not is_uri(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        Path(location).write_text(text)
+        return
+    fs, path = _filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def upload_folder(local: Path, location: str) -> None:
+    """Copy a local folder's files to a URI (replacing what is there): W&B's offline run."""
+    import pyarrow.fs
+
+    fs, path = _filesystem(location)
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
+
+
+def checkpoint_candidates(ctx: DistContext, location: str, resume_from: str | None) -> list[str]:
+    """Checkpoints to resume from, newest first: Ray's latest registered one (after a restart or a
+    re-run of the same name), then the others kept beside it, so an unreadable latest can fall
+    back; ``resume_from`` only when the run has none of its own."""
+    found: list[str] = []
     if ctx.under_ray:
         import ray.train
 
         latest = ray.train.get_checkpoint()
-        if latest is not None:
-            found.append(Path(latest.path))
-    for path in local_checkpoints(location):
-        if path.name not in {p.name for p in found}:
-            found.append(path)
+        if latest is not None:  # it lives in this run's location: name it as the others are named
+            found.append(f"{location.rstrip('/')}/{Path(latest.path).name}")
+    found += [c for c in list_checkpoints(location) if c not in found]
+    if not found and resume_from:
+        found.append(resume_from)
     return found
 
 
-def report_epoch(
+def report_checkpoint(
     ctx: DistContext,
     metrics: dict[str, Any],
     name: str,
@@ -99,30 +137,32 @@ def report_epoch(
     """Persist a checkpoint written by ``save(directory)`` on rank 0 and report the metrics.
 
     Under Ray every rank calls ``ray.train.report`` (it is a barrier); rank 0 hands over the
-    checkpoint and Ray copies it to ``<storage>/<name>/<checkpoint name>``, keeping
-    ``num_to_keep`` as its ``CheckpointConfig`` says. Without Ray, rank 0 writes it there
-    itself and prunes the oldest.
+    checkpoint, which Ray uploads to ``<storage>/<name>/<checkpoint name>`` on a background
+    thread while training goes on (then deletes the local copy), keeping ``num_to_keep`` as its
+    ``CheckpointConfig`` says. Without Ray, rank 0 writes it there itself and prunes the oldest.
     """
     if ctx.under_ray:
         import ray.train
 
-        with tempfile.TemporaryDirectory() as tmp:
-            if ctx.is_main:
-                save(Path(tmp))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if ctx.is_main else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        checkpoint = None
+        if ctx.is_main:
+            # A folder of our own (not a TemporaryDirectory): Ray deletes it once the upload is done.
+            folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+            save(folder)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
     elif ctx.is_main and is_uri(location):
-        import pyarrow.fs
-
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp))
-            fs, root = pyarrow.fs.FileSystem.from_uri(f"{location.rstrip('/')}/{name}")
-            fs.create_dir(root, recursive=True)
-            pyarrow.fs.copy_files(tmp, root, destination_filesystem=fs)
+            upload_folder(Path(tmp), f"{location.rstrip('/')}/{name}")
     elif ctx.is_main:
-        target = Path(location) / name
-        save(target)
-        for old in local_checkpoints(location)[max(num_to_keep, 1) :]:
+        save(Path(location) / name)
+        for old in list_checkpoints(location)[max(num_to_keep, 1) :]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return f"{location.rstrip('/')}/{name}"

@@ -42,11 +42,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def worker_threads(cfg: Config) -> int:
-    """DALI threads per worker: the configured number, else the CPUs Ray reserves for the worker."""
+def worker_threads(cfg: Config, ctx: DistContext) -> int:
+    """DALI threads per worker: the configured number, else under Ray the CPUs Ray reserves for the
+    worker, else (torchrun, one process) this process's CPUs shared among the node's ranks."""
     if cfg.data.num_threads > 0:
         return cfg.data.num_threads
-    return max(1, min(int(cfg.cluster.cpus_per_worker), usable_cpus()))
+    if ctx.under_ray:
+        return max(1, min(int(cfg.cluster.cpus_per_worker), usable_cpus()))
+    return max(1, usable_cpus() // max(1, ctx.local_world_size))
 
 
 def build_data(cfg: Config, ctx: DistContext) -> tuple[Data, Derived]:
@@ -59,7 +62,7 @@ def build_data(cfg: Config, ctx: DistContext) -> tuple[Data, Derived]:
         rank=ctx.rank,
         world_size=ctx.world_size,
         device=ctx.device,
-        num_threads=worker_threads(cfg),
+        num_threads=worker_threads(cfg, ctx),
         eval_batch=derived.per_worker_eval_batch,
     )
     return data, derived
@@ -102,7 +105,7 @@ def build_model_for(cfg: Config, ctx: DistContext) -> tuple[nn.Module, nn.Module
     model = model.to(ctx.device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    trained = wrap_model(model, ctx)
+    trained = wrap_model(model, ctx, cfg.precision.grad_compression)
     if cfg.precision.compile:
         trained = torch.compile(trained)
     return model, trained

@@ -17,7 +17,10 @@ class Derived:
     """Values computed once from the config and the world size; printed and saved."""
 
     world_size: int
+    global_batch: int
     per_worker_batch: int
+    micro_batch: int  # what one forward/backward sees: per_worker_batch / accum_steps
+    accum_steps: int  # micro-batches whose gradients add up to one optimizer step
     per_worker_eval_batch: int
     lr: float  # after the linear scaling rule
     iters_per_epoch: int
@@ -25,7 +28,19 @@ class Derived:
     epochs: int
 
 
+def accumulation(per_worker_batch: int, max_worker_batch: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps): the fewest equal micro-batches of at most ``max_worker_batch``
+    (0: no limit) that make up ``per_worker_batch`` exactly, so the global batch and lr stay exact."""
+    if max_worker_batch <= 0 or per_worker_batch <= max_worker_batch:
+        return per_worker_batch, 1
+    steps = math.ceil(per_worker_batch / max_worker_batch)
+    while per_worker_batch % steps:
+        steps += 1
+    return per_worker_batch // steps, steps
+
+
 def derive(cfg: Config, num_train_images: int, world_size: int | None = None) -> Derived:
+    """The derived values for a run on ``world_size`` workers (default ``cluster.num_workers``)."""
     world = world_size or cfg.cluster.num_workers
     global_batch = cfg.optim.batch_size
     if global_batch % world:
@@ -45,9 +60,13 @@ def derive(cfg: Config, num_train_images: int, world_size: int | None = None) ->
         total = min(total, cfg.schedule.max_iters)
     epochs = math.ceil(total / iters_per_epoch)
     lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
+    micro, accum = accumulation(per_worker, cfg.optim.max_worker_batch)
     return Derived(
         world_size=world,
+        global_batch=global_batch,
         per_worker_batch=per_worker,
+        micro_batch=micro,
+        accum_steps=accum,
         per_worker_eval_batch=max(1, eval_batch // world),
         lr=lr,
         iters_per_epoch=iters_per_epoch,

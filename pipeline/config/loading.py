@@ -211,6 +211,12 @@ def _check(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    for key, value in {
+        "optim.max_worker_batch": cfg.optim.max_worker_batch,
+        "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 (off) or positive, got {value}")
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(
             f"data.scale_min ({cfg.data.scale_min}) is larger than data.scale_max ({cfg.data.scale_max})"

@@ -50,6 +50,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     batch_size: int = 256  # global batch, split evenly over workers
+    # Largest batch one worker runs forward/backward at once (0: no limit). Above it the worker
+    # accumulates gradients over equal micro-batches, so the global batch and the lr stay exact.
+    max_worker_batch: int = 0
     lr: float = 0.1  # base lr at batch 256 (see scale_lr)
     scale_lr: bool = True  # linear scaling rule: lr = base lr * batch_size / 256
     momentum: float = 0.9
@@ -91,7 +94,9 @@ class PrecisionConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
-    cudnn_benchmark: bool = True
+    cudnn_benchmark: bool = True  # autotune convolutions for training (always off for multi-scale eval)
+    # Gradients cross the network in bf16 (DDP's bf16 compression hook): half the all-reduce bytes.
+    grad_compression: Literal["none", "bf16"] = "none"
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class ClusterConfig:
 class CheckpointConfig:
     storage_path: str = "runs"  # local folder or s3:// / gs:// URI
     num_to_keep: int = 2
+    # Also save every N optimizer steps within an epoch (0: at epoch ends only); a restart resumes
+    # at that step with the same data order, augmentation, lr and step counter.
     every_n_steps: int = 0
 
 

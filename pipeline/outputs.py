@@ -1,0 +1,154 @@
+"""Where a run's metrics go, on rank 0: the console, the run's files, W&B.
+
+    out = RunOutputs.open(cfg, derived, location, progress, config=resolved, is_main=ctx.is_main,
+                          num_train=..., num_classes=...)
+    out.steps(metrics, step, due)        # every few steps
+    out.epoch(metrics, step)             # once per epoch
+    out.close(summary, final_mode)       # at the end
+
+On other ranks every call does nothing. With object storage, W&B's offline run is written
+to a local staging folder and copied to ``<location>/wandb/`` after every epoch, so a rank 0
+that dies takes at most one epoch of W&B records with it (``pipeline wandb-sync`` fills any
+gap from ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import TrainingProgress
+from pipeline.config import Config, Derived
+from pipeline.rundir import RunDir
+from pipeline.storage import is_uri, upload_folder
+
+
+def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) -> str:
+    """The derived values printed at start (and saved in config.yaml under ``derived``)."""
+    micro = (
+        f" (micro-batch {derived.micro_batch} x {derived.accum_steps} accumulation steps)"
+        if derived.accum_steps > 1
+        else ""
+    )
+    return (
+        f"run {cfg.name}: {cfg.model.name} on {cfg.data.dataset} ({num_train} train images, {num_classes} classes)\n"
+        f"  world size {derived.world_size}, global batch {derived.global_batch}, "
+        f"per-worker batch {derived.per_worker_batch}{micro}\n"
+        f"  lr {derived.lr:g} (base {cfg.optim.lr:g}{', linear scaling' if cfg.optim.scale_lr else ''}), "
+        f"schedule {cfg.schedule.kind}\n"
+        f"  {derived.iters_per_epoch} iterations/epoch, {derived.total_iters} iterations, {derived.epochs} epochs"
+    )
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class RunOutputs:
+    """Rank 0's console lines, run files and W&B run; inert on other ranks."""
+
+    def __init__(self, derived: Derived, rundir: RunDir | None, tracker: Any):
+        self.derived, self.rundir, self.tracker = derived, rundir, tracker
+        self._start, self._start_step = time.perf_counter(), None
+
+    @classmethod
+    def open(
+        cls,
+        cfg: Config,
+        derived: Derived,
+        location: str,
+        progress: TrainingProgress,
+        *,
+        config: dict[str, Any],
+        is_main: bool,
+        num_train: int,
+        num_classes: int,
+    ) -> RunOutputs:
+        """Print the run's description, write its config, drop records a restart redoes, start W&B."""
+        from pipeline.tracking import Tracker
+
+        rundir = RunDir(location) if is_main else None
+        with_derived = {**config, "derived": dataclasses.asdict(derived)}
+        if rundir is not None:
+            print(describe(cfg, derived, num_train, num_classes), flush=True)
+            rundir.write_config(with_derived)
+            rundir.keep_epochs_upto(progress.epoch)
+        tracker = Tracker.create(
+            cfg.tracking,
+            run_name=cfg.name,
+            run_dir=rundir.local_dir if rundir else Path("."),
+            config=with_derived,
+            run_id=progress.wandb_run_id,
+            is_main=is_main,
+        )
+        return cls(derived, rundir, tracker)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rundir is not None
+
+    def steps(self, metrics: dict[str, float], step: int, console: bool, track: bool) -> None:
+        """A step line on the console and/or a step row in W&B."""
+        if not self.is_main:
+            return
+        if track:
+            self.tracker.log(metrics, step=step)
+        if not console:
+            return
+        if self._start_step is None:
+            self._start_step, self._start = step, time.perf_counter()
+        d = self.derived
+        rate = (step - self._start_step) / max(time.perf_counter() - self._start, 1e-9)
+        eta = (d.total_iters - step) / rate if rate > 0 else float("nan")
+        print(
+            f"epoch {metrics['epoch']:.2f}/{d.epochs} step {step}/{d.total_iters} "
+            f"loss {metrics['train/step_loss']:.4f} lr {metrics['lr']:.5g} "
+            f"img/s {metrics['img_per_s']:.1f} eta {_format_eta(eta) if math.isfinite(eta) else '?'}",
+            flush=True,
+        )
+
+    def epoch(self, metrics: dict[str, float], step: int) -> None:
+        """The epoch line, its record in ``metrics.jsonl`` and its W&B row (then W&B's files to storage)."""
+        if not self.is_main:
+            return
+        nan = float("nan")
+        print(
+            f"epoch {metrics['epoch']}/{self.derived.epochs} done: train loss {metrics['train/loss']:.4f} "
+            f"top1 err {metrics['train/top1_err']:.2f}% | val top1 err {metrics.get('val/top1_err', nan):.2f}% "
+            f"top5 err {metrics.get('val/top5_err', nan):.2f}% | lr {metrics['lr']:.5g} "
+            f"| {metrics['img_per_s']:.1f} img/s | {metrics['epoch_time_s']:.1f}s",
+            flush=True,
+        )
+        self.rundir.append_metrics(metrics)
+        self.tracker.log(metrics, step=step)
+        self._upload_wandb()
+
+    def close(self, summary: dict[str, Any], final_mode: str) -> None:
+        """The final line, ``summary.json``, W&B's summary; W&B closed and its files in storage."""
+        if not self.is_main:
+            return
+        print(
+            f"final ({final_mode}, {summary['val_images']} images): val top-1 err {summary['val_top1_err']:.2f}% "
+            f"top-5 err {summary['val_top5_err']:.2f}% | checkpoint {summary['checkpoint']} "
+            f"| run dir {summary['run_dir']}",
+            flush=True,
+        )
+        self.rundir.write_summary(summary)
+        self.tracker.summary(
+            {
+                f"final/{final_mode}/top1_err": summary["val_top1_err"],
+                f"final/{final_mode}/top5_err": summary["val_top5_err"],
+            }
+        )
+        self.tracker.finish()
+        self._upload_wandb()
+
+    def _upload_wandb(self) -> None:
+        """With object storage, copy W&B's local offline folder beside the run's other files."""
+        local = self.rundir.local_dir / "wandb"
+        if is_uri(self.rundir.location) and local.is_dir():
+            upload_folder(local, f"{self.rundir.location}/wandb")
