@@ -53,7 +53,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any checkout: import that checkout's pipeline
 
-import yaml  # noqa: E402
 
 from pipeline.data import remote  # noqa: E402
 
@@ -65,6 +64,7 @@ BUCKET = "drill"
 HIDDEN = ("data", "runs", "wandb")  # the checkout's folders a node must not see
 # A step line of rank 0, as Ray prefixes it in the job log:
 # "(RayTrainWorker pid=123, ip=10.0.0.5) epoch 1.25/3 step 10/24 loss ..."
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefix on a terminal and in job logs alike
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)\.(\d\d)/(\d+) step (\d+)/(\d+)")
 
 # Runs inside the new mount namespace, then becomes `ray start`.
@@ -383,13 +383,16 @@ class Drill:
         ]
 
     def submit(self) -> None:
-        spec = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-        spec.pop("pip", None)  # the nodes run this venv already (cloning it would cost GBs)
-        spec["env_vars"] = {
-            **spec.get("env_vars", {}),
-            **self.aws,
-            "WANDB_MODE": "offline",
-            "WANDB_SILENT": "true",
+        # Only env vars: the code goes as the working dir (Ray leaves out what .gitignore does,
+        # and .git/ and .venv/), and the nodes already run this venv (a `pip:` env would clone it).
+        spec = {
+            "env_vars": {
+                **self.aws,
+                "PYTHONUNBUFFERED": "1",
+                "RAY_DEDUP_LOGS": "0",
+                "WANDB_MODE": "offline",
+                "WANDB_SILENT": "true",
+            }
         }
         cmd = [
             RAY, "job", "submit", "--address", self.address, "--submission-id", self.job_id,
@@ -405,7 +408,7 @@ class Drill:
         """Wait for a step line inside an epoch after the first; kill that worker's node."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for m in STEP_LINE.finditer(self.job_logs()):
+            for m in STEP_LINE.finditer(ANSI.sub("", self.job_logs())):
                 pid, whole, frac, epochs = int(m[1]), int(m[2]), int(m[3]), int(m[4])
                 if whole >= 1 and 0 < frac <= self.args.kill_before and whole < epochs:
                     node = env_of(pid).get(NODE, "").rsplit(":", 1)[-1]
@@ -438,7 +441,12 @@ class Drill:
     def copy_node_logs(self) -> None:
         """Ray's own logs live in each node's private /tmp: copy them out while it lives."""
         for name, proc in self.nodes.items():
-            src = Path(f"/proc/{proc.pid}/root/tmp/ray/session_latest/logs")
+            view = Path(f"/proc/{proc.pid}/root")
+            latest = view / "tmp/ray/session_latest"
+            try:  # an absolute link, meant for the node's own root
+                src = view / os.readlink(latest).lstrip("/") / "logs"
+            except OSError:
+                continue
             if proc.poll() is None and src.is_dir():
                 shutil.copytree(
                     src, self.root / "nodes" / name, dirs_exist_ok=True, ignore_dangling_symlinks=True
@@ -491,7 +499,7 @@ def _wandb_epoch_rows(drill: Drill) -> tuple[list[str], list[dict]]:
 def _eval_in_head(drill: Drill, checkpoint: str, mode: str) -> tuple[dict | None, str]:
     """``pipeline eval --no-ray`` of ``checkpoint``, run in the head node's mount namespace."""
     cmd = [
-        "nsenter", "--target", str(drill.nodes["head"].pid), "--mount", "--",
+        "nsenter", "--target", str(drill.nodes["head"].pid), "--mount", f"--wd={ROOT}", "--",
         sys.executable, "-m", "pipeline", "eval", "--config", drill.args.config, "--no-ray",
         "--checkpoint", checkpoint, "--out", "/tmp/drill-eval.json", *drill.overrides(), f"eval.mode={mode}",
     ]  # fmt: skip
@@ -505,51 +513,54 @@ def _eval_in_head(drill: Drill, checkpoint: str, mode: str) -> tuple[dict | None
     return json.loads(out[start : end + 2]), ""
 
 
-def run_checks(
-    drill: Drill, check: Check, status: str, kill: dict | None, replaced_after: float | None
+def check_kill(
+    drill: Drill, check: Check, logs: str, kill: dict | None, replaced_after: float | None
 ) -> None:
-    epochs = drill.args.epochs
-    want = list(range(1, epochs + 1))
-    logs = drill.job_logs()
-    (drill.root / "job.log").write_text(logs)
-
-    check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id})")
     if kill is None:
         check(
             False,
             "rank 0 killed mid-epoch",
             "no step line of rank 0 inside an epoch after the first was seen",
         )
-    else:
-        check(
-            True,
-            "rank 0 killed mid-epoch",
-            f"node {kill['node']} (RayTrainWorker pid {kill['pid']}) at epoch {kill['at']}/{epochs}, "
-            f"{kill['processes']} processes SIGKILLed; replacement node up {replaced_after:.1f} s later",
-        )
-        after = logs[logs.find(f"epoch {kill['at']}/") :]
-        restored = re.findall(r"restored from checkpoint (\S+): epoch (\d+), step (\d+)", after)
-        check(
-            bool(restored),
-            "resumed from a checkpoint",
-            f"epoch {restored[-1][1]}, step {restored[-1][2]} ({restored[-1][0]})"
-            if restored
-            else "no 'restored from checkpoint' line after the kill: the new worker group started from scratch",
-        )
+        return
+    check(
+        True,
+        "rank 0 killed mid-epoch",
+        f"node {kill['node']} (RayTrainWorker pid {kill['pid']}) at epoch {kill['at']}/{drill.args.epochs}, "
+        f"{kill['processes']} processes SIGKILLed; replacement node up {replaced_after:.1f} s later",
+    )
+    after = logs[logs.find(f"epoch {kill['at']}/") :]
+    restored = re.findall(r"restored from checkpoint (\S+): epoch (\d+), step (\d+)", after)
+    check(
+        bool(restored),
+        "resumed from a checkpoint",
+        f"epoch {restored[-1][1]}, step {restored[-1][2]} ({restored[-1][0]})"
+        if restored
+        else "no 'restored from checkpoint' line after the kill: the new worker group started from scratch",
+    )
 
-    metrics_uri = remote.join(drill.run_uri, "metrics.jsonl")
-    records = _read_json_lines(metrics_uri)
-    got = [r.get("epoch") for r in records or []]
-    check(records is not None and got == want, "metrics.jsonl epochs", f"{got} in {metrics_uri} (want {want})"
-          if records is not None else f"{metrics_uri} does not exist")  # fmt: skip
 
+def check_metrics(drill: Drill, check: Check) -> list[dict]:
+    want = list(range(1, drill.args.epochs + 1))
+    uri = remote.join(drill.run_uri, "metrics.jsonl")
+    records = _read_json_lines(uri)
+    if records is None:
+        check(False, "metrics.jsonl epochs", f"{uri} does not exist")
+        return []
+    got = [r.get("epoch") for r in records]
+    check(got == want, "metrics.jsonl epochs", f"{got} in {uri} (want {want})")
+    return records
+
+
+def check_wandb(drill: Drill, check: Check, records: list[dict]) -> None:
+    want = list(range(1, drill.args.epochs + 1))
     files, rows = _wandb_epoch_rows(drill)
-    wb = [r.get("epoch") for r in rows]
+    got = [r.get("epoch") for r in rows]
     where = f"{len(files)} .wandb segment(s) under {drill.run_uri}" + (
         f" ({', '.join(files)})" if files else ""
     )
-    check(bool(files) and wb == want, "W&B history epochs", f"{wb} from {where} (want {want})")
-    by_epoch = {r.get("epoch"): r for r in records or []}
+    check(bool(files) and got == want, "W&B history epochs", f"{got} from {where} (want {want})")
+    by_epoch = {r.get("epoch"): r for r in records}
     diffs = [
         f"epoch {r['epoch']} {k}: W&B {r[k]} vs metrics.jsonl {by_epoch[r['epoch']].get(k)}"
         for r in rows
@@ -557,44 +568,51 @@ def run_checks(
         for k in ("train/loss", "val/top1_err")
         if k in r and r[k] != by_epoch[r["epoch"]].get(k)
     ]
-    check(bool(rows) and not diffs, "W&B values = metrics.jsonl", "; ".join(diffs[:4]) or
-          (f"train/loss and val/top1_err of {len(rows)} epoch rows" if rows else "no epoch rows to compare"))  # fmt: skip
+    compared = (
+        f"train/loss and val/top1_err of {len(rows)} epoch rows" if rows else "no epoch rows to compare"
+    )
+    check(bool(rows) and not diffs, "W&B values = metrics.jsonl", "; ".join(diffs[:4]) or compared)
 
-    summary_uri = remote.join(drill.run_uri, "summary.json")
-    raw = remote.read_bytes(summary_uri)
-    summary = json.loads(raw) if raw else None
+
+def check_summary(drill: Drill, check: Check) -> dict | None:
+    uri = remote.join(drill.run_uri, "summary.json")
+    raw = remote.read_bytes(uri)
+    if raw is None:
+        check(False, "summary.json", f"{uri} does not exist")
+        return None
+    s = json.loads(raw)
     check(
-        summary is not None and summary.get("epochs") == epochs,
+        s.get("epochs") == drill.args.epochs,
         "summary.json",
-        f"{summary_uri}: epochs {summary.get('epochs')}, {summary.get('eval_mode')} top-1 err "
-        f"{summary.get('val_top1_err')}, checkpoint {summary.get('checkpoint')}"
-        if summary
-        else f"{summary_uri} does not exist",
+        f"{uri}: epochs {s.get('epochs')}, {s.get('eval_mode')} top-1 err {s.get('val_top1_err')}, "
+        f"checkpoint {s.get('checkpoint')}",
+    )
+    return s
+
+
+def check_eval(drill: Drill, check: Check, summary: dict | None) -> None:
+    what = "eval of the final checkpoint"
+    if not summary or not summary.get("checkpoint"):
+        check(False, what, "no final checkpoint named in summary.json")
+        return
+    ckpt = summary["checkpoint"]
+    in_bucket = ckpt.startswith(drill.run_uri + "/") and remote.kind(ckpt) == "dir"
+    record, error = _eval_in_head(drill, ckpt, summary["eval_mode"])
+    if record is None:
+        check(False, what, f"{ckpt}: `pipeline eval --no-ray` in the head's namespace failed: {error}")
+        return
+    same = (
+        abs(record["top1_err"] - summary["val_top1_err"]) < 1e-9 and record["images"] == summary["val_images"]
+    )
+    check(
+        in_bucket and same,
+        what,
+        f"{ckpt} {'in' if in_bucket else 'NOT in'} the bucket; eval top-1 err {record['top1_err']} on "
+        f"{record['images']} images vs summary {summary['val_top1_err']} on {summary['val_images']}",
     )
 
-    if summary and summary.get("checkpoint"):
-        ckpt = summary["checkpoint"]
-        in_bucket = ckpt.startswith(drill.run_uri) and remote.kind(ckpt) == "dir"
-        record, error = _eval_in_head(drill, ckpt, summary["eval_mode"])
-        same = (
-            record is not None
-            and abs(record["top1_err"] - summary["val_top1_err"]) < 1e-9
-            and record["images"] == summary["val_images"]
-        )
-        check(
-            in_bucket and same,
-            "eval of the final checkpoint",
-            (f"{ckpt} {'in' if in_bucket else 'NOT in'} the bucket; ")
-            + (
-                f"eval top-1 err {record['top1_err']} on {record['images']} images vs summary "
-                f"{summary['val_top1_err']} on {summary['val_images']}"
-                if record
-                else f"`pipeline eval --no-ray` in the head's namespace failed: {error}"
-            ),
-        )
-    else:
-        check(False, "eval of the final checkpoint", "no final checkpoint named in summary.json")
 
+def check_placement(drill: Drill, check: Check) -> None:
     head = [n["node_id"] for n in drill.alive_nodes() if n.get("is_head_node")]
     workers = drill.train_worker_nodes()
     on_head = sum(w in head for w in workers)
@@ -603,6 +621,29 @@ def run_checks(
         "training placement",
         f"{len(workers)} RayTrainWorker actors on {len(set(workers))} worker nodes, {on_head} on the head",
     )
+
+
+def run_checks(
+    drill: Drill, check: Check, status: str, kill: dict | None, replaced_after: float | None
+) -> None:
+    """Every check, each on its own: one that cannot even run is a FAIL with its error."""
+    logs = ANSI.sub("", drill.job_logs())
+    (drill.root / "job.log").write_text(logs)
+
+    def guarded(what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:  # a check that crashes is a miss, reported like the others
+            check(False, what, f"the check failed: {type(e).__name__}: {e}")
+            return None
+
+    check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id})")
+    guarded("rank 0 killed mid-epoch", check_kill, drill, check, logs, kill, replaced_after)
+    records = guarded("metrics.jsonl epochs", check_metrics, drill, check)
+    guarded("W&B history epochs", check_wandb, drill, check, records or [])
+    summary = guarded("summary.json", check_summary, drill, check)
+    guarded("eval of the final checkpoint", check_eval, drill, check, summary)
+    guarded("training placement", check_placement, drill, check)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
