@@ -453,14 +453,19 @@ class Drill:
                 )
 
     def stop(self, keep: bool) -> None:
-        for name, proc in reversed(list(self.nodes.items())):  # workers first, the head last
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    kill_all(self.node_pids(name))
-                    proc.wait(timeout=10)
+        # All nodes at once (one by one, `ray start --block` takes up to ~30 s each to wind down).
+        live = [proc for proc in self.nodes.values() if proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for name, proc in self.nodes.items():
+            kill_all(self.node_pids(name))
+            proc.wait(timeout=10)
         if self.moto is not None and self.moto.poll() is None:
             self.moto.terminate()
             self.moto.wait(timeout=10)
@@ -679,7 +684,7 @@ def main(argv: list[str]) -> int:
         print("error: the drill needs root and util-linux's unshare and nsenter (one mount namespace per node)",
               file=sys.stderr)  # fmt: skip
         return 2
-    drill, check = Drill(args), Check()
+    drill, check, start = Drill(args), Check(), time.monotonic()
     print(f"== drill in {drill.root}", flush=True)
     status = "not run"
     try:
@@ -716,9 +721,9 @@ def main(argv: list[str]) -> int:
         keep = args.keep or bool(check.failed) or not check.lines
         if keep:
             drill.copy_node_logs()
-            (drill.root / "job.log").write_text(drill.job_logs() if drill.nodes else "")
+            (drill.root / "job.log").write_text(ANSI.sub("", drill.job_logs()) if drill.nodes else "")
         drill.stop(keep=keep)
-    print(f"== {len(check.lines) - check.failed}/{len(check.lines)} checks passed" +
+    print(f"== {len(check.lines) - check.failed}/{len(check.lines)} checks passed in {time.monotonic() - start:.0f} s" +
           (f"; logs kept in {drill.root} (job.log, <node>.log, nodes/, wandb-segments/)" if keep else ""))  # fmt: skip
     return code
 
