@@ -64,6 +64,7 @@ BUCKET = "drill"
 HIDDEN = ("data", "runs", "wandb")  # the checkout's folders a node must not see
 # A step line of rank 0, as Ray prefixes it in the job log:
 # "(RayTrainWorker pid=123, ip=10.0.0.5) epoch 1.25/3 step 10/24 loss ..."
+SEGMENT = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-\w+$")  # a W&B run folder: its start time
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefix on a terminal and in job logs alike
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)\.(\d\d)/(\d+) step (\d+)/(\d+)")
 
@@ -402,7 +403,6 @@ class Drill:
         proc = subprocess.run(cmd, cwd=ROOT, env=self.client_env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise DrillError(f"ray job submit failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-        print(f"submitted job {self.job_id}", flush=True)
 
     def kill_rank0_mid_epoch(self, timeout: float) -> dict[str, Any] | None:
         """Wait for a step line inside an epoch after the first; kill that worker's node."""
@@ -489,11 +489,16 @@ def _wandb_epoch_rows(drill: Drill) -> tuple[list[str], list[dict]]:
     """(the run's .wandb files in the bucket, oldest first; their epoch rows, in that order)."""
     from pipeline.tracking import read_wandb_history
 
-    files = sorted(
-        rel for rel, is_dir in remote.list_tree(drill.run_uri) if not is_dir and rel.endswith(".wandb")
-    )
+    segments = []
+    for rel, is_dir in remote.list_tree(drill.run_uri):
+        parts = rel.split("/")
+        # wandb's own folder per segment; its "latest-run" link to one of them is not another segment
+        m = SEGMENT.match(parts[-2]) if len(parts) >= 2 and not is_dir and rel.endswith(".wandb") else None
+        if m:
+            segments.append((m[1], rel))
+    files = [rel for _, rel in sorted(segments)]  # by start time
     rows = []
-    for rel in files:  # .../offline-run-YYYYMMDD_HHMMSS-<id>/run-<id>.wandb: by name is by start time
+    for rel in files:
         local = drill.root / "wandb-segments" / rel
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(remote.read_bytes(remote.join(drill.run_uri, rel)) or b"")
@@ -511,11 +516,25 @@ def _eval_in_head(drill: Drill, checkpoint: str, mode: str) -> tuple[dict | None
     proc = subprocess.run(
         cmd, cwd=ROOT, env={**drill.client_env, **drill.aws}, capture_output=True, text=True, timeout=600
     )
-    out = proc.stdout
-    start, end = out.find("\n{\n") + 1, out.rfind("\n}\n")
-    if proc.returncode != 0 or start <= 0 or end < start:
-        return None, f"exit {proc.returncode}: {(proc.stderr.strip() or out.strip())[-600:]}"
-    return json.loads(out[start : end + 2]), ""
+    record = eval_record(proc.stdout) if proc.returncode == 0 else None
+    if record is None:
+        return None, f"exit {proc.returncode}: {(proc.stderr.strip() or proc.stdout.strip())[-600:]}"
+    return record, ""
+
+
+def eval_record(stdout: str) -> dict | None:
+    """The result ``pipeline eval`` prints: the last JSON object in its output (indented, on its own lines)."""
+    lines = stdout.splitlines()
+    ends = [i for i, line in enumerate(lines) if line == "}"]
+    if not ends:
+        return None
+    starts = [i for i, line in enumerate(lines[: ends[-1]]) if line == "{"]
+    if not starts:
+        return None
+    try:
+        return json.loads("\n".join(lines[starts[-1] : ends[-1] + 1]))
+    except ValueError:
+        return None
 
 
 def check_kill(
@@ -685,31 +704,35 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     drill, check, start = Drill(args), Check(), time.monotonic()
-    print(f"== drill in {drill.root}", flush=True)
+
+    def say(message: str) -> None:
+        print(f"== [{time.monotonic() - start:4.0f} s] {message}", flush=True)
+
+    say(f"drill in {drill.root}")
     status = "not run"
     try:
         drill.start_s3()
-        print(f"== S3 server at {drill.endpoint}; uploading the dataset to {drill.data_uri}", flush=True)
+        say(f"S3 server at {drill.endpoint}; uploading the dataset to {drill.data_uri}")
         drill.upload_dataset()
         drill.start_node("head", head=True)
         for name in ("worker1", "worker2"):
             drill.start_node(name)
         drill.wait_nodes(3)
+        say(f"Ray head and 2 worker nodes up, dashboard {drill.address}")
         ok, detail = drill.isolation()
         check(ok, "node isolation", detail)
         drill.submit()
+        say(f"submitted job {drill.job_id}")
         kill = drill.kill_rank0_mid_epoch(args.timeout)
         replaced_after = None
         if kill is not None:
-            print(f"== killed node {kill['node']} at epoch {kill['at']}; replacement in {args.replace_after} s",
-                  flush=True)  # fmt: skip
-            start = time.monotonic()
+            say(f"killed node {kill['node']} at epoch {kill['at']}; a new node in {args.replace_after} s")
+            killed_at = time.monotonic()
             time.sleep(args.replace_after)
             drill.start_node("worker3")
-            replaced_after = time.monotonic() - start
+            replaced_after = time.monotonic() - killed_at
         status = drill.wait_job(args.timeout)
-        print(f"== job {drill.job_id}: {status}", flush=True)
-        print("== report", flush=True)
+        say(f"job {drill.job_id}: {status}; checking")
         run_checks(drill, check, status, kill, replaced_after)
     except DrillError as e:
         print(f"error: the drill could not run: {e}", file=sys.stderr)
@@ -723,7 +746,7 @@ def main(argv: list[str]) -> int:
             drill.copy_node_logs()
             (drill.root / "job.log").write_text(ANSI.sub("", drill.job_logs()) if drill.nodes else "")
         drill.stop(keep=keep)
-    print(f"== {len(check.lines) - check.failed}/{len(check.lines)} checks passed in {time.monotonic() - start:.0f} s" +
+    say(f"{len(check.lines) - check.failed}/{len(check.lines)} checks passed" +
           (f"; logs kept in {drill.root} (job.log, <node>.log, nodes/, wandb-segments/)" if keep else ""))  # fmt: skip
     return code
 
