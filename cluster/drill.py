@@ -293,17 +293,23 @@ class Drill:
             pids.add(proc.pid)
         return sorted(pids)
 
-    def kill_node(self, name: str) -> int:
-        """SIGKILL every process of the node until none is left; returns how many were killed."""
-        killed: set[int] = set()
+    def kill_node(self, name: str) -> list[str]:
+        """SIGKILL every process of the node until none is left; returns their names."""
+        killed: dict[int, str] = {}
         deadline = time.monotonic() + 20
         while (pids := self.node_pids(name)) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    killed.setdefault(pid, Path(f"/proc/{pid}/comm").read_text().strip())
+                except OSError:
+                    pass
             kill_all(pids)  # a second pass catches what was being forked during the first
-            killed.update(pids)
             time.sleep(0.2)
         self.nodes[name].wait(timeout=10)
         self.killed.add(name)
-        return len(killed)
+        if self.node_pids(name):
+            raise DrillError(f"processes of node {name} survived SIGKILL: {self.node_pids(name)}")
+        return sorted(killed.values())
 
     def wait_nodes(self, count: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -414,8 +420,8 @@ class Drill:
                     node = env_of(pid).get(NODE, "").rsplit(":", 1)[-1]
                     if node not in self.nodes or node in self.killed:
                         continue  # a line of an earlier worker group, or a pid already gone
-                    count = self.kill_node(node)
-                    return {"node": node, "pid": pid, "at": f"{whole}.{frac:02d}", "processes": count}
+                    names = self.kill_node(node)
+                    return {"node": node, "pid": pid, "at": f"{whole}.{frac:02d}", "processes": names}
             if self.job_status() in {"SUCCEEDED", "FAILED", "STOPPED"}:
                 return None
             time.sleep(0.3)
@@ -551,7 +557,8 @@ def check_kill(
         True,
         "rank 0 killed mid-epoch",
         f"node {kill['node']} (RayTrainWorker pid {kill['pid']}) at epoch {kill['at']}/{drill.args.epochs}, "
-        f"{kill['processes']} processes SIGKILLed; replacement node up {replaced_after:.1f} s later",
+        f"{len(kill['processes'])} processes SIGKILLed ({', '.join(kill['processes'])}); "
+        f"a new node up {replaced_after:.1f} s later",
     )
     after = logs[logs.find(f"epoch {kill['at']}/") :]
     restored = re.findall(r"restored from checkpoint (\S+): epoch (\d+), step (\d+)", after)
