@@ -111,6 +111,25 @@ def pids_with_env(needle: str) -> list[int]:
     return pids
 
 
+def descendants(pids: set[int]) -> set[int]:
+    """``pids`` and all their children, grandchildren, ... (from /proc's parent pids)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
 def env_of(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -286,12 +305,14 @@ class Drill:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def node_pids(self, name: str) -> list[int]:
-        """Every process of a node: the marker in its environment, plus the ``ray start`` itself."""
-        pids = set(pids_with_env(f"{NODE}={self.root}:{name}"))
+        """Every process of a node: those with its marker in their environment, and every
+        descendant of those and of its ``ray start`` (Ray's dashboard modules and agents
+        rewrite their environment block for their process titles, so the marker alone misses them)."""
+        roots = set(pids_with_env(f"{NODE}={self.root}:{name}"))
         proc = self.nodes.get(name)
         if proc is not None and proc.poll() is None:
-            pids.add(proc.pid)
-        return sorted(pids)
+            roots.add(proc.pid)
+        return sorted(descendants(roots))
 
     def kill_node(self, name: str) -> list[str]:
         """SIGKILL every process of the node until none is left; returns their names."""
@@ -476,7 +497,9 @@ class Drill:
             self.moto.terminate()
             self.moto.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while (left := pids_with_env(f"{MARKER}={self.root}")) and time.monotonic() < deadline:
+        while (
+            left := sorted(descendants(set(pids_with_env(f"{MARKER}={self.root}"))))
+        ) and time.monotonic() < deadline:
             kill_all(left)
             time.sleep(0.5)
         if not keep:
