@@ -1,7 +1,7 @@
 # The node-loss drill (issue 13): a cluster with no shared filesystem on this one machine.
 # Included by the top Makefile (which defines PY and STAMP). Needs root (a mount namespace per node).
 #
-#   make drill                      # the demo config, 3 epochs on 640 images (see cluster/drill.py)
+#   make drill                      # the demo config, 3 epochs on 640 images: ~3 min on 2 cores
 #   make drill DRILL_ARGS="--epochs 3 --classes 4 --train-per-class 32 --val-per-class 4 --crop 32 --batch 16"
 #   make drill DRILL_ARGS=--keep    # keep the logs and W&B segments even when every check passes
 #
