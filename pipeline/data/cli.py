@@ -2,7 +2,8 @@
 
     python -m pipeline data synth --out data/synth --classes 10 --train-per-class 100 --val-per-class 20
     python -m pipeline data synth-cifar --out data/cifar-synth
-    python -m pipeline data check-layout /data/imagenet
+    python -m pipeline data check-layout /data/imagenet        # or s3://bucket/imagenet
+    python -m pipeline data index s3://bucket/imagenet         # write ROOT/pipeline-index.json.gz
     python -m pipeline data verify /data/imagenet [--fix] [--json] [--workers N]
     python -m pipeline data prepare-val --val /data/imagenet/val --labels LOC_val_solution.csv [--undo]
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,9 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
 
     k = sub.add_parser(
-        "check-layout", help="check ROOT/train/<class>/ and ROOT/val/<class>/ and count images"
+        "check-layout",
+        help="list ROOT/train/<class>/ and ROOT/val/<class>/ (local or s3://, gs://), count images, "
+        "and compare the index file when there is one",
     )
-    k.add_argument("root", type=Path)
+    k.add_argument("root", help="dataset folder or URI")
+
+    i = sub.add_parser(
+        "index",
+        help="list ROOT once and write ROOT/pipeline-index.json.gz, which training then reads "
+        "instead of listing every image",
+    )
+    i.add_argument("root", help="dataset folder or URI (s3://bucket/prefix)")
 
     v = sub.add_parser("verify", help="decode-check every image; --fix repairs or quarantines bad ones")
     v.add_argument("root", type=Path)
@@ -107,14 +119,38 @@ def _synth_cifar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_layout(args: argparse.Namespace) -> int:
-    from pipeline.data.layout import scan_imagenet
+def _counts(index: Any) -> str:
+    return f"{len(index.classes)} classes, {len(index.train_files)} train images, {len(index.val_files)} val images"
 
-    index = scan_imagenet(args.root)
-    print(
-        f"{args.root}: {len(index.classes)} classes, {len(index.train_files)} train images, "
-        f"{len(index.val_files)} val images"
-    )
+
+def _check_layout(args: argparse.Namespace) -> int:
+    from pipeline.data.layout import DataLayoutError, compare_index, index_location, load_index, scan_imagenet
+
+    # Everything is listed here, whatever the index says: this is the thorough check.
+    scanned = scan_imagenet(args.root, use_index=False)
+    print(f"{args.root}: {_counts(scanned)}")
+    indexed = load_index(args.root)
+    if indexed is None:
+        print(
+            f"no index at {index_location(args.root)} (write one with `python -m pipeline data index {args.root}`)"
+        )
+        return 0
+    diff = compare_index(scanned, indexed)
+    if diff:
+        raise DataLayoutError(
+            f"{indexed.index_file}: stale index: {diff}; rebuild it with `python -m pipeline data index {args.root}`"
+        )
+    print(f"index {indexed.index_file}: up to date")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from pipeline.data.layout import write_index
+
+    start = time.perf_counter()
+    path, index, size = write_index(args.root)
+    print(f"{args.root}: {_counts(index)}")
+    print(f"wrote {path} ({size / 1e6:.2f} MB) in {time.perf_counter() - start:.1f}s")
     return 0
 
 
@@ -154,6 +190,7 @@ COMMANDS = {
     "synth": _synth,
     "synth-cifar": _synth_cifar,
     "check-layout": _check_layout,
+    "index": _index,
     "verify": _verify,
     "prepare-val": _prepare_val,
 }

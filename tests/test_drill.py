@@ -1,0 +1,185 @@
+"""The node-loss drill (``make drill``), small: 3 epochs of 8 steps on 128 images at 32 px.
+
+Runs ``cluster/drill.py`` as a user would: a moto S3 server, a Ray head and two worker nodes
+in their own mount namespaces, rank 0's node killed mid-epoch and replaced. About 3 minutes
+on 2 cores. Needs root (one mount namespace per node).
+
+    .venv/bin/python -m pytest -q tests/test_drill.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = {
+    "node isolation",
+    "job",
+    "rank 0 killed mid-epoch",
+    "resumed from a checkpoint",
+    "metrics.jsonl epochs",
+    "W&B history epochs",
+    "W&B values = metrics.jsonl",
+    "summary.json",
+    "eval of the final checkpoint",
+    "training placement",
+}
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
+    reason="the drill needs root, unshare and nsenter (a mount namespace per node)",
+)
+@pytest.mark.skip(
+    reason="issue 13: passes once the pipeline keeps a run in object storage: RunDir appends to the "
+    "bucket's metrics.jsonl instead of overwriting it from a new node's empty staging copy, the W&B "
+    "offline segments live under the storage path, and `pipeline eval` reads s3:// checkpoints; "
+    "remove this mark with those fixes"
+)
+def test_drill_survives_losing_rank_0s_node():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "cluster/drill.py",
+            "--epochs",
+            "3",
+            "--classes",
+            "4",
+            "--train-per-class",
+            "32",
+            "--val-per-class",
+            "4",
+            "--crop",
+            "32",
+            "--batch",
+            "16",
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    report = [line for line in proc.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
+    failed = [line for line in report if line.startswith("FAIL")]
+    assert proc.returncode == 0 and not failed, "\n".join(report) + "\n" + proc.stderr[-4000:]
+    assert {line[6:].split(":", 1)[0] for line in report} == CHECKS, report
+
+
+# ---------------------------------------------------------------- the drill's checks, on a fake run
+
+
+def _load_drill():
+    spec = importlib.util.spec_from_file_location("drill", ROOT / "cluster" / "drill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """A moto S3 server with the bucket ``drill``; W&B isolated and offline."""
+    import logging
+
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "HOME": str(tmp_path / "home"),
+        "WANDB_MODE": "offline",
+        "WANDB_CONFIG_DIR": str(tmp_path / "home" / "wandb"),
+        "WANDB__DISABLE_STATS": "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    fs, _ = pyarrow.fs.FileSystem.from_uri("s3://drill?allow_bucket_creation=true")
+    fs.create_dir("drill")
+    yield
+    server.stop()
+
+
+def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
+    """One offline W&B segment of the run, as the pipeline's tracker writes it."""
+    import wandb
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker.create(
+        TrackingConfig(mode="offline", project="p"),
+        run_name="drill",
+        run_dir=run_dir,
+        config={},
+        run_id=run_id,
+        is_main=True,
+    )
+    for epoch in epochs:
+        tracker.log({"train/step_loss": 1.0, "epoch": epoch - 0.5}, step=10 * epoch - 5)  # a step row
+        tracker.log(
+            {"epoch": epoch, "train/loss": 2.0 / epoch, "val/top1_err": 50.0 - epoch}, step=10 * epoch
+        )
+    tracker.finish()
+    wandb.teardown()
+    return tracker.run_id
+
+
+def test_drill_checks_read_the_run_from_the_bucket(bucket, tmp_path):
+    import pyarrow.fs
+
+    from pipeline.data import remote
+
+    drill = _load_drill()
+    run = SimpleNamespace(run_uri="s3://drill/runs/drill", args=SimpleNamespace(epochs=3), root=tmp_path)
+    local = tmp_path / "run"
+    run_id = _segment(local, None, [1, 2])  # the segment of the killed rank 0
+    time.sleep(1.1)  # segment folders are named by their start second
+    _segment(local, run_id, [2, 3])  # the resumed run redoes epoch 2
+    records = [{"epoch": e, "train/loss": 2.0 / e, "val/top1_err": 50.0 - e} for e in (1, 2, 3)]
+    remote.write_bytes(
+        f"{run.run_uri}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode()
+    )
+    fs, path = remote.filesystem(run.run_uri)
+    pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
+
+    check = drill.Check()
+    assert drill.check_metrics(run, check) == records
+    drill.check_wandb(run, check, records)
+    assert [ok for ok, _, _ in check.lines] == [True, False, True], check.lines
+    assert "[1, 2, 2, 3] from 2 .wandb segment(s)" in check.lines[1][2]
+
+    # A history that disagrees with metrics.jsonl is named epoch by epoch.
+    check = drill.Check()
+    drill.check_wandb(run, check, [{**r, "train/loss": 9.0} for r in records])
+    assert not check.lines[1][0] and "epoch 1 train/loss: W&B 2 vs metrics.jsonl 9.0" in check.lines[1][2]
+
+    # Nothing in the bucket: FAIL lines that say so, not a crash.
+    empty = SimpleNamespace(run_uri="s3://drill/runs/none", args=SimpleNamespace(epochs=3), root=tmp_path)
+    check = drill.Check()
+    assert drill.check_metrics(empty, check) == [] and drill.check_summary(empty, check) is None
+    assert [ok for ok, _, _ in check.lines] == [False, False] and "does not exist" in check.lines[0][2]
+
+
+def test_eval_record_is_the_printed_json():
+    drill = _load_drill()
+    record = {"checkpoint": "s3://b/c", "top1_err": 12.5, "images": 16, "scales": None}
+    out = "Ray: local\n" + json.dumps(record, indent=2) + "\nwrote /tmp/x.json\n"
+    assert drill.eval_record(out) == record
+    assert drill.eval_record("error: no checkpoint\n") is None
