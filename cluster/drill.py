@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any checkout: import that checkout's pipeline
 
 
-from pipeline.data import remote  # noqa: E402
+from pipeline import locations  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -234,7 +234,7 @@ class Drill:
         )  # fmt: skip
         import pyarrow.fs
 
-        fs, path = remote.filesystem(self.data_uri)
+        fs, path = locations.filesystem(self.data_uri)
         pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
         print(self._pipeline("data", "index", self.data_uri).strip(), flush=True)
 
@@ -510,16 +510,16 @@ class Drill:
 
 
 def _read_json_lines(uri: str) -> list[dict] | None:
-    raw = remote.read_bytes(uri)
+    raw = locations.read_bytes(uri)
     return None if raw is None else [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
 
 
 def _wandb_epoch_rows(drill: Drill) -> tuple[list[str], list[dict]]:
     """(the run's .wandb files in the bucket, oldest first; their epoch rows, in that order)."""
-    from pipeline.tracking import read_wandb_history
+    from pipeline.wandb_offline import read_wandb_history
 
     segments = []
-    for rel, is_dir in remote.list_tree(drill.run_uri):
+    for rel, is_dir in locations.list_tree(drill.run_uri):
         parts = rel.split("/")
         # wandb's own folder per segment; its "latest-run" link to one of them is not another segment
         m = SEGMENT.match(parts[-2]) if len(parts) >= 2 and not is_dir and rel.endswith(".wandb") else None
@@ -530,7 +530,7 @@ def _wandb_epoch_rows(drill: Drill) -> tuple[list[str], list[dict]]:
     for rel in files:
         local = drill.root / "wandb-segments" / rel
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(remote.read_bytes(remote.join(drill.run_uri, rel)) or b"")
+        local.write_bytes(locations.read_bytes(locations.join(drill.run_uri, rel)) or b"")
         rows += [row for row in read_wandb_history(local) if "train/loss" in row]  # epoch rows, not step rows
     return files, rows
 
@@ -596,7 +596,7 @@ def check_kill(
 
 def check_metrics(drill: Drill, check: Check) -> list[dict]:
     want = list(range(1, drill.args.epochs + 1))
-    uri = remote.join(drill.run_uri, "metrics.jsonl")
+    uri = locations.join(drill.run_uri, "metrics.jsonl")
     records = _read_json_lines(uri)
     if records is None:
         check(False, "metrics.jsonl epochs", f"{uri} does not exist")
@@ -629,8 +629,8 @@ def check_wandb(drill: Drill, check: Check, records: list[dict]) -> None:
 
 
 def check_summary(drill: Drill, check: Check) -> dict | None:
-    uri = remote.join(drill.run_uri, "summary.json")
-    raw = remote.read_bytes(uri)
+    uri = locations.join(drill.run_uri, "summary.json")
+    raw = locations.read_bytes(uri)
     if raw is None:
         check(False, "summary.json", f"{uri} does not exist")
         return None
@@ -650,7 +650,7 @@ def check_eval(drill: Drill, check: Check, summary: dict | None) -> None:
         check(False, what, "no final checkpoint named in summary.json")
         return
     ckpt = summary["checkpoint"]
-    in_bucket = ckpt.startswith(drill.run_uri + "/") and remote.kind(ckpt) == "dir"
+    in_bucket = ckpt.startswith(drill.run_uri + "/") and locations.kind(ckpt) == "dir"
     record, error = _eval_in_head(drill, ckpt, summary["eval_mode"])
     if record is None:
         check(False, what, f"{ckpt}: `pipeline eval --no-ray` in the head's namespace failed: {error}")

@@ -17,6 +17,7 @@ COMMANDS = {
     "models": ("pipeline.models.cli", "list registered models with params and multiply-adds"),
     "bench": ("pipeline.bench", "throughput benchmarks (loader, model, ray)"),
     "report": ("pipeline.report", "figures and tables against the paper from run directories"),
+    "wandb-sync": ("pipeline.wandb_sync", "one W&B history for a run across restarts, then wandb sync"),
     "dashboard": (
         "pipeline.dashboard",
         "W&B workspaces and reports built in code (training, degradation, ...)",

@@ -76,7 +76,7 @@ def _ray_eval_worker(loop_config: dict[str, Any]) -> None:
 def _check_checkpoint(location: str) -> None:
     """Fail before any worker starts: a local checkpoint is read whole, a remote one must hold state.pt."""
     from pipeline import checkpoint as ckpt
-    from pipeline.storage import is_uri
+    from pipeline.locations import is_uri
 
     if not is_uri(location):
         ckpt.read(Path(location))
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     from pipeline import checkpoint as ckpt
     from pipeline.data.layout import DataLayoutError
     from pipeline.data.source import open_dataset
-    from pipeline.storage import is_uri, write_text
+    from pipeline.locations import is_uri, write_bytes
 
     checkpoint = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())
     try:
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
         )
         record = dict(result.metrics)
     text = json.dumps(record, indent=2)
-    write_text(out if is_uri(out) else str(Path(out).resolve()), text + "\n")
+    write_bytes(out, (text + "\n").encode())
     print(text)
     print(f"wrote {out}")
     return 0

@@ -22,8 +22,9 @@ from typing import Any
 
 from pipeline.checkpoint import TrainingProgress
 from pipeline.config import Config, Derived
+from pipeline.locations import is_uri
 from pipeline.rundir import RunDir
-from pipeline.storage import is_uri, upload_folder
+from pipeline.storage import upload_folder
 
 
 def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.config import Config, requested_gpu, to_dict
 from pipeline.host import usable_cpus
-from pipeline.storage import is_uri
+from pipeline.locations import is_uri
 
 
 def with_absolute_paths(cfg: Config) -> Config:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.storage import is_uri
+from pipeline.locations import is_uri, join, read_bytes, write_bytes
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -41,52 +40,22 @@ class RunDir:
 
     def __init__(self, location: str):
         self.location = location.rstrip("/") if is_uri(location) else location
-        if is_uri(location):
-            import pyarrow.fs
-
-            self._fs, self._root = pyarrow.fs.FileSystem.from_uri(self.location)
-        else:
-            self._fs, self._root = None, self.location
-        self._dir_made = False
-
-    # ------------------------------------------------------------ raw text
 
     def read_text(self, name: str) -> str | None:
         """A file's text, or None when it does not exist."""
-        if self._fs is None:
-            path = Path(self._root) / name
-            return path.read_text() if path.is_file() else None
-        import pyarrow.fs
-
-        path = f"{self._root}/{name}"
-        if self._fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-            return None
-        with self._fs.open_input_stream(path) as f:
-            return f.read().decode()
+        data = read_bytes(join(self.location, name))
+        return None if data is None else data.decode()
 
     def write_text(self, name: str, text: str) -> None:
         """Replace a file whole: a reader sees the old text or the new, never a part."""
-        if self._fs is None:
-            path = Path(self._root) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-            return
-        if not self._dir_made:  # a file:// location needs its folder; on object stores this is cheap
-            self._fs.create_dir(self._root, recursive=True)
-            self._dir_made = True
-        # An object store's PUT is atomic already: the object appears whole when the stream closes.
-        with self._fs.open_output_stream(f"{self._root}/{name}") as f:
-            f.write(text.encode())
+        write_bytes(join(self.location, name), text.encode())
 
     @property
     def local_dir(self) -> Path:
         """A local folder for what a library writes by path (W&B's offline run): the run's own
         folder, or for a URI a staging folder on this node."""
-        if self._fs is None:
-            return Path(self._root)
+        if not is_uri(self.location):
+            return Path(self.location)
         return Path(tempfile.gettempdir()) / "pipeline-staging" / self.location.split("://", 1)[1]
 
     def exists(self) -> bool:
@@ -120,13 +89,12 @@ class RunDir:
             self.write_metrics(kept)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        if self._fs is None:
-            path = Path(self._root) / METRICS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if not is_uri(self.location):
+            path = Path(self.location) / METRICS_FILE
             with path.open("a") as f:
                 f.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
             return
-        self.write_metrics([*self.read_metrics(), record])
+        self.write_metrics([*self.read_metrics(), record])  # objects cannot be appended to
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_text(

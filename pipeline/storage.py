@@ -23,13 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.distributed import DistContext, barrier
+from pipeline.locations import filesystem, is_uri
 
 CHECKPOINT_PREFIX = "checkpoint_"
-
-
-def is_uri(path: str) -> bool:
-    """A remote location (``s3://``, ``gs://``, ``file://``...) rather than a local path."""
-    return "://" in path
 
 
 def run_location(storage_path: str, name: str) -> str:
@@ -44,12 +40,6 @@ def checkpoint_name(epochs_done: int, step: int | None = None) -> str:
     return f"{CHECKPOINT_PREFIX}epoch{epochs_done:04d}" + ("" if step is None else f"_step{step:07d}")
 
 
-def _filesystem(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
 def list_checkpoints(location: str) -> list[str]:
     """This run's checkpoints (as locations), newest first."""
     if not is_uri(location):
@@ -60,7 +50,7 @@ def list_checkpoints(location: str) -> list[str]:
     else:
         import pyarrow.fs
 
-        fs, root_path = _filesystem(location)
+        fs, root_path = filesystem(location)
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root_path, allow_not_found=True))
         names = [
             i.base_name
@@ -79,7 +69,7 @@ def fetched(location: str) -> Iterator[Path]:
         return
     import pyarrow.fs
 
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     local = Path(tempfile.mkdtemp(prefix="pipeline-checkpoint-"))
     try:
         pyarrow.fs.copy_files(path, str(local), source_filesystem=fs)
@@ -88,23 +78,11 @@ def fetched(location: str) -> Iterator[Path]:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def write_text(location: str, text: str) -> None:
-    """Write a small file at a local path or a URI (its folder created as needed)."""
-    if not is_uri(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-        Path(location).write_text(text)
-        return
-    fs, path = _filesystem(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
 def upload_folder(local: Path, location: str) -> None:
     """Copy a local folder's files to a URI (replacing what is there): W&B's offline run."""
     import pyarrow.fs
 
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)
     pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
 

@@ -40,7 +40,7 @@ from pipeline.config import EvalConfig, TrackingConfig
 INIT_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 
-# ---- Every metric name the pipeline logs, in one place: `_define_metrics` declares them to W&B,
+# ---- Every metric name the pipeline logs, in one place: `define_metrics` declares them to W&B,
 # the dashboards (pipeline/dashboard_views.py) chart only these, and tests/test_dashboard.py checks
 # the keys a real engine run logs against them, so a renamed metric cannot leave an empty panel.
 
@@ -249,7 +249,7 @@ class Tracker:
             finish_timeout=_env_float("WANDB_FINISH_TIMEOUT", FINISH_TIMEOUT_S),
         )
         run = wandb.init(mode=mode, settings=settings, **init)
-        _define_metrics(run)
+        define_metrics(run)
         tracker = cls(run, mode=mode, run_id=run.id, wandb_dir=str(run.settings.sync_dir))
         if mode == "online":
             print(f"W&B: run {run.id} at {run.url}", flush=True)
@@ -327,7 +327,7 @@ def _quiet_teardown(wandb: Any) -> None:
         pass  # the retry (or the no-op tracker) reports what still fails
 
 
-def _define_metrics(run: Any) -> None:
+def define_metrics(run: Any) -> None:
     run.define_metric("epoch")
     # The engine logs `step` in epoch rows too; it equals wandb's own step, so hide its chart.
     run.define_metric("step", hidden=True)

@@ -337,7 +337,7 @@ def test_runtime_envs_are_valid_and_hold_no_secrets(name):
 
     spec = runtime_env(name)
     RuntimeEnv(**spec)  # Ray's own validation of every field
-    for needed in ("data/", "runs/", ".venv/", "wandb/", ".git/"):
+    for needed in ("/data/", "/runs/", "/.venv/", "/wandb/", "/.git/"):
         assert needed in spec["excludes"]
     # A runtime env is stored with the job and shown by `ray job list`: no secrets in it.
     for key in spec.get("env_vars", {}):
@@ -513,3 +513,17 @@ def test_stage_imagenet_script_builds_the_layout(tmp_path):
         ["bash", script, str(src), str(dest)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert again.returncode == 0 and "already staged" in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "runtime_env_pip.yaml"])
+def test_runtime_env_excludes_leave_the_package_whole(name):
+    """Ray matches `excludes` like .gitignore lines: an unanchored `data/` would also drop
+    pipeline/data/ from every uploaded job. Checked with Ray's own matcher on the tracked files."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excludes = yaml.safe_load((CLUSTER / name).read_text())["excludes"]
+    excluded = _get_excludes(ROOT, excludes)
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    dropped = [f for f in tracked.split() if f.endswith(".py") and excluded(ROOT / f)]
+    assert dropped == []
+    assert excluded(ROOT / "data" / "synth-demo") and excluded(ROOT / "runs" / "demo")

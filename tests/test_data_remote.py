@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import cli, remote
+from pipeline import locations
+from pipeline.data import cli
 from pipeline.data.layout import INDEX_NAME, DataLayoutError, scan_imagenet, write_index
 from pipeline.data.synth import write_synthetic_imagenet
 
@@ -66,17 +67,17 @@ def local_data(tmp_path_factory) -> Path:
 def _upload(local: Path, uri: str) -> str:
     import pyarrow.fs
 
-    fs, path = remote.filesystem(uri)
+    fs, path = locations.filesystem(uri)
     pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
     return uri
 
 
 def _put(uri: str, data: bytes = b"") -> None:
-    remote.write_bytes(uri, data)
+    locations.write_bytes(uri, data)
 
 
 def _delete(uri: str) -> None:
-    fs, path = remote.filesystem(uri)
+    fs, path = locations.filesystem(uri)
     fs.delete_file(path)
 
 
@@ -106,7 +107,7 @@ def test_index_written_to_and_read_from_a_bucket(s3, local_data, monkeypatch, ca
     assert cli.main(["index", uri + "/"]) == 0
     out = capsys.readouterr().out
     assert f"wrote {uri}/{INDEX_NAME}" in out and "3 classes, 12 train images, 6 val images" in out
-    doc = json.loads(gzip.decompress(remote.read_bytes(f"{uri}/{INDEX_NAME}")))
+    doc = json.loads(gzip.decompress(locations.read_bytes(f"{uri}/{INDEX_NAME}")))
     assert doc["classes"] == list(listed.classes)
     assert doc["train"]["n00000001"] == [Path(f).name for f in listed.train_files[4:8]]
 
@@ -114,7 +115,7 @@ def test_index_written_to_and_read_from_a_bucket(s3, local_data, monkeypatch, ca
     def no_walk(location):
         raise AssertionError(f"listed {location} recursively although an index exists")
 
-    monkeypatch.setattr(remote, "list_tree", no_walk)
+    monkeypatch.setattr(locations, "list_tree", no_walk)
     indexed = scan_imagenet(uri)
     assert indexed == listed and indexed.index_file == f"{uri}/{INDEX_NAME}"
 

@@ -144,7 +144,7 @@ def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
 def test_drill_checks_read_the_run_from_the_bucket(bucket, tmp_path):
     import pyarrow.fs
 
-    from pipeline.data import remote
+    from pipeline import locations
 
     drill = _load_drill()
     run = SimpleNamespace(run_uri="s3://drill/runs/drill", args=SimpleNamespace(epochs=3), root=tmp_path)
@@ -153,10 +153,10 @@ def test_drill_checks_read_the_run_from_the_bucket(bucket, tmp_path):
     time.sleep(1.1)  # segment folders are named by their start second
     _segment(local, run_id, [2, 3])  # the resumed run redoes epoch 2
     records = [{"epoch": e, "train/loss": 2.0 / e, "val/top1_err": 50.0 - e} for e in (1, 2, 3)]
-    remote.write_bytes(
+    locations.write_bytes(
         f"{run.run_uri}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode()
     )
-    fs, path = remote.filesystem(run.run_uri)
+    fs, path = locations.filesystem(run.run_uri)
     pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
 
     check = drill.Check()

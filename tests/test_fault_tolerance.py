@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import run_pipeline, tiny_overrides
 
 from pipeline import checkpoint as ckpt
+from pipeline.wandb_offline import read_wandb_history
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,12 +89,43 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out waiting for training progress")
 
 
+class OutputReader:
+    """Collects a process's output on a thread, so the test can watch it while it runs."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        self._thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+def rank0_pid_inside_epoch(lines: list[str], epoch: int) -> int | None:
+    """The pid of the worker printing step lines (rank 0) once one falls inside epoch ``epoch`` (1-based)."""
+    for line in list(lines):
+        m = re.match(r"\(RayTrainWorker pid=(\d+)\) epoch (\d+)\.(\d+)/", line)
+        if m and int(m[2]) == epoch - 1 and int(m[3]) >= 70:
+            return int(m[1])
+    return None
+
+
 @pytest.mark.ray
-def test_sigkilled_worker_is_restarted_from_checkpoint(tiny_imagenet, tmp_path):
+def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_imagenet, tmp_path):
+    """Rank 0 SIGKILLed in the middle of epoch 3 (after a mid-epoch checkpoint): the run resumes at
+    that step, each epoch appears once in metrics.jsonl, and the merged W&B history (what
+    `pipeline wandb-sync` uploads) holds every epoch once with metrics.jsonl's values."""
     marker = uuid.uuid4().hex
     overrides = tiny_overrides(tiny_imagenet, tmp_path, "killed") + [
         "schedule.epochs=5",
         "cluster.max_failures=1",
+        "checkpoint.every_n_steps=4",
+        "tracking.log_every_n_steps=2",
     ]
     proc = subprocess.Popen(
         train_cmd(*overrides),
@@ -101,29 +136,44 @@ def test_sigkilled_worker_is_restarted_from_checkpoint(tiny_imagenet, tmp_path):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    reader = OutputReader(proc)
+    run_dir = tmp_path / "killed"
     try:
-        wait_for(lambda: (tmp_path / "killed" / "checkpoint_epoch0002").is_dir(), 240, proc)
-        workers = processes_with_marker(marker, "RayTrainWorker")
-        assert workers, "no Ray Train worker process found"
-        os.kill(workers[-1], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=400)
+        wait_for(lambda: rank0_pid_inside_epoch(reader.lines, 3) is not None, 300, proc)
+        assert (run_dir / "checkpoint_epoch0002_step0000020").is_dir()
+        os.kill(rank0_pid_inside_epoch(reader.lines, 3), signal.SIGKILL)
+        proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    out = reader.text()
     assert proc.returncode == 0, out[-4000:]
-    assert epochs_in(metrics) == [1, 2, 3, 4, 5], out[-4000:]
+    assert epochs_in(run_dir / "metrics.jsonl") == [1, 2, 3, 4, 5], out[-4000:]
     restored = [line for line in out.splitlines() if "restored from checkpoint" in line]
-    assert restored, out[-4000:]
-    assert "checkpoint_epoch000" in restored[0]
-    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert restored and "epoch 2, step 20" in restored[0], out[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 5 and summary["steps"] == 5 * 8
 
+    merged = run_pipeline("wandb-sync", str(run_dir), "--dry-run", "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert "merged 2 segment(s)" in merged.stdout and "not uploaded (--dry-run)" in merged.stdout
+    (history_file,) = (tmp_path / "merged").glob("wandb/offline-run-*/run-*.wandb")
+    history = read_wandb_history(history_file)
+    epoch_rows = [r for r in history if "train/loss" in r]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epoch_rows] == [1, 2, 3, 4, 5]
+    for row, record in zip(epoch_rows, records, strict=True):
+        assert row["_step"] == record["step"]
+        assert row["train/loss"] == pytest.approx(record["train/loss"])
+        assert row["val/top1_err"] == pytest.approx(record["val/top1_err"])
+    steps = [r["_step"] for r in history]
+    assert steps == sorted(set(steps))  # one row per step, in order: nothing replayed twice
+
     # Starting the same run (same name and storage) again continues from its latest checkpoint.
-    again = train(*overrides[:-2], "schedule.epochs=6", env=env_with_marker(marker))
+    again = train(*overrides[:-4], "schedule.epochs=6", env=env_with_marker(marker))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "restored from checkpoint" in again.stdout and "epoch 5, step 40" in again.stdout
-    assert epochs_in(metrics) == [1, 2, 3, 4, 5, 6]
+    assert epochs_in(run_dir / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
 
 
 def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -131,18 +181,21 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.read(latest)["model"]
 
 
-def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_imagenet, tmp_path):
+def test_stopped_mid_epoch_resumes_at_that_step_and_matches_uninterrupted(tiny_imagenet, tmp_path):
     common = tiny_overrides(tiny_imagenet, tmp_path, "x")[1:] + [
         "schedule.epochs=4",
         "cluster.num_workers=1",
         "schedule.kind=step",
         "schedule.milestones=[2]",
+        "checkpoint.every_n_steps=3",  # mid-epoch checkpoints at steps 3, 6, 9 (epoch 2), ...
+        "checkpoint.num_to_keep=20",
     ]
     # The uninterrupted reference.
     ref = train("name=straight", *common, no_ray=True)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    # The same run, stopped (SIGTERM) once epoch 2's checkpoint exists, then started again.
+    # The same run, stopped (SIGTERM) once the checkpoint at step 9 (inside epoch 2) exists, then
+    # started again: it must pick up at step 9 with the same data, augmentation, lr and counters.
     proc = subprocess.Popen(
         train_cmd("name=stopped", *common, no_ray=True),
         cwd=ROOT,
@@ -151,21 +204,20 @@ def test_stopped_run_resumes_where_it_stopped_and_matches_uninterrupted(tiny_ima
         stderr=subprocess.STDOUT,
         env=env_with_marker("stop"),
     )
+    mid = tmp_path / "stopped" / "checkpoint_epoch0001_step0000009" / "state.pt"
     try:
-        wait_for(lambda: (tmp_path / "stopped" / "checkpoint_epoch0002" / "state.pt").is_file(), 300, proc)
+        wait_for(mid.is_file, 300, proc)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    # The newest complete checkpoint is where the restart must pick up.
-    stopped_at = max(
-        int(p.parent.name[-4:]) for p in (tmp_path / "stopped").glob("checkpoint_epoch*/state.pt")
-    )
-    assert stopped_at < 4, "the run finished before it could be stopped"
+    for later in (tmp_path / "stopped").glob("checkpoint_*"):
+        if later.name > mid.parent.name:  # the stop came late: start from step 9 all the same
+            shutil.rmtree(later)
     resumed = train("name=stopped", *common, no_ray=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"epoch {stopped_at}, step {stopped_at * 8}" in resumed.stdout
+    assert "epoch 1, step 9" in resumed.stdout
 
     straight = [
         json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data import remote
+from pipeline import locations
 from pipeline.data.constants import IMAGE_SUFFIXES
 
 INDEX_NAME = "pipeline-index.json.gz"
@@ -64,13 +64,13 @@ def _hidden(name: str) -> bool:
 
 
 def _normal_root(root: str | os.PathLike[str]) -> str:
-    if remote.is_uri(root):
+    if locations.is_uri(root):
         return str(root).rstrip("/")
     return str(Path(root).expanduser().absolute())
 
 
 def _remote_error(location: str, e: OSError) -> DataLayoutError:
-    return DataLayoutError(f"{location}: cannot be read ({e}); {remote.access_hint(location)}")
+    return DataLayoutError(f"{location}: cannot be read ({e}); {locations.access_hint(location)}")
 
 
 # ---------------------------------------------------------------- listing one split
@@ -78,7 +78,7 @@ def _remote_error(location: str, e: OSError) -> DataLayoutError:
 
 def _list_split(split_dir: str) -> tuple[Split, list[str]]:
     """(class -> image names, image names lying directly in the split folder)."""
-    if remote.is_uri(split_dir):
+    if locations.is_uri(split_dir):
         return _list_split_remote(split_dir)
     classes: Split = {}
     loose: list[str] = []
@@ -102,7 +102,7 @@ def _list_split_remote(split_dir: str) -> tuple[Split, list[str]]:
     classes: Split = {}
     loose: list[str] = []
     try:
-        entries = remote.list_tree(split_dir)
+        entries = locations.list_tree(split_dir)
     except OSError as e:
         raise _remote_error(split_dir, e) from None
     for rel, is_dir in entries:
@@ -119,9 +119,9 @@ def _list_split_remote(split_dir: str) -> tuple[Split, list[str]]:
 
 
 def _class_folders(split_dir: str) -> list[str]:
-    if remote.is_uri(split_dir):
+    if locations.is_uri(split_dir):
         try:
-            dirs, _ = remote.list_dir(split_dir)
+            dirs, _ = locations.list_dir(split_dir)
         except OSError as e:
             raise _remote_error(split_dir, e) from None
         return [d for d in dirs if not _hidden(d)]
@@ -130,11 +130,11 @@ def _class_folders(split_dir: str) -> list[str]:
 
 
 def _class_images(split_dir: str, name: str) -> list[str]:
-    folder = remote.join(split_dir, name)
-    if not remote.is_uri(folder):
+    folder = locations.join(split_dir, name)
+    if not locations.is_uri(folder):
         return _local_images(folder) if os.path.isdir(folder) else []
     try:
-        _, files = remote.list_dir(folder)
+        _, files = locations.list_dir(folder)
     except FileNotFoundError:
         return []
     except OSError as e:
@@ -143,10 +143,10 @@ def _class_images(split_dir: str, name: str) -> list[str]:
 
 
 def _is_dir(location: str) -> bool:
-    if not remote.is_uri(location):
+    if not locations.is_uri(location):
         return os.path.isdir(location)
     try:
-        return remote.kind(location) == "dir"
+        return locations.kind(location) == "dir"
     except OSError as e:
         raise _remote_error(location, e) from None
 
@@ -155,7 +155,7 @@ def _is_dir(location: str) -> bool:
 
 
 def _split_dir(root: str, split: str) -> str:
-    path = remote.join(root, split)
+    path = locations.join(root, split)
     if not _is_dir(path):
         raise DataLayoutError(
             f"{path}: missing {split}/ folder; expected {root}/{split}/<class>/<image>.JPEG "
@@ -194,7 +194,7 @@ def _scan_folders(root: str) -> tuple[Split, Split]:
     unknown = [c for c in val if c not in train]
     if unknown:
         raise DataLayoutError(
-            f"{remote.join(val_dir, unknown[0])}: val class {unknown[0]!r} is not a train class"
+            f"{locations.join(val_dir, unknown[0])}: val class {unknown[0]!r} is not a train class"
             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
             + f"; every val/<class> folder needs a matching {train_dir}/<class>"
         )
@@ -202,7 +202,7 @@ def _scan_folders(root: str) -> tuple[Split, Split]:
         for name, images in split.items():
             if not images:
                 raise DataLayoutError(
-                    f"{remote.join(split_dir, name)}: class folder {name!r} holds no images (*.JPEG, *.jpg, *.jpeg); "
+                    f"{locations.join(split_dir, name)}: class folder {name!r} holds no images (*.JPEG, *.jpg, *.jpeg); "
                     "remove the folder or restore its images"
                 )
     return train, val
@@ -213,7 +213,7 @@ def _to_index(root: str, train: Split, val: Split, index_file: str | None = None
     class_to_idx = {c: i for i, c in enumerate(classes)}
 
     def flat(split: str, names: Split) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        files = [remote.join(root, split, c, n) for c in sorted(names) for n in names[c]]
+        files = [locations.join(root, split, c, n) for c in sorted(names) for n in names[c]]
         labels = [class_to_idx[c] for c in sorted(names) for _ in names[c]]
         return tuple(files), tuple(labels)
 
@@ -252,7 +252,7 @@ def scan_imagenet(root: str | os.PathLike[str], use_index: bool = True) -> Image
 
 
 def index_location(root: str | os.PathLike[str]) -> str:
-    return remote.join(_normal_root(root), INDEX_NAME)
+    return locations.join(_normal_root(root), INDEX_NAME)
 
 
 def write_index(root: str | os.PathLike[str]) -> tuple[str, ImageFolderIndex, int]:
@@ -274,7 +274,7 @@ def write_index(root: str | os.PathLike[str]) -> tuple[str, ImageFolderIndex, in
     data = gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
     path = index_location(root)
     try:
-        remote.write_bytes(path, data)
+        locations.write_bytes(path, data)
     except OSError as e:
         raise _remote_error(path, e) from None
     return path, _to_index(root, train, val, index_file=path), len(data)
@@ -284,7 +284,7 @@ def read_index(root: str | os.PathLike[str]) -> tuple[str, Split, Split] | None:
     """(its location, train, val) from the index file, or None when there is none."""
     path = index_location(root)
     try:
-        raw = remote.read_bytes(path)
+        raw = locations.read_bytes(path)
     except OSError as e:
         raise _remote_error(path, e) from None
     if raw is None:
@@ -357,7 +357,7 @@ def check_index(root: str, path: str, train: Split, val: Split, spot: int = SPOT
             diff = _differences(_class_images(split_dir, name), names[name])
             if diff:
                 raise DataLayoutError(
-                    f"{path}: stale index: images of {remote.join(split_dir, name)}: {diff}; {fix}"
+                    f"{path}: stale index: images of {locations.join(split_dir, name)}: {diff}; {fix}"
                 )
 
 

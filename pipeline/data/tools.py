@@ -25,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline import locations
 from pipeline.data.constants import IMAGE_SUFFIXES
 from pipeline.data.layout import DataLayoutError
 from pipeline.host import usable_cpus
@@ -93,13 +94,10 @@ def _image_files(root: Path) -> list[str]:
 
 
 def _read_bytes(path: str) -> bytes:
-    if "://" not in path:
-        return Path(path).read_bytes()
-    import pyarrow.fs
-
-    fs, key = pyarrow.fs.FileSystem.from_uri(path)  # follows AWS_ENDPOINT_URL, as DALI's reader does
-    with fs.open_input_stream(key) as f:
-        return f.read()
+    data = locations.read_bytes(path) if locations.is_uri(path) else Path(path).read_bytes()
+    if data is None:
+        raise FileNotFoundError(2, "no such object", path)
+    return data
 
 
 def check_image(path: str | os.PathLike[str]) -> tuple[str, str] | None:

@@ -1,4 +1,4 @@
-"""Dataset locations that may be URIs (``s3://bucket/imagenet``, ``gs://...``) or local folders.
+"""Locations that may be URIs (``s3://bucket/imagenet``, ``gs://...``) or local paths: datasets, runs.
 
     fs, path = filesystem("s3://bucket/imagenet")       # pyarrow, as Ray Train itself opens storage
     dirs, files = list_dir("s3://bucket/imagenet/train")
@@ -19,6 +19,7 @@ from typing import Any
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
+    """A remote location (``s3://``, ``gs://``, ``file://``...) rather than a local path."""
     return "://" in str(location)
 
 
@@ -118,6 +119,8 @@ def write_bytes(location: str, data: bytes) -> None:
     """
     if is_uri(location):
         fs, path = filesystem(location)
+        if fs.type_name == "local":  # file://: the folder must exist (object stores have none)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
         return
