@@ -64,7 +64,6 @@ BUCKET = "drill"
 HIDDEN = ("data", "runs", "wandb")  # the checkout's folders a node must not see
 # A step line of rank 0, as Ray prefixes it in the job log:
 # "(RayTrainWorker pid=123, ip=10.0.0.5) epoch 1.25/3 step 10/24 loss ..."
-SEGMENT = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-\w+$")  # a W&B run folder: its start time
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefix on a terminal and in job logs alike
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)\.(\d\d)/(\d+) step (\d+)/(\d+)")
 
@@ -432,12 +431,16 @@ class Drill:
             raise DrillError(f"ray job submit failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
 
     def kill_rank0_mid_epoch(self, timeout: float) -> dict[str, Any] | None:
-        """Wait for a step line inside an epoch after the first; kill that worker's node."""
+        """Wait for a step line inside an epoch after the first, once the checkpoint of the epoch
+        before is whole in the bucket (its upload runs in the background); kill that worker's node."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for m in STEP_LINE.finditer(ANSI.sub("", self.job_logs())):
                 pid, whole, frac, epochs = int(m[1]), int(m[2]), int(m[3]), int(m[4])
                 if whole >= 1 and 0 < frac <= self.args.kill_before and whole < epochs:
+                    saved = locations.join(self.run_uri, f"checkpoint_epoch{whole:04d}", "state.pt")
+                    if locations.kind(saved) != "file":
+                        continue
                     node = env_of(pid).get(NODE, "").rsplit(":", 1)[-1]
                     if node not in self.nodes or node in self.killed:
                         continue  # a line of an earlier worker group, or a pid already gone
@@ -515,24 +518,24 @@ def _read_json_lines(uri: str) -> list[dict] | None:
 
 
 def _wandb_epoch_rows(drill: Drill) -> tuple[list[str], list[dict]]:
-    """(the run's .wandb files in the bucket, oldest first; their epoch rows, in that order)."""
+    """What a user gets from ``pipeline wandb-sync RUN``: the run's offline segments in the bucket
+    merged (on this machine, from the bucket alone; uploaded nowhere). Returns (its report line,
+    if any; the merged history's epoch rows)."""
     from pipeline.wandb_offline import read_wandb_history
 
-    segments = []
-    for rel, is_dir in locations.list_tree(drill.run_uri):
-        parts = rel.split("/")
-        # wandb's own folder per segment; its "latest-run" link to one of them is not another segment
-        m = SEGMENT.match(parts[-2]) if len(parts) >= 2 and not is_dir and rel.endswith(".wandb") else None
-        if m:
-            segments.append((m[1], rel))
-    files = [rel for _, rel in sorted(segments)]  # by start time
-    rows = []
-    for rel in files:
-        local = drill.root / "wandb-segments" / rel
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(locations.read_bytes(locations.join(drill.run_uri, rel)) or b"")
-        rows += [row for row in read_wandb_history(local) if "train/loss" in row]  # epoch rows, not step rows
-    return files, rows
+    out = drill.root / "wandb-merged"
+    cmd = [sys.executable, "-m", "pipeline", "wandb-sync", drill.run_uri, "--dry-run", "--out", str(out)]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**drill.client_env, **drill.aws}, capture_output=True, text=True, timeout=600
+    )
+    merged = [line for line in proc.stdout.splitlines() if line.startswith("merged ")]
+    files = sorted(out.glob("wandb/offline-run-*/run-*.wandb")) if proc.returncode == 0 else []
+    if not files:
+        return [
+            f"wandb-sync exit {proc.returncode}: {(proc.stderr.strip() or proc.stdout.strip())[-400:]}"
+        ], []
+    rows = [row for row in read_wandb_history(files[0]) if "train/loss" in row]  # epoch rows, not step rows
+    return merged, rows
 
 
 def _eval_in_head(drill: Drill, checkpoint: str, mode: str) -> tuple[dict | None, str]:
@@ -608,12 +611,10 @@ def check_metrics(drill: Drill, check: Check) -> list[dict]:
 
 def check_wandb(drill: Drill, check: Check, records: list[dict]) -> None:
     want = list(range(1, drill.args.epochs + 1))
-    files, rows = _wandb_epoch_rows(drill)
+    merged, rows = _wandb_epoch_rows(drill)
     got = [r.get("epoch") for r in rows]
-    where = f"{len(files)} .wandb segment(s) under {drill.run_uri}" + (
-        f" ({', '.join(files)})" if files else ""
-    )
-    check(bool(files) and got == want, "W&B history epochs", f"{got} from {where} (want {want})")
+    where = "; ".join(merged) or "no merged run"
+    check(bool(rows) and got == want, "W&B history epochs", f"{got} (want {want}); {where}")
     by_epoch = {r.get("epoch"): r for r in records}
     diffs = [
         f"epoch {r['epoch']} {k}: W&B {r[k]} vs metrics.jsonl {by_epoch[r['epoch']].get(k)}"

@@ -232,16 +232,27 @@ def validate(run: Run, batches: Any, mode: str) -> dict[str, float]:
     )
 
 
-def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str]]:
-    """(the newest readable checkpoint, its state, warnings about the unreadable ones before it)."""
-    warnings = []
+def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str], list[str]]:
+    """(the newest readable checkpoint, its state, warnings, the candidates that hold a state file).
+
+    A folder without ``state.pt`` is a checkpoint that never finished (its node died during the
+    upload): it is passed over. One whose file cannot be read (truncated, corrupt) is skipped
+    with a warning in favour of the one before it.
+    """
+    warnings, real = [], []
     for source in candidates:
         try:
             with fetched(source) as folder:
-                return source, ckpt.read(folder), warnings
+                if not (folder / ckpt.STATE_FILE).is_file():
+                    warnings.append(
+                        f"warning: passing over {source}: no {ckpt.STATE_FILE} (an unfinished upload?)"
+                    )
+                    continue
+                real.append(source)
+                return source, ckpt.read(folder), warnings, real
         except (ckpt.CheckpointError, OSError) as e:
             warnings.append(f"warning: skipping unusable checkpoint: {e}")
-    return None, None, warnings
+    return None, None, warnings, real
 
 
 def restore(run: Run, location: str) -> ckpt.TrainingProgress:
@@ -253,15 +264,15 @@ def restore(run: Run, location: str) -> ckpt.TrainingProgress:
     state = None
     if ctx.is_main:
         candidates = checkpoint_candidates(ctx, location, run.cfg.resume_from)
-        chosen, state, warnings = _pick_checkpoint(candidates)
+        chosen, state, warnings, real = _pick_checkpoint(candidates)
         for line in warnings:
             print(line, flush=True)
         if chosen is not None:
             decision = ("load", chosen)
-        elif candidates:
+        elif real:
             decision = (
                 "error",
-                f"none of the checkpoints of run {run.cfg.name!r} can be read ({', '.join(candidates)}); "
+                f"none of the checkpoints of run {run.cfg.name!r} can be read ({', '.join(real)}); "
                 "remove them or start under a new name",
             )
     kind, value = broadcast_object(decision)

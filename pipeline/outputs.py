@@ -151,5 +151,8 @@ class RunOutputs:
     def _upload_wandb(self) -> None:
         """With object storage, copy W&B's local offline folder beside the run's other files."""
         local = self.rundir.local_dir / "wandb"
-        if is_uri(self.rundir.location) and local.is_dir():
-            upload_folder(local, f"{self.rundir.location}/wandb")
+        if not (is_uri(self.rundir.location) and local.is_dir()):
+            return
+        for segment in local.iterdir():  # "latest-run" is a link to one of them: not copied twice
+            if segment.is_dir() and not segment.is_symlink():
+                upload_folder(segment, f"{self.rundir.location}/wandb/{segment.name}")

@@ -79,6 +79,20 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
+def _identity(segment: str, local: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The run's id, project, entity, group and name: from the segment's run record, or (a segment
+    killed before it flushed anything) from its folder name and the run's config."""
+    tracking = config.get("tracking") or {}
+    fallback = {
+        "id": SEGMENT.match(segment.rsplit("/", 2)[-2])[2],
+        "project": tracking.get("project") or "",
+        "entity": tracking.get("entity") or "",
+        "group": tracking.get("group") or "",
+        "name": config.get("name") or "",
+    }
+    return _segment_run(local) or fallback
+
+
 def _segment_run(path: Path) -> dict[str, str]:
     """The run record's identity fields of one segment (id, project, entity, group, name)."""
     from pipeline.wandb_offline import read_wandb_records
@@ -164,7 +178,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         local = [_local_copy(s, Path(tmp)) for s in segments]
         histories = [read_wandb_history(p) for p in local]
-        identity = _segment_run(local[-1]) or _segment_run(local[0])
+        identity = _identity(segments[-1], local[-1], run_dir.read_config())
     rows = merge_history(histories, epochs)
     summary = run_dir.read_summary() or {}
     finals = {}

@@ -41,12 +41,6 @@ CHECKS = {
     os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
     reason="the drill needs root, unshare and nsenter (a mount namespace per node)",
 )
-@pytest.mark.skip(
-    reason="issue 13: passes once the pipeline keeps a run in object storage: RunDir appends to the "
-    "bucket's metrics.jsonl instead of overwriting it from a new node's empty staging copy, the W&B "
-    "offline segments live under the storage path, and `pipeline eval` reads s3:// checkpoints; "
-    "remove this mark with those fixes"
-)
 def test_drill_survives_losing_rank_0s_node():
     proc = subprocess.run(
         [
@@ -141,36 +135,40 @@ def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
     return tracker.run_id
 
 
-def test_drill_checks_read_the_run_from_the_bucket(bucket, tmp_path):
+def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
+    """Two offline segments in the bucket (the resumed one redoes epoch 2, the killed one lost
+    nothing here): `pipeline wandb-sync` builds one history, each epoch once with metrics.jsonl's
+    values and one row per step."""
     import pyarrow.fs
 
     from pipeline import locations
+    from pipeline.wandb_offline import read_wandb_history
+    from pipeline.wandb_sync import main as wandb_sync
 
-    drill = _load_drill()
-    run = SimpleNamespace(run_uri="s3://drill/runs/drill", args=SimpleNamespace(epochs=3), root=tmp_path)
+    run_uri = "s3://drill/runs/drill"
     local = tmp_path / "run"
     run_id = _segment(local, None, [1, 2])  # the segment of the killed rank 0
     time.sleep(1.1)  # segment folders are named by their start second
     _segment(local, run_id, [2, 3])  # the resumed run redoes epoch 2
-    records = [{"epoch": e, "train/loss": 2.0 / e, "val/top1_err": 50.0 - e} for e in (1, 2, 3)]
-    locations.write_bytes(
-        f"{run.run_uri}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode()
-    )
-    fs, path = locations.filesystem(run.run_uri)
+    records = [
+        {"epoch": e, "step": 10 * e, "train/loss": 2.0 / e, "val/top1_err": 40.0 - e} for e in (1, 2, 3)
+    ]
+    locations.write_bytes(f"{run_uri}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    fs, path = locations.filesystem(run_uri)
     pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
 
-    check = drill.Check()
-    assert drill.check_metrics(run, check) == records
-    drill.check_wandb(run, check, records)
-    assert [ok for ok, _, _ in check.lines] == [True, False, True], check.lines
-    assert "[1, 2, 2, 3] from 2 .wandb segment(s)" in check.lines[1][2]
+    assert wandb_sync([run_uri, "--dry-run", "--out", str(tmp_path / "merged")]) == 0
+    (merged,) = (tmp_path / "merged").glob("wandb/offline-run-*/run-*.wandb")
+    history = read_wandb_history(merged)
+    assert [(r["epoch"], r["train/loss"], r["val/top1_err"]) for r in history if "train/loss" in r] == [
+        (r["epoch"], r["train/loss"], r["val/top1_err"]) for r in records
+    ]
+    assert [r["_step"] for r in history] == [5, 10, 15, 20, 25, 30]  # the replayed step 15 once
+    assert wandb_sync(["s3://drill/runs/none", "--dry-run"]) == 2  # no run there: a clear error
 
-    # A history that disagrees with metrics.jsonl is named epoch by epoch.
-    check = drill.Check()
-    drill.check_wandb(run, check, [{**r, "train/loss": 9.0} for r in records])
-    assert not check.lines[1][0] and "epoch 1 train/loss: W&B 2 vs metrics.jsonl 9.0" in check.lines[1][2]
 
-    # Nothing in the bucket: FAIL lines that say so, not a crash.
+def test_drill_checks_say_what_is_missing(bucket, tmp_path):
+    drill = _load_drill()
     empty = SimpleNamespace(run_uri="s3://drill/runs/none", args=SimpleNamespace(epochs=3), root=tmp_path)
     check = drill.Check()
     assert drill.check_metrics(empty, check) == [] and drill.check_summary(empty, check) is None
