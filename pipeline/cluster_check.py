@@ -103,21 +103,15 @@ def worker_slots(node: dict[str, float], bundle: dict[str, float]) -> int:
 
 def check_fit(cluster: ClusterConfig, resources: dict[str, float], view: ClusterView) -> str:
     """How ``cluster.num_workers`` workers of ``resources`` fit; ConfigError when they never can."""
-    pool = view.pool()
     n, strategy = cluster.num_workers, cluster.placement_strategy
     ask = f"{n} worker(s) x {_fmt(resources)} ({strategy})"
-    if pool is None:
+    nodes = view.richest_nodes(lambda node: worker_slots(node, resources))
+    if nodes is None:
         return f"{ask}: not checked, what the cluster can add is unknown"
-    counted = sorted(((worker_slots(node, resources), count) for node, count in pool), reverse=True)
-    cap = math.inf if view.scaling != "autoscaling" or view.max_workers is None else view.max_workers + 1
-    nodes_left, total, nodes_with_room, best = cap, 0.0, 0.0, 0
-    for slots, count in counted:  # the roomiest nodes first, within the cap on nodes
-        take = min(count, nodes_left)
-        if slots > 0:
-            total += slots * take
-            nodes_with_room += take
-            best = max(best, slots)
-        nodes_left -= take
+    room = [(worker_slots(node, resources), count) for node, count in nodes]
+    total = sum(slots * count for slots, count in room if slots)
+    nodes_with_room = sum(count for slots, count in room if slots)
+    best = max((slots for slots, _ in room), default=0)
     fits = {
         "STRICT_PACK": best >= n,
         "STRICT_SPREAD": nodes_with_room >= n,
@@ -125,11 +119,11 @@ def check_fit(cluster: ClusterConfig, resources: dict[str, float], view: Cluster
     where = (
         "the nodes up now" if view.scaling in ("local", "fixed") else "the autoscaler's node types at most"
     )
-    room = f"{_num(total)} worker(s) on {_num(nodes_with_room)} node(s), at most {best} on one"
+    most = f"{_num(total)} worker(s) on {_num(nodes_with_room)} node(s), at most {best} on one"
     if fits:
-        return f"{ask}: fits ({where}: room for {room})"
+        return f"{ask}: fits ({where}: room for {most})"
     raise ConfigError(
-        f"cluster: {ask} can never be placed on {where}: room for {room}. Lower cluster.num_workers, "
+        f"cluster: {ask} can never be placed on {where}: room for {most}. Lower cluster.num_workers, "
         "cluster.cpus_per_worker or cluster.gpus_per_worker, pick another cluster.placement_strategy, "
         "or add nodes"
     )

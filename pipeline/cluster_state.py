@@ -24,8 +24,10 @@ such a cluster on demand, so what is up now is all there is (``scaling == "fixed
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,9 @@ class NodeType:
 
     name: str
     resources: dict[str, float]
-    max_count: int | None  # None: no limit; the head's own type counts the head itself
+    max_count: int | None  # None: no limit; the head's type counts the head itself
     min_count: int = 0
+    head: bool = False  # the head node's type (the launcher's cap on worker nodes leaves it out)
 
 
 @dataclass(frozen=True)
@@ -75,19 +78,35 @@ class ClusterView:
     @property
     def gpus_max(self) -> float | None:
         """GPUs the cluster can have at most (None: unknown; inf: a node type without limit)."""
-        if self.scaling in ("local", "fixed"):
-            return self.gpus_now
-        if self.scaling != "autoscaling":
-            return None
-        return capacity_by(self, lambda r: r.get("GPU", 0.0))
+        gpus = lambda r: r.get("GPU", 0.0)  # noqa: E731
+        nodes = self.richest_nodes(gpus)
+        return None if nodes is None else sum(gpus(r) * count for r, count in nodes)
 
-    def pool(self) -> list[tuple[dict[str, float], float]] | None:
-        """(resources of one node, how many such nodes at most), or None when unknown."""
+    def richest_nodes(self, score: Callable[[dict[str, float]], float]) -> list[tuple[dict, float]] | None:
+        """The most the cluster can hold, as (resources of a node, how many), or None when unknown.
+
+        Up to the launcher's cap on worker nodes (the head is outside it), the nodes that score
+        highest come first: each node adds its own amount, so this maximises the total score.
+        """
         if self.scaling in ("local", "fixed"):
             return [(n.resources, 1) for n in self.nodes]
         if self.scaling != "autoscaling":
             return None
-        return [(t.resources, float("inf") if t.max_count is None else t.max_count) for t in self.node_types]
+        chosen, capped = [], []
+        for t in self.node_types:
+            count = math.inf if t.max_count is None else float(t.max_count)
+            if t.head:
+                chosen.append((t.resources, 1.0))
+                count -= 1
+            if count > 0 and score(t.resources) > 0:
+                capped.append((t.resources, count))
+        left = math.inf if self.max_workers is None else float(self.max_workers)
+        for resources, count in sorted(capped, key=lambda rc: score(rc[0]), reverse=True):
+            take = min(count, left)
+            if take > 0:
+                chosen.append((resources, take))
+                left -= take
+        return chosen
 
     def describe(self) -> list[str]:
         where = f"cluster at {self.address}" if self.address else "local Ray started here"
@@ -115,26 +134,6 @@ def _fmt_resources(resources: dict[str, float]) -> str:
         keep["memory"] = f"{keep['memory'] / 2**30:.0f}GiB"
     shown = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in keep.items())
     return "{" + shown + "}"
-
-
-def capacity_by(view: ClusterView, per_node: Any) -> float:
-    """The most of ``per_node(resources)`` the node types can hold together, under the node cap.
-
-    Each node adds its own amount, so filling the cap with the richest nodes first is optimal.
-    """
-    counts: list[tuple[float, float]] = []  # (amount per node, how many)
-    for t in view.node_types:
-        amount = float(per_node(t.resources))
-        if amount > 0:
-            counts.append((amount, float("inf") if t.max_count is None else float(t.max_count)))
-    counts.sort(reverse=True)
-    left = float("inf") if view.max_workers is None else float(view.max_workers) + 1  # + the head
-    total = 0.0
-    for amount, count in counts:
-        take = min(count, left)
-        total += amount * take
-        left -= take
-    return total
 
 
 # ------------------------------------------------------------------ the nodes that are up
@@ -184,6 +183,7 @@ def node_types_from_autoscaling_config(config: dict[str, Any]) -> tuple[tuple[No
                 resources={k: float(v) for k, v in spec["resources"].items()},
                 max_count=int(most) + (1 if name == head else 0),
                 min_count=int(spec.get("min_workers", 0)) + (1 if name == head else 0),
+                head=name == head,
             )
         )
     cap = config.get("max_workers")
@@ -207,8 +207,8 @@ def _from_gcs_cluster_config() -> tuple[NodeType, ...] | None:
     )
 
 
-def _from_launcher_config(path: str = LAUNCHER_CONFIG) -> dict[str, Any] | None:
-    file = Path(path).expanduser()
+def _from_launcher_config() -> dict[str, Any] | None:
+    file = Path(LAUNCHER_CONFIG).expanduser()
     if not file.is_file():
         return None
     import yaml

@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.2"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags anywhere among the overrides (make submit ARGS=...)
     if args.dry_run and args.no_ray:
         parser.error("--dry-run plans a Ray run; it cannot be combined with --no-ray")
     return args
@@ -109,6 +109,14 @@ def print_summary(cfg: Config) -> dict[str, Any] | None:
     return summary
 
 
+def _training_failed(e: Exception) -> bool:
+    """Ray Train gave up: workers failed beyond max_failures (``WorkerGroupError``) or the worker
+    group could not start within cluster.start_retries (``ControllerError``); both derive from it."""
+    import ray.train
+
+    return isinstance(e, ray.train.TrainingFailedError)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pipeline.data.layout import DataLayoutError
@@ -139,7 +147,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if type(e).__name__ != "TrainingFailedError":  # Ray's wrapper: workers failed beyond max_failures
+        if args.no_ray or not _training_failed(e):
             raise
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
