@@ -5,7 +5,9 @@
 ``worker(loop_config)`` runs on every Ray Train worker with ``loop_config = {"config":
 to_dict(cfg), **extra}``; it should call ``quiet_worker_logs()`` first. Ray is joined at
 ``RAY_ADDRESS`` when set (or inside a submitted job), otherwise started here with as many
-CPUs as the workers ask for.
+CPUs as the workers ask for. Before the trainer is built, ``pipeline.cluster_check`` decides
+``cluster.use_gpu: auto``, checks that the workers can be placed and that local paths are
+shared (``ConfigError``, docs/cluster-checks.md).
 """
 
 from __future__ import annotations
