@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from pipeline.cluster_state import ClusterView, inspect_cluster
 from pipeline.config import ClusterConfig, Config, ConfigError, requested_gpu
+from pipeline.storage import is_uri
 
 EPS = 1e-9  # fractional resources (0.5 GPU) add up in floating point
 
@@ -157,7 +158,8 @@ def check_cluster(cfg: Config, address: str | None) -> WorkerPlan:
         plan = plan_workers(cfg.cluster, view)
     except ConfigError as e:
         problems.append(str(e))
-    if len(view.nodes) > 1:  # one node sees its own disk; the probe costs a task per node
+    local_paths = not (is_uri(cfg.checkpoint.storage_path) and is_uri(cfg.data.root))
+    if len(view.nodes) > 1 and local_paths:  # one node sees its own disk; a probe is a task per node
         problems += shared_path_problems(cfg, view.nodes)[0]
     if problems:
         raise ConfigError("\n".join(problems))
