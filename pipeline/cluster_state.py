@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the autoscaler's config on the head
 STATUS_WAIT_S = 10.0  # a fresh head writes its first `ray status` report within a few seconds
@@ -65,7 +65,7 @@ class ClusterView:
     nodes: tuple[Node, ...]
     # "local": started here, nothing joins; "fixed": nodes started by hand, no autoscaler adds
     # any; "autoscaling": node_types says what can be added; "unknown": it cannot be told.
-    scaling: str
+    scaling: Literal["local", "fixed", "autoscaling", "unknown"]
     node_types: tuple[NodeType, ...] = ()
     max_workers: int | None = None  # the launcher's cap on worker nodes over all types
     source: str = ""  # where scaling / node_types came from
@@ -78,9 +78,8 @@ class ClusterView:
     @property
     def gpus_max(self) -> float | None:
         """GPUs the cluster can have at most (None: unknown; inf: a node type without limit)."""
-        gpus = lambda r: r.get("GPU", 0.0)  # noqa: E731
-        nodes = self.richest_nodes(gpus)
-        return None if nodes is None else sum(gpus(r) * count for r, count in nodes)
+        nodes = self.richest_nodes(_gpus)
+        return None if nodes is None else sum(_gpus(r) * count for r, count in nodes)
 
     def richest_nodes(self, score: Callable[[dict[str, float]], float]) -> list[tuple[dict, float]] | None:
         """The most the cluster can hold, as (resources of a node, how many), or None when unknown.
@@ -126,6 +125,10 @@ class ClusterView:
             lines.append(f"GPUs at most: {'unknown' if gmax is None else f'{gmax:g}'}")
         lines += [f"  ({note})" for note in self.notes]
         return lines
+
+
+def _gpus(resources: dict[str, float]) -> float:
+    return resources.get("GPU", 0.0)
 
 
 def _fmt_resources(resources: dict[str, float]) -> str:
