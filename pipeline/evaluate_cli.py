@@ -116,12 +116,16 @@ def main(argv: list[str]) -> int:
     if args.no_ray:
         record = eval_worker(to_dict(cfg), checkpoint)
     else:
-        result = run_on_ray(
-            cfg,
-            worker=_ray_eval_worker,
-            extra={"checkpoint": checkpoint},
-            name=f"{cfg.name}-eval-{time.strftime('%Y%m%d-%H%M%S')}",
-        )
+        try:
+            result = run_on_ray(
+                cfg,
+                worker=_ray_eval_worker,
+                extra={"checkpoint": checkpoint},
+                name=f"{cfg.name}-eval-{time.strftime('%Y%m%d-%H%M%S')}",
+            )
+        except ConfigError as e:  # the cluster cannot run this (GPUs, shared paths): said before any work
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         record = dict(result.metrics)
     text = json.dumps(record, indent=2)
     write_bytes(out, (text + "\n").encode())

@@ -3,6 +3,7 @@
     python -m pipeline train --config configs/demo.yaml data.root=data/synth-demo
     RAY_ADDRESS=http://head:8265 ray job submit ... -- python -m pipeline train --config ...
     python -m pipeline train --config ... --no-ray        # one process, or under torchrun
+    python -m pipeline train --config ... --dry-run       # print the plan on this cluster, train nothing
 
 The config and the dataset are checked before Ray starts (exit code 2 with a message that
 names the key or the path). Then a ``TorchTrainer`` runs ``engine.train_worker`` on
@@ -33,9 +34,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-ray", action="store_true", help="run the engine in this process (or under torchrun)"
     )
     parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what training would do on the cluster joined (nodes, GPUs, workers, storage, W&B, "
+        "environment) and exit: 0 viable, 2 not (pipeline.plan)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.2"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags anywhere among the overrides (make submit ARGS=...)
+    if args.dry_run and args.no_ray:
+        parser.error("--dry-run plans a Ray run; it cannot be combined with --no-ray")
+    return args
 
 
 def preflight(cfg: Config) -> str:
@@ -99,6 +109,14 @@ def print_summary(cfg: Config) -> dict[str, Any] | None:
     return summary
 
 
+def _training_failed(e: Exception) -> bool:
+    """Ray Train gave up: workers failed beyond max_failures (``WorkerGroupError``) or the worker
+    group could not start within cluster.start_retries (``ControllerError``); both derive from it."""
+    import ray.train
+
+    return isinstance(e, ray.train.TrainingFailedError)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pipeline.data.layout import DataLayoutError
@@ -109,6 +127,10 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from pipeline.plan import dry_run
+
+        return dry_run(cfg)
     from pipeline.checkpoint import CheckpointError
 
     try:
@@ -118,11 +140,14 @@ def main(argv: list[str]) -> int:
             train_worker(to_dict(cfg), under_ray=False)
         else:
             train_on_ray(cfg)
+    except ConfigError as e:  # the cluster checks before any worker starts (pipeline.cluster_check)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if type(e).__name__ != "TrainingFailedError":  # Ray's wrapper: workers failed beyond max_failures
+        if args.no_ray or not _training_failed(e):
             raise
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,9 @@
 ``worker(loop_config)`` runs on every Ray Train worker with ``loop_config = {"config":
 to_dict(cfg), **extra}``; it should call ``quiet_worker_logs()`` first. Ray is joined at
 ``RAY_ADDRESS`` when set (or inside a submitted job), otherwise started here with as many
-CPUs as the workers ask for.
+CPUs as the workers ask for. Before the trainer is built, ``pipeline.cluster_check`` decides
+``cluster.use_gpu: auto``, checks that the workers can be placed and that local paths are
+shared (``ConfigError``, docs/cluster-checks.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, requested_gpu, to_dict
+from pipeline.cluster_check import check_cluster
+from pipeline.config import Config, to_dict
 from pipeline.host import usable_cpus
 from pipeline.locations import is_uri
 
@@ -63,7 +66,7 @@ def quiet_worker_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
-def _connect(cfg: Config) -> str | None:
+def connect(cfg: Config) -> str | None:
     """Join the cluster at ``RAY_ADDRESS``, or start a local one; returns the address joined."""
     import ray
 
@@ -101,21 +104,24 @@ def run_on_ray(
         ``cluster.max_failures``.
     """
     quiet_ray_env()
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    address = _connect(cfg)
-    use_gpu = requested_gpu(cfg.cluster)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": cfg.cluster.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = cfg.cluster.gpus_per_worker
+    address = connect(cfg)
     cfg = with_absolute_paths(cfg)
+    # GPUs or not, whether the workers can ever be placed, and shared paths: ConfigError here,
+    # before any worker starts (pipeline.cluster_check).
+    plan = check_cluster(cfg, address)
+    use_gpu, resources = plan.use_gpu, plan.resources
+    # Workers see the decision, not "auto" (they must not guess again from their own node).
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, use_gpu=str(use_gpu).lower()))
+    # Read by Ray Train's controller (it is among the variables Ray passes on to it).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.start_timeout_s)
     print(
-        f"Ray: {'cluster at ' + address if address else 'local'}; {cfg.cluster.num_workers} workers x {resources}, "
-        f"{cfg.cluster.placement_strategy}, backend {'nccl' if use_gpu else 'gloo'}",
+        f"Ray: {'cluster at ' + address if address else 'local'}; {plan.placement}; "
+        f"backend {'nccl' if use_gpu else 'gloo'} ({plan.gpu_reason})",
+        *(f"warning: {w}" for w in plan.warnings),
+        sep="\n",
         flush=True,
     )
     trainer = TorchTrainer(
@@ -133,7 +139,9 @@ def run_on_ray(
         run_config=RunConfig(
             name=name or cfg.name,
             storage_path=cfg.checkpoint.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.cluster.max_failures, controller_failure_limit=cfg.cluster.start_retries
+            ),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoint.num_to_keep,
                 checkpoint_score_attribute="val/top1_err",

@@ -217,6 +217,12 @@ def _check(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be 0 (off) or positive, got {value}")
+    if cfg.cluster.start_timeout_s <= 0:
+        raise ConfigError(f"cluster.start_timeout_s: must be positive, got {cfg.cluster.start_timeout_s}")
+    if cfg.cluster.start_retries < -1:
+        raise ConfigError(
+            f"cluster.start_retries: must be -1 (retry forever) or more, got {cfg.cluster.start_retries}"
+        )
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(
             f"data.scale_min ({cfg.data.scale_min}) is larger than data.scale_max ({cfg.data.scale_max})"

@@ -108,6 +108,12 @@ class ClusterConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
     collective_timeout_s: int = 600  # TorchConfig(timeout_s): a dead peer fails the step by then
+    # How long Ray Train waits for the whole worker group to be placed (the autoscaler booting
+    # GPU nodes) before that start attempt fails; sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S.
+    start_timeout_s: float = 900.0
+    # Failed starts (placement timeouts, workers dying while starting) retried before the run
+    # fails; Ray's controller_failure_limit, whose default (-1) retries forever.
+    start_retries: int = 3
 
 
 @dataclass(frozen=True)
