@@ -70,8 +70,13 @@ STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)\.(\d\d)/(
 # Runs inside the new mount namespace, then becomes `ray start`.
 NODE_SCRIPT = r"""
 set -e
-mount -t tmpfs -o size=4g,mode=1777 drill-tmp /tmp
 IFS=:
+# A checkout (or its venv) that itself lives under /tmp must stay visible under the private /tmp:
+# hold it elsewhere, mount the tmpfs, then put it back at the same path.
+hold=$(mktemp -d "$DRILL_HOLD/node.XXXXXX")
+i=0; for d in $DRILL_KEEP; do mkdir -p "$hold/$i"; mount --bind "$d" "$hold/$i"; i=$((i+1)); done
+mount -t tmpfs -o size=4g,mode=1777 drill-tmp /tmp
+i=0; for d in $DRILL_KEEP; do mkdir -p "$d"; mount --bind "$hold/$i" "$d"; i=$((i+1)); done
 for d in $DRILL_HIDE; do [ -d "$d" ] && mount -t tmpfs -o size=1m,mode=0755 drill-hidden "$d"; done
 unset IFS
 mkdir -p "$HOME"
@@ -166,6 +171,8 @@ class Drill:
         self.args = args
         # Short path: Ray puts unix sockets under a node's temp dir (108-byte limit).
         self.root = Path(tempfile.mkdtemp(prefix="drill-", dir="/tmp"))
+        # Outside /tmp: where a node holds the checkout while its private /tmp is mounted.
+        self.hold = Path(tempfile.mkdtemp(prefix="drill-hold-", dir="/var/tmp"))
         self.token = secrets.token_hex(32)
         (self.gcs_port, self.dashboard_port, self.client_port, self.s3_port, *self._spare) = free_ports(40)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
@@ -265,6 +272,8 @@ class Drill:
             "HOME": "/tmp/home",  # inside the private /tmp: nothing of the host's home
             "RAY_DEDUP_LOGS": "0",
             "DRILL_HIDE": ":".join(str(ROOT / d) for d in HIDDEN),
+            "DRILL_HOLD": str(self.hold),
+            "DRILL_KEEP": ":".join(str(p) for p in {ROOT, Path(sys.prefix)} if Path("/tmp") in p.parents),
         }
         ray = [
             RAY, "start", "--block", "--disable-usage-stats",
@@ -400,7 +409,10 @@ class Drill:
             f"model.num_classes={a.classes}",
             f"optim.batch_size={a.batch}",
             f"schedule.epochs={a.epochs}",
-            "cluster.num_workers=2",
+            # Elastic: [workers - 1, workers], so losing a node shrinks the run and the replacement
+            # grows it back (Ray Train checks for room every resize_check_s).
+            f"cluster.num_workers=[{a.workers - 1},{a.workers}]",
+            f"cluster.resize_check_s={a.resize_check}",
             "cluster.cpus_per_worker=1",
             "cluster.use_gpu=false",
             f"cluster.max_failures={a.max_failures}",
@@ -507,6 +519,7 @@ class Drill:
             time.sleep(0.5)
         if not keep:
             shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.hold, ignore_errors=True)  # empty folders: the mounts died with the nodes
 
 
 # ---------------------------------------------------------------- the checks
@@ -678,6 +691,28 @@ def check_placement(drill: Drill, check: Check) -> None:
     )
 
 
+WORLD_LINE = re.compile(r"\) run \S+: .*\n.*world size (\d+), global batch (\d+)")
+
+
+def check_elastic(drill: Drill, check: Check, logs: str, records: list[dict]) -> None:
+    """The run went on with one worker fewer after the kill (and trained there), then grew back."""
+    n = drill.args.workers
+    starts = [(m.start(), int(m[1])) for m in WORLD_LINE.finditer(logs)]
+    sizes = [size for _, size in starts]
+    # Steps trained by each worker group: the step lines between its start line and the next one.
+    bounds = [pos for pos, _ in starts] + [len(logs)]
+    trained = [len(STEP_LINE.findall(logs[a:b])) for a, b in zip(bounds, bounds[1:], strict=False)]
+    shrank = [i for i, size in enumerate(sizes) if size == n - 1 and trained[i] > 0]
+    grew = bool(shrank) and any(size == n for size in sizes[shrank[0] + 1 :])
+    batches = {r.get("global_batch") for r in records}
+    detail = (
+        f"worker groups of {sizes} (steps trained by each: {trained}); epoch records' world sizes "
+        f"{[r.get('world_size') for r in records]}, global batch {sorted(batches, key=str)}"
+    )
+    ok = sizes[:1] == [n] and bool(shrank) and grew and batches == {drill.args.batch}
+    check(ok, "elastic: shrank and grew back", detail)
+
+
 def run_checks(
     drill: Drill, check: Check, status: str, kill: dict | None, replaced_after: float | None
 ) -> None:
@@ -699,6 +734,7 @@ def run_checks(
     summary = guarded("summary.json", check_summary, drill, check)
     guarded("eval of the final checkpoint", check_eval, drill, check, summary)
     guarded("training placement", check_placement, drill, check)
+    guarded("elastic: shrank and grew back", check_elastic, drill, check, logs, records or [])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -709,18 +745,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--train-per-class", type=int, default=64)
     p.add_argument("--val-per-class", type=int, default=10)
-    p.add_argument("--batch", type=int, default=64, help="global batch (2 workers)")
+    p.add_argument("--batch", type=int, default=64, help="global batch (split over the workers)")
+    p.add_argument(
+        "--workers", type=int, default=3, help="worker nodes (1 CPU each); the run is elastic on [N-1, N]"
+    )
+    p.add_argument(
+        "--resize-check", type=float, default=5.0, help="cluster.resize_check_s (Ray's default is 60)"
+    )
     p.add_argument("--crop", type=int, default=64, help="training crop; the scales follow the demo's ratios")
     p.add_argument("--max-failures", type=int, default=3, help="cluster.max_failures")
     p.add_argument(
         "--kill-before", type=int, default=75, help="kill at a step line below this %% of an epoch"
     )
-    p.add_argument("--replace-after", type=float, default=5.0, help="seconds from the kill to the new node")
+    p.add_argument(
+        "--replace-after",
+        type=float,
+        default=15.0,
+        help="seconds from the kill to the new node (the run trains on N-1 meanwhile)",
+    )
     p.add_argument("--timeout", type=float, default=1200, help="seconds the job may take")
     p.add_argument(
         "--keep", action="store_true", help="keep the temp dir (logs, W&B segments) even on success"
     )
     args = p.parse_args(argv)
+    if args.workers < 2:
+        p.error("--workers must be at least 2: the run goes on with one fewer")
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the kill happens in an epoch after the first")
     if (args.classes * args.train_per_class) // args.batch < 2:
@@ -746,10 +795,10 @@ def main(argv: list[str]) -> int:
         say(f"S3 server at {drill.endpoint}; uploading the dataset to {drill.data_uri}")
         drill.upload_dataset()
         drill.start_node("head", head=True)
-        for name in ("worker1", "worker2"):
-            drill.start_node(name)
-        drill.wait_nodes(3)
-        say(f"Ray head and 2 worker nodes up, dashboard {drill.address}")
+        for i in range(args.workers):
+            drill.start_node(f"worker{i + 1}")
+        drill.wait_nodes(args.workers + 1)
+        say(f"Ray head and {args.workers} worker nodes up, dashboard {drill.address}")
         ok, detail = drill.isolation()
         check(ok, "node isolation", detail)
         drill.submit()
@@ -760,7 +809,7 @@ def main(argv: list[str]) -> int:
             say(f"killed node {kill['node']} at epoch {kill['at']}; a new node in {args.replace_after} s")
             killed_at = time.monotonic()
             time.sleep(args.replace_after)
-            drill.start_node("worker3")
+            drill.start_node(f"worker{args.workers + 1}")
             replaced_after = time.monotonic() - killed_at
         status = drill.wait_job(args.timeout)
         say(f"job {drill.job_id}: {status}; checking")

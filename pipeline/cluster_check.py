@@ -103,9 +103,11 @@ def worker_slots(node: dict[str, float], bundle: dict[str, float]) -> int:
 
 
 def check_fit(cluster: ClusterConfig, resources: dict[str, float], view: ClusterView) -> str:
-    """How ``cluster.num_workers`` workers of ``resources`` fit; ConfigError when they never can."""
-    n, strategy = cluster.num_workers, cluster.placement_strategy
-    ask = f"{n} worker(s) x {_fmt(resources)} ({strategy})"
+    """How ``cluster.num_workers`` workers of ``resources`` fit; ConfigError when they never can
+    (an elastic run needs room for its minimum only: it starts with what fits)."""
+    n, strategy = cluster.min_workers, cluster.placement_strategy
+    count = f"{n}" if not cluster.elastic else f"{n}-{cluster.max_workers}"
+    ask = f"{count} worker(s) x {_fmt(resources)} ({strategy})"
     nodes = view.richest_nodes(lambda node: worker_slots(node, resources))
     if nodes is None:
         return f"{ask}: not checked, what the cluster can add is unknown"

@@ -69,11 +69,13 @@ def _lr_at(run: Run, step: int, state: Any) -> float:
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One optimizer step over this worker's batch, in ``accum_steps`` micro-batches.
+    """One optimizer step over this worker's batch, in micro-batches of at most ``micro_batch``.
 
-    Every micro-batch's loss is scaled by 1/accum_steps, so the summed gradients are those of
-    the whole batch; DDP all-reduces only after the last one (``no_sync`` before). Returns the
-    batch's mean loss and its top-1 / top-5 hit counts, all still on the device.
+    Each micro-batch's mean loss is weighted by its share of the global batch (``size x world /
+    global``; DDP then averages over the world), so the gradient is exactly the global batch's
+    mean, whatever the split over workers and micro-batches. DDP all-reduces only after the last
+    micro-batch (``no_sync`` before). Returns the batch's mean loss and its top-1 / top-5 hit
+    counts, all still on the device.
     """
     cfg, d = run.cfg, run.derived
     fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
@@ -81,20 +83,19 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     loss_sum = torch.zeros((), device=images.device)
     hits = torch.zeros(2, dtype=torch.int64, device=images.device)
     parts = list(zip(images.split(d.micro_batch), labels.split(d.micro_batch), strict=True))
+    no_sync = getattr(run.model, "no_sync", None)
     for i, (x, y) in enumerate(parts):
-        last = i == len(parts) - 1
-        no_sync = getattr(run.model, "no_sync", None)
-        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+        with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
             with autocast(images.device, cfg.precision.amp):
                 logits = run.model(x.contiguous(memory_format=fmt))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
-            run.scaler.scale(loss / len(parts)).backward()
+            run.scaler.scale(loss * (y.shape[0] * d.world_size / d.global_batch)).backward()
         with torch.no_grad():
-            loss_sum += loss.detach()
+            loss_sum += loss.detach() * y.shape[0]
             hits += torch.stack(topk_correct(logits.detach().float(), y))
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    return loss_sum / len(parts), hits[0], hits[1]
+    return loss_sum / labels.shape[0], hits[0], hits[1]
 
 
 def train_one_epoch(

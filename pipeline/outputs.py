@@ -34,10 +34,12 @@ def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) ->
         if derived.accum_steps > 1
         else ""
     )
+    smallest = derived.global_batch // derived.world_size
+    per_worker = f"{smallest}-" if smallest != derived.per_worker_batch else ""
     return (
         f"run {cfg.name}: {cfg.model.name} on {cfg.data.dataset} ({num_train} train images, {num_classes} classes)\n"
         f"  world size {derived.world_size}, global batch {derived.global_batch}, "
-        f"per-worker batch {derived.per_worker_batch}{micro}\n"
+        f"per-worker batch {per_worker}{derived.per_worker_batch}{micro}\n"
         f"  lr {derived.lr:g} (base {cfg.optim.lr:g}{', linear scaling' if cfg.optim.scale_lr else ''}), "
         f"schedule {cfg.schedule.kind}\n"
         f"  {derived.iters_per_epoch} iterations/epoch, {derived.total_iters} iterations, {derived.epochs} epochs"

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.cluster_check import plan_workers
 from pipeline.cluster_state import ClusterView, inspect_cluster
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, derive
 from pipeline.node_probe import Answer, shared_path_problems
 from pipeline.storage import is_uri
 
@@ -117,11 +117,18 @@ def dry_run(cfg: Config) -> int:
         warnings += plan.warnings
     except ConfigError as e:
         problems.append(str(e))
-    world = cfg.cluster.num_workers  # the same split as pipeline.config.derive (checked divisible at load)
-    lines.append(
-        f"batch: global {cfg.optim.batch_size} = {world} worker(s) x {cfg.optim.batch_size // world}; "
-        f"eval {cfg.global_eval_batch // world} per worker"
-    )
+    for world in sorted({cfg.cluster.min_workers, cfg.cluster.max_workers}):  # pipeline.config.derive's split
+        d = derive(cfg, max(cfg.optim.batch_size, 1), world)
+        share = (
+            f"{cfg.optim.batch_size // world}-{d.per_worker_batch}"
+            if cfg.optim.batch_size % world
+            else f"{d.per_worker_batch}"
+        )
+        micro = f" (micro-batch {d.micro_batch} x {d.accum_steps})" if d.accum_steps > 1 else ""
+        lines.append(
+            f"batch: global {cfg.optim.batch_size} = {world} worker(s) x {share}{micro}; "
+            f"eval {d.per_worker_eval_batch} per worker"
+        )
 
     path_problems, answers = shared_path_problems(cfg, view.nodes)
     problems += path_problems

@@ -76,7 +76,7 @@ def connect(cfg: Config) -> str | None:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
             # A local cluster with as many CPUs as the workers ask for (at least the machine's).
-            need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
+            need = cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + 1
             ray.init(
                 num_cpus=max(usable_cpus(), int(need + 0.999)),
                 logging_level=logging.WARNING,
@@ -131,7 +131,12 @@ def run_on_ray(
         # default is 30 minutes), and Ray Train restarts the group per cluster.max_failures.
         torch_config=TorchConfig(timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(
-            num_workers=cfg.cluster.num_workers,
+            # [min, max]: Ray Train's elastic scaling; a resize restarts the group, which resumes
+            # from the latest checkpoint with the same global batch, re-sharded.
+            num_workers=(cfg.cluster.min_workers, cfg.cluster.max_workers)
+            if cfg.cluster.elastic
+            else cfg.cluster.max_workers,
+            elastic_resize_monitor_interval_s=cfg.cluster.resize_check_s,
             use_gpu=use_gpu,
             resources_per_worker=resources,
             placement_strategy=cfg.cluster.placement_strategy,

@@ -95,9 +95,16 @@ def test_bad_choice_lists_choices():
         load_config(None, ["eval.mode=twelvecrop"])
 
 
-def test_batch_must_divide_over_workers():
-    with pytest.raises(ConfigError, match=r"optim.batch_size \(256\).*cluster.num_workers \(3\)"):
-        load_config(None, ["cluster.num_workers=3"])
+def test_batch_must_cover_every_worker_and_elastic_ranges_are_ordered():
+    load_config(None, ["cluster.num_workers=3"])  # 256 over 3: 85, 85, 86 (each loss weighted by its share)
+    with pytest.raises(ConfigError, match=r"optim.batch_size \(8\).*smaller than the 16 workers"):
+        load_config(None, ["cluster.num_workers=16", "optim.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"optim.batch_size \(8\).*smaller than the 16 workers"):
+        load_config(None, ["cluster.num_workers=[2, 16]", "optim.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"cluster.num_workers: give a number or \[min, max\]"):
+        load_config(None, ["cluster.num_workers=[4, 2]"])
+    cluster = load_config(None, ["cluster.num_workers=[2, 4]"]).cluster
+    assert (cluster.min_workers, cluster.max_workers, cluster.elastic) == (2, 4, True)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -94,3 +94,34 @@ def test_resnet110_warmup_rule():
     # once done it stays done, even if the error bounces back
     assert warmup_update(cfg.schedule, state, train_err=90.0).warmup_done
     assert lr_at(cfg, 32_000, state=state) == pytest.approx(0.01)
+
+
+def test_goyal_large_batch_config_follows_their_recipe():
+    """configs/imagenet/resnet50_8k.yaml: lr 0.1 x 8192/256 = 3.2, linear warm-up from 0.1 over
+    5 epochs, /10 at 30, 60, 80 of 90, zero-init last BN gamma (Goyal et al. 2017)."""
+    from pipeline.config import derive
+    from pipeline.schedule import ScheduleState, learning_rate
+
+    cfg = load_config(
+        "configs/imagenet/resnet50_8k.yaml", ["cluster.num_workers=32", "optim.max_worker_batch=128"]
+    )
+    d = derive(cfg, 1_281_167, 32)
+    assert (d.global_batch, d.lr, d.per_worker_batch, d.micro_batch, d.accum_steps) == (
+        8192,
+        3.2,
+        256,
+        128,
+        2,
+    )
+    assert d.epochs == 90 and cfg.model.zero_init_residual and cfg.optim.no_wd_bn_bias
+
+    def lr_at(epoch: float) -> float:
+        it = int(epoch * d.iters_per_epoch)
+        return learning_rate(
+            cfg.schedule, base_lr=d.lr, it=it, iters_per_epoch=d.iters_per_epoch, state=ScheduleState()
+        )
+
+    assert lr_at(0) == pytest.approx(0.1)
+    assert lr_at(2.5) == pytest.approx(0.1 + (3.2 - 0.1) / 2, rel=0.01)
+    for epoch, lr in ((5, 3.2), (29.9, 3.2), (30, 0.32), (60, 0.032), (80, 0.0032), (89.9, 0.0032)):
+        assert lr_at(epoch) == pytest.approx(lr), epoch

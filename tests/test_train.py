@@ -67,8 +67,25 @@ def test_two_worker_ray_train_run_learns_and_reports(tiny_imagenet, tmp_path, lo
     losses = [r["train/loss"] for r in records]
     assert losses[-1] < losses[0], losses
     assert records[-1]["step"] == 6 * (128 // 16)
+    assert all(r["world_size"] == 2 and r["global_batch"] == 16 for r in records)
     summary = json.loads((tmp_path / "ray2" / "summary.json").read_text())
     assert summary["val_images"] == 16  # every val image scored once across the 2 workers
+    # The 2 ranks scored with rank 0's BN statistics: the same as one process scoring the final
+    # checkpoint (rank 0's weights and buffers), to the last image.
+    from pipeline.evaluate_cli import eval_worker
+
+    for mode, expect_err, expect_loss in (
+        ("tencrop", summary["val_top1_err"], None),
+        ("center", records[-1]["val/top1_err"], records[-1]["val/loss"]),  # the last epoch's validation
+    ):
+        one = load_config(
+            None,
+            tiny_overrides(tiny_imagenet, tmp_path, "ray2") + ["cluster.num_workers=1", f"eval.mode={mode}"],
+        )
+        record = eval_worker(to_dict(one), summary["checkpoint"])
+        assert record["images"] == 16 and record["top1_err"] == expect_err, mode
+        if expect_loss is not None:  # continuous: any rank scoring with its own BN statistics shows here
+            assert record["loss"] == pytest.approx(expect_loss, rel=1e-6)
 
 
 def test_cli_rejects_bad_layout_before_ray(tmp_path):

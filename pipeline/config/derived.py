@@ -29,24 +29,24 @@ class Derived:
 
 
 def accumulation(per_worker_batch: int, max_worker_batch: int) -> tuple[int, int]:
-    """(micro-batch, accumulation steps): the fewest equal micro-batches of at most ``max_worker_batch``
-    (0: no limit) that make up ``per_worker_batch`` exactly, so the global batch and lr stay exact."""
+    """(micro-batch, accumulation steps): the fewest micro-batches of at most ``max_worker_batch``
+    (0: no limit) that make up ``per_worker_batch``, as equal as they go. Each micro-batch's loss
+    is weighted by its size, so the summed gradient is the whole batch's whatever the split."""
     if max_worker_batch <= 0 or per_worker_batch <= max_worker_batch:
         return per_worker_batch, 1
     steps = math.ceil(per_worker_batch / max_worker_batch)
-    while per_worker_batch % steps:
-        steps += 1
-    return per_worker_batch // steps, steps
+    return math.ceil(per_worker_batch / steps), steps
 
 
 def derive(cfg: Config, num_train_images: int, world_size: int | None = None) -> Derived:
-    """The derived values for a run on ``world_size`` workers (default ``cluster.num_workers``)."""
-    world = world_size or cfg.cluster.num_workers
+    """The derived values for a run on ``world_size`` workers (default: the most ``cluster.num_workers``
+    allows). ``per_worker_batch`` is the largest rank's share: an uneven split differs by one."""
+    world = world_size or cfg.cluster.max_workers
     global_batch = cfg.optim.batch_size
-    if global_batch % world:
-        raise ConfigError(f"optim.batch_size ({global_batch}) must divide evenly over {world} workers")
+    if global_batch < world:
+        raise ConfigError(f"optim.batch_size ({global_batch}) is smaller than the {world} workers")
     eval_batch = cfg.global_eval_batch
-    per_worker = global_batch // world
+    per_worker = math.ceil(global_batch / world)
     # Every epoch is a fresh global permutation cut into whole global batches, so all ranks
     # take the same number of steps (DDP needs it) and a resumed epoch replays exactly.
     iters_per_epoch = num_train_images // global_batch

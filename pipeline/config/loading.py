@@ -203,10 +203,11 @@ def _check(cfg: Config) -> None:
         "optim.batch_size": cfg.optim.batch_size,
         "data.crop_size": cfg.data.crop_size,
         "schedule.epochs": cfg.schedule.epochs,
-        "cluster.num_workers": cfg.cluster.num_workers,
+        "cluster.num_workers": cfg.cluster.min_workers,
         "model.num_classes": cfg.model.num_classes,
         "optim.lr": cfg.optim.lr,
         "cluster.collective_timeout_s": cfg.cluster.collective_timeout_s,
+        "cluster.resize_check_s": cfg.cluster.resize_check_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -238,16 +239,22 @@ def _check(cfg: Config) -> None:
         )
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones must be increasing, got {list(cfg.schedule.milestones)}")
-    if cfg.optim.batch_size % cfg.cluster.num_workers:
+    workers = cfg.cluster.num_workers
+    if isinstance(workers, tuple) and (len(workers) != 2 or workers[0] > workers[1]):
         raise ConfigError(
-            f"optim.batch_size ({cfg.optim.batch_size}) is the global batch and must divide evenly over "
-            f"cluster.num_workers ({cfg.cluster.num_workers}); choose a multiple of {cfg.cluster.num_workers}"
+            f"cluster.num_workers: give a number or [min, max] with min <= max, got {list(workers)}"
         )
-    eval_batch = cfg.global_eval_batch
-    if eval_batch % cfg.cluster.num_workers:
-        raise ConfigError(
-            f"eval.batch_size ({eval_batch}) must divide evenly over cluster.num_workers ({cfg.cluster.num_workers})"
-        )
+    # The global batch is split as evenly as it goes (ranks differ by one image at most, each
+    # rank's loss weighted by its share): any world size works, as long as no rank is empty.
+    for key, batch in (
+        ("optim.batch_size", cfg.optim.batch_size),
+        ("eval.batch_size", cfg.global_eval_batch),
+    ):
+        if batch < cfg.cluster.max_workers:
+            raise ConfigError(
+                f"{key} ({batch}) is the global batch and is smaller than the {cfg.cluster.max_workers} "
+                f"workers (cluster.num_workers): every worker needs at least one image"
+            )
     if cfg.data.dataset == "cifar10":
         for key, mode in (("eval.mode", cfg.eval.mode), ("eval.final_mode", cfg.eval.final_mode)):
             if mode not in (None, "center"):

@@ -101,7 +101,10 @@ class PrecisionConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    num_workers: int = 1
+    # Training workers: a number, or [min, max] for Ray Train's elastic scaling (the run starts
+    # with as many as fit, at least min, and grows or shrinks as nodes come and go).
+    num_workers: int | tuple[int, ...] = 1
+    resize_check_s: float = 60.0  # elastic: how often Ray Train checks whether more workers fit
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -114,6 +117,18 @@ class ClusterConfig:
     # Failed starts (placement timeouts, workers dying while starting) retried before the run
     # fails; Ray's controller_failure_limit, whose default (-1) retries forever.
     start_retries: int = 3
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.config import DataConfig
 from pipeline.data.constants import CIFAR_DIRNAME, CIFAR_IMAGE_SIZE, CIFAR_PAD, CIFAR_SPLIT_SEED
 from pipeline.data.layout import DataLayoutError
-from pipeline.data.sharding import Loader, batch_seed, train_shard, val_shard
+from pipeline.data.sharding import Loader, batch_seed, rank_slice, train_shard, val_shard
 
 
 def _read_split(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -114,16 +114,12 @@ class _CifarTrain:
             num_shards,
             seed,
         )
-        self.per_rank = global_batch // num_shards
-        # Validate the sharding arguments now rather than at the first epoch.
-        train_shard(
-            len(labels),
-            global_batch=global_batch,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            seed=seed,
-            epoch=0,
-        )
+        self.mine = rank_slice(global_batch, shard_id, num_shards)  # validates the sharding arguments
+        self.per_rank = self.mine.stop - self.mine.start
+        if len(labels) < global_batch:
+            raise ValueError(
+                f"global batch {global_batch} is larger than the training set ({len(labels)} images)"
+            )
 
     def __len__(self) -> int:
         return len(self.labels) // self.global_batch
@@ -141,7 +137,7 @@ class _CifarTrain:
         )
         order_t = torch.as_tensor(order, device=self.images.device).view(-1, self.per_rank)
         g = torch.Generator(device=self.images.device)
-        mine = slice(self.shard_id * self.per_rank, (self.shard_id + 1) * self.per_rank)
+        mine = self.mine
         for step in range(start, len(order_t)):
             idx = order_t[step]
             g.manual_seed(batch_seed(self.seed, epoch, step))  # sets the generator's state: no device sync
@@ -185,7 +181,7 @@ def build_cifar_loaders(
         cfg: ``normalize`` ("mean": the paper's per-pixel mean image; "meanstd": per channel) and
             ``val_split`` (> 0: hold out that many training images as validation, the paper's 5000;
             0: validate on test_batch).
-        global_batch: training batch over all ranks; must divide by ``num_shards``.
+        global_batch: training batch over all ranks (split as evenly as it goes: ``rank_slice``).
         shard_id, num_shards: world rank and size.
         device: where the dataset lives and augmentation runs.
         seed: run seed: per-epoch order from (seed, epoch), augmentation from (seed, epoch, rank).

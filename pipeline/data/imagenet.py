@@ -36,7 +36,7 @@ from pipeline.data.dali_pipeline import (
     lighting_means,
 )
 from pipeline.data.layout import ImageFolderIndex
-from pipeline.data.sharding import Loader, augmentation_seed, train_shard, val_shard
+from pipeline.data.sharding import Loader, augmentation_seed, rank_slice, train_shard, val_shard
 from pipeline.host import usable_cpus
 
 
@@ -101,7 +101,8 @@ class _TrainFeed:
             num_shards,
             seed,
         )
-        self.per_rank = global_batch // num_shards
+        self.mine = rank_slice(global_batch, shard_id, num_shards)
+        self.per_rank = self.mine.stop - self.mine.start
         self.steps = len(files) // global_batch
         self.epoch, self.step = epoch, step
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
@@ -133,7 +134,7 @@ class _TrainFeed:
         mirror = rng.random(n) < 0.5
         alphas = rng.normal(0.0, cfg.pca_std, (n, 3)) if cfg.pca_std > 0 else np.zeros((n, 3))
         means = lighting_means(alphas)
-        mine = slice(self.shard_id * self.per_rank, (self.shard_id + 1) * self.per_rank)
+        mine = self.mine
         return [
             [np.float32(x) for x in scale[mine]],
             [np.float32(x) for x in pos[mine, 0]],
@@ -214,12 +215,12 @@ def build_train_loader(
     channels_last: bool = False,
     half: bool = False,
 ) -> Loader:
-    """The training loader: ``N // global_batch`` batches of ``global_batch // num_shards`` per epoch.
+    """The training loader: ``N // global_batch`` batches of this rank's ``rank_slice`` per epoch.
 
     Args:
         index: the scanned dataset (``scan_imagenet``).
         cfg: augmentation ("paper" | "inception" | "none"), sizes, PCA std, normalisation, decoder.
-        global_batch: batch over all ranks; must divide by ``num_shards``.
+        global_batch: batch over all ranks (split as evenly as it goes: ``rank_slice``).
         shard_id, num_shards: this worker's world rank and the world size.
         device_id: local GPU index (mixed decode, outputs and labels on ``cuda:device_id``) or None.
         seed: run seed; the file order derives from (seed, epoch), augmentation from (seed, epoch, step).
@@ -250,7 +251,7 @@ def build_train_loader(
             cfg.augment,
             feed,
             cfg,
-            batch_size=global_batch // num_shards,
+            batch_size=feed.per_rank,
             device_id=device_id,
             num_threads=threads,
             # Only "inception" draws in DALI; its stream depends on where the pipeline started.

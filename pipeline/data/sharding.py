@@ -26,24 +26,33 @@ class Loader(Protocol):
         ...
 
 
+def rank_slice(global_batch: int, shard_id: int, num_shards: int) -> slice:
+    """Rank ``shard_id``'s part of a global batch: contiguous, sizes differing by at most one.
+
+    The engine weights each rank's loss by its share, so an uneven split (a global batch of 256
+    over 3 workers: 85, 85, 86) still gives exactly the global batch's gradient.
+    """
+    _check_shard(shard_id, num_shards)
+    if global_batch < num_shards:
+        raise ValueError(f"global batch {global_batch} is smaller than the {num_shards} workers")
+    return slice(global_batch * shard_id // num_shards, global_batch * (shard_id + 1) // num_shards)
+
+
 def train_shard(
     num_files: int, *, global_batch: int, shard_id: int, num_shards: int, seed: int, epoch: int
 ) -> np.ndarray:
-    """Indices this rank reads in ``epoch``, in order: ``len == steps * global_batch // num_shards``.
+    """Indices this rank reads in ``epoch``, in order: ``steps`` batches of its ``rank_slice``.
 
     A full permutation from ``default_rng([seed, epoch])`` is cut to whole global batches; rank r
     takes the r-th contiguous slice of every global batch, so the global batch at step k is the
     same whatever the world size, and every rank takes ``num_files // global_batch`` steps.
     """
-    _check_shard(shard_id, num_shards)
-    if global_batch % num_shards:
-        raise ValueError(f"global batch {global_batch} does not divide over {num_shards} shards")
+    mine = rank_slice(global_batch, shard_id, num_shards)
     steps = num_files // global_batch
     if steps == 0:
         raise ValueError(f"global batch {global_batch} is larger than the training set ({num_files} images)")
     perm = np.random.default_rng([seed, epoch]).permutation(num_files)[: steps * global_batch]
-    per_rank = global_batch // num_shards
-    return perm.reshape(steps, num_shards, per_rank)[:, shard_id, :].reshape(-1)
+    return perm.reshape(steps, global_batch)[:, mine].reshape(-1)
 
 
 def val_shard(num_files: int, *, shard_id: int, num_shards: int) -> range:
