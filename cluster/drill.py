@@ -271,6 +271,11 @@ class Drill:
             NODE: f"{self.root}:{name}",
             "HOME": "/tmp/home",  # inside the private /tmp: nothing of the host's home
             "RAY_DEDUP_LOGS": "0",
+            # The GCS declares a silent node dead after period x threshold (Ray's defaults: 3 s x 5,
+            # plus timeouts): a few seconds here, so the run shrinks before the replacement comes.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
             "DRILL_HIDE": ":".join(str(ROOT / d) for d in HIDDEN),
             "DRILL_HOLD": str(self.hold),
             "DRILL_KEEP": ":".join(str(p) for p in {ROOT, Path(sys.prefix)} if Path("/tmp") in p.parents),

@@ -48,7 +48,7 @@ def test_drill_survives_losing_rank_0s_node():
             sys.executable,
             "cluster/drill.py",
             "--epochs",
-            "3",
+            "4",
             "--classes",
             "4",
             "--train-per-class",
