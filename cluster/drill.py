@@ -411,6 +411,7 @@ class Drill:
             f"name={a.name}",
             f"data.root={self.data_uri}",
             f"checkpoint.storage_path=s3://{BUCKET}/runs",
+            f"model.name={a.model}",
             f"model.num_classes={a.classes}",
             f"optim.batch_size={a.batch}",
             f"schedule.epochs={a.epochs}",
@@ -418,6 +419,9 @@ class Drill:
             # grows it back (Ray Train checks for room every resize_check_s).
             f"cluster.num_workers=[{a.workers - 1},{a.workers}]",
             f"cluster.resize_check_s={a.resize_check}",
+            # After a node is lost, Ray Train first asks again for all workers (its view of the
+            # cluster lags); this bounds that wait, after which it starts with the workers that fit.
+            f"cluster.start_timeout_s={a.start_timeout}",
             "cluster.cpus_per_worker=1",
             "cluster.use_gpu=false",
             f"cluster.max_failures={a.max_failures}",
