@@ -761,6 +761,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--resize-check", type=float, default=5.0, help="cluster.resize_check_s (Ray's default is 60)"
     )
+    p.add_argument("--start-timeout", type=float, default=20.0, help="cluster.start_timeout_s")
+    p.add_argument(
+        "--model", default="resnet18", help="model.name (the demo's; cifar_resnet20 for small checkpoints)"
+    )
     p.add_argument("--crop", type=int, default=64, help="training crop; the scales follow the demo's ratios")
     p.add_argument("--max-failures", type=int, default=3, help="cluster.max_failures")
     p.add_argument(
@@ -769,8 +773,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--replace-after",
         type=float,
-        default=15.0,
-        help="seconds from the kill to the new node (the run trains on N-1 meanwhile)",
+        default=45.0,
+        help="seconds from the kill to the new node: past --start-timeout, so the run trains on N-1 meanwhile",
     )
     p.add_argument("--timeout", type=float, default=1200, help="seconds the job may take")
     p.add_argument(
