@@ -761,7 +761,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--resize-check", type=float, default=5.0, help="cluster.resize_check_s (Ray's default is 60)"
     )
-    p.add_argument("--start-timeout", type=float, default=20.0, help="cluster.start_timeout_s")
+    p.add_argument("--start-timeout", type=float, default=15.0, help="cluster.start_timeout_s")
     p.add_argument(
         "--model", default="resnet18", help="model.name (the demo's; cifar_resnet20 for small checkpoints)"
     )
@@ -773,7 +773,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--replace-after",
         type=float,
-        default=45.0,
+        default=35.0,
         help="seconds from the kill to the new node: past --start-timeout, so the run trains on N-1 meanwhile",
     )
     p.add_argument("--timeout", type=float, default=1200, help="seconds the job may take")
