@@ -307,7 +307,12 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             val = validate(run, run.plain, val_loader.epoch(epoch), cfg.eval.mode)
             metrics.update({k: v for k, v in val.items() if k != "val/images"})
             new_schedule = plateau_update(
-                cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=derived.lr
+                cfg.schedule,
+                progress.schedule,
+                val["val/top1_err"],
+                base_lr=derived.lr,
+                # Patience counts epochs, not evaluations: the epochs since the previous one.
+                epochs=(epoch + 1) % cfg.eval.every_n_epochs or cfg.eval.every_n_epochs,
             )
             progress = dataclasses.replace(
                 progress,
@@ -339,6 +344,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
     final = validate(run, run.plain, data.make_val(final_mode).epoch(0), final_mode)
+    # CIFAR-10 with a held-out split: the test set is scored too, once, at the end.
+    test = validate(run, run.plain, data.make_test().epoch(0), final_mode) if data.make_test else None
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,
@@ -346,6 +353,15 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "val_top1_err": final["val/top1_err"],
         "val_top5_err": final["val/top5_err"],
         "val_images": final["val/images"],
+        **(
+            {
+                "test_top1_err": test["val/top1_err"],
+                "test_top5_err": test["val/top5_err"],
+                "test_images": test["val/images"],
+            }
+            if test
+            else {}
+        ),
         "best_val_top1_err": progress.best_val_top1_err,
         "epochs": progress.epoch,
         "steps": progress.step,
@@ -362,11 +378,22 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             f"top-5 err {summary['val_top5_err']:.2f}% | checkpoint {last_ckpt} | run dir {location}",
             flush=True,
         )
+        if test:
+            print(
+                f"test set ({test['val/images']} images): top-1 err {test['val/top1_err']:.2f}% "
+                f"top-5 err {test['val/top5_err']:.2f}%",
+                flush=True,
+            )
         rundir.write_summary(summary)
         tracker.summary(
             {
                 f"final/{final_mode}/top1_err": summary["val_top1_err"],
                 f"final/{final_mode}/top5_err": summary["val_top5_err"],
+                **(
+                    {"final/test/top1_err": test["val/top1_err"], "final/test/top5_err": test["val/top5_err"]}
+                    if test
+                    else {}
+                ),
             }
         )
         tracker.finish()

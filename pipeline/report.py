@@ -347,14 +347,18 @@ def fetch_wandb_runs(project_path: str, dest: Path, group: str | None = None) ->
         ]
         run_dir.write_metrics(rows)
         finals = {k: v for k, v in run.summary_metrics.items() if k.startswith("final/")}
-        if finals:  # the engine's "final/<eval mode>/top1_err" summary keys
-            mode = next(iter(finals)).split("/")[1]
+        modes = [k.split("/")[1] for k in finals if k.split("/")[1] != "test"]
+        if modes:  # the engine's "final/<eval mode>/top1_err" summary keys (and "final/test/...")
+            mode = modes[0]
             summary = {
                 "model": (config.get("model") or {}).get("name"),
                 "eval_mode": mode,
                 "val_top1_err": finals.get(f"final/{mode}/top1_err"),
                 "val_top5_err": finals.get(f"final/{mode}/top5_err"),
             }
+            if "final/test/top1_err" in finals:
+                summary["test_top1_err"] = finals["final/test/top1_err"]
+                summary["test_top5_err"] = finals.get("final/test/top5_err")
             run_dir.write_summary(summary)
         paths.append(path)
     return paths
