@@ -353,15 +353,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "val_top1_err": final["val/top1_err"],
         "val_top5_err": final["val/top5_err"],
         "val_images": final["val/images"],
-        **(
-            {
-                "test_top1_err": test["val/top1_err"],
-                "test_top5_err": test["val/top5_err"],
-                "test_images": test["val/images"],
-            }
-            if test
-            else {}
-        ),
+        # test_top1_err, test_top5_err, test_images (only when a test set was scored)
+        **{k.replace("val/", "test_"): v for k, v in (test or {}).items() if k != "val/loss"},
         "best_val_top1_err": progress.best_val_top1_err,
         "epochs": progress.epoch,
         "steps": progress.step,
@@ -389,11 +382,9 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             {
                 f"final/{final_mode}/top1_err": summary["val_top1_err"],
                 f"final/{final_mode}/top5_err": summary["val_top5_err"],
-                **(
-                    {"final/test/top1_err": test["val/top1_err"], "final/test/top5_err": test["val/top5_err"]}
-                    if test
-                    else {}
-                ),
+                **{
+                    k.replace("val/", "final/test/"): v for k, v in (test or {}).items() if k.endswith("_err")
+                },
             }
         )
         tracker.finish()
