@@ -13,7 +13,6 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC, PCA_SCALE
-from pipeline.data.dali_pipeline import TEN_CROP_WINDOWS
 from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.sharding import train_shard, val_shard
@@ -24,10 +23,8 @@ CFG = DataConfig(crop_size=56, val_resize=64, scale_min=64, scale_max=96, normal
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
-# (width, height) chosen so that the shorter side -> 64 gives a whole-pixel longer side with an
-# even margin around the 56 crop: torchvision rounds a .5 centre offset to even, DALI away from 0,
-# which is a legitimate 1-pixel difference this test is not about. Includes up- and downscaling
-# and both orientations.
+# (width, height): up- and downscaling and both orientations. Odd margins, greyscale and
+# progressive JPEGs are in tests/test_eval_windows.py.
 REF_SIZES = [(144, 96), (96, 144), (80, 64), (60, 48), (48, 72)]
 
 
@@ -124,9 +121,7 @@ def test_tencrop_order_is_sample_major_with_flips(ref_images):
     ((crops, labels),) = list(loader.epoch(0))
     assert crops.shape[0] == 10 and labels.tolist() == [0]
     # The second five are the mirrors of the first five's windows on the flipped image:
-    # flip(tl of flipped image) == tr of the original, and so on.
-    for i, (x, y, m) in enumerate(TEN_CROP_WINDOWS[:5]):
-        assert m == 0 and TEN_CROP_WINDOWS[5 + i] == (1.0 - x, y, 1)
+    # flip(tl of flipped image) == tr of the original, and so on (windows: tests/test_eval_windows.py).
     torch.testing.assert_close(crops[5].flip(-1), crops[1])  # flipped tl == original tr, mirrored
     torch.testing.assert_close(crops[9].flip(-1), crops[4])  # centre (even margins)
 

@@ -24,17 +24,11 @@ from pipeline.data.constants import (
     PCA_EIGVEC,
     PCA_SCALE,
 )
+from pipeline.data.dali_eval import crop_windows, cut, resize_like_torchvision
 
 TRAIN_MODES = ("paper", "inception", "none")
 VAL_MODES = ("center", "tencrop", "multiscale")
 READER = "Reader"
-
-# TenCrop order (torchvision): five_crop(img) then five_crop(hflip(img)). A crop of the flipped
-# image at the left edge is the mirror of the original's crop at the right edge, hence pos_x 1-x.
-_FIVE = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # (pos_x, pos_y): tl, tr, bl, br, c
-TEN_CROP_WINDOWS: tuple[tuple[float, float, int], ...] = tuple((x, y, 0) for x, y in _FIVE) + tuple(
-    (1.0 - x, y, 1) for x, y in _FIVE
-)
 
 
 def _decoder_device(cfg: DataConfig, device_id: int | None) -> str:
@@ -156,24 +150,24 @@ def build_pipeline(
             images = fn.resize(images, size=list(crop), antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
             outputs = [fn.crop_mirror_normalize(images, mirror=mirror, mean=mean.tolist(), **cmn_kwargs)]
-        elif mode in ("none", "center"):
+        elif mode == "none":
             images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
             outputs = [fn.crop_mirror_normalize(images, crop=crop, mean=mean.tolist(), **cmn_kwargs)]
-        elif mode == "tencrop":
-            images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
+        elif mode in ("center", "tencrop"):
+            # torchvision's Resize + CenterCrop / TenCrop to the pixel (pipeline.data.dali_eval).
+            images, height, width = resize_like_torchvision(images, jpegs, cfg.val_resize)
             crops = [
                 fn.crop_mirror_normalize(
-                    images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, mean=mean.tolist(), **cmn_kwargs
+                    cut(images, top, left, cfg.crop_size), mirror=int(m), mean=mean.tolist(), **cmn_kwargs
                 )
-                for x, y, m in TEN_CROP_WINDOWS
+                for top, left, m in crop_windows(mode, height, width, cfg.crop_size)
             ]
-            outputs = [fn.stack(*crops, axis=0)]  # [10, C, H, W] per sample: sample-major rows
+            # tencrop: [10, C, H, W] per sample, sample-major rows in TenCrop's order.
+            outputs = crops if mode == "center" else [fn.stack(*crops, axis=0)]
         elif mode == "multiscale":
             outputs = [
                 fn.crop_mirror_normalize(
-                    fn.resize(images, resize_shorter=float(s), antialias=True),
-                    mean=mean.tolist(),
-                    **cmn_kwargs,
+                    resize_like_torchvision(images, jpegs, s)[0], mean=mean.tolist(), **cmn_kwargs
                 )
                 for s in scales
             ]
