@@ -297,11 +297,22 @@ def grey_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_pca_lighting_is_alexnet_noise(grey_file):
+@pytest.fixture(scope="module")
+def mean_root(tmp_path_factory) -> str:
+    """A dataset root whose `data stats --per-channel` file holds the ImageNet channel means, so
+    that data.normalize=mean subtracts exactly IMAGENET_MEAN (and divides by nothing)."""
+    from pipeline.data.stats import MeanStats, write_mean
+
+    root = tmp_path_factory.mktemp("mean-root")
+    write_mean(root, MeanStats("channel", np.asarray(IMAGENET_MEAN, np.float32), CFG.crop_size, 1))
+    return str(root)
+
+
+def test_pca_lighting_is_alexnet_noise(grey_file, mean_root):
     """On a flat grey image every output pixel of a sample is 128 + offset - mean, and the offset
     must be eigvec @ (alpha * eigval) * 255 with alpha ~ N(0, pca_std)."""
     n, pca_std = 96, 0.1
-    cfg = replace(CFG, normalize="mean", pca_std=pca_std)
+    cfg = replace(CFG, normalize="mean", pca_std=pca_std, root=mean_root)
     loader = build_train_loader(
         _index([grey_file] * n, [0] * n),
         cfg,
@@ -361,7 +372,7 @@ def test_synthetic_dataset_end_to_end(tmp_path: Path):
     assert sorted(torch.cat([y for _, y in val.epoch(0)]).tolist()) == [0, 0, 1, 1, 2, 2]
 
 
-def test_paper_crop_covers_the_scaled_window(tmp_path):
+def test_paper_crop_covers_the_scaled_window(tmp_path, mean_root):
     """'paper': the crop is c pixels of the image rescaled to shorter side S ~ U[scale_min, scale_max],
     i.e. a (c * short / S)-pixel window of the original. A horizontal ramp (R = x) makes the
     window's width readable from the output's red range."""
@@ -369,7 +380,7 @@ def test_paper_crop_covers_the_scaled_window(tmp_path):
     ramp = np.repeat(np.repeat(np.linspace(0, 255, w, dtype=np.float32)[None, :, None], h, 0), 3, 2)
     path = tmp_path / "ramp.png"
     Image.fromarray(ramp.round().astype(np.uint8)).save(path)
-    cfg = replace(CFG, normalize="mean", pca_std=0.0)
+    cfg = replace(CFG, normalize="mean", pca_std=0.0, root=mean_root)
     loader = build_train_loader(
         _index([str(path)] * 32, [0] * 32),
         cfg,

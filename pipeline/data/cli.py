@@ -5,6 +5,7 @@
     python -m pipeline data check-layout /data/imagenet
     python -m pipeline data verify /data/imagenet [--fix] [--json] [--workers N]
     python -m pipeline data prepare-val --val /data/imagenet/val --labels LOC_val_solution.csv [--undo]
+    python -m pipeline data stats /data/imagenet [--per-channel] [--crop-size 224] [--limit N]
 
 Exit status: 0 success, 1 problems found (verify), 2 bad input or layout.
 """
@@ -15,6 +16,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from pipeline.data.stats import add_stats_command, stats_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "--undo", action="store_true", help="move the files back, using the manifest written before"
     )
     r.add_argument("--dry-run", action="store_true", help="check and count, move nothing")
+    add_stats_command(sub)
     return p
 
 
@@ -156,6 +160,7 @@ COMMANDS = {
     "check-layout": _check_layout,
     "verify": _verify,
     "prepare-val": _prepare_val,
+    "stats": stats_command,
 }
 
 

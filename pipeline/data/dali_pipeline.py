@@ -25,6 +25,7 @@ from pipeline.data.constants import (
     PCA_SCALE,
 )
 from pipeline.data.dali_eval import crop_windows, cut, resize_like_torchvision
+from pipeline.data.stats import pipeline_means, subtract_pixel_mean
 
 TRAIN_MODES = ("paper", "inception", "none")
 VAL_MODES = ("center", "tencrop", "multiscale")
@@ -87,10 +88,12 @@ def build_pipeline(
     decode_kwargs: dict[str, Any] = {"device": decode_device, "output_type": types.RGB}
     if decode_device == "mixed":
         decode_kwargs["hw_decoder_load"] = cfg.hw_decoder_load
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
+    # data.normalize=mean: the training set's mean from `data stats` (pipeline.data.stats).
+    channel_mean, pixel_mean = pipeline_means(cfg, mode, channels_last, IMAGENET_MEAN)
+    mean = np.asarray(channel_mean, np.float32)
     std = np.asarray(IMAGENET_STD if cfg.normalize == "meanstd" else (1.0, 1.0, 1.0), np.float32)
     cmn_kwargs: dict[str, Any] = {
-        "dtype": types.FLOAT16 if half else types.FLOAT,
+        "dtype": types.FLOAT16 if half and pixel_mean is None else types.FLOAT,
         "output_layout": "HWC" if channels_last else "CHW",
         "std": std.tolist(),
     }
@@ -173,6 +176,9 @@ def build_pipeline(
             ]
         else:
             raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {TRAIN_MODES + VAL_MODES}")
+        if pixel_mean is not None:
+            on_gpu = device_id is not None
+            outputs = [subtract_pixel_mean(o, pixel_mean, half=half, on_gpu=on_gpu) for o in outputs]
         pipe.set_outputs(*outputs, label)
     pipe.build()
     return pipe

@@ -42,6 +42,10 @@ class ImageNetSource:
         from pipeline.data.layout import scan_imagenet
 
         self.index = scan_imagenet(cfg.root)
+        if cfg.normalize == "mean":  # the training set's mean must exist before any worker starts
+            from pipeline.data.stats import load_mean
+
+            load_mean(cfg.root, cfg.crop_size)
         self.root = cfg.root
         self.num_train = len(self.index.train_files)
         self.num_classes = self.index.num_classes
