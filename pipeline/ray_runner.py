@@ -63,7 +63,7 @@ def quiet_worker_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
-def _connect(cfg: Config) -> str | None:
+def connect(cfg: Config) -> str | None:
     """Join the cluster at ``RAY_ADDRESS``, or start a local one; returns the address joined."""
     import ray
 
@@ -105,7 +105,7 @@ def run_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    address = _connect(cfg)
+    address = connect(cfg)
     use_gpu = requested_gpu(cfg.cluster)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
