@@ -192,7 +192,11 @@ def verdict_table(rows: list[Comparison]) -> str:
         "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
     for c in rows:
-        margin = "-" if c.margin is None else f"{c.margin:+.2f}" + (f" ± {c.spread:.2f}" if c.spread else "")
+        margin = (
+            "-"
+            if c.margin is None
+            else f"{c.margin:+.2f}" + (f" ± {c.spread:.2f}" if c.spread is not None else "")
+        )
         lines.append(
             f"| {c.deeper} | {c.shallower} | {c.measure} | {c.claim} | {_fmt(c.a)} | {_fmt(c.b)} | {margin} | {c.verdict} |"
         )
@@ -207,14 +211,14 @@ def verdict_summary(rows: list[Comparison]) -> list[str]:
             out.append(
                 f"- Degradation ({c.deeper} ends with higher training error than {c.shallower}): {c.verdict}"
                 + (f", margin {c.margin:+.2f} points" if c.margin is not None else "")
-                + (f" ± {c.spread:.2f}" if c.spread else "")
+                + (f" ± {c.spread:.2f}" if c.spread is not None else "")
                 + "."
             )
         if c.claim == "lower" and c.measure == "test":
             out.append(
                 f"- Residual learning ({c.deeper} ends with lower test error than {c.shallower}): {c.verdict}"
                 + (f", margin {c.margin:+.2f} points" if c.margin is not None else "")
-                + (f" ± {c.spread:.2f}" if c.spread else "")
+                + (f" ± {c.spread:.2f}" if c.spread is not None else "")
                 + "."
             )
     return out
