@@ -1,7 +1,8 @@
 # Paper experiments. Included by the top Makefile (which defines PY, STAMP and ARGS).
 #
 #   make degradation [DATA=data/cifar10] [DEGRADATION_ARGS="schedule.max_iters=200"] [ARGS=...]
-#   make degradation-report            # only redo the figure and table from finished runs
+#   make degradation SEEDS=5 [DEGRADATION_NETS="plain20 plain32 plain44 plain56 resnet20 resnet32 resnet44 resnet56 resnet110"]
+#   make degradation-report [SEEDS=5]  # only redo the figure and table from finished runs
 #
 # The degradation problem (He et al. 2015, Sec. 4.2 and Fig. 6): on CIFAR-10, plain-56 has
 # higher training *and* test error than plain-20, while ResNet-56 beats ResNet-20. The four
@@ -15,9 +16,19 @@
 # find the run folders for the report), e.g. a short CPU check:
 #   make degradation DATA=data/cifar-synth DEGRADATION_ARGS="schedule.max_iters=200"
 # DEGRADATION_TRAIN_FLAGS go to `pipeline train` itself, e.g. --no-ray (one process, no Ray).
+#
+# SEEDS=k: each network k times (seeds 0..k-1) as Ray Tune trials (`pipeline sweep`), as many at
+# once as the cluster's GPUs allow (one after another on a machine without GPUs), run folders and
+# W&B runs named <config name>-seed<i>. Re-running the same command finishes only what is missing:
+# runs with a summary.json are skipped, interrupted ones resume from their checkpoints. The report
+# then shows per network the mean curves with min-max bands over seeds, mean ± std of the final
+# errors, and the verdict (plain-56 vs plain-20, ResNet-56 vs ResNet-20) with margin and spread.
+# DEGRADATION_SWEEP_ARGS go to `pipeline sweep`, e.g. "--cpus-per-trial 1 --max-concurrent 4".
 
-DEGRADATION_CONFIGS ?= configs/cifar10/plain20.yaml configs/cifar10/plain56.yaml \
-	configs/cifar10/resnet20.yaml configs/cifar10/resnet56.yaml
+DEGRADATION_NETS ?= plain20 plain56 resnet20 resnet56
+DEGRADATION_CONFIGS ?= $(foreach net,$(DEGRADATION_NETS),configs/cifar10/$(net).yaml)
+SEEDS ?=
+DEGRADATION_SWEEP_ARGS ?=
 DEGRADATION_DATA ?= $(if $(DATA),$(DATA),data/cifar10)
 DEGRADATION_ARGS ?=
 DEGRADATION_TRAIN_FLAGS ?=
@@ -54,14 +65,21 @@ export _DEGRADATION_DASHBOARD_PY
 
 .PHONY: degradation degradation-report
 
+# The configs and seeds as `pipeline sweep` arguments (SEEDS set).
+DEGRADATION_SWEEP = --configs $(DEGRADATION_CONFIGS) --seeds $(SEEDS)
+
 degradation: $(STAMP)
+ifeq ($(strip $(SEEDS)),)
 	@set -e; for cfg in $(DEGRADATION_CONFIGS); do \
 		echo "== degradation: $$cfg"; \
 		$(PY) -m pipeline train $(DEGRADATION_TRAIN_FLAGS) --config $$cfg $(DEGRADATION_OVERRIDES); \
 	done
+else
+	$(PY) -m pipeline sweep $(DEGRADATION_SWEEP) $(DEGRADATION_SWEEP_ARGS) $(DEGRADATION_OVERRIDES)
+endif
 	@$(MAKE) --no-print-directory degradation-report
 
 degradation-report: $(STAMP)
-	@set -e; dirs="$$($(PY) -c "$$_DEGRADATION_RUN_DIRS_PY" "$(DEGRADATION_CONFIGS)" $(DEGRADATION_OVERRIDES))"; \
+	@set -e; dirs="$$($(if $(strip $(SEEDS)),$(PY) -m pipeline sweep $(DEGRADATION_SWEEP) --list $(DEGRADATION_OVERRIDES),$(PY) -c "$$_DEGRADATION_RUN_DIRS_PY" "$(DEGRADATION_CONFIGS)" $(DEGRADATION_OVERRIDES)))"; \
 	$(PY) -m pipeline report --runs $$dirs --out $(DEGRADATION_REPORT); \
 	$(PY) -c "$$_DEGRADATION_DASHBOARD_PY" "$(DEGRADATION_CONFIGS)" $(DEGRADATION_OVERRIDES)

@@ -13,7 +13,8 @@ import sys
 COMMANDS = {
     "train": ("pipeline.launch", "train a model from a YAML config (Ray Train)"),
     "eval": ("pipeline.evaluate_cli", "evaluate a checkpoint (center / tencrop / multiscale)"),
-    "data": ("pipeline.data.cli", "dataset tools: synth, index, check-layout, verify, prepare-val"),
+    "data": ("pipeline.data.cli", "dataset tools: synth, index, check-layout, verify, prepare-val, stats"),
+    "sweep": ("pipeline.sweep", "configs x seeds as Ray Tune trials (resumable), e.g. the degradation study"),
     "models": ("pipeline.models.cli", "list registered models with params and multiply-adds"),
     "bench": ("pipeline.bench", "throughput benchmarks (loader, model, ray)"),
     "report": ("pipeline.report", "figures and tables against the paper from run directories"),

@@ -106,7 +106,7 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
         "config:tracking.value.group",
         "config:derived.value.world_size",
         "config:optim.value.batch_size",
-        *_final_columns(("center", "tencrop", "multiscale")),
+        *_final_columns(("center", "tencrop", "multiscale", "test")),
     ]
     return ws.Workspace(
         entity=entity,
@@ -145,7 +145,11 @@ def degradation_report(entity: str, project: str, group: str | None = None) -> w
             filters=_and(_group_filter(group), _model_filter(plain)),
             # One line (and colour) per network; several seeds of it become their mean and band.
             groupby=["config.model.name"],
-            pinned_columns=["run:displayName", "config:model.value.name", *_final_columns(("center",))],
+            pinned_columns=[
+                "run:displayName",
+                "config:model.value.name",
+                *_final_columns(("center", "test")),
+            ],
         )
         plot = _line(
             f"{family} networks: training and test error (%)",

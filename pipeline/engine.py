@@ -346,7 +346,14 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             metrics.update({k: v for k, v in val.items() if k != "val/images"})
             progress = dataclasses.replace(
                 progress,
-                schedule=plateau_update(cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=d.lr),
+                schedule=plateau_update(
+                    cfg.schedule,
+                    progress.schedule,
+                    val["val/top1_err"],
+                    base_lr=d.lr,
+                    # Patience counts epochs, not evaluations: the epochs since the previous one.
+                    epochs=(epoch + 1) % cfg.eval.every_n_epochs or cfg.eval.every_n_epochs,
+                ),
                 best_val_top1_err=min(progress.best_val_top1_err, val["val/top1_err"]),
             )
             last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
@@ -356,6 +363,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
     final = validate(run, data.make_val(final_mode).epoch(0), final_mode)
+    # CIFAR-10 with a held-out split: the test set is scored too, once, at the end.
+    test = validate(run, data.make_test().epoch(0), final_mode) if data.make_test else None
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,
@@ -363,6 +372,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "val_top1_err": final["val/top1_err"],
         "val_top5_err": final["val/top5_err"],
         "val_images": final["val/images"],
+        # test_top1_err, test_top5_err, test_images (only when a test set was scored)
+        **{k.replace("val/", "test_"): v for k, v in (test or {}).items() if k != "val/loss"},
         "best_val_top1_err": progress.best_val_top1_err,
         "epochs": progress.epoch,
         "steps": progress.step,
@@ -375,6 +386,6 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "wandb_mode": out.tracker.mode,
         "run_dir": location,
     }
-    out.close(summary, final_mode)
+    out.close(summary, final_mode, test)
     barrier()
     return summary

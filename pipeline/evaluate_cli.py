@@ -1,14 +1,19 @@
-"""``python -m pipeline eval --config FILE --checkpoint PATH [key=value ...]``: score a checkpoint.
+"""``python -m pipeline eval --config FILE (--checkpoint DIR | --weights FILE) [key=value ...]``: score a model.
 
     python -m pipeline eval --config configs/demo.yaml --checkpoint runs/demo/checkpoint_epoch0008 eval.mode=tencrop
     python -m pipeline eval --config ... --checkpoint s3://bucket/runs/resnet50/checkpoint_epoch0120
+    python -m pipeline eval --config configs/imagenet/resnet50.yaml --weights resnet50-0676ba61.pth \\
+        model.name=resnet50_v1_5 data.normalize=meanstd data.root=/data/imagenet eval.mode=center
 
-Distributed like training (``cluster.num_workers`` Ray workers, each scoring its shard of
-the validation set; ``--no-ray`` for one process), and exact whatever the world size. The
-checkpoint may be a local folder or a URI: each worker fetches its own copy and removes it
-after loading. Rank 0's result comes back through Ray (no node-local file), is printed and
-written as JSON by this process (``--out``, default ``<checkpoint>/eval-<mode>.json``, a
-URI when the checkpoint is one).
+``--checkpoint`` loads a checkpoint of this pipeline, a local folder or a URI (each worker
+fetches its own copy and removes it after loading); ``--weights`` a torchvision ResNet
+state-dict file (the published ``resnetXX-*.pth``), so that our centre, 10-crop and
+multi-scale numbers can be set beside torchvision's published ones. Distributed like training
+(``cluster.num_workers`` Ray workers, each scoring its shard of the validation set;
+``--no-ray`` for one process), and exact whatever the world size. Rank 0's result comes back
+through Ray (no node-local file), is printed and written as JSON by this process (``--out``,
+default ``<checkpoint>/eval-<mode>.json``, a URI when the checkpoint is one, or
+``<weights file>.eval-<mode>.json``).
 """
 
 from __future__ import annotations
@@ -20,38 +25,57 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, config_from_dict, load_config, requested_gpu, to_dict
+from pipeline.config import Config, ConfigError, config_from_dict, load_config, requested_gpu, to_dict
 from pipeline.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
 
 
-def eval_worker(config: dict[str, Any], checkpoint: str, under_ray: bool = False) -> dict[str, Any]:
-    """Load ``checkpoint`` into the configured model and evaluate it in ``eval.mode`` on every rank.
+def _load_weights(model: Any, cfg: Config, checkpoint: str | None, weights: str | None) -> None:
+    from pipeline import checkpoint as ckpt
+    from pipeline.storage import fetched
+
+    if weights is not None:
+        from pipeline.models.pretrained import read_torchvision_weights
+
+        model.load_state_dict(read_torchvision_weights(weights, cfg.model))
+        return
+    with fetched(checkpoint) as folder:
+        ckpt.restore_model(ckpt.read(folder), model)
+
+
+def eval_worker(
+    config: dict[str, Any], checkpoint: str | None, under_ray: bool = False, weights: str | None = None
+) -> dict[str, Any]:
+    """Load ``checkpoint`` (or torchvision ``weights``) into the configured model and evaluate it
+    in ``eval.mode`` on every rank; with a CIFAR-10 held-out split the test set is scored too.
 
     Returns the result (the same on every rank: the counts are summed over ranks).
     """
-    from pipeline import checkpoint as ckpt
     from pipeline.distributed import init_context
     from pipeline.evaluate import evaluate
-    from pipeline.storage import fetched
     from pipeline.worker import build_data, build_model_for
 
     cfg = config_from_dict(config)
     ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
     data, _ = build_data(cfg, ctx)
     model, _ = build_model_for(cfg, ctx)
-    with fetched(checkpoint) as folder:
-        ckpt.restore_model(ckpt.read(folder), model)
+    _load_weights(model, cfg, checkpoint, weights)
     start = time.perf_counter()
-    result = evaluate(
-        model,
-        data.make_val(cfg.eval.mode).epoch(0),
-        mode=cfg.eval.mode,
-        device=ctx.device,
-        amp=cfg.precision.amp,
-        channels_last=cfg.precision.channels_last,
-    )
-    record = {
-        "checkpoint": str(checkpoint),
+
+    def score(batches: Any) -> dict[str, float]:
+        return evaluate(
+            model,
+            batches,
+            mode=cfg.eval.mode,
+            device=ctx.device,
+            amp=cfg.precision.amp,
+            channels_last=cfg.precision.channels_last,
+        )
+
+    result = score(data.make_val(cfg.eval.mode).epoch(0))
+    test = score(data.make_test().epoch(0)) if data.make_test else None
+    return {
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "weights": str(weights) if weights is not None else None,
         "model": cfg.model.name,
         "eval_mode": cfg.eval.mode,
         "scales": list(cfg.eval.scales) if cfg.eval.mode == "multiscale" else None,
@@ -59,42 +83,58 @@ def eval_worker(config: dict[str, Any], checkpoint: str, under_ray: bool = False
         "top5_err": result["val/top5_err"],
         "loss": result["val/loss"],
         "images": result["val/images"],
+        **{k.replace("val/", "test_"): v for k, v in (test or {}).items()},
         "world_size": ctx.world_size,
         "wall_s": time.perf_counter() - start,
     }
-    return record
 
 
 def _ray_eval_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     quiet_worker_logs()
-    record = eval_worker(loop_config["config"], loop_config["checkpoint"], under_ray=True)
+    record = eval_worker(
+        loop_config["config"], loop_config["checkpoint"], under_ray=True, weights=loop_config["weights"]
+    )
     ray.train.report(record)  # rank 0's record becomes the run's result on the driver
 
 
 def _check_checkpoint(location: str) -> None:
     """Fail before any worker starts: a local checkpoint is read whole, a remote one must hold state.pt."""
     from pipeline import checkpoint as ckpt
-    from pipeline.locations import is_uri
+    from pipeline.locations import is_uri, join, kind
 
     if not is_uri(location):
         ckpt.read(Path(location))
-        return
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(f"{location.rstrip('/')}/{ckpt.STATE_FILE}")
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+    elif kind(join(location, ckpt.STATE_FILE)) != "file":
         raise ckpt.CheckpointError(
             f"{location}: no {ckpt.STATE_FILE} there (is it a checkpoint folder of this pipeline?)"
         )
 
 
+def _check_weights(cfg: Config, weights: Path) -> None:
+    """torchvision's weights mean torchvision's input: ImageNet images normalised per channel."""
+    from pipeline.models.pretrained import read_torchvision_weights
+
+    if cfg.data.dataset != "imagenet":
+        raise ConfigError(f"--weights: torchvision's ResNet weights are for ImageNet, not {cfg.data.dataset}")
+    if cfg.data.normalize != "meanstd":
+        raise ConfigError(
+            f"--weights: torchvision's weights were trained on inputs normalised by the per-channel mean and "
+            f"std; data.normalize={cfg.data.normalize!r} would score them on other inputs. Set data.normalize=meanstd"
+        )
+    read_torchvision_weights(weights, cfg.model)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder holding state.pt")
-    parser.add_argument("--out", help="where to write the JSON result")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint folder holding state.pt (a local path or a URI)")
+    source.add_argument(
+        "--weights", help="a torchvision ResNet state-dict file (.pth), e.g. torchvision's published weights"
+    )
+    parser.add_argument("--out", help="where to write the JSON result (a local path or a URI)")
     parser.add_argument("--no-ray", action="store_true", help="evaluate in this process (or under torchrun)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -103,24 +143,37 @@ def main(argv: list[str]) -> int:
     from pipeline.data.layout import DataLayoutError
     from pipeline.data.source import open_dataset
     from pipeline.locations import is_uri, write_bytes
+    from pipeline.models.pretrained import WeightsError
 
-    checkpoint = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())
+    checkpoint = weights = None
+    if args.checkpoint:
+        checkpoint = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())
+    else:
+        weights = str(Path(args.weights).resolve())
     try:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
-        _check_checkpoint(checkpoint)
+        if weights:  # fail before any worker starts
+            _check_weights(cfg, Path(weights))
+        else:
+            _check_checkpoint(checkpoint)
         open_dataset(cfg.data)
-    except (ConfigError, DataLayoutError, ckpt.CheckpointError, OSError) as e:
+    except (ConfigError, DataLayoutError, ckpt.CheckpointError, WeightsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or f"{checkpoint.rstrip('/')}/eval-{cfg.eval.mode}.json"
+    default_out = (
+        f"{checkpoint.rstrip('/')}/eval-{cfg.eval.mode}.json"
+        if checkpoint
+        else f"{weights}.eval-{cfg.eval.mode}.json"
+    )
+    out = args.out or default_out
     if args.no_ray:
-        record = eval_worker(to_dict(cfg), checkpoint)
+        record = eval_worker(to_dict(cfg), checkpoint, weights=weights)
     else:
         try:
             result = run_on_ray(
                 cfg,
                 worker=_ray_eval_worker,
-                extra={"checkpoint": checkpoint},
+                extra={"checkpoint": checkpoint, "weights": weights},
                 name=f"{cfg.name}-eval-{time.strftime('%Y%m%d-%H%M%S')}",
             )
         except ConfigError as e:  # the cluster cannot run this (GPUs, shared paths): said before any work
@@ -128,7 +181,7 @@ def main(argv: list[str]) -> int:
             return 2
         record = dict(result.metrics)
     text = json.dumps(record, indent=2)
-    write_bytes(out, (text + "\n").encode())
+    write_bytes(out if is_uri(out) else str(Path(out).resolve()), (text + "\n").encode())
     print(text)
     print(f"wrote {out}")
     return 0

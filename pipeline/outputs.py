@@ -130,8 +130,11 @@ class RunOutputs:
         self.tracker.log(metrics, step=step)
         self._upload_wandb()
 
-    def close(self, summary: dict[str, Any], final_mode: str) -> None:
-        """The final line, ``summary.json``, W&B's summary; W&B closed and its files in storage."""
+    def close(self, summary: dict[str, Any], final_mode: str, test: dict[str, float] | None = None) -> None:
+        """The final lines, ``summary.json``, W&B's summary; W&B closed and its files in storage.
+
+        ``test``: CIFAR-10's test-set scores when validation used a held-out split.
+        """
         if not self.is_main:
             return
         print(
@@ -140,11 +143,20 @@ class RunOutputs:
             f"| run dir {summary['run_dir']}",
             flush=True,
         )
+        if test:
+            print(
+                f"test set ({test['val/images']} images): top-1 err {test['val/top1_err']:.2f}% "
+                f"top-5 err {test['val/top5_err']:.2f}%",
+                flush=True,
+            )
         self.rundir.write_summary(summary)
         self.tracker.summary(
             {
                 f"final/{final_mode}/top1_err": summary["val_top1_err"],
                 f"final/{final_mode}/top5_err": summary["val_top5_err"],
+                **{
+                    k.replace("val/", "final/test/"): v for k, v in (test or {}).items() if k.endswith("_err")
+                },
             }
         )
         self.tracker.finish()

@@ -151,6 +151,8 @@ class RunData:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     final: bool = True  # False: no summary.json yet, numbers are the last epoch's
     held_out: int = 0  # CIFAR-10 data.val_split: evaluated on held-out training images, not the test set
+    test_top1: float | None = None  # the test set's final errors when scored besides validation (val_split)
+    test_top5: float | None = None
 
     @property
     def plain(self) -> bool:
@@ -203,6 +205,8 @@ def load_run(path: str | Path) -> RunData:
         metrics=metrics,
         final=summary is not None,
         held_out=int((config.get("data") or {}).get("val_split") or 0),
+        test_top1=_num((summary or {}).get("test_top1_err")),
+        test_top5=_num((summary or {}).get("test_top5_err")),
     )
 
 
@@ -233,14 +237,20 @@ def results_table(runs: list[RunData]) -> str:
         source = "-"
         if ref is not None:
             source = f"{ref.label}, {ref.source}" + (f" ({ref.note})" if ref.note else "")
-        evaluation = run.eval_mode or "-"
-        if run.dataset == "cifar10":
+        evaluation, top1, top5 = run.eval_mode or "-", run.top1, run.top5
+        if run.test_top1 is not None:  # the test set, scored besides the held-out validation
+            evaluation, top1, top5 = (
+                f"{evaluation}, test ({run.held_out} held out for val)",
+                run.test_top1,
+                run.test_top5,
+            )
+        elif run.dataset == "cifar10":
             evaluation += f", {run.held_out} held out" if run.held_out else ", test"
         if not run.final:
             evaluation += " (last epoch)"
         lines.append(
-            f"| {run.name} | {run.model} | {evaluation} | {_fmt(run.top1)} | {_fmt(run.top5)} | {_fmt(paper1)} "
-            f"| {_fmt(paper5)} | {_diff(run.top1, paper1)} | {_diff(run.top5, paper5)} | {source} |"
+            f"| {run.name} | {run.model} | {evaluation} | {_fmt(top1)} | {_fmt(top5)} | {_fmt(paper1)} "
+            f"| {_fmt(paper5)} | {_diff(top1, paper1)} | {_diff(top5, paper5)} | {source} |"
         )
     return "\n".join(lines)
 
@@ -347,14 +357,18 @@ def fetch_wandb_runs(project_path: str, dest: Path, group: str | None = None) ->
         ]
         run_dir.write_metrics(rows)
         finals = {k: v for k, v in run.summary_metrics.items() if k.startswith("final/")}
-        if finals:  # the engine's "final/<eval mode>/top1_err" summary keys
-            mode = next(iter(finals)).split("/")[1]
+        modes = [k.split("/")[1] for k in finals if k.split("/")[1] != "test"]
+        if modes:  # the engine's "final/<eval mode>/top1_err" summary keys (and "final/test/...")
+            mode = modes[0]
             summary = {
                 "model": (config.get("model") or {}).get("name"),
                 "eval_mode": mode,
                 "val_top1_err": finals.get(f"final/{mode}/top1_err"),
                 "val_top5_err": finals.get(f"final/{mode}/top5_err"),
             }
+            if "final/test/top1_err" in finals:
+                summary["test_top1_err"] = finals["final/test/top1_err"]
+                summary["test_top5_err"] = finals.get("final/test/top5_err")
             run_dir.write_summary(summary)
         paths.append(path)
     return paths
@@ -371,22 +385,28 @@ def build_report(run_dirs: list[Path], out: Path, x: str = "step") -> str:
         out: output folder (created).
         x: "step" or "epoch" for the figure's x-axis.
     """
+    from pipeline.report_seeds import has_seeds, plot_seed_curves, seed_groups, seeds_markdown
+
     runs = [load_run(p) for p in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(runs, out / "curves.png", x=x)
+    seeds = has_seeds(runs)  # several runs of a network: mean curves, spreads and the verdict
+    if seeds:
+        png = plot_seed_curves(seed_groups(runs), out / "curves.png", x=x)
+    else:
+        png = plot_curves(runs, out / "curves.png", x=x)
     text = "\n".join(
         [
             "# Results against He et al. (2015)",
             "",
+            *(seeds_markdown(runs, png.name) + ["## Each run", ""] if seeds else []),
             results_table(runs),
             "",
             "Errors in %. Paper numbers: ImageNet val 10-crop (Tables 2, 3) or multi-scale (Table 4); "
-            "CIFAR-10 test set (Table 6; a run with data.val_split > 0 is scored on held-out training "
-            "images instead, so its Δ is indicative only). Δ = ours − paper. '-': the paper has no number for that "
+            "CIFAR-10 test set (Table 6; a run with data.val_split > 0 shows its test-set score, or, without one, "
+            "its held-out training images, so its Δ is indicative only). Δ = ours − paper. '-': the paper has no number for that "
             "network and evaluation.",
             "",
-            f"![training curves]({png.name})",
-            "",
+            *([] if seeds else [f"![training curves]({png.name})", ""]),
         ]
     )
     (out / "report.md").write_text(text)

@@ -5,8 +5,9 @@
 - ``step``: multiply by ``gamma`` at each milestone (epochs or iterations). CIFAR-10:
   0.1, 0.01 from iteration 32,000, 0.001 from 48,000, stop at 64,000.
 - ``plateau``: multiply by ``gamma`` when the validation error has not improved by
-  ``plateau_threshold`` for ``plateau_patience`` epochs (the paper's ImageNet rule). The
-  decision is ``plateau_update``, fed the globally reduced error so every rank agrees.
+  ``plateau_threshold`` for ``plateau_patience`` epochs (the paper's ImageNet rule), counted
+  in epochs even when validation runs every few epochs. The decision is ``plateau_update``,
+  fed the globally reduced error so every rank agrees.
 - warm-up: linear from ``warmup_lr`` over ``warmup_epochs``; or the paper's ResNet-110
   rule, ``warmup_lr`` until the training error is below ``warmup_until_train_err``.
 """
@@ -62,19 +63,31 @@ def learning_rate(
 
 
 def plateau_update(
-    cfg: ScheduleConfig, state: ScheduleState, val_err: float, *, base_lr: float
+    cfg: ScheduleConfig, state: ScheduleState, val_err: float, *, base_lr: float, epochs: int = 1
 ) -> ScheduleState:
-    """The state after an epoch whose (globally reduced) validation error is ``val_err``.
+    """The state after an evaluation whose (globally reduced) validation error is ``val_err``.
 
-    An epoch counts as an improvement when the error beats the best by more than the
-    threshold (the best only moves then, as in torch's ReduceLROnPlateau); after ``plateau_patience`` epochs without one the lr is divided (once per
-    plateau), unless that would take it under ``min_lr``.
+    An evaluation counts as an improvement when the error beats the best by more than the
+    threshold (the best only moves then, as in torch's ReduceLROnPlateau). Patience is counted
+    in epochs, not evaluations: with ``eval.every_n_epochs = N`` each evaluation without an
+    improvement adds N epochs, and the lr is divided (once per plateau) at the first
+    evaluation that finds ``plateau_patience`` or more epochs without one, unless that would
+    take it under ``min_lr``.
+
+    Args:
+        cfg: the schedule section.
+        state: the counters before this evaluation.
+        val_err: validation top-1 error (percent), the same on every rank.
+        base_lr: the lr after linear scaling (``Derived.lr``).
+        epochs: epochs trained since the previous evaluation (``eval.every_n_epochs``).
     """
     if cfg.kind != "plateau":
         return state
+    if epochs < 1:
+        raise ValueError(f"plateau_update: epochs since the last evaluation must be >= 1, got {epochs}")
     if val_err < state.plateau_best - cfg.plateau_threshold:
         return replace(state, plateau_best=val_err, plateau_bad_epochs=0)
-    bad = state.plateau_bad_epochs + 1
+    bad = state.plateau_bad_epochs + epochs
     if bad >= cfg.plateau_patience and base_lr * cfg.gamma ** (state.plateau_reductions + 1) >= cfg.min_lr:
         return replace(
             state,

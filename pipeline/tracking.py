@@ -69,10 +69,11 @@ EPOCH_METRICS = (
 OPTIONAL_METRICS = ("gpu_mem_gb", "world_size", "global_batch")
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
 MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
-# Summary only, set at the end of a run: the final evaluation in its mode (e.g. 10-crop).
+# Summary only, set at the end of a run: the final evaluation in its mode (e.g. 10-crop), and
+# "final/test/..." for CIFAR-10's test set when validation held out training images (val_split).
 FINAL_SUMMARY_METRICS = tuple(
     f"final/{mode}/{err}"
-    for mode in get_args(get_type_hints(EvalConfig)["mode"])
+    for mode in (*get_args(get_type_hints(EvalConfig)["mode"]), "test")
     for err in ("top1_err", "top5_err")
 )
 LOGGED_METRICS = frozenset(AXIS_METRICS + STEP_METRICS + EPOCH_METRICS)

@@ -164,3 +164,11 @@ def test_cifar_is_scored_on_whole_images():
     with pytest.raises(ConfigError, match=r"eval.final_mode: 'tencrop' is for ImageNet"):
         load_config(None, ["data.dataset=cifar10", "eval.final_mode=tencrop"])
     assert load_config(None, ["data.dataset=cifar10", "eval.final_mode=center"]).eval.final_mode == "center"
+
+
+def test_val_resize_below_crop_size_is_an_error():
+    with pytest.raises(ConfigError, match=r"data.val_resize \(200\) must be at least data.crop_size \(224\)"):
+        load_config(None, ["data.val_resize=200"])
+    load_config(
+        None, ["data.dataset=cifar10", "data.crop_size=32", "data.val_resize=0", "eval.final_mode=center"]
+    )

@@ -53,7 +53,7 @@ def test_archive_is_the_real_format(cifar_root):
 
 
 def test_loaders_shapes_and_counts(cifar_root):
-    train, val, n = _loaders(cifar_root)
+    train, val, n, _ = _loaders(cifar_root)
     assert n == 300 and len(train) == 300 // 32
     batches = list(train.epoch(0))
     assert len(batches) == len(train)
@@ -64,8 +64,16 @@ def test_loaders_shapes_and_counts(cifar_root):
 
 
 def test_val_split_holds_out_fixed_images(cifar_root):
-    train, val, n = _loaders(cifar_root, replace(CFG, val_split=50))
+    train, val, n, test = _loaders(cifar_root, replace(CFG, val_split=50))
     assert n == 250 and sum(len(y) for _, y in val.epoch(0)) == 50
+    # The test set is still scored, separately: all 70 test images, normalised like training.
+    _, plain_val, _, no_test = _loaders(cifar_root)
+    assert no_test is None  # without a split the test set is the validation set
+    test_x = torch.cat([x for x, _ in test.epoch(0)])
+    assert test_x.shape[0] == 70 and torch.equal(
+        torch.cat([y for _, y in test.epoch(0)]), torch.cat([y for _, y in plain_val.epoch(0)])
+    )
+    torch.testing.assert_close(test_x, train.normalize(test.images))
     keep, held = split_train_val(300, 50)
     assert len(set(keep) | set(held)) == 300 and not set(keep) & set(held)
     assert np.array_equal(split_train_val(300, 50)[1], held)  # the same split every run and rank
@@ -74,13 +82,13 @@ def test_val_split_holds_out_fixed_images(cifar_root):
 
 
 def test_normalisation_uses_training_statistics(cifar_root):
-    train, _, _ = _loaders(cifar_root)
+    train, _, _, _ = _loaders(cifar_root)
     # "mean": the per-pixel mean image of the training set is subtracted (the paper's), 0-255 scale.
     assert train.normalize.mean.shape == (3, 32, 32)
     z = train.normalize(train.images).double()
     assert torch.allclose(z.mean(0), torch.zeros(3, 32, 32, dtype=torch.float64), atol=1e-3)
     assert 10 < z.std() < 255
-    train_ms, _, _ = _loaders(cifar_root, replace(CFG, normalize="meanstd"))
+    train_ms, _, _, _ = _loaders(cifar_root, replace(CFG, normalize="meanstd"))
     z = train_ms.normalize(train_ms.images)
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=1e-3)
     assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=1e-3)
@@ -107,8 +115,8 @@ def test_augment_is_pad_crop_flip():
 
 
 def test_train_determinism_and_epochs(cifar_root):
-    a, _, _ = _loaders(cifar_root, seed=4)
-    b, _, _ = _loaders(cifar_root, seed=4)
+    a, _, _, _ = _loaders(cifar_root, seed=4)
+    b, _, _, _ = _loaders(cifar_root, seed=4)
     xa, ya = zip(*a.epoch(3), strict=True)
     xb, yb = zip(*b.epoch(3), strict=True)
     assert all(torch.equal(p, q) for p, q in zip(xa + ya, xb + yb, strict=True))  # a resumed epoch replays
@@ -123,7 +131,7 @@ def test_ranks_equal_steps_disjoint_and_val_once(cifar_root):
     for world in (1, 2, 3):
         taken, val_parts = [], []
         for rank in range(world):
-            train, val, n = _loaders(cifar_root, global_batch=30, shard_id=rank, num_shards=world)
+            train, val, n, _ = _loaders(cifar_root, global_batch=30, shard_id=rank, num_shards=world)
             batches = list(train.epoch(1))
             assert len(batches) == len(train) == 10  # every rank the same number of steps
             assert all(x.shape[0] == 30 // world for x, _ in batches)
@@ -141,7 +149,7 @@ def test_missing_archive_says_what_to_do(tmp_path):
 
 
 def test_resumed_epoch_and_other_world_sizes_get_the_same_augmented_batches(cifar_root):
-    train, _, _ = _loaders(cifar_root, global_batch=30)
+    train, _, _, _ = _loaders(cifar_root, global_batch=30)
     straight = list(train.epoch(2))
     resumed = list(_loaders(cifar_root, global_batch=30)[0].epoch(2, start=4))
     for (x, y), (xr, yr) in zip(straight[4:], resumed, strict=True):
@@ -152,3 +160,56 @@ def test_resumed_epoch_and_other_world_sizes_get_the_same_augmented_batches(cifa
     for step, (x, y) in enumerate(straight):
         assert torch.equal(torch.cat([t[step][0] for t in thirds]), x)
         assert torch.equal(torch.cat([t[step][1] for t in thirds]), y)
+
+
+def test_augment_none_gives_the_images_as_they_are(cifar_root):
+    train, _, _, _ = _loaders(cifar_root, replace(CFG, augment="none"), seed=3)
+    order = torch.cat([y for _, y in train.epoch(2)])
+    images = torch.cat([x for x, _ in train.epoch(2)])
+    from pipeline.data.sharding import train_shard
+
+    idx = torch.as_tensor(train_shard(300, global_batch=32, shard_id=0, num_shards=1, seed=3, epoch=2))
+    assert torch.equal(order, train.labels[idx])
+    assert torch.equal(images, train.normalize(train.images[idx]))  # no pad, crop or flip
+    augmented, _, _, _ = _loaders(cifar_root, seed=3)
+    assert not torch.equal(images, torch.cat([x for x, _ in augmented.epoch(2)]))
+
+
+def test_imagenet_augment_refused_for_cifar(cifar_root):
+    from pipeline.config import ConfigError
+    from pipeline.data.source import open_dataset
+
+    with pytest.raises(ValueError, match="'inception' is for ImageNet"):
+        _loaders(cifar_root, replace(CFG, augment="inception"))
+    with pytest.raises(ConfigError, match="CIFAR-10 takes 'paper'"):
+        open_dataset(replace(CFG, root=str(cifar_root), augment="inception"))
+
+
+def test_held_out_split_run_scores_val_and_test(cifar_root, tmp_path):
+    """data.val_split > 0: each epoch validates on the held-out images, and the end scores the
+    test set too; summary.json has both."""
+    from pipeline.config import load_config, to_dict
+    from pipeline.engine import train_worker
+
+    cfg = load_config(
+        "configs/cifar10/resnet20.yaml",
+        [
+            f"data.root={cifar_root}",
+            "data.val_split=60",
+            "optim.batch_size=60",
+            "schedule.max_iters=4",  # 240 training images: 4 iterations, one epoch
+            "cluster.use_gpu=false",
+            "tracking.mode=disabled",
+            f"checkpoint.storage_path={tmp_path}",
+        ],
+    )
+    summary = train_worker(to_dict(cfg))
+    assert summary["val_images"] == 60 and summary["test_images"] == 70
+    for key in ("val_top1_err", "val_top5_err", "test_top1_err", "test_top5_err"):
+        assert 0.0 <= summary[key] <= 100.0, key
+    import json
+
+    on_disk = json.loads((tmp_path / cfg.name / "summary.json").read_text())
+    assert on_disk["test_top1_err"] == summary["test_top1_err"]
+    metrics = [json.loads(line) for line in (tmp_path / cfg.name / "metrics.jsonl").read_text().splitlines()]
+    assert "val/top1_err" in metrics[-1] and not any(k.startswith("test") for k in metrics[-1])

@@ -13,7 +13,6 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC, PCA_SCALE
-from pipeline.data.dali_pipeline import TEN_CROP_WINDOWS
 from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.sharding import train_shard, val_shard
@@ -24,10 +23,8 @@ CFG = DataConfig(crop_size=56, val_resize=64, scale_min=64, scale_max=96, normal
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
-# (width, height) chosen so that the shorter side -> 64 gives a whole-pixel longer side with an
-# even margin around the 56 crop: torchvision rounds a .5 centre offset to even, DALI away from 0,
-# which is a legitimate 1-pixel difference this test is not about. Includes up- and downscaling
-# and both orientations.
+# (width, height): up- and downscaling and both orientations. Odd margins, greyscale and
+# progressive JPEGs are in tests/test_eval_windows.py.
 REF_SIZES = [(144, 96), (96, 144), (80, 64), (60, 48), (48, 72)]
 
 
@@ -124,9 +121,7 @@ def test_tencrop_order_is_sample_major_with_flips(ref_images):
     ((crops, labels),) = list(loader.epoch(0))
     assert crops.shape[0] == 10 and labels.tolist() == [0]
     # The second five are the mirrors of the first five's windows on the flipped image:
-    # flip(tl of flipped image) == tr of the original, and so on.
-    for i, (x, y, m) in enumerate(TEN_CROP_WINDOWS[:5]):
-        assert m == 0 and TEN_CROP_WINDOWS[5 + i] == (1.0 - x, y, 1)
+    # flip(tl of flipped image) == tr of the original, and so on (windows: tests/test_eval_windows.py).
     torch.testing.assert_close(crops[5].flip(-1), crops[1])  # flipped tl == original tr, mirrored
     torch.testing.assert_close(crops[9].flip(-1), crops[4])  # centre (even margins)
 
@@ -303,11 +298,22 @@ def grey_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_pca_lighting_is_alexnet_noise(grey_file):
+@pytest.fixture(scope="module")
+def mean_root(tmp_path_factory) -> str:
+    """A dataset root whose `data stats --per-channel` file holds the ImageNet channel means, so
+    that data.normalize=mean subtracts exactly IMAGENET_MEAN (and divides by nothing)."""
+    from pipeline.data.stats import MeanStats, write_mean
+
+    root = tmp_path_factory.mktemp("mean-root")
+    write_mean(root, MeanStats("channel", np.asarray(IMAGENET_MEAN, np.float32), CFG.crop_size, 1))
+    return str(root)
+
+
+def test_pca_lighting_is_alexnet_noise(grey_file, mean_root):
     """On a flat grey image every output pixel of a sample is 128 + offset - mean, and the offset
     must be eigvec @ (alpha * eigval) * 255 with alpha ~ N(0, pca_std)."""
     n, pca_std = 96, 0.1
-    cfg = replace(CFG, normalize="mean", pca_std=pca_std)
+    cfg = replace(CFG, normalize="mean", pca_std=pca_std, root=mean_root)
     loader = build_train_loader(
         _index([grey_file] * n, [0] * n),
         cfg,
@@ -367,7 +373,7 @@ def test_synthetic_dataset_end_to_end(tmp_path: Path):
     assert sorted(torch.cat([y for _, y in val.epoch(0)]).tolist()) == [0, 0, 1, 1, 2, 2]
 
 
-def test_paper_crop_covers_the_scaled_window(tmp_path):
+def test_paper_crop_covers_the_scaled_window(tmp_path, mean_root):
     """'paper': the crop is c pixels of the image rescaled to shorter side S ~ U[scale_min, scale_max],
     i.e. a (c * short / S)-pixel window of the original. A horizontal ramp (R = x) makes the
     window's width readable from the output's red range."""
@@ -375,7 +381,7 @@ def test_paper_crop_covers_the_scaled_window(tmp_path):
     ramp = np.repeat(np.repeat(np.linspace(0, 255, w, dtype=np.float32)[None, :, None], h, 0), 3, 2)
     path = tmp_path / "ramp.png"
     Image.fromarray(ramp.round().astype(np.uint8)).save(path)
-    cfg = replace(CFG, normalize="mean", pca_std=0.0)
+    cfg = replace(CFG, normalize="mean", pca_std=0.0, root=mean_root)
     loader = build_train_loader(
         _index([str(path)] * 32, [0] * 32),
         cfg,

@@ -125,3 +125,27 @@ def test_goyal_large_batch_config_follows_their_recipe():
     assert lr_at(2.5) == pytest.approx(0.1 + (3.2 - 0.1) / 2, rel=0.01)
     for epoch, lr in ((5, 3.2), (29.9, 3.2), (30, 0.32), (60, 0.032), (80, 0.0032), (89.9, 0.0032)):
         assert lr_at(epoch) == pytest.approx(lr), epoch
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_plateau_patience_counts_epochs_not_evaluations(every):
+    """Patience 4 epochs: with validation every `every` epochs the lr drops at the first
+    evaluation that has seen 4 or more epochs without improvement."""
+    cfg = load_config(None, ["schedule.kind=plateau", "schedule.plateau_patience=4"])
+    state = plateau_update(cfg.schedule, ScheduleState(), 50.0, base_lr=0.1, epochs=every)
+    drop_epoch, epoch = None, every
+    while drop_epoch is None and epoch < 20:
+        epoch += every
+        state = plateau_update(cfg.schedule, state, 50.0, base_lr=0.1, epochs=every)
+        if state.plateau_reductions:
+            drop_epoch = epoch
+    # The best was set at epoch `every`; 4 flat epochs later is epoch every + 4, rounded up to
+    # the next evaluation.
+    assert drop_epoch == every + every * -(-4 // every)
+    assert {1: 5, 2: 6, 3: 9}[every] == drop_epoch
+
+
+def test_plateau_rejects_zero_epochs():
+    cfg = load_config(None, ["schedule.kind=plateau"])
+    with pytest.raises(ValueError, match="epochs since the last evaluation"):
+        plateau_update(cfg.schedule, ScheduleState(), 50.0, base_lr=0.1, epochs=0)

@@ -237,6 +237,11 @@ def _check(cfg: Config) -> None:
             f"data.scale_min ({cfg.data.scale_min}) must be at least data.crop_size ({cfg.data.crop_size}) "
             "for the paper's random crop"
         )
+    if cfg.data.dataset == "imagenet" and cfg.data.val_resize < cfg.data.crop_size:
+        raise ConfigError(
+            f"data.val_resize ({cfg.data.val_resize}) must be at least data.crop_size ({cfg.data.crop_size}): "
+            "the test crops are cut from the image resized to shorter side val_resize"
+        )
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones must be increasing, got {list(cfg.schedule.milestones)}")
     workers = cfg.cluster.num_workers

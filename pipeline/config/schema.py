@@ -20,13 +20,17 @@ class DataConfig:
     root: str = "data/imagenet"
     # Train augmentation: "paper" = shorter side random in [scale_min, scale_max] + random crop
     # + flip (+ PCA colour); "inception" = random-resized-crop; "none" = resize + centre crop.
+    # CIFAR-10: "paper" = 4-pixel zero pad + random 32 crop + flip; "none" = the images as they are.
     augment: Literal["paper", "inception", "none"] = "paper"
     crop_size: int = 224
     scale_min: int = 256
     scale_max: int = 480
     val_resize: int = 256
     pca_std: float = 0.1
-    # "meanstd": per-channel mean/std; "mean": the paper's mean subtraction only.
+    # "meanstd": per-channel mean/std (ImageNet: torchvision's constants). "mean": the paper's
+    # subtraction of the training set's mean, nothing divided: ImageNet reads ROOT/train_mean.npz
+    # (`python -m pipeline data stats ROOT`: per-pixel, or per-channel); CIFAR-10 computes its
+    # per-pixel mean image from the training images itself.
     normalize: Literal["meanstd", "mean"] = "meanstd"
     decoder: Literal["auto", "mixed", "cpu"] = "auto"
     hw_decoder_load: float = 0.65
@@ -35,7 +39,9 @@ class DataConfig:
     # filesystems (Lustre, NFS, Filestore), where ImageNet usually sits on a cluster.
     mmap: bool = False
     prefetch: int = 2
-    val_split: int = 0  # CIFAR-10: hold out this many training images as validation (paper: 5000)
+    # CIFAR-10: hold out this many training images as validation (paper: 5000); the test set is
+    # then scored once at the end besides (summary.json: test_top1_err, test_top5_err).
+    val_split: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """CIFAR-10 held whole on the training device, augmented there per batch with torch ops.
 
-    train, val, num_train = build_cifar_loaders("data/cifar", cfg.data, global_batch=128, shard_id=rank,
-                                                num_shards=world, device=device, seed=cfg.seed,
-                                                eval_batch_size=500)
-    for images, labels in train.epoch(epoch): ...
+    loaders = build_cifar_loaders("data/cifar", cfg.data, global_batch=128, shard_id=rank,
+                                  num_shards=world, device=device, seed=cfg.seed, eval_batch_size=500)
+    for images, labels in loaders.train.epoch(epoch): ...
+
+With ``data.val_split: 5000`` (the paper's 45k/5k split) ``loaders.val`` scores the held-out
+training images and ``loaders.test`` the 10,000-image test set; without a split the test set
+is the validation set and ``loaders.test`` is None.
 
 The archive is the standard python one (``root/cifar-10-batches-py/data_batch_1..5, test_batch``),
 read with torchvision. 50k 32x32 images are 150 MB as uint8, so a decode-per-sample loader
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,6 +84,15 @@ class _Normalizer:
         return (x.float() - self.mean) / self.std
 
 
+class CifarLoaders(NamedTuple):
+    """This rank's CIFAR-10 loaders."""
+
+    train: Loader
+    val: Loader  # the held-out training images with data.val_split > 0, else the test set
+    num_train: int
+    test: Loader | None  # the test set when it is not already ``val`` (data.val_split > 0)
+
+
 def augment_batch(
     x: torch.Tensor, generator: torch.Generator, global_batch: int | None = None, part: slice = slice(None)
 ) -> torch.Tensor:
@@ -106,8 +119,8 @@ def augment_batch(
 
 
 class _CifarTrain:
-    def __init__(self, images, labels, normalize, *, global_batch, shard_id, num_shards, seed):
-        self.images, self.labels, self.normalize = images, labels, normalize
+    def __init__(self, images, labels, normalize, *, augment, global_batch, shard_id, num_shards, seed):
+        self.images, self.labels, self.normalize, self.augment = images, labels, normalize, augment
         self.global_batch, self.shard_id, self.num_shards, self.seed = (
             global_batch,
             shard_id,
@@ -141,8 +154,9 @@ class _CifarTrain:
         for step in range(start, len(order_t)):
             idx = order_t[step]
             g.manual_seed(batch_seed(self.seed, epoch, step))  # sets the generator's state: no device sync
+            batch = self.normalize(self.images[idx])
             yield (
-                augment_batch(self.normalize(self.images[idx]), g, self.global_batch, mine),
+                (augment_batch(batch, g, self.global_batch, mine) if self.augment else batch),
                 self.labels[idx],
             )
 
@@ -173,14 +187,15 @@ def build_cifar_loaders(
     seed: int,
     eval_batch_size: int,
     download: bool = False,
-) -> tuple[Loader, Loader, int]:
-    """CIFAR-10 train and validation loaders on ``device``.
+) -> CifarLoaders:
+    """CIFAR-10 train, validation and test loaders on ``device``.
 
     Args:
         root: folder holding ``cifar-10-batches-py/``.
-        cfg: ``normalize`` ("mean": the paper's per-pixel mean image; "meanstd": per channel) and
-            ``val_split`` (> 0: hold out that many training images as validation, the paper's 5000;
-            0: validate on test_batch).
+        cfg: ``normalize`` ("mean": the paper's per-pixel mean image; "meanstd": per channel),
+            ``augment`` ("paper": 4-pixel pad, random 32 crop, random flip; "none": the images as
+            they are) and ``val_split`` (> 0: hold out that many training images as validation,
+            the paper's 5000, and score test_batch as a separate test set; 0: validate on test_batch).
         global_batch: training batch over all ranks (split as evenly as it goes: ``rank_slice``).
         shard_id, num_shards: world rank and size.
         device: where the dataset lives and augmentation runs.
@@ -189,18 +204,21 @@ def build_cifar_loaders(
         download: fetch the official archive into ``root`` if it is missing.
 
     Returns:
-        (train loader, val loader, number of training images). Train batches are
-        ``global_batch // num_shards`` float32 [B, 3, 32, 32] with int64 labels [B]; each rank's
-        val loader covers a disjoint slice, so the ranks together score each image once.
+        ``CifarLoaders(train, val, num_train, test)``. Train batches are ``global_batch //
+        num_shards`` float32 [B, 3, 32, 32] with int64 labels [B]; each rank's val and test loaders
+        cover a disjoint slice, so the ranks together score each image once. ``test`` is None
+        without a split (``val`` is the test set then).
     """
+    check_cifar_augment(cfg.augment)
     root = Path(root).expanduser()
     train_np, train_y = _read_split(root, train=True, download=download)
+    test_np, test_y = _read_split(root, train=False, download=False)
     if cfg.val_split > 0:
         keep, held = split_train_val(len(train_y), cfg.val_split)
         val_np, val_y = train_np[held], train_y[held]
         train_np, train_y = train_np[keep], train_y[keep]
     else:
-        val_np, val_y = _read_split(root, train=False, download=False)
+        val_np, val_y = test_np, test_y
     if train_np.shape[1:] != (CIFAR_IMAGE_SIZE, CIFAR_IMAGE_SIZE, 3):
         raise DataLayoutError(
             f"{root / CIFAR_DIRNAME}: images have shape {train_np.shape[1:]}, expected 32x32x3"
@@ -216,15 +234,30 @@ def build_cifar_loaders(
         train_x,
         train_t,
         normalize,
+        augment=cfg.augment == "paper",
         global_batch=global_batch,
         shard_id=shard_id,
         num_shards=num_shards,
         seed=seed,
     )
-    val = _CifarEval(
-        val_x, val_t, normalize, batch_size=eval_batch_size, shard_id=shard_id, num_shards=num_shards
-    )
-    return train, val, len(train_t)
+    sharding = dict(batch_size=eval_batch_size, shard_id=shard_id, num_shards=num_shards)
+    val = _CifarEval(val_x, val_t, normalize, **sharding)
+    test = None
+    if cfg.val_split > 0:
+        test = _CifarEval(*to_device(test_np, test_y), normalize, **sharding)
+    return CifarLoaders(train, val, len(train_t), test)
+
+
+CIFAR_AUGMENTS = ("paper", "none")
+
+
+def check_cifar_augment(augment: str) -> None:
+    """CIFAR-10 knows the paper's pad-crop-flip and no augmentation; ImageNet's modes make no sense here."""
+    if augment not in CIFAR_AUGMENTS:
+        raise ValueError(
+            f"data.augment={augment!r} is for ImageNet; CIFAR-10 takes 'paper' (4-pixel pad, random 32 "
+            "crop, flip) or 'none' (the images as they are)"
+        )
 
 
 def cifar_num_train(root: str | Path, val_split: int = 0) -> int:

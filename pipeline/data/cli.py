@@ -6,6 +6,7 @@
     python -m pipeline data index s3://bucket/imagenet         # write ROOT/pipeline-index.json.gz
     python -m pipeline data verify /data/imagenet [--fix] [--json] [--workers N]
     python -m pipeline data prepare-val --val /data/imagenet/val --labels LOC_val_solution.csv [--undo]
+    python -m pipeline data stats /data/imagenet [--per-channel] [--crop-size 224] [--limit N]
 
 Exit status: 0 success, 1 problems found (verify), 2 bad input or layout.
 """
@@ -18,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pipeline.data.stats import add_stats_command, stats_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "--undo", action="store_true", help="move the files back, using the manifest written before"
     )
     r.add_argument("--dry-run", action="store_true", help="check and count, move nothing")
+    add_stats_command(sub)
     return p
 
 
@@ -193,6 +197,7 @@ COMMANDS = {
     "index": _index,
     "verify": _verify,
     "prepare-val": _prepare_val,
+    "stats": stats_command,
 }
 
 

@@ -29,19 +29,14 @@ from pipeline.data.constants import (
     PCA_EIGVEC,
     PCA_SCALE,
 )
+from pipeline.data.dali_eval import crop_windows, cut, resize_like_torchvision
+from pipeline.data.stats import pipeline_means, subtract_pixel_mean
 
 TRAIN_MODES = ("paper", "inception", "none")
 VAL_MODES = ("center", "tencrop", "multiscale")
 READER = "Reader"
 # What the training feed delivers per sample, in this order ("paper" adds the augmentation).
 FEED_OUTPUTS = {"paper": 7, "inception": 2, "none": 2}  # names, labels[, scale, pos_x, pos_y, mirror, mean]
-
-# TenCrop order (torchvision): five_crop(img) then five_crop(hflip(img)). A crop of the flipped
-# image at the left edge is the mirror of the original's crop at the right edge, hence pos_x 1-x.
-_FIVE = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # (pos_x, pos_y): tl, tr, bl, br, c
-TEN_CROP_WINDOWS: tuple[tuple[float, float, int], ...] = tuple((x, y, 0) for x, y in _FIVE) + tuple(
-    (1.0 - x, y, 1) for x, y in _FIVE
-)
 
 
 def _decoder_device(cfg: DataConfig, device_id: int | None) -> str:
@@ -79,6 +74,8 @@ def _decode_kwargs(cfg: DataConfig, device_id: int | None) -> tuple[dict[str, An
 
 
 def _normalize_kwargs(cfg: DataConfig, channels_last: bool, half: bool) -> dict[str, Any]:
+    """crop_mirror_normalize's layout, dtype and std (``half``: float16 out; pass False when a mean
+    image is subtracted afterwards, which casts at the end)."""
     import nvidia.dali.types as types
 
     std = IMAGENET_STD if cfg.normalize == "meanstd" else (1.0, 1.0, 1.0)
@@ -89,16 +86,17 @@ def _normalize_kwargs(cfg: DataConfig, channels_last: bool, half: bool) -> dict[
     }
 
 
-def lighting_means(alphas: np.ndarray) -> np.ndarray:
+def lighting_means(alphas: np.ndarray, base_mean: Any = IMAGENET_MEAN) -> np.ndarray:
     """Per-sample normalisation means with AlexNet PCA lighting folded in: mean - eigvec @ (a * eigval).
 
     Lighting adds one RGB offset per image, so subtracting ``mean - offset`` in the normaliser
     is the same arithmetic without an extra pass over the pixels. ``alphas`` [N, 3] ~ N(0,
-    pca_std); the eigen-values are for 0-1 pixels, hence PCA_SCALE. Returns float32 [N, 3].
+    pca_std); the eigen-values are for 0-1 pixels, hence PCA_SCALE. ``base_mean``: the channel
+    means otherwise subtracted (zeros when a mean image is subtracted afterwards). Returns float32 [N, 3].
     """
     basis = np.asarray(PCA_EIGVEC, np.float64) * np.asarray(PCA_EIGVAL, np.float64) * PCA_SCALE
     offsets = alphas.astype(np.float64) @ basis.T  # offset_c = sum_j eigvec[c][j] * eigval[j] * scale * a_j
-    return (np.asarray(IMAGENET_MEAN, np.float64)[None, :] - offsets).astype(np.float32)
+    return (np.asarray(base_mean, np.float64)[None, :] - offsets).astype(np.float32)
 
 
 def build_train_pipeline(
@@ -140,9 +138,12 @@ def build_train_pipeline(
         raise ValueError(f"data.augment={mode!r}; choose one of {TRAIN_MODES}")
     pipe = _new_pipeline(cfg, batch_size, device_id, num_threads, seed)
     decode_kwargs, to_gpu = _decode_kwargs(cfg, device_id)
-    cmn_kwargs = _normalize_kwargs(cfg, channels_last, half)
+    # data.normalize=mean: the training set's mean from `data stats` (pipeline.data.stats); the
+    # feed folds the same channel means into "paper"'s per-sample means.
+    channel_mean, pixel_mean = pipeline_means(cfg, mode, channels_last, IMAGENET_MEAN)
+    cmn_kwargs = _normalize_kwargs(cfg, channels_last, half and pixel_mean is None)
     crop = [cfg.crop_size, cfg.crop_size]
-    mean = [float(x) for x in IMAGENET_MEAN]
+    mean = [float(x) for x in channel_mean]
     with pipe:
         names, labels, *aug = fn.external_source(source=feed, num_outputs=FEED_OUTPUTS[mode], batch=True)
         # mmap pays off on a local disk only; on network filesystems (Lustre, NFS, Filestore) plain reads win.
@@ -175,11 +176,14 @@ def build_train_pipeline(
             images = fn.resize(images, size=crop, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
             images = fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, **cmn_kwargs)
-        else:
+        else:  # "none": the centre crop of the test protocol, torchvision's pixels
             images = fn.decoders.image(jpegs, **decode_kwargs)
             images = images.gpu() if to_gpu else images
-            images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
-            images = fn.crop_mirror_normalize(images, crop=crop, mean=mean, **cmn_kwargs)
+            images, height, width = resize_like_torchvision(images, jpegs, cfg.val_resize)
+            ((top, left, _),) = crop_windows("center", height, width, cfg.crop_size)
+            images = fn.crop_mirror_normalize(cut(images, top, left, cfg.crop_size), mean=mean, **cmn_kwargs)
+        if pixel_mean is not None:
+            images = subtract_pixel_mean(images, pixel_mean, half=half, on_gpu=device_id is not None)
         pipe.set_outputs(images, labels.gpu() if device_id is not None else labels)
     pipe.build()
     return pipe
@@ -221,9 +225,10 @@ def build_pipeline(
         raise ValueError(f"eval mode {mode!r}; choose one of {VAL_MODES}")
     pipe = _new_pipeline(cfg, batch_size, device_id, num_threads, seed)
     decode_kwargs, to_gpu = _decode_kwargs(cfg, device_id)
-    cmn_kwargs = _normalize_kwargs(cfg, channels_last, half)
-    mean = [float(x) for x in IMAGENET_MEAN]
-    crop = (cfg.crop_size, cfg.crop_size)
+    # data.normalize=mean: the training set's mean from `data stats` (pipeline.data.stats).
+    channel_mean, pixel_mean = pipeline_means(cfg, mode, channels_last, IMAGENET_MEAN)
+    cmn_kwargs = _normalize_kwargs(cfg, channels_last, half and pixel_mean is None)
+    mean = [float(x) for x in channel_mean]
 
     with pipe:
         jpegs, label = fn.readers.file(
@@ -237,29 +242,29 @@ def build_pipeline(
         if to_gpu:
             images = images.gpu()
 
-        if mode == "center":
-            images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
-            outputs = [fn.crop_mirror_normalize(images, crop=crop, mean=mean, **cmn_kwargs)]
-        elif mode == "tencrop":
-            images = fn.resize(images, resize_shorter=float(cfg.val_resize), antialias=True)
+        if mode in ("center", "tencrop"):
+            # torchvision's Resize + CenterCrop / TenCrop to the pixel (pipeline.data.dali_eval).
+            images, height, width = resize_like_torchvision(images, jpegs, cfg.val_resize)
             crops = [
                 fn.crop_mirror_normalize(
-                    images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, mean=mean, **cmn_kwargs
+                    cut(images, top, left, cfg.crop_size), mirror=int(m), mean=mean, **cmn_kwargs
                 )
-                for x, y, m in TEN_CROP_WINDOWS
+                for top, left, m in crop_windows(mode, height, width, cfg.crop_size)
             ]
-            outputs = [fn.stack(*crops, axis=0)]  # [10, C, H, W] per sample: sample-major rows
+            # tencrop: [10, C, H, W] per sample, sample-major rows in TenCrop's order.
+            outputs = crops if mode == "center" else [fn.stack(*crops, axis=0)]
         elif mode == "multiscale":
             outputs = [
                 fn.crop_mirror_normalize(
-                    fn.resize(images, resize_shorter=float(s), antialias=True),
-                    mean=mean,
-                    **cmn_kwargs,
+                    resize_like_torchvision(images, jpegs, s)[0], mean=mean, **cmn_kwargs
                 )
                 for s in scales
             ]
         else:
             raise AssertionError(mode)  # checked above
+        if pixel_mean is not None:
+            on_gpu = device_id is not None
+            outputs = [subtract_pixel_mean(o, pixel_mean, half=half, on_gpu=on_gpu) for o in outputs]
         pipe.set_outputs(*outputs, label)
     pipe.build()
     return pipe

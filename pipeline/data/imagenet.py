@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.constants import NUM_TEN_CROPS
+from pipeline.data.constants import IMAGENET_MEAN, NUM_TEN_CROPS
 from pipeline.data.dali_pipeline import (
     READER,
     TRAIN_MODES,
@@ -37,6 +37,7 @@ from pipeline.data.dali_pipeline import (
 )
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.sharding import Loader, augmentation_seed, rank_slice, train_shard, val_shard
+from pipeline.data.stats import pipeline_means
 from pipeline.host import usable_cpus
 
 
@@ -92,7 +93,18 @@ class _TrainFeed:
     """
 
     def __init__(
-        self, files, labels, cfg: DataConfig, *, global_batch, shard_id, num_shards, seed, epoch, step
+        self,
+        files,
+        labels,
+        cfg: DataConfig,
+        *,
+        global_batch,
+        shard_id,
+        num_shards,
+        seed,
+        epoch,
+        step,
+        channel_mean,
     ):
         self.files, self.labels, self.cfg = files, labels, cfg
         self.global_batch, self.shard_id, self.num_shards, self.seed = (
@@ -107,6 +119,7 @@ class _TrainFeed:
         self.epoch, self.step = epoch, step
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
         self.recent: deque[list[str]] = deque(maxlen=max(2, cfg.prefetch + 2))  # for naming undecodable files
+        self.channel_mean = channel_mean  # what "paper"'s lighting offsets are folded into
 
     def __iter__(self) -> _TrainFeed:
         return self
@@ -133,7 +146,7 @@ class _TrainFeed:
         pos = rng.uniform(0.0, 1.0, (n, 2))
         mirror = rng.random(n) < 0.5
         alphas = rng.normal(0.0, cfg.pca_std, (n, 3)) if cfg.pca_std > 0 else np.zeros((n, 3))
-        means = lighting_means(alphas)
+        means = lighting_means(alphas, self.channel_mean)
         mine = self.mine
         return [
             [np.float32(x) for x in scale[mine]],
@@ -240,10 +253,12 @@ def build_train_loader(
     )
     threads = num_threads if num_threads > 0 else usable_cpus()
 
+    channel_mean, _ = pipeline_means(cfg, cfg.augment, channels_last, IMAGENET_MEAN)
+
     def make_feed(epoch: int, step: int) -> _TrainFeed:
         return _TrainFeed(
             files, labels, cfg, global_batch=global_batch, shard_id=shard_id, num_shards=num_shards,
-            seed=seed, epoch=epoch, step=step,
+            seed=seed, epoch=epoch, step=step, channel_mean=channel_mean,
         )  # fmt: skip
 
     def build(feed: _TrainFeed) -> Any:

@@ -29,6 +29,10 @@ class Data:
     num_train: int
     num_classes: int
     make_val: Callable[[str], Loader]  # eval mode -> a Loader over this rank's validation shard
+    # A held-out test set scored once at the end, besides validation: CIFAR-10 with
+    # data.val_split > 0 (validation is then held-out training images). None for ImageNet (its
+    # test labels are not public) and for CIFAR-10 without a split (validation is the test set).
+    make_test: Callable[[], Loader] | None = None
 
 
 class ImageNetSource:
@@ -38,6 +42,10 @@ class ImageNetSource:
         from pipeline.data.layout import scan_imagenet
 
         self.index = scan_imagenet(cfg.root)
+        if cfg.normalize == "mean":  # the training set's mean must exist before any worker starts
+            from pipeline.data.stats import load_mean
+
+            load_mean(cfg.root, cfg.crop_size)
         self.root = cfg.root
         self.num_train = len(self.index.train_files)
         self.num_classes = self.index.num_classes
@@ -80,8 +88,12 @@ class CifarSource:
     num_classes = 10
 
     def __init__(self, cfg: DataConfig):
-        from pipeline.data.cifar import cifar_num_train
+        from pipeline.data.cifar import check_cifar_augment, cifar_num_train
 
+        try:
+            check_cifar_augment(cfg.augment)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.root = cfg.root
         self.num_train = cifar_num_train(cfg.root, cfg.val_split)
 
@@ -97,7 +109,7 @@ class CifarSource:
     ) -> Data:
         from pipeline.data.cifar import build_cifar_loaders
 
-        train, val, num_train = build_cifar_loaders(
+        loaders = build_cifar_loaders(
             cfg.data.root,
             cfg.data,
             global_batch=cfg.optim.batch_size,
@@ -107,7 +119,14 @@ class CifarSource:
             seed=cfg.seed,
             eval_batch_size=eval_batch,
         )
-        return Data(train=train, num_train=num_train, num_classes=self.num_classes, make_val=lambda mode: val)
+        test = loaders.test
+        return Data(
+            train=loaders.train,
+            num_train=loaders.num_train,
+            num_classes=self.num_classes,
+            make_val=lambda mode: loaders.val,
+            make_test=(lambda: test) if test is not None else None,
+        )
 
 
 DataSource = ImageNetSource | CifarSource
