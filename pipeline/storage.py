@@ -88,17 +88,21 @@ def upload_folder(local: Path, location: str) -> None:
 
 
 def checkpoint_candidates(ctx: DistContext, location: str, resume_from: str | None) -> list[str]:
-    """Checkpoints to resume from, newest first: Ray's latest registered one (after a restart or a
-    re-run of the same name), then the others kept beside it, so an unreadable latest can fall
-    back; ``resume_from`` only when the run has none of its own."""
-    found: list[str] = []
+    """Checkpoints to resume from, newest first, so an unreadable one can fall back to the one
+    before; ``resume_from`` only when the run has none of its own.
+
+    The run's folder is the record: Ray's latest registered checkpoint (``get_checkpoint``)
+    lives there too but can lag behind it, since uploads run in the background and a report
+    still queued when a node dies is never registered although its checkpoint is whole.
+    """
+    found = list_checkpoints(location)
     if ctx.under_ray:
         import ray.train
 
         latest = ray.train.get_checkpoint()
-        if latest is not None:  # it lives in this run's location: name it as the others are named
-            found.append(f"{location.rstrip('/')}/{Path(latest.path).name}")
-    found += [c for c in list_checkpoints(location) if c not in found]
+        name = f"{location.rstrip('/')}/{Path(latest.path).name}" if latest is not None else None
+        if name is not None and name not in found:  # listed late by an eventually consistent store
+            found = sorted([*found, name], reverse=True)
     if not found and resume_from:
         found.append(resume_from)
     return found

@@ -69,7 +69,9 @@ def test_drill_survives_losing_rank_0s_node():
     )
     report = [line for line in proc.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
     failed = [line for line in report if line.startswith("FAIL")]
-    assert proc.returncode == 0 and not failed, "\n".join(report) + "\n" + proc.stderr[-4000:]
+    assert proc.returncode == 0 and not failed, (
+        "\n".join(failed + ["-- all:"] + report) + "\n" + proc.stderr[-4000:]
+    )
     assert {line[6:].split(":", 1)[0] for line in report} == CHECKS, report
 
 

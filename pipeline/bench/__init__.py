@@ -3,6 +3,7 @@
     python -m pipeline bench loader --data data/synth-bench --json      # DALI vs torchvision DataLoader
     python -m pipeline bench model --model resnet50_v1_5 --json          # step img/s vs torchvision
     python -m pipeline bench ray --json                                  # Ray Train start-up, 1->2 workers
+    python -m pipeline bench engine --data data/synth-bench --baseline REV  # the training loop vs a commit
     python -m pipeline bench table bench-results/*.json                  # Markdown table of results
     make bench                                                           # all three into bench-results/
 
@@ -31,15 +32,16 @@ BENCHES = {
     "loader": "pipeline.bench.loader",
     "model": "pipeline.bench.model",
     "ray": "pipeline.bench.ray_train",
+    "engine": "pipeline.bench.engine",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline bench",
-        description="Throughput benchmarks (loader, model, ray) with JSON results, and a Markdown table of them.",
+        description="Throughput benchmarks (loader, model, ray, engine) with JSON results, and a Markdown table of them.",
     )
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{loader,model,ray,table}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{loader,model,ray,engine,table}")
     for name, module_name in BENCHES.items():
         # The modules import only torch and the standard library at the top; what they measure
         # (DALI, torchvision, Ray) is imported inside run().

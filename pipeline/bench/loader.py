@@ -23,6 +23,7 @@ worker start) is reported beside it as ``startup_s``. DALI and torchvision passe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable
@@ -218,6 +219,64 @@ def compare(passes: dict[str, Callable[[int], Iterable[Any]]], repeats: int) -> 
     }
 
 
+def epoch_boundary(
+    index: Any, data_cfg: Any, *, images: int, batch_size: int, threads: int, repeats: int
+) -> dict[str, Any]:
+    """Seconds from the last training batch of an epoch to the first of the next, two ways.
+
+    ``continuous``: the pipeline runs on across the boundary (how training runs now: it is
+    built once and its feed goes straight into the next epoch, so the batch is prefetched).
+    ``rebuilt``: a pipeline built anew for the epoch (how every epoch started before): decoder
+    set-up and an empty prefetch queue to refill.
+    """
+    from pipeline.data.imagenet import build_train_loader
+    from pipeline.data.layout import ImageFolderIndex
+
+    files, labels = cycled(index.train_files, index.train_labels, images)
+    stream = ImageFolderIndex(index.classes, files, labels, index.val_files, index.val_labels)
+    common = dict(global_batch=batch_size, shard_id=0, num_shards=1, device_id=None, num_threads=threads)
+    continuous, rebuilt = [], []
+    for r in range(repeats):
+        loader = build_train_loader(stream, data_cfg, seed=r, **common)
+        for _ in loader.epoch(0):
+            pass
+        t0 = time.perf_counter()
+        next(iter(loader.epoch(1)))
+        continuous.append(time.perf_counter() - t0)
+        fresh = build_train_loader(stream, data_cfg, seed=r, **common)
+        t0 = time.perf_counter()
+        next(iter(fresh.epoch(1)))
+        rebuilt.append(time.perf_counter() - t0)
+    return {
+        "continuous_s": median(continuous),
+        "rebuilt_s": median(rebuilt),
+        "continuous_runs": continuous,
+        "rebuilt_runs": rebuilt,
+    }
+
+
+def mmap_both_ways(
+    index: Any, data_cfg: Any, *, images: int, batch_size: int, threads: int, repeats: int
+) -> dict[str, Any]:
+    """The DALI training pass with files read by mmap and by plain reads (``data.mmap``), alternated."""
+    runs: dict[str, list[float]] = {"mmap": [], "read": []}
+    for r in range(repeats):
+        for name in ("mmap", "read") if r % 2 == 0 else ("read", "mmap"):
+            cfg = dataclasses.replace(data_cfg, mmap=name == "mmap")
+            make = functools.partial(
+                dali_batches,
+                index,
+                "train",
+                cfg,
+                images=images,
+                batch_size=batch_size,
+                threads=threads,
+                seed=r,
+            )
+            runs[name].append(drain(make)["img_per_s"])
+    return {"mmap_img_per_s": median(runs["mmap"]), "read_img_per_s": median(runs["read"]), "runs": runs}
+
+
 # ---------------------------------------------------------------- command
 
 
@@ -326,6 +385,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     train = compare(side("train", args.images), args.repeats)
     val = compare(side("tencrop", args.val_images), args.repeats) if args.val_images > 0 else None
+    dali_args = dict(images=args.images, batch_size=args.batch_size, threads=threads, repeats=args.repeats)
+    boundary = epoch_boundary(index, data_cfg, **dali_args)
+    mmap = mmap_both_ways(index, data_cfg, **dali_args)
     return {
         "bench": "loader",
         "data": str(args.data),
@@ -343,6 +405,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **{k: train[k] for k in ("dali_img_per_s", "torchvision_img_per_s", "ratio")},
         "train": train,
         "val_tencrop": val,
+        "epoch_boundary": boundary,
+        "mmap": mmap,
         "dali": nvidia.dali.__version__,
         "torchvision": torchvision.__version__,
         "torch": torch.__version__,
@@ -367,4 +431,13 @@ def format_text(result: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<12}{part['dali_img_per_s']:>12,.1f}{part['torchvision_img_per_s']:>19,.1f}{part['ratio']:>8.2f}"
             )
+    if b := result.get("epoch_boundary"):
+        lines.append(
+            f"epoch boundary (last batch -> first of the next): pipeline running on {b['continuous_s'] * 1e3:.1f} ms, "
+            f"built anew {b['rebuilt_s'] * 1e3:.1f} ms"
+        )
+    if m := result.get("mmap"):
+        lines.append(
+            f"train reads: mmap {m['mmap_img_per_s']:.1f} img/s, plain reads {m['read_img_per_s']:.1f} img/s"
+        )
     return "\n".join(lines)

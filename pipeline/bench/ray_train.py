@@ -1,7 +1,8 @@
-"""``python -m pipeline bench ray``: Ray Train's start-up overhead and its 1 -> 2 worker scaling on CPU.
+"""``python -m pipeline bench ray``: Ray Train's start-up overhead and its scaling on CPU.
 
     python -m pipeline bench ray --json
     python -m pipeline bench ray --model cifar_resnet56 --batch-size 64 --steps 30
+    python -m pipeline bench ray --global-batch 48 --max-worker-batch 8     # + fixed global batch, 1-3 workers
 
 One small training loop (``synthetic_loop``: a registered model on a fixed random batch, SGD)
 runs three ways:
@@ -17,6 +18,12 @@ same in the plain process. ``scaling_efficiency`` = throughput(2 workers) / (2 x
 throughput(1 worker)): weak scaling, the per-worker batch stays fixed, each worker has one
 CPU and one torch thread, so on a 2-core machine 1.0 means the all-reduce is free.
 
+With ``--global-batch G`` it also runs the recipe's case, strong scaling: the global batch
+stays G over 1, 2 and 3 workers (split as the engine splits it, each rank's loss weighted by
+its share), once as it comes and once with ``--max-worker-batch`` (gradient accumulation over
+micro-batches, DDP's ``no_sync`` before the last). Each worker still has one CPU, so on a
+2-core machine 3 workers share 2 cores.
+
 Ray runs locally (``ray.init(address="local", num_cpus=2, include_dashboard=False)``) unless
 it is already initialised in this process.
 """
@@ -24,6 +31,7 @@ it is already initialised in this process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -74,6 +82,8 @@ def loop_config(
         )
     return {
         "model": model,
+        "global_batch": 0,  # > 0: fixed global batch split over the workers (strong scaling)
+        "max_worker_batch": 0,  # > 0: micro-batches of at most this, gradients accumulated
         "batch_size": batch_size,
         "input_size": input_size or spec.input_size,
         "num_classes": spec.num_classes,
@@ -111,16 +121,31 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
         world = ray.train.get_context().get_world_size()
         model = ray.train.torch.prepare_model(model)  # DDP when world > 1
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    n, s = config["batch_size"], config["input_size"]
+    global_batch = config.get("global_batch") or 0
+    if global_batch:  # the engine's split: this rank's share, in micro-batches weighted by their size
+        from pipeline.config.derived import accumulation
+        from pipeline.data.sharding import rank_slice
+
+        rank = ray.train.get_context().get_world_rank() if under_ray else 0
+        share = rank_slice(global_batch, rank, world)
+        n = share.stop - share.start
+        micro, _ = accumulation(n, config.get("max_worker_batch") or 0)
+    else:
+        n = micro = config["batch_size"]
+        global_batch = world * n
+    s = config["input_size"]
     x = torch.randn(n, 3, s, s)
     y = torch.randint(config["num_classes"], (n,))
+    parts = list(zip(x.split(micro), y.split(micro), strict=True))
+    no_sync = getattr(model, "no_sync", None)
     first_step_time = timed_start = None
     for i in range(config["warmup"] + config["steps"]):
         if i == config["warmup"]:
             timed_start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for j, (xb, yb) in enumerate(parts):
+            with no_sync() if no_sync is not None and j < len(parts) - 1 else contextlib.nullcontext():
+                (F.cross_entropy(model(xb), yb) * (yb.shape[0] * world / global_batch)).backward()
         optimizer.step()
         if i == 0:
             first_step_time = time.time()
@@ -129,8 +154,9 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
         "start_time": start,
         "first_step_time": first_step_time,
         "world_size": world,
+        "micro_batches": len(parts),
         "timed_s": timed,
-        "img_per_s": world * n * config["steps"] / timed,
+        "img_per_s": global_batch * config["steps"] / timed,
     }
 
 
@@ -200,6 +226,7 @@ def run_trainer(config: dict[str, Any], workers: int, storage: str, t0: float) -
         "fit_to_first_step_s": m["first_step_time"] - fit_start,
         "loop_start_s": m["start_time"] - t0,
         "img_per_s": m["img_per_s"],
+        "micro_batches": m.get("micro_batches", 1),
         "total_s": end - t0,
     }
 
@@ -216,6 +243,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps; the first is the 'first step'")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (2 workers need 2)")
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=0,
+        help="also: this global batch over 1, 2 and 3 workers (0: skip)",
+    )
+    parser.add_argument(
+        "--max-worker-batch",
+        type=int,
+        default=0,
+        help="with --global-batch: a second pass accumulating micro-batches of this",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,6 +265,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     if args.num_cpus < 2:
         raise BenchError(f"--num-cpus must be at least 2 (two one-CPU workers), got {args.num_cpus}")
+    if args.global_batch and args.num_cpus < 3:
+        args.num_cpus = 3  # three one-CPU workers (they share the machine's cores)
+    if args.global_batch and args.global_batch < 3:
+        raise BenchError(f"--global-batch must cover 3 workers, got {args.global_batch}")
     config = loop_config(args.model, args.batch_size, args.input_size, args.warmup, args.steps)
     machine = machine_info()
     plain = run_plain(config)
@@ -254,9 +297,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     init_s = time.time() - t0 - import_s
     storage = tempfile.mkdtemp(prefix="bench-ray-")
+    fixed = []
     try:
         one = run_trainer(config, 1, storage, t0)
         two = run_trainer(config, 2, storage, time.time())
+        for accumulate in (0, args.max_worker_batch) if args.max_worker_batch else (0,):
+            for workers in (1, 2, 3) if args.global_batch else ():
+                variant = {**config, "global_batch": args.global_batch, "max_worker_batch": accumulate}
+                r = run_trainer(variant, workers, storage, time.time())
+                fixed.append({"max_worker_batch": accumulate, **r})
     finally:
         shutil.rmtree(storage, ignore_errors=True)
         if started:
@@ -277,6 +326,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "plain": plain,
         "ray_1_worker": one,
         "ray_2_workers": two,
+        # Strong scaling: the same global batch whatever the world size (empty without --global-batch).
+        "fixed_global_batch": args.global_batch,
+        "fixed_global_batch_runs": fixed,
         "backend": "gloo",
         "ray": ray.__version__,
         "machine": finish_machine(machine),
@@ -289,6 +341,11 @@ def format_text(result: dict[str, Any]) -> str:
     Args:
         result: what ``run`` returned.
     """
+    lines = [
+        f"  global batch {result['fixed_global_batch']} over {r['workers']} worker(s)"
+        f"{f', micro-batches of {mwb}' if (mwb := r['max_worker_batch']) else ''}: {r['img_per_s']:.1f} img/s"
+        for r in result.get("fixed_global_batch_runs", [])
+    ]
     return "\n".join(
         [
             f"Ray Train on CPU ({result['model']}, batch {result['batch_size']}/worker, 1 thread/worker), "
@@ -298,5 +355,6 @@ def format_text(result: dict[str, Any]) -> str:
             f"import {result['ray_import_s']:.1f} s, init {result['ray_init_s']:.1f} s)",
             f"  img/s: plain {result['plain_img_per_s']:.1f}, 1 worker {result['img_per_s_1_worker']:.1f}, "
             f"2 workers {result['img_per_s_2_workers']:.1f}; scaling efficiency {result['scaling_efficiency']:.2f}",
+            *lines,
         ]
     )

@@ -48,7 +48,18 @@ def _loader(r: dict[str, Any]) -> str:
         f"### Data loader: DALI vs torchvision DataLoader ({r['threads']} DALI threads = {r['threads']} "
         f"worker processes, batch {r['batch_size']}, CPU decode)"
     )
-    return "\n".join([title, "", *rows, "", _machine(r)])
+    extra = []
+    if b := r.get("epoch_boundary"):
+        extra.append(
+            f"Epoch boundary, last batch to the first of the next epoch: {b['continuous_s'] * 1e3:.1f} ms with the "
+            f"pipeline running on (built once), {b['rebuilt_s'] * 1e3:.1f} ms with a pipeline built anew for the epoch."
+        )
+    if m := r.get("mmap"):
+        extra.append(
+            f"DALI train pass reading the files by mmap: {_num(m['mmap_img_per_s'])} img/s; by plain reads "
+            f"(`data.mmap: false`, the default): {_num(m['read_img_per_s'])} img/s."
+        )
+    return "\n".join([title, "", *rows, "", *extra, "", _machine(r)])
 
 
 def _model(r: dict[str, Any]) -> str:
@@ -85,6 +96,12 @@ def _ray(r: dict[str, Any]) -> str:
         f"{r['img_per_s_1_worker']:.1f} / {r['img_per_s_2_workers']:.1f} |",
         f"| scaling efficiency 1 -> 2 workers (gloo) | {r['scaling_efficiency']:.2f} |",
     ]
+    for run in r.get("fixed_global_batch_runs", []):
+        micro = f", micro-batches of {run['max_worker_batch']}" if run["max_worker_batch"] else ""
+        rows.append(
+            f"| img/s, global batch {r['fixed_global_batch']} over {run['workers']} worker(s){micro} "
+            f"| {run['img_per_s']:.1f} |"
+        )
     title = (
         f"### Ray Train on CPU: {r['model']} at {r['input_size']}px, batch {r['batch_size']} per worker, "
         "1 CPU and 1 torch thread per worker"
@@ -92,7 +109,16 @@ def _ray(r: dict[str, Any]) -> str:
     return "\n".join([title, "", *rows, "", _machine(r)])
 
 
-SECTIONS = {"loader": _loader, "model": _model, "ray": _ray}
+def _engine(r: dict[str, Any]) -> str:
+    rows = ["| code | img/s |", "| --- | ---: |", f"| this checkout | {r['img_per_s']:.1f} |"]
+    if r.get("baseline"):
+        rows.append(f"| `{r['baseline']}` | {r['baseline_img_per_s']:.1f} |")
+        rows.append(f"| ratio | {r['ratio']:.3f} |")
+    title = f"### Training loop on CPU: `train --no-ray`, demo recipe, batch {r['batch_size']}, {r['epochs']} epochs"
+    return "\n".join([title, "", *rows, "", _machine(r)])
+
+
+SECTIONS = {"loader": _loader, "model": _model, "ray": _ray, "engine": _engine}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

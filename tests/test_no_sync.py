@@ -1,0 +1,70 @@
+"""Nothing in a training step or an evaluation batch waits for the device.
+
+On a GPU, every ``.item()``, ``.tolist()``, ``.cpu()`` or Python truth test of a tensor blocks
+the host until the queued kernels finish. On the CPU they cost nothing, so the test counts them:
+an epoch of 8 steps and one of 4 must make the same number (those at the epoch's end), and so
+must an evaluation of 16 images and one of 4.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import load_config
+from pipeline.distributed import init_context
+from pipeline.engine import train_one_epoch
+from pipeline.evaluate import evaluate
+from pipeline.worker import setup_run
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """Counts of the host-synchronising Tensor methods called while the fixture is active."""
+    counts: Counter[str] = Counter()
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_steps_and_evaluation_batches_make_no_host_sync(tiny_imagenet, tmp_path, count_syncs):
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_imagenet, tmp_path, "nosync")
+        + ["cluster.num_workers=1", "log_every_n_steps=1000", "tracking.log_every_n_steps=1000"],
+    )
+    run = setup_run(cfg, init_context(False, use_gpu=False))
+    steps = run.derived.iters_per_epoch  # 128 images / 16 = 8
+
+    def syncs_of(fn) -> Counter[str]:
+        count_syncs.clear()
+        fn()
+        return Counter(count_syncs)
+
+    def quiet(metrics, step, due):
+        pass  # where the metrics would go; only the epoch's last step is due here
+
+    whole = syncs_of(lambda: train_one_epoch(run, 0, ckpt.TrainingProgress(), quiet))
+    half = syncs_of(
+        lambda: train_one_epoch(run, 1, ckpt.TrainingProgress(epoch=1, step=steps + steps // 2), quiet)
+    )
+    assert sum(whole.values()) > 0  # the epoch's end reads its sums: the counting works
+    assert whole == half, (whole, half)  # 8 steps or 4: the same reads, none per step
+
+    def score(images: int) -> None:
+        batches = [(torch.randn(4, 3, 48, 48), torch.randint(0, 4, (4,))) for _ in range(images // 4)]
+        evaluate(run.plain, batches, mode="center", device=torch.device("cpu"))
+
+    assert syncs_of(lambda: score(16)) == syncs_of(lambda: score(4))
