@@ -719,7 +719,7 @@ def check_elastic(drill: Drill, check: Check, logs: str, records: list[dict]) ->
         f"{[r.get('world_size') for r in records]}, global batch {sorted(batches, key=str)}"
     )
     ok = sizes[:1] == [n] and bool(shrank) and grew and batches == {drill.args.batch}
-    check(ok, "elastic: shrank and grew back", detail)
+    check(ok, "elastic shrink and growth", detail)
 
 
 def run_checks(
@@ -743,7 +743,7 @@ def run_checks(
     summary = guarded("summary.json", check_summary, drill, check)
     guarded("eval of the final checkpoint", check_eval, drill, check, summary)
     guarded("training placement", check_placement, drill, check)
-    guarded("elastic: shrank and grew back", check_elastic, drill, check, logs, records or [])
+    guarded("elastic shrink and growth", check_elastic, drill, check, logs, records or [])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -33,7 +33,7 @@ CHECKS = {
     "summary.json",
     "eval of the final checkpoint",
     "training placement",
-    "elastic: shrank and grew back",
+    "elastic shrink and growth",
 }
 
 
