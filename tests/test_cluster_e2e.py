@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from localnodes import free_ports, kill_marked, pids_with_env
 
 pytestmark = pytest.mark.ray
 
@@ -43,19 +44,6 @@ MARKER = "RESNET_E2E_CLUSTER"  # set in the nodes' environment only; teardown lo
 # A recognisable stand-in for a W&B key delivered to the nodes as a secret (40 chars, the
 # length of a real key); nothing the job writes or prints may contain it.
 FAKE_WANDB_KEY = "e2e0fake0" + uuid.uuid4().hex[:31]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class LocalCluster:
@@ -251,28 +239,11 @@ class LocalCluster:
                     proc.kill()
                     proc.wait(timeout=10)
         # Anything that outlived its parent (a worker mid-spawn) still carries our marker.
-        deadline = time.monotonic() + 10
-        while (left := self.leftover_pids()) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        kill_marked(f"{MARKER}={self.root}")
         shutil.rmtree(self.root, ignore_errors=True)
 
     def leftover_pids(self) -> list[int]:
-        needle = f"{MARKER}={self.root}".encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
+        return pids_with_env(f"{MARKER}={self.root}")
 
 
 @pytest.fixture(scope="module")

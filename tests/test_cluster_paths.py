@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from localnodes import free_ports, kill_marked, pids_with_env
 
 pytestmark = pytest.mark.ray
 
@@ -40,16 +40,6 @@ NODE_LIST = (
     "infos = r.GcsClient(address=sys.argv[1]).get_all_node_info(timeout=20).values()\n"
     "print(json.dumps([[i.node_id.hex(), i.state == 0, dict(i.resources_total)] for i in infos]))\n"
 )
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def can_unshare_mounts() -> bool:
@@ -159,28 +149,11 @@ class Nodes:
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "head"] + ["head"] * ("head" in self.procs):
             self.stop_node(name)
-        deadline = time.monotonic() + 10
-        while (left := self.leftover_pids()) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        kill_marked(f"{MARKER}={self.root}")
         shutil.rmtree(self.root, ignore_errors=True)
 
     def leftover_pids(self) -> list[int]:
-        needle = f"{MARKER}={self.root}".encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
+        return pids_with_env(f"{MARKER}={self.root}")
 
     def train(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """``python -m pipeline train`` as a driver joining this cluster."""

@@ -2,7 +2,7 @@
 
     pipe = build_train_pipeline("paper", feed, cfg.data, batch_size=64, device_id=None, num_threads=2,
                                 seed=0, channels_last=False, half=False)
-    pipe = build_pipeline("tencrop", files, labels, cfg.data, batch_size=32, device_id=None,
+    pipe = build_val_pipeline("tencrop", files, labels, cfg.data, batch_size=32, device_id=None,
                           num_threads=2, seed=0, channels_last=False, half=False)
 
 Training pipelines are built once per run and fed by an external source: each batch's file
@@ -189,7 +189,7 @@ def build_train_pipeline(
     return pipe
 
 
-def build_pipeline(
+def build_val_pipeline(
     mode: str,
     files: Sequence[str],
     labels: Sequence[int],

@@ -31,8 +31,8 @@ from pipeline.data.dali_pipeline import (
     READER,
     TRAIN_MODES,
     VAL_MODES,
-    build_pipeline,
     build_train_pipeline,
+    build_val_pipeline,
     lighting_means,
 )
 from pipeline.data.layout import ImageFolderIndex
@@ -328,7 +328,7 @@ def build_val_loader(
     def make_pipe() -> Any:
         # An empty shard (more ranks than images) still needs a valid reader: give it one file
         # and yield nothing from it.
-        return build_pipeline(
+        return build_val_pipeline(
             mode,
             files or list(index.val_files[:1]),
             labels or [0],
