@@ -139,11 +139,18 @@ def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_image
     )
     reader = OutputReader(proc)
     run_dir = tmp_path / "killed"
-    mid_epoch_3 = [run_dir / f"checkpoint_epoch0002_step{s:07d}" / "state.pt" for s in (18, 20, 22)]
+    mid_epoch_3 = [run_dir / f"checkpoint_epoch0002_step{s:07d}" for s in (18, 20, 22)]
+
+    def whole(folder: Path) -> bool:  # uploads run in the background: a state.pt may still be growing
+        try:
+            ckpt.read(folder)
+            return True
+        except ckpt.CheckpointError:
+            return False
 
     try:
-        # The first one appears shortly after step 18: the kill lands a few steps before epoch 3 ends.
-        wait_for(lambda: any(p.is_file() for p in mid_epoch_3), 300, proc)
+        # The first one is whole shortly after step 18: the kill lands a few steps before epoch 3 ends.
+        wait_for(lambda: any(whole(p) for p in mid_epoch_3), 300, proc)
         os.kill(rank0_pid(reader.lines), signal.SIGKILL)
         proc.wait(timeout=400)
     finally:
