@@ -40,8 +40,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline tests
-	$(VENV)/bin/ruff format --check pipeline tests
+	$(VENV)/bin/ruff check pipeline tests cluster
+	$(VENV)/bin/ruff format --check pipeline tests cluster
 
 # One Ray worker per local GPU (none: one CPU worker); ARGS may still set cluster.num_workers.
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')

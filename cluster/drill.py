@@ -40,7 +40,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any checkout: import that checkout's pipeline
 
+
+from localnodes import free_ports, pids_with_env  # noqa: E402  (cluster/, beside this script)
 
 from pipeline import locations  # noqa: E402
 
@@ -86,33 +87,6 @@ exec "$@"
 
 class DrillError(RuntimeError):
     """The drill itself cannot go on (a node does not start, the job cannot be submitted)."""
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def pids_with_env(needle: str) -> list[int]:
-    """Processes whose environment holds the exact entry ``needle`` (``NAME=value``)."""
-    raw, pids = needle.encode(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if raw in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def descendants(pids: set[int]) -> set[int]:

@@ -18,6 +18,7 @@ os.environ.pop("RAY_ADDRESS", None)
 
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "cluster"))  # cluster/localnodes.py: the drill's and the cluster tests' helpers
 
 
 def run_pipeline(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

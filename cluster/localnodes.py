@@ -1,7 +1,8 @@
-"""Helpers for tests that start Ray nodes on this machine: free ports, and ending what they started.
+"""Ray nodes on this one machine (the drill, the cluster tests): free ports, and ending what was started.
 
-Every process a test starts carries a marker entry in its environment (``NAME=value``); teardown
-kills only the processes that carry it, never anything else running here (no ``ray stop``).
+Every process the drill or a test starts carries a marker entry in its environment
+(``NAME=value``); teardown kills only the processes that carry it, never anything else running
+here (no ``ray stop``).
 """
 
 from __future__ import annotations
