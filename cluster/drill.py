@@ -18,8 +18,10 @@ own temp dir, so it runs beside other Ray clusters on the machine:
   runtime env: the nodes already run this venv) with the AWS endpoint in its ``env_vars``;
 - in an epoch after the first, the node running rank 0 (the ``RayTrainWorker`` whose pid
   prefixes the step lines in the job log) is killed whole: SIGKILL to its ``ray start``,
-  raylet and every process carrying that node's marker; ``--replace-after`` seconds later a
-  new worker node joins, as an autoscaler would start one.
+  raylet and every process carrying that node's marker; once the run goes on with one worker
+  fewer (elastic: ``cluster.num_workers=[N-1, N]``) and has trained a few steps so, a new
+  worker node joins ``--replace-after`` seconds later, as an autoscaler would start one, and
+  the run grows back.
 
 Then one line per check, PASS or FAIL with the figures: the job SUCCEEDED; the run resumed
 from a checkpoint; each epoch exactly once in the bucket's ``metrics.jsonl`` and in the W&B
@@ -66,6 +68,8 @@ HIDDEN = ("data", "runs", "wandb")  # the checkout's folders a node must not see
 # A step line of rank 0, as Ray prefixes it in the job log:
 # "(RayTrainWorker pid=123, ip=10.0.0.5) epoch 1.25/3 step 10/24 loss ..."
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefix on a terminal and in job logs alike
+# Rank 0's description of each new worker group: "run drill: ...\n ... world size 3, global batch 16".
+WORLD_LINE = re.compile(r"\) run \S+: .*\n.*world size (\d+), global batch (\d+)")
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)\.(\d\d)/(\d+) step (\d+)/(\d+)")
 
 # Runs inside the new mount namespace, then becomes `ray start`.
@@ -446,6 +450,23 @@ class Drill:
             time.sleep(0.3)
         return None
 
+    def wait_for_group(self, size: int, timeout: float, steps: int = 3) -> bool:
+        """Until the job log shows a new worker group of ``size`` that has printed ``steps`` step lines."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            logs = ANSI.sub("", self.job_logs())
+            starts = [(m.start(), int(m[1])) for m in WORLD_LINE.finditer(logs)]
+            if (
+                len(starts) > 1
+                and starts[-1][1] == size
+                and len(STEP_LINE.findall(logs[starts[-1][0] :])) >= steps
+            ):
+                return True
+            if self.job_status() in {"SUCCEEDED", "FAILED", "STOPPED"}:
+                return False
+            time.sleep(1)
+        return False
+
     def wait_job(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while (status := self.job_status()) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
@@ -674,9 +695,6 @@ def check_placement(drill: Drill, check: Check) -> None:
     )
 
 
-WORLD_LINE = re.compile(r"\) run \S+: .*\n.*world size (\d+), global batch (\d+)")
-
-
 def check_elastic(drill: Drill, check: Check, logs: str, records: list[dict]) -> None:
     """The run went on with one worker fewer after the kill (and trained there), then grew back."""
     n = drill.args.workers
@@ -747,8 +765,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--replace-after",
         type=float,
-        default=35.0,
-        help="seconds from the kill to the new node: past --start-timeout, so the run trains on N-1 meanwhile",
+        default=5.0,
+        help="seconds from the run training on N-1 workers to the new node",
     )
     p.add_argument("--timeout", type=float, default=1200, help="seconds the job may take")
     p.add_argument(
@@ -793,8 +811,12 @@ def main(argv: list[str]) -> int:
         kill = drill.kill_rank0_mid_epoch(args.timeout)
         replaced_after = None
         if kill is not None:
-            say(f"killed node {kill['node']} at epoch {kill['at']}; a new node in {args.replace_after} s")
+            say(f"killed node {kill['node']} at epoch {kill['at']}; waiting for the run to go on with fewer")
             killed_at = time.monotonic()
+            shrunk = drill.wait_for_group(args.workers - 1, timeout=180)
+            say(
+                f"training on {args.workers - 1} workers" if shrunk else "the run did not shrink within 180 s"
+            )
             time.sleep(args.replace_after)
             drill.start_node(f"worker{args.workers + 1}")
             replaced_after = time.monotonic() - killed_at
