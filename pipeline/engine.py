@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, config_changes, config_from_dict, requested_gpu, to_dict
-from pipeline.distributed import all_reduce_sum, barrier, broadcast_buffers, broadcast_object, init_context
+from pipeline.distributed import all_reduce_sum, broadcast_buffers, broadcast_object, finish, init_context
 from pipeline.evaluate import evaluate, topk_correct
 from pipeline.outputs import RunOutputs
 from pipeline.precision import autocast
@@ -387,5 +387,5 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "run_dir": location,
     }
     out.close(summary, final_mode, test)
-    barrier()
+    finish(ctx)
     return summary

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -121,9 +122,13 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pipeline.data.layout import DataLayoutError
 
+    # Under torchrun every process runs this; rank 0 alone prints the config and the summary.
+    prints = not args.no_ray or os.environ.get("RANK", "0") == "0"
     try:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
-        print(preflight(cfg), flush=True)
+        plan = preflight(cfg)
+        if prints:
+            print(plan, flush=True)
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -151,5 +156,6 @@ def main(argv: list[str]) -> int:
             raise
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
-    print_summary(cfg)
+    if prints:
+        print_summary(cfg)
     return 0

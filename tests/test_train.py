@@ -121,3 +121,29 @@ def test_console_holds_the_pipelines_lines_and_not_rays_reports(tiny_imagenet, t
     assert out.count("epoch 2/2 done:") == 1  # rank 0 alone prints progress
     assert "Reporting training result" not in out and "TrainingReport(" not in out
     assert "\x1b[" not in out  # no ANSI colour codes when the output is not a terminal
+
+
+def test_torchrun_two_processes_print_once_and_exit_cleanly(tiny_imagenet, tmp_path):
+    """``torchrun --nproc_per_node 2 -m pipeline train --no-ray``: the same run without Ray.
+
+    Rank 0 alone prints the config, progress and summary. Both processes end their gloo group
+    and exit 0, with the bf16 gradient hook on (left to the interpreter's exit, that group
+    sometimes aborted the process).
+    """
+    overrides = tiny_overrides(tiny_imagenet, tmp_path, "torchrun") + [
+        "schedule.epochs=2",
+        "eval.final_mode=center",
+        "precision.grad_compression=bf16",
+        "tracking.mode=disabled",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline"]
+        + ["train", "--config", "configs/demo.yaml", "--no-ray", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for line in ("resolved config:", "epoch 2/2 done:", "== summary =="):
+        assert out.count(line) == 1, (line, out[-3000:])
+    summary = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
