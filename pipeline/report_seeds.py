@@ -205,22 +205,17 @@ def verdict_table(rows: list[Comparison]) -> str:
 
 def verdict_summary(rows: list[Comparison]) -> list[str]:
     """The two claims of Figure 6 in words, for each pair present."""
+    claims = {
+        ("higher", "training"): "Degradation ({deeper} ends with higher training error than {shallower})",
+        ("lower", "test"): "Residual learning ({deeper} ends with lower test error than {shallower})",
+    }
     out = []
     for c in rows:
-        if c.claim == "higher" and c.measure == "training":
-            out.append(
-                f"- Degradation ({c.deeper} ends with higher training error than {c.shallower}): {c.verdict}"
-                + (f", margin {c.margin:+.2f} points" if c.margin is not None else "")
-                + (f" ± {c.spread:.2f}" if c.spread is not None else "")
-                + "."
-            )
-        if c.claim == "lower" and c.measure == "test":
-            out.append(
-                f"- Residual learning ({c.deeper} ends with lower test error than {c.shallower}): {c.verdict}"
-                + (f", margin {c.margin:+.2f} points" if c.margin is not None else "")
-                + (f" ± {c.spread:.2f}" if c.spread is not None else "")
-                + "."
-            )
+        if (claim := claims.get((c.claim, c.measure))) is None:
+            continue
+        margin = f", margin {c.margin:+.2f} points" if c.margin is not None else ""
+        spread = f" ± {c.spread:.2f}" if c.spread is not None else ""
+        out.append(f"- {claim.format(deeper=c.deeper, shallower=c.shallower)}: {c.verdict}{margin}{spread}.")
     return out
 
 
