@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from any checkout: import that 
 
 from localnodes import free_ports, pids_with_env  # noqa: E402  (cluster/, beside this script)
 
-from pipeline import locations  # noqa: E402
+from pipeline.store import locations  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -538,7 +538,7 @@ def _wandb_epoch_rows(drill: Drill) -> tuple[list[str], list[dict]]:
     """What a user gets from ``pipeline wandb-sync RUN``: the run's offline segments in the bucket
     merged (on this machine, from the bucket alone; uploaded nowhere). Returns (its report line,
     if any; the merged history's epoch rows)."""
-    from pipeline.wandb_offline import read_wandb_history
+    from pipeline.tracking.offline import read_wandb_history
 
     out = drill.root / "wandb-merged"
     cmd = [sys.executable, "-m", "pipeline", "wandb-sync", drill.run_uri, "--dry-run", "--out", str(out)]

@@ -62,7 +62,7 @@ submit: | $(STAMP)
 	[ -n "$$id" ] || id="$(notdir $(basename $(CONFIG)))-$$(date -u +%Y%m%d-%H%M%S)-$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"; \
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(CLUSTER_RAY) job submit --address "$(ADDRESS)" --submission-id "$$id" \
 	  --working-dir . --runtime-env "$(RUNTIME_ENV)" --no-wait \
-	  -- python -m pipeline train --config $(CONFIG) $(ARGS) >&2 || exit $$?; \
+	  -- sh cluster/scripts/job_python.sh -m pipeline train --config $(CONFIG) $(ARGS) >&2 || exit $$?; \
 	echo "submitted: $$id"; \
 	echo "  follow:  make job-logs JOB=$$id ADDRESS=$(ADDRESS)"; \
 	echo "  status:  make job-status JOB=$$id ADDRESS=$(ADDRESS)"; \

@@ -11,16 +11,19 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("pipeline.launch", "train a model from a YAML config (Ray Train)"),
-    "eval": ("pipeline.evaluate_cli", "evaluate a checkpoint (center / tencrop / multiscale)"),
+    "train": ("pipeline.driver.train_cmd", "train a model from a YAML config (Ray Train)"),
+    "eval": ("pipeline.driver.eval_cmd", "evaluate a checkpoint (center / tencrop / multiscale)"),
     "data": ("pipeline.data.cli", "dataset tools: synth, index, check-layout, verify, prepare-val, stats"),
-    "sweep": ("pipeline.sweep", "configs x seeds as Ray Tune trials (resumable), e.g. the degradation study"),
+    "sweep": (
+        "pipeline.driver.sweep",
+        "configs x seeds as Ray Tune trials (resumable), e.g. the degradation study",
+    ),
     "models": ("pipeline.models.cli", "list registered models with params and multiply-adds"),
     "bench": ("pipeline.bench", "throughput benchmarks (loader, model, ray)"),
-    "report": ("pipeline.report", "figures and tables against the paper from run directories"),
-    "wandb-sync": ("pipeline.wandb_sync", "one W&B history for a run across restarts, then wandb sync"),
+    "report": ("pipeline.report.single", "figures and tables against the paper from run directories"),
+    "wandb-sync": ("pipeline.tracking.sync", "one W&B history for a run across restarts, then wandb sync"),
     "dashboard": (
-        "pipeline.dashboard",
+        "pipeline.tracking.dashboard",
         "W&B workspaces and reports built in code (training, degradation, ...)",
     ),
 }

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cluster_state
-from pipeline.cluster_check import check_fit, decide_gpu, plan_workers
-from pipeline.cluster_state import ClusterView, Node, NodeType, node_types_from_autoscaling_config
 from pipeline.config import ClusterConfig, ConfigError, load_config
+from pipeline.driver import cluster_state
+from pipeline.driver.cluster_check import check_fit, decide_gpu, plan_workers
+from pipeline.driver.cluster_state import ClusterView, Node, NodeType, node_types_from_autoscaling_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = Node("aa" * 28, "10.0.0.1", {"CPU": 8.0, "node:__internal_head__": 1.0}, True)
@@ -244,7 +244,7 @@ def test_gcs_cluster_config_is_read(local_ray):
 
 @pytest.mark.ray
 def test_local_ray_plan(local_ray, tmp_path):
-    from pipeline.cluster_check import check_cluster
+    from pipeline.driver.cluster_check import check_cluster
 
     view = cluster_state.inspect_cluster(None)
     assert view.scaling == "local" and len(view.nodes) == 1 and cluster_state.started_here()
@@ -266,8 +266,8 @@ def test_gpu_start_that_cannot_be_placed_fails_after_the_timeout(local_ray, monk
     only cluster.start_timeout_s per attempt and cluster.start_retries times (no GPU here)."""
     import ray.train
 
-    from pipeline import cluster_check
-    from pipeline.ray_runner import run_on_ray
+    from pipeline.driver import cluster_check
+    from pipeline.driver.ray_runner import run_on_ray
 
     if local_ray.cluster_resources().get("GPU", 0) > 0:
         pytest.skip("this machine has a GPU: the workers would be placed")
@@ -294,7 +294,7 @@ def test_gpu_start_that_cannot_be_placed_fails_after_the_timeout(local_ray, monk
 
 @pytest.mark.ray
 def test_dry_run_on_the_local_ray(local_ray, tiny_imagenet, tmp_path, capsys):
-    from pipeline.launch import main
+    from pipeline.driver.train_cmd import main
 
     common = [
         "--config",
@@ -334,7 +334,7 @@ def test_dry_run_on_the_local_ray(local_ray, tiny_imagenet, tmp_path, capsys):
 
 
 def test_dry_run_flag_errors(capsys):
-    from pipeline.launch import main
+    from pipeline.driver.train_cmd import main
 
     with pytest.raises(SystemExit) as e:
         main(["--config", "configs/demo.yaml", "--dry-run", "--no-ray"])
@@ -342,7 +342,7 @@ def test_dry_run_flag_errors(capsys):
 
 
 def test_runtime_env_is_summarised_without_secrets():
-    from pipeline.plan import describe_runtime_env
+    from pipeline.driver.plan import describe_runtime_env
 
     env = {
         "working_dir": "gcs://_ray_pkg_abc.zip",
@@ -357,7 +357,7 @@ def test_runtime_env_is_summarised_without_secrets():
 
 
 def test_storage_uri_reachability(tmp_path):
-    from pipeline.plan import storage_problem
+    from pipeline.driver.plan import storage_problem
 
     assert storage_problem(f"file://{tmp_path}/runs") is None
     assert "is not reachable" in storage_problem("nosuchscheme://bucket/runs")

@@ -70,9 +70,15 @@ class LocalCluster:
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
-        # What the templates give every node: the same, plus the W&B key from a secret.
+        # What the templates give every node: the same, plus the W&B key from a secret. The
+        # nodes run as cluster/README's rehearsal starts them, `.venv/bin/ray start` with the
+        # venv NOT on PATH: a job's bare `python` would then be the system one (no torch).
+        system_path = os.pathsep.join(
+            p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p).resolve() != VENV_BIN.resolve()
+        )
         self.node_env = {
             **self.client_env,
+            "PATH": system_path,
             MARKER: str(self.root),
             "WANDB_API_KEY": FAKE_WANDB_KEY,
             "WANDB_MODE": "offline",

@@ -28,7 +28,7 @@ def test_the_key_reaches_the_trainers_torch_config(monkeypatch, tmp_path):
     import ray
     import ray.train.torch
 
-    from pipeline.ray_runner import run_on_ray
+    from pipeline.driver.ray_runner import run_on_ray
 
     built: dict[str, Any] = {}
 

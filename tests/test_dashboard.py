@@ -21,11 +21,10 @@ from typing import Any
 import pytest
 from conftest import tiny_overrides
 
-from pipeline import dashboard
 from pipeline.config import load_config, to_dict
-from pipeline.report import PAPER_RESULTS
-from pipeline.tracking import FINAL_SUMMARY_METRICS, LOGGED_METRICS, OPTIONAL_METRICS
-from pipeline.wandb_offline import read_wandb_history, read_wandb_records
+from pipeline.report.paper import PAPER_RESULTS
+from pipeline.tracking.offline import read_wandb_history, read_wandb_records
+from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS, OPTIONAL_METRICS, dashboard
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_workspaces = pytest.mark.skipif(
@@ -56,7 +55,7 @@ def _isolated_wandb_env(home: Path) -> dict[str, str]:
 def test_engine_logs_exactly_the_metrics_tracking_lists(tiny_imagenet, tmp_path, monkeypatch):
     import wandb
 
-    from pipeline.engine import train_worker
+    from pipeline.train.loop import train_worker
 
     for key, value in _isolated_wandb_env(tmp_path / "home").items():
         monkeypatch.setenv(key, value)
@@ -70,9 +69,11 @@ def test_engine_logs_exactly_the_metrics_tracking_lists(tiny_imagenet, tmp_path,
     rows = read_wandb_history(run_file)
     assert any("train/step_loss" in row for row in rows) and any("val/top1_err" in row for row in rows)
     logged = {key for row in rows for key in row if not key.startswith("_")}  # _step, _runtime: wandb's
-    assert logged <= LOGGED_METRICS, f"logged but not in pipeline.tracking's lists: {logged - LOGGED_METRICS}"
+    assert logged <= LOGGED_METRICS, (
+        f"logged but not in pipeline.tracking.tracker's lists: {logged - LOGGED_METRICS}"
+    )
     missing = LOGGED_METRICS - set(OPTIONAL_METRICS) - logged
-    assert not missing, f"listed in pipeline.tracking but never logged: {missing}"
+    assert not missing, f"listed in pipeline.tracking.tracker but never logged: {missing}"
 
     finals = set()
     for record in read_wandb_records(run_file):
@@ -87,7 +88,7 @@ def test_engine_logs_exactly_the_metrics_tracking_lists(tiny_imagenet, tmp_path,
 
 
 def _view(kind: str, group: str | None = None) -> dict[str, Any]:
-    from pipeline.dashboard_views import build
+    from pipeline.tracking.dashboard_views import build
 
     return dashboard.payload(build(kind, "my-team", "resnet-pipeline", group))
 
@@ -168,7 +169,7 @@ def test_checker_catches_renamed_metrics_unknown_panels_and_config_keys(monkeypa
     for expected in ("'val/top1_error'", "'epochs'", "'model.nam'", "'final/tencrop/top1'", "'Scalar Chart'"):
         assert any(expected in p for p in problems), (expected, problems)
 
-    # A metric renamed in pipeline.tracking (here: dropped from its list) stops the command.
+    # A metric renamed in pipeline.tracking.tracker (here: dropped from its list) stops the command.
     monkeypatch.setattr(dashboard, "LOGGED_METRICS", LOGGED_METRICS - {"val/top1_err"})
     assert dashboard.main(["--entity", "e", "--kind", "degradation", "--dry-run"]) == 1
     assert "'val/top1_err'" in capsys.readouterr().err
@@ -312,7 +313,7 @@ def test_save_sends_what_dry_run_prints(kind, tmp_path):
     assert f"saved the {kind} " in result.stdout and f"http://127.0.0.1:{port}/e/" in result.stdout
     (sent,) = [r["variables"] for r in requests if "upsertView" in r["query"]]
 
-    from pipeline.dashboard_views import build
+    from pipeline.tracking.dashboard_views import build
 
     expected = dashboard.payload(build(kind, "e", "resnet-pipeline", "g1"))
     for field in ("entityName", "projectName", "displayName", "type", "description"):

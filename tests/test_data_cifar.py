@@ -189,7 +189,7 @@ def test_held_out_split_run_scores_val_and_test(cifar_root, tmp_path):
     """data.val_split > 0: each epoch validates on the held-out images, and the end scores the
     test set too; summary.json has both."""
     from pipeline.config import load_config, to_dict
-    from pipeline.engine import train_worker
+    from pipeline.train.loop import train_worker
 
     cfg = load_config(
         "configs/cifar10/resnet20.yaml",

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import locations
 from pipeline.data import cli
 from pipeline.data.layout import INDEX_NAME, DataLayoutError, scan_imagenet, write_index
 from pipeline.data.synth import write_synthetic_imagenet
+from pipeline.store import locations
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "data-test"

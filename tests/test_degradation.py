@@ -19,7 +19,7 @@ import yaml
 from conftest import run_pipeline
 from PIL import Image
 
-from pipeline.wandb_offline import read_wandb_records
+from pipeline.tracking.offline import read_wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")

@@ -120,7 +120,7 @@ def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
     import wandb
 
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.tracker import Tracker
 
     tracker = Tracker.create(
         TrackingConfig(mode="offline", project="p"),
@@ -146,9 +146,9 @@ def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
     values and one row per step."""
     import pyarrow.fs
 
-    from pipeline import locations
-    from pipeline.wandb_offline import read_wandb_history
-    from pipeline.wandb_sync import main as wandb_sync
+    from pipeline.store import locations
+    from pipeline.tracking.offline import read_wandb_history
+    from pipeline.tracking.sync import main as wandb_sync
 
     run_uri = "s3://drill/runs/drill"
     local = tmp_path / "run"

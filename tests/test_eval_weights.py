@@ -79,7 +79,7 @@ def test_weights_that_do_not_fit_are_refused_by_name(tmp_path):
 
 def test_eval_command_scores_torchvision_weights(tiny_imagenet, tmp_path):
     from pipeline.data.source import open_dataset
-    from pipeline.evaluate import evaluate
+    from pipeline.train.evaluate import evaluate
 
     torch.manual_seed(1)
     reference = _randomise_bn(torchvision.models.resnet18(num_classes=4))
@@ -109,7 +109,7 @@ def test_eval_command_scores_torchvision_weights(tiny_imagenet, tmp_path):
 
 
 def test_eval_command_needs_exactly_one_source_and_meanstd(tiny_imagenet, tmp_path, capsys):
-    from pipeline import evaluate_cli
+    from pipeline.driver import eval_cmd as evaluate_cli
 
     weights = _save(torchvision.models.resnet18(num_classes=4), tmp_path / "w.pth")
     overrides = tiny_overrides(tiny_imagenet, tmp_path / "runs")

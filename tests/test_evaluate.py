@@ -11,7 +11,7 @@ import torch
 from conftest import run_pipeline, tiny_overrides
 
 from pipeline.config import load_config, to_dict
-from pipeline.evaluate import evaluate, topk_correct
+from pipeline.train.evaluate import evaluate, topk_correct
 
 MODES = {
     "center": [],
@@ -23,7 +23,7 @@ MODES = {
 @pytest.fixture(scope="module")
 def trained(tiny_imagenet, tmp_path_factory) -> tuple[list[str], Path]:
     """Overrides and the last checkpoint of a 2-epoch single-process run."""
-    from pipeline.engine import train_worker
+    from pipeline.train.loop import train_worker
 
     storage = tmp_path_factory.mktemp("eval-runs")
     overrides = tiny_overrides(tiny_imagenet, storage, "evalsrc") + ["schedule.epochs=2", "eval.batch_size=6"]
@@ -54,8 +54,8 @@ def test_tencrop_averages_softmax_over_crops():
 @pytest.mark.ray
 def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray):
     """For every mode, 2 Ray workers (each scoring its shard) give exactly the 1-process counts."""
-    from pipeline.evaluate_cli import eval_worker
-    from pipeline.ray_runner import run_on_ray
+    from pipeline.driver.eval_cmd import eval_worker
+    from pipeline.driver.ray_runner import run_on_ray
 
     overrides, checkpoint = trained
 
@@ -120,7 +120,7 @@ def test_eval_command_writes_json(trained, tmp_path):
 
 
 def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
-    from pipeline.engine import train_worker
+    from pipeline.train.loop import train_worker
 
     cfg = load_config(
         None,
@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
 
 
 def test_param_groups_exclude_bn_and_bias_by_type():
-    from pipeline.worker import param_groups
+    from pipeline.train.setup import param_groups
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, bias=False),

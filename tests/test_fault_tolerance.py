@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import run_pipeline, tiny_overrides
 
-from pipeline import checkpoint as ckpt
-from pipeline.wandb_offline import read_wandb_history
+from pipeline.tracking.offline import read_wandb_history
+from pipeline.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.config import load_config
-from pipeline.distributed import DistContext, finish, wrap_model
-from pipeline.evaluate import evaluate
-from pipeline.worker import worker_threads
+from pipeline.train.distributed import DistContext, finish, wrap_model
+from pipeline.train.evaluate import evaluate
+from pipeline.train.setup import worker_threads
 
 
 def _ddp_grads(rank: int, store: str, compression: str, out: str) -> None:
@@ -80,7 +80,7 @@ def test_cudnn_autotuning_is_off_for_multiscale_only_and_restored(mode):
 
 
 def test_dali_threads_outside_ray_share_the_cpus_among_local_ranks(monkeypatch):
-    monkeypatch.setattr("pipeline.worker.usable_cpus", lambda: 16)
+    monkeypatch.setattr("pipeline.train.setup.usable_cpus", lambda: 16)
     cfg = load_config(None, ["cluster.cpus_per_worker=2"])
     cpu = torch.device("cpu")
     assert (

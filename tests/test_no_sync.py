@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import load_config
-from pipeline.distributed import init_context
-from pipeline.engine import train_one_epoch
-from pipeline.evaluate import evaluate
-from pipeline.worker import setup_run
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.distributed import init_context
+from pipeline.train.evaluate import evaluate
+from pipeline.train.loop import train_one_epoch
+from pipeline.train.setup import setup_run
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
@@ -53,8 +53,11 @@ def test_steps_and_evaluation_batches_make_no_host_sync(tiny_imagenet, tmp_path,
         fn()
         return Counter(count_syncs)
 
-    def quiet(metrics, step, due):
-        pass  # where the metrics would go; only the epoch's last step is due here
+    class Quiet:  # where the metrics would go (RunOutputs); only the epoch's last step is due here
+        def steps(self, metrics, step, console, track):
+            pass
+
+    quiet = Quiet()
 
     whole = syncs_of(lambda: train_one_epoch(run, 0, ckpt.TrainingProgress(), quiet))
     half = syncs_of(
@@ -65,6 +68,6 @@ def test_steps_and_evaluation_batches_make_no_host_sync(tiny_imagenet, tmp_path,
 
     def score(images: int) -> None:
         batches = [(torch.randn(4, 3, 48, 48), torch.randint(0, 4, (4,))) for _ in range(images // 4)]
-        evaluate(run.plain, batches, mode="center", device=torch.device("cpu"))
+        evaluate(run.network, batches, mode="center", device=torch.device("cpu"))
 
     assert syncs_of(lambda: score(16)) == syncs_of(lambda: score(4))

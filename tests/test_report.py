@@ -9,14 +9,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.report import (
-    PAPER_RESULTS,
-    canonical_model,
-    load_run,
-    main,
-    paper_eval,
-    paper_result,
-)
+from pipeline.report.paper import PAPER_RESULTS, canonical_model, paper_eval, paper_result
+from pipeline.report.runs import load_run
+from pipeline.report.single import main
 
 
 def write_run(

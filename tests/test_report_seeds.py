@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from pipeline.report import load_run, main
-from pipeline.report_seeds import comparisons, mean_curve, seed_groups
+from pipeline.report.runs import load_run
+from pipeline.report.seeds import comparisons, mean_curve, seed_groups
+from pipeline.report.single import main
 
 
 def seed_run(

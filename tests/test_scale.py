@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.config import load_config
 from pipeline.config.derived import accumulation
 from pipeline.data.sharding import rank_slice
-from pipeline.engine import train_step
+from pipeline.train.loop import train_step
 
 GLOBAL = 8
 

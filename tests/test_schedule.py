@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_config
-from pipeline.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
+from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
 
 
 def lr_at(cfg, it, ipe=391, state=None, base=0.1):
@@ -100,7 +100,7 @@ def test_goyal_large_batch_config_follows_their_recipe():
     """configs/imagenet/resnet50_8k.yaml: lr 0.1 x 8192/256 = 3.2, linear warm-up from 0.1 over
     5 epochs, /10 at 30, 60, 80 of 90, zero-init last BN gamma (Goyal et al. 2017)."""
     from pipeline.config import derive
-    from pipeline.schedule import ScheduleState, learning_rate
+    from pipeline.train.schedule import ScheduleState, learning_rate
 
     cfg = load_config(
         "configs/imagenet/resnet50_8k.yaml", ["cluster.num_workers=32", "optim.max_worker_batch=128"]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import TrackingConfig
-from pipeline.tracking import Tracker, TrackingWarning
-from pipeline.wandb_offline import read_wandb_history, read_wandb_records
+from pipeline.tracking.offline import read_wandb_history, read_wandb_records
+from pipeline.tracking.tracker import Tracker, TrackingWarning
 
 pytest.importorskip("wandb")
 
@@ -212,7 +212,7 @@ def test_disabled_and_non_main_write_nothing_and_never_import_wandb(tmp_path: Pa
     script = f"""
 import sys, pathlib
 from pipeline.config import TrackingConfig
-from pipeline.tracking import Tracker
+from pipeline.tracking.tracker import Tracker
 run_dir = pathlib.Path({str(tmp_path / "run")!r})
 for cfg, is_main in ((TrackingConfig(mode="disabled"), True), (TrackingConfig(mode="online"), False)):
     t = Tracker.create(cfg, run_name="r", run_dir=run_dir, config={{}}, run_id="keepme", is_main=is_main)

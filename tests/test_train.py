@@ -20,7 +20,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_single_process_engine_writes_run_dir(tiny_imagenet, tmp_path):
-    from pipeline.engine import train_worker
+    from pipeline.train.loop import train_worker
 
     cfg = load_config(
         None, tiny_overrides(tiny_imagenet, tmp_path, "solo") + ["cluster.num_workers=1", "schedule.epochs=2"]
@@ -55,7 +55,7 @@ def test_single_process_engine_writes_run_dir(tiny_imagenet, tmp_path):
 
 @pytest.mark.ray
 def test_two_worker_ray_train_run_learns_and_reports(tiny_imagenet, tmp_path, local_ray):
-    from pipeline.launch import train_on_ray
+    from pipeline.driver.train_cmd import train_on_ray
 
     cfg = load_config(None, tiny_overrides(tiny_imagenet, tmp_path, "ray2") + ["schedule.epochs=6"])
     result = train_on_ray(cfg)
@@ -72,7 +72,7 @@ def test_two_worker_ray_train_run_learns_and_reports(tiny_imagenet, tmp_path, lo
     assert summary["val_images"] == 16  # every val image scored once across the 2 workers
     # The 2 ranks scored with rank 0's BN statistics: the same as one process scoring the final
     # checkpoint (rank 0's weights and buffers), to the last image.
-    from pipeline.evaluate_cli import eval_worker
+    from pipeline.driver.eval_cmd import eval_worker
 
     for mode, expect_err, expect_loss in (
         ("tencrop", summary["val_top1_err"], None),

@@ -31,7 +31,6 @@ it is already initialised in this process.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import subprocess
@@ -93,6 +92,20 @@ def loop_config(
     }
 
 
+def _step_run(model: Any, optimizer: Any, micro: int, world: int, global_batch: int) -> Any:
+    """What the engine's ``train_step`` reads of a ``Run``, for a bare model and optimizer."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.config import load_config
+
+    cfg = load_config(None, [f"optim.batch_size={global_batch}"])  # fp32, contiguous, no smoothing
+    derived = SimpleNamespace(micro_batch=micro, world_size=world, global_batch=global_batch)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return SimpleNamespace(cfg=cfg, derived=derived, model=model, optimizer=optimizer, scaler=scaler)
+
+
 def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str, Any]:
     """Train ``config["model"]`` on a fixed random batch; the same code in and out of Ray.
 
@@ -106,9 +119,9 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
     """
     start = time.time()
     import torch
-    import torch.nn.functional as F
 
     from pipeline.models import create_model
+    from pipeline.train.loop import train_step
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
@@ -136,17 +149,12 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
     s = config["input_size"]
     x = torch.randn(n, 3, s, s)
     y = torch.randint(config["num_classes"], (n,))
-    parts = list(zip(x.split(micro), y.split(micro), strict=True))
-    no_sync = getattr(model, "no_sync", None)
+    run = _step_run(model, optimizer, micro=micro, world=world, global_batch=global_batch)
     first_step_time = timed_start = None
     for i in range(config["warmup"] + config["steps"]):
         if i == config["warmup"]:
             timed_start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        for j, (xb, yb) in enumerate(parts):
-            with no_sync() if no_sync is not None and j < len(parts) - 1 else contextlib.nullcontext():
-                (F.cross_entropy(model(xb), yb) * (yb.shape[0] * world / global_batch)).backward()
-        optimizer.step()
+        train_step(run, x, y)  # the engine's step: micro-batches, each rank's share weighted
         if i == 0:
             first_step_time = time.time()
     timed = time.perf_counter() - timed_start
@@ -154,7 +162,7 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
         "start_time": start,
         "first_step_time": first_step_time,
         "world_size": world,
-        "micro_batches": len(parts),
+        "micro_batches": -(-n // micro),
         "timed_s": timed,
         "img_per_s": global_batch * config["steps"] / timed,
     }
@@ -202,11 +210,13 @@ def run_trainer(config: dict[str, Any], workers: int, storage: str, t0: float) -
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.train.distributed import backend_for
+
     fit_start = time.time()
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend=backend_for(use_gpu=False)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
             name=f"bench-ray-{workers}w",
@@ -273,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info()
     plain = run_plain(config)
 
-    from pipeline.ray_runner import (
+    from pipeline.driver.ray_runner import (
         quiet_ray_env,  # the training launcher's settings, so both measure the same
     )
 

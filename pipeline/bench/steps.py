@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.precision import autocast
-
-NUM_CROPS = 10
+from pipeline.data.constants import NUM_TEN_CROPS as NUM_CROPS
+from pipeline.train.precision import autocast
 
 
 def make_train_step(

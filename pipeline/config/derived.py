@@ -27,6 +27,27 @@ class Derived:
     total_iters: int
     epochs: int
 
+    @property
+    def worker_share(self) -> str:
+        """Each worker's part of the global batch: "32", or "85-86" when the split is uneven
+        (ranks differ by one image at most; each rank's loss is weighted by its share)."""
+        smallest = self.global_batch // self.world_size
+        return f"{smallest}-{self.per_worker_batch}" if smallest != self.per_worker_batch else f"{smallest}"
+
+
+def check_batches(cfg: Config, world: int) -> None:
+    """The one batch-size check: each global batch (training and evaluation) is split as evenly
+    as it goes over ``world`` workers, so any world size works as long as no rank is empty."""
+    for key, batch in (
+        ("optim.batch_size", cfg.optim.batch_size),
+        ("eval.batch_size", cfg.global_eval_batch),
+    ):
+        if batch < world:
+            raise ConfigError(
+                f"{key} ({batch}) is the global batch and is smaller than the {world} workers "
+                "(cluster.num_workers): every worker needs at least one image"
+            )
+
 
 def accumulation(per_worker_batch: int, max_worker_batch: int) -> tuple[int, int]:
     """(micro-batch, accumulation steps): the fewest micro-batches of at most ``max_worker_batch``
@@ -43,8 +64,7 @@ def derive(cfg: Config, num_train_images: int, world_size: int | None = None) ->
     allows). ``per_worker_batch`` is the largest rank's share: an uneven split differs by one."""
     world = world_size or cfg.cluster.max_workers
     global_batch = cfg.optim.batch_size
-    if global_batch < world:
-        raise ConfigError(f"optim.batch_size ({global_batch}) is smaller than the {world} workers")
+    check_batches(cfg, world)
     eval_batch = cfg.global_eval_batch
     per_worker = math.ceil(global_batch / world)
     # Every epoch is a fresh global permutation cut into whole global batches, so all ranks

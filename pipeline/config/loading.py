@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.config.derived import check_batches
 from pipeline.config.schema import Config, ConfigError
 
 # ---------------------------------------------------------------- loading and merging
@@ -249,17 +250,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"cluster.num_workers: give a number or [min, max] with min <= max, got {list(workers)}"
         )
-    # The global batch is split as evenly as it goes (ranks differ by one image at most, each
-    # rank's loss weighted by its share): any world size works, as long as no rank is empty.
-    for key, batch in (
-        ("optim.batch_size", cfg.optim.batch_size),
-        ("eval.batch_size", cfg.global_eval_batch),
-    ):
-        if batch < cfg.cluster.max_workers:
-            raise ConfigError(
-                f"{key} ({batch}) is the global batch and is smaller than the {cfg.cluster.max_workers} "
-                f"workers (cluster.num_workers): every worker needs at least one image"
-            )
+    check_batches(cfg, cfg.cluster.max_workers)
     if cfg.data.dataset == "cifar10":
         for key, mode in (("eval.mode", cfg.eval.mode), ("eval.final_mode", cfg.eval.final_mode)):
             if mode not in (None, "center"):

@@ -140,6 +140,8 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     storage_path: str = "runs"  # local folder or s3:// / gs:// URI
+    # The newest N checkpoints are kept (mid-epoch ones included), with or without Ray: resume
+    # always starts from the newest readable one.
     num_to_keep: int = 2
     # Also save every N optimizer steps within an epoch (0: at epoch ends only); a restart resumes
     # at that step with the same data order, augmentation, lr and step counter.

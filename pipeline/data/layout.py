@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import locations
 from pipeline.data.constants import IMAGE_SUFFIXES
+from pipeline.store import locations
 
 INDEX_NAME = "pipeline-index.json.gz"
 INDEX_FORMAT = "resnet-pipeline/imagenet-index"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import locations
 from pipeline.data.layout import DataLayoutError
+from pipeline.store import locations
 
 MEAN_FILE = "train_mean.npz"
 KINDS = ("pixel", "channel")

@@ -25,19 +25,19 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import locations
 from pipeline.data.constants import IMAGE_SUFFIXES
 from pipeline.data.layout import DataLayoutError
 from pipeline.host import usable_cpus
+from pipeline.store import locations
 
 QUARANTINE = ".quarantine"  # under ROOT, outside train/ and val/, hidden from the layout scan
 MANIFEST = "manifest.jsonl"
 VAL_MANIFEST = ".prepare-val-manifest.json"
 FIXED_JPEG_QUALITY = 95
 
-# Problem kinds: which can be repaired in place and which must leave the class folders.
+# Problem kinds that can be repaired in place; the others ("empty", "truncated", "undecodable")
+# leave the class folders.
 REWRITE = {"png", "cmyk", "not_jpeg"}
-QUARANTINE_KINDS = {"empty", "truncated", "undecodable"}
 
 
 @dataclass

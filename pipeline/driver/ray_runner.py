@@ -5,7 +5,7 @@
 ``worker(loop_config)`` runs on every Ray Train worker with ``loop_config = {"config":
 to_dict(cfg), **extra}``; it should call ``quiet_worker_logs()`` first. Ray is joined at
 ``RAY_ADDRESS`` when set (or inside a submitted job), otherwise started here with as many
-CPUs as the workers ask for. Before the trainer is built, ``pipeline.cluster_check`` decides
+CPUs as the workers ask for. Before the trainer is built, ``pipeline.driver.cluster_check`` decides
 ``cluster.use_gpu: auto``, checks that the workers can be placed and that local paths are
 shared (``ConfigError``, docs/cluster-checks.md).
 """
@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster_check import check_cluster
 from pipeline.config import Config, to_dict
+from pipeline.driver.cluster_check import check_cluster
 from pipeline.host import usable_cpus
-from pipeline.locations import is_uri
+from pipeline.store.locations import is_uri
+from pipeline.train.distributed import backend_for
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -110,16 +111,23 @@ def run_on_ray(
     address = connect(cfg)
     cfg = with_absolute_paths(cfg)
     # GPUs or not, whether the workers can ever be placed, and shared paths: ConfigError here,
-    # before any worker starts (pipeline.cluster_check).
+    # before any worker starts (pipeline.driver.cluster_check).
     plan = check_cluster(cfg, address)
     use_gpu, resources = plan.use_gpu, plan.resources
     # Workers see the decision, not "auto" (they must not guess again from their own node).
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, use_gpu=str(use_gpu).lower()))
     # Read by Ray Train's controller (it is among the variables Ray passes on to it).
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.start_timeout_s)
+    if address is None:
+        # Ray Train's preemption watcher notices nodes being drained (spot reclaims, autoscaler
+        # scale-down) so such losses do not count against cluster.max_failures. A local Ray
+        # started here has one node that is never drained, and the watcher's only effect is
+        # Ray's "E ... core_worker.cc ... Actor with class name: 'PreemptionWatcher' ...
+        # max_restarts > 0" line on every run, which reads as an error. On a cluster it stays on.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     print(
         f"Ray: {'cluster at ' + address if address else 'local'}; {plan.placement}; "
-        f"backend {'nccl' if use_gpu else 'gloo'} ({plan.gpu_reason})",
+        f"backend {backend_for(use_gpu)} ({plan.gpu_reason})",
         *(f"warning: {w}" for w in plan.warnings),
         sep="\n",
         flush=True,
@@ -129,7 +137,7 @@ def run_on_ray(
         train_loop_config={"config": to_dict(cfg), **(extra or {})},
         # The process group's timeout: a collective with a dead peer fails within it (Ray's
         # default is 30 minutes), and Ray Train restarts the group per cluster.max_failures.
-        torch_config=TorchConfig(timeout_s=cfg.cluster.collective_timeout_s),
+        torch_config=TorchConfig(backend=backend_for(use_gpu), timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(
             # [min, max]: Ray Train's elastic scaling; a resize restarts the group, which resumes
             # from the latest checkpoint with the same global batch, re-sharded.
@@ -147,11 +155,8 @@ def run_on_ray(
             failure_config=FailureConfig(
                 max_failures=cfg.cluster.max_failures, controller_failure_limit=cfg.cluster.start_retries
             ),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.checkpoint.num_to_keep,
-                checkpoint_score_attribute="val/top1_err",
-                checkpoint_score_order="min",
-            ),
+            # The one retention policy (pipeline.train.checkpoint): the newest num_to_keep.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             # Ray Train's INFO lines repeat every report; warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Any
 
 from pipeline.config import Config, ConfigError, derive, dump_yaml, load_config, to_dict
 from pipeline.data.source import check_num_classes, open_dataset
-from pipeline.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
-from pipeline.rundir import RunDir
-from pipeline.storage import run_location
+from pipeline.driver.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
+from pipeline.store.rundir import RunDir, run_location
+from pipeline.train.distributed import launched_rank
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--dry-run",
         action="store_true",
         help="print what training would do on the cluster joined (nodes, GPUs, workers, storage, W&B, "
-        "environment) and exit: 0 viable, 2 not (pipeline.plan)",
+        "environment) and exit: 0 viable, 2 not (pipeline.driver.plan)",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.2"
@@ -74,7 +73,7 @@ def preflight(cfg: Config) -> str:
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
-    from pipeline.engine import train_worker
+    from pipeline.train.loop import train_worker
 
     quiet_worker_logs()
     train_worker(loop_config["config"], under_ray=True)
@@ -123,7 +122,7 @@ def main(argv: list[str]) -> int:
     from pipeline.data.layout import DataLayoutError
 
     # Under torchrun every process runs this; rank 0 alone prints the config and the summary.
-    prints = not args.no_ray or os.environ.get("RANK", "0") == "0"
+    prints = not args.no_ray or launched_rank() == 0
     try:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
         plan = preflight(cfg)
@@ -133,19 +132,19 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from pipeline.plan import dry_run
+        from pipeline.driver.plan import dry_run
 
         return dry_run(cfg)
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.train.checkpoint import CheckpointError
 
     try:
         if args.no_ray:
-            from pipeline.engine import train_worker
+            from pipeline.train.loop import train_worker
 
             train_worker(to_dict(cfg), under_ray=False)
         else:
             train_on_ray(cfg)
-    except ConfigError as e:  # the cluster checks before any worker starts (pipeline.cluster_check)
+    except ConfigError as e:  # the cluster checks before any worker starts (pipeline.driver.cluster_check)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, FloatingPointError) as e:

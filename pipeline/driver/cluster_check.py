@@ -4,7 +4,7 @@
     plan.use_gpu, plan.resources          # what the ScalingConfig asks for
 
 ``cluster.use_gpu: auto`` is decided from what the cluster can provide, not only from the
-nodes up now (``pipeline.cluster_state``):
+nodes up now (``pipeline.driver.cluster_state``):
 
 - a local Ray started here: this machine's GPUs;
 - a cluster with GPUs up now: GPUs;
@@ -19,7 +19,7 @@ node types are unknown, Ray Train waits for GPU nodes, bounded by ``cluster.star
 per attempt and ``cluster.start_retries`` (``ray_runner``).
 
 On a cluster of more than one node, a local ``checkpoint.storage_path`` must be visible from
-every node and a local ``data.root`` must exist on every node (``pipeline.node_probe``).
+every node and a local ``data.root`` must exist on every node (``pipeline.driver.node_probe``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.cluster_state import ClusterView, inspect_cluster
 from pipeline.config import ClusterConfig, Config, ConfigError, requested_gpu
-from pipeline.storage import is_uri
+from pipeline.driver.cluster_state import ClusterView, inspect_cluster
+from pipeline.store.locations import is_uri
 
 EPS = 1e-9  # fractional resources (0.5 GPU) add up in floating point
 
@@ -152,7 +152,7 @@ def plan_workers(cluster: ClusterConfig, view: ClusterView) -> WorkerPlan:
 
 def check_cluster(cfg: Config, address: str | None) -> WorkerPlan:
     """Everything about the cluster that can fail before training, all reasons in one ConfigError."""
-    from pipeline.node_probe import shared_path_problems
+    from pipeline.driver.node_probe import shared_path_problems
 
     view = inspect_cluster(address)
     problems = []

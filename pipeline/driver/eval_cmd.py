@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, config_from_dict, load_config, requested_gpu, to_dict
-from pipeline.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
+from pipeline.driver.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
 
 
 def _load_weights(model: Any, cfg: Config, checkpoint: str | None, weights: str | None) -> None:
-    from pipeline import checkpoint as ckpt
-    from pipeline.storage import fetched
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.checkpoint import fetched
 
     if weights is not None:
         from pipeline.models.pretrained import read_torchvision_weights
@@ -50,9 +50,9 @@ def eval_worker(
 
     Returns the result (the same on every rank: the counts are summed over ranks).
     """
-    from pipeline.distributed import init_context
-    from pipeline.evaluate import evaluate
-    from pipeline.worker import build_data, build_model_for
+    from pipeline.train.distributed import init_context
+    from pipeline.train.evaluate import evaluate
+    from pipeline.train.setup import build_data, build_model_for
 
     cfg = config_from_dict(config)
     ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
@@ -89,20 +89,19 @@ def eval_worker(
     }
 
 
-def _ray_eval_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-
+def _ray_eval_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     quiet_worker_logs()
-    record = eval_worker(
+    # Rank 0's return value comes back as ``Result.return_value``; ``Result.metrics`` would hold
+    # only what was reported with a checkpoint, so a ``ray.train.report(record)`` never reaches it.
+    return eval_worker(
         loop_config["config"], loop_config["checkpoint"], under_ray=True, weights=loop_config["weights"]
     )
-    ray.train.report(record)  # rank 0's record becomes the run's result on the driver
 
 
 def _check_checkpoint(location: str) -> None:
     """Fail before any worker starts: a local checkpoint is read whole, a remote one must hold state.pt."""
-    from pipeline import checkpoint as ckpt
-    from pipeline.locations import is_uri, join, kind
+    from pipeline.store.locations import is_uri, join, kind
+    from pipeline.train import checkpoint as ckpt
 
     if not is_uri(location):
         ckpt.read(Path(location))
@@ -139,11 +138,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
-    from pipeline import checkpoint as ckpt
     from pipeline.data.layout import DataLayoutError
     from pipeline.data.source import open_dataset
-    from pipeline.locations import is_uri, write_bytes
     from pipeline.models.pretrained import WeightsError
+    from pipeline.store.locations import is_uri, write_bytes
+    from pipeline.train import checkpoint as ckpt
 
     checkpoint = weights = None
     if args.checkpoint:
@@ -179,7 +178,7 @@ def main(argv: list[str]) -> int:
         except ConfigError as e:  # the cluster cannot run this (GPUs, shared paths): said before any work
             print(f"error: {e}", file=sys.stderr)
             return 2
-        record = dict(result.metrics)
+        record = result.return_value
     text = json.dumps(record, indent=2)
     write_bytes(out if is_uri(out) else str(Path(out).resolve()), (text + "\n").encode())
     print(text)

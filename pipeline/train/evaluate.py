@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.distributed import all_reduce_sum
-from pipeline.precision import autocast
+from pipeline.data.constants import NUM_TEN_CROPS
+from pipeline.train.distributed import all_reduce_sum
+from pipeline.train.precision import autocast
 
 
 def topk_correct(
@@ -39,7 +40,7 @@ def _scores(model: torch.nn.Module, inputs: Any, mode: str, channels_last: bool)
         return model(inputs.contiguous(memory_format=fmt)).float().softmax(dim=1)
     if mode == "tencrop":
         probs = model(inputs.contiguous(memory_format=fmt)).float().softmax(dim=1)
-        return probs.view(-1, 10, probs.shape[1]).mean(dim=1)
+        return probs.view(-1, NUM_TEN_CROPS, probs.shape[1]).mean(dim=1)
     if mode == "multiscale":
         # inputs: per sample, a list over scales of [1, 3, h, w] views of the whole image.
         rows = []

@@ -1,6 +1,6 @@
 """The report for several seeds per network: mean curves with bands, mean ± std, and the verdict.
 
-``pipeline.report`` switches to this when some network has more than one run (``make
+``pipeline.report.single`` switches to this when some network has more than one run (``make
 degradation SEEDS=k``). Runs are grouped by network (the paper-table key of the model, so
 ``cifar_resnet56`` with its seeds is one group). Per network:
 
@@ -29,10 +29,9 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pipeline.report import RunData
+from pipeline.report.paper import paper_eval, paper_result
+from pipeline.report.runs import DPI, PANEL_SIZE_IN, RunData
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,6 @@ def _depth(key: str) -> int:
 
 def seeds_table(groups: dict[str, list[RunData]]) -> str:
     """Markdown: per network the final test and training errors over seeds, beside the paper's."""
-    from pipeline.report import paper_eval, paper_result
 
     lines = [
         "| network | seeds | final test err (mean ± std) | min-max | final train err (mean ± std) | paper | Δ mean |",
@@ -242,8 +240,6 @@ def plot_seed_curves(groups: dict[str, list[RunData]], out: str | Path, x: str =
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
-
-    from pipeline.report import DPI, PANEL_SIZE_IN
 
     keys = list(groups)
     panels = [

@@ -26,9 +26,9 @@ import sys
 import time
 from typing import Any
 
-from pipeline.config import Config, ConfigError, load_config, requested_gpu, to_dict
-from pipeline.rundir import RunDir
-from pipeline.storage import run_location
+from pipeline.config import Config, ConfigError, load_config, to_dict
+from pipeline.store.locations import join
+from pipeline.store.rundir import RunDir, run_location
 
 # What a finished trial reports to Tune (from the engine's summary), for Tune's own table.
 REPORTED = ("val_top1_err", "test_top1_err", "epochs", "steps", "wall_s")
@@ -66,7 +66,7 @@ def plan(configs: list[str], seeds: list[int], overrides: list[str]) -> list[Tri
         seeds: the seeds each config runs with.
         overrides: dotted overrides for every trial (before the seed and name are set).
     """
-    from pipeline.ray_runner import with_absolute_paths
+    from pipeline.driver.ray_runner import with_absolute_paths
 
     if not configs or not seeds:
         raise ConfigError("a sweep needs at least one config and one seed")
@@ -124,8 +124,8 @@ def run_trial(params: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
     import torch
     from ray import tune
 
-    from pipeline.engine import train_worker
-    from pipeline.ray_runner import quiet_worker_logs
+    from pipeline.driver.ray_runner import quiet_worker_logs
+    from pipeline.train.loop import train_worker
 
     quiet_worker_logs()
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
@@ -149,17 +149,18 @@ def run_sweep(
             print(f"finished already: {spec.name} ({spec.location}/summary.json)", flush=True)
     if not pending:
         return []
-    from pipeline.ray_runner import connect, quiet_ray_env
+    from pipeline.driver.cluster_check import decide_gpu
+    from pipeline.driver.cluster_state import inspect_cluster
+    from pipeline.driver.ray_runner import connect, quiet_ray_env
 
     quiet_ray_env()
-    import ray
     from ray import tune
 
     first = pending[0].cfg
-    connect(first)
-    use_gpu = requested_gpu(first.cluster)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    address = connect(first)
+    # The same GPU decision as training's (cluster.use_gpu: auto/true/false against what the
+    # cluster has and can add); a ConfigError says why before any trial starts.
+    use_gpu, _, _ = decide_gpu(first.cluster, inspect_cluster(address))
     resources = trial_resources(first, use_gpu, cpus_per_trial)
     group = first.tracking.group
     print(
@@ -182,7 +183,7 @@ def run_sweep(
         run_config=tune.RunConfig(
             # Tune's own bookkeeping (one folder per invocation); the runs' files stay in their run folders.
             name=f"{group}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=f"{first.checkpoint.storage_path.rstrip('/')}/_tune",
+            storage_path=join(first.checkpoint.storage_path, "_tune"),
             failure_config=tune.FailureConfig(max_failures=first.cluster.max_failures),
             # result.json per trial (quiet_ray_env turns Tune's automatic loggers off).
             callbacks=[JsonLoggerCallback()],
@@ -220,14 +221,18 @@ def main(argv: list[str]) -> int:
         if args.list:
             print("\n".join(s.location for s in specs))
             return 0
-        from pipeline.launch import preflight
+        from pipeline.driver.train_cmd import preflight
 
         for path_index in range(len(args.configs)):  # each network once: data, model, derived values
             preflight(specs[path_index * args.seeds].cfg)
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    unfinished = run_sweep(specs, cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent)
+    try:
+        unfinished = run_sweep(specs, cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent)
+    except ConfigError as e:  # the cluster cannot run it (e.g. cluster.use_gpu=true and no GPU)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if unfinished:
         print(
             f"error: {len(unfinished)} run(s) did not finish (failed or interrupted): {', '.join(unfinished)}; "

@@ -4,7 +4,7 @@
     python -m pipeline dashboard --entity my-team --project resnet-pipeline --kind training
     python -m pipeline dashboard --entity my-team --kind imagenet-tables --dry-run > report.json
 
-Kinds (``pipeline.dashboard_views``): ``training`` (a workspace view), ``degradation`` (the
+Kinds (``pipeline.tracking.dashboard_views``): ``training`` (a workspace view), ``degradation`` (the
 paper's Figure 6 as a report) and ``imagenet-tables`` (final errors vs the paper, a report).
 
 Online, the view is saved with ``wandb-workspaces``' own ``Workspace.save()`` /
@@ -12,7 +12,7 @@ Online, the view is saved with ``wandb-workspaces``' own ``Workspace.save()`` /
 ``--dry-run``, or when there is no API key or the W&B server cannot be reached (the command
 says which), it prints as JSON the exact request it would send instead: the ``upsertView``
 fields with the view's spec, which is what W&B stores. Every metric, summary and config key
-the view names is first checked against ``pipeline.tracking``'s metric lists and the config's
+the view names is first checked against ``pipeline.tracking.tracker``'s metric lists and the config's
 fields, so a renamed metric fails here instead of leaving an empty panel.
 
 Needs the optional extra: ``pip install -e '.[dashboards]'`` (``wandb-workspaces``).
@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import Config, Derived, TrackingConfig, to_dict
-from pipeline.tracking import FINAL_SUMMARY_METRICS, LOGGED_METRICS
+from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS
 
 KINDS = ("training", "degradation", "imagenet-tables")
 INSTALL = "pip install -e '.[dashboards]'"
@@ -137,7 +137,8 @@ def unknown_keys(spec: Any) -> list[str]:
     ]
     problems += [f"config key {k!r}" for k in sorted(keys.config - config_paths())]
     problems += [
-        f"panel type {p!r} (teach pipeline.dashboard.view_keys its keys)" for p in sorted(keys.unknown_panels)
+        f"panel type {p!r} (teach pipeline.tracking.dashboard.view_keys its keys)"
+        for p in sorted(keys.unknown_panels)
     ]
     return problems
 
@@ -196,7 +197,7 @@ def save_blocker() -> str | None:
     """Why the view cannot be saved now (no API key, server unreachable), or None."""
     import wandb
 
-    from pipeline.tracking import missing_credentials
+    from pipeline.tracking.tracker import missing_credentials
 
     # The process-wide settings hold what the environment says (WANDB_BASE_URL, ...).
     settings = wandb.setup(settings=wandb.Settings(silent=True)).settings
@@ -259,7 +260,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
 
-    from pipeline.dashboard_views import build
+    from pipeline.tracking.dashboard_views import build
 
     view = build(args.kind, args.entity, args.project, args.group)
     what = f"{args.kind} {'workspace' if args.kind == 'training' else 'report'}"

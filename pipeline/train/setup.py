@@ -3,7 +3,7 @@
     ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
     run = setup_run(cfg, ctx)          # data -> derived values -> model (DDP, compile) -> SGD
 
-The loop (``pipeline.engine``) takes the ``Run`` from here and only steps through epochs.
+The loop (``pipeline.train.loop``) takes the ``Run`` from here and only steps through epochs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from torch import nn
 
 from pipeline.config import Config, Derived, derive
 from pipeline.data.source import Data, check_num_classes, open_dataset
-from pipeline.distributed import DistContext, wrap_model
 from pipeline.host import usable_cpus
+from pipeline.store.rundir import run_location
+from pipeline.train.distributed import DistContext, wrap_model
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Run:
     ctx: DistContext
     derived: Derived
     data: Data
-    plain: nn.Module  # the bare network (checkpoints, evaluation)
+    location: str  # where the run's files and checkpoints live (pipeline.store.rundir.run_location)
+    network: nn.Module  # the bare network, unwrapped (checkpoints, evaluation)
     model: nn.Module  # what trains: DDP-wrapped, channels_last, compiled as configured
     optimizer: torch.optim.SGD
     scaler: torch.amp.GradScaler
@@ -90,7 +92,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> 
 
 
 def build_model_for(cfg: Config, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
-    """(the plain module, the module to train: DDP-wrapped, channels_last, compiled as configured)."""
+    """(the bare network, the module to train: DDP-wrapped, channels_last, compiled as configured)."""
     from pipeline.models import build_model
 
     model = build_model(cfg.model)
@@ -116,12 +118,13 @@ def setup_run(cfg: Config, ctx: DistContext) -> Run:
     seed_everything(cfg.seed + ctx.rank)
     torch.backends.cudnn.benchmark = cfg.precision.cudnn_benchmark
     data, derived = build_data(cfg, ctx)
-    plain, trained = build_model_for(cfg, ctx)
+    network, trained = build_model_for(cfg, ctx)
     optimizer = torch.optim.SGD(
-        param_groups(plain, cfg.optim.weight_decay, cfg.optim.no_wd_bn_bias),
+        param_groups(network, cfg.optim.weight_decay, cfg.optim.no_wd_bn_bias),
         lr=derived.lr,
         momentum=cfg.optim.momentum,
         nesterov=cfg.optim.nesterov,
     )
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision.amp == "fp16")
-    return Run(cfg, ctx, derived, data, plain, trained, optimizer, scaler)
+    location = run_location(cfg.checkpoint.storage_path, cfg.name)
+    return Run(cfg, ctx, derived, data, location, network, trained, optimizer, scaler)

@@ -29,8 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import locations
-from pipeline.rundir import RunDir
+from pipeline.store import locations
+from pipeline.store.rundir import RunDir
 
 SEGMENT = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-(\w+)$")  # wandb's folder per run start: its time
 
@@ -95,7 +95,7 @@ def _identity(segment: str, local: Path, config: dict[str, Any]) -> dict[str, st
 
 def _segment_run(path: Path) -> dict[str, str]:
     """The run record's identity fields of one segment (id, project, entity, group, name)."""
-    from pipeline.wandb_offline import read_wandb_records
+    from pipeline.tracking.offline import read_wandb_records
 
     for record in read_wandb_records(path):
         if record.WhichOneof("record_type") == "run":
@@ -116,7 +116,7 @@ def write_merged(
     """Write the merged history as a fresh offline run under ``out``; returns its folder."""
     import wandb
 
-    from pipeline.tracking import define_metrics
+    from pipeline.tracking.tracker import define_metrics
 
     out.mkdir(parents=True, exist_ok=True)
     wandb.setup(settings=wandb.Settings(silent=True))
@@ -173,7 +173,7 @@ def main(argv: list[str]) -> int:
     )
     if out.exists():
         shutil.rmtree(out)  # a fresh merge each time: the source of truth is the run's own files
-    from pipeline.wandb_offline import read_wandb_history
+    from pipeline.tracking.offline import read_wandb_history
 
     with tempfile.TemporaryDirectory() as tmp:
         local = [_local_copy(s, Path(tmp)) for s in segments]
@@ -195,7 +195,7 @@ def main(argv: list[str]) -> int:
     )
     import wandb
 
-    from pipeline.tracking import missing_credentials
+    from pipeline.tracking.tracker import missing_credentials
 
     wandb_cli = str(Path(sys.executable).parent / "wandb")
     reason = "--dry-run" if args.dry_run else missing_credentials(wandb)

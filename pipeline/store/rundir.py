@@ -22,11 +22,19 @@ from typing import Any
 
 import yaml
 
-from pipeline.locations import is_uri, join, read_bytes, write_bytes
+from pipeline.store.locations import is_uri, join, read_bytes, write_bytes
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+
+
+def run_location(storage_path: str, name: str) -> str:
+    """Where a run's files and checkpoints go, ``<checkpoint.storage_path>/<name>``: an absolute
+    local path or a URI. Every command that finds a run by its config asks this function."""
+    if is_uri(storage_path):
+        return join(storage_path, name)
+    return str(Path(storage_path).expanduser().resolve() / name)
 
 
 def _json_safe(value: Any) -> Any:

@@ -34,10 +34,16 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def device_id(self) -> int | None:
-        """The local CUDA index for DALI (as PyTorch sees it after CUDA_VISIBLE_DEVICES), or None on CPU."""
-        return self.device.index if self.device.type == "cuda" else None
+
+def backend_for(use_gpu: bool) -> str:
+    """The collective backend: NCCL between GPUs, gloo between CPU processes (Ray runs and torchrun)."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it before any process group exists (torchrun's
+    ``RANK``; 0 for a single process). Inside Ray Train workers, ``init_context`` asks Ray."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def init_context(under_ray: bool, use_gpu: bool | None = None) -> DistContext:
@@ -65,7 +71,7 @@ def init_context(under_ray: bool, use_gpu: bool | None = None) -> DistContext:
         )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun sets it
     cuda = torch.cuda.is_available() if use_gpu is None else use_gpu and torch.cuda.is_available()
@@ -74,7 +80,7 @@ def init_context(under_ray: bool, use_gpu: bool | None = None) -> DistContext:
         torch.cuda.set_device(device)
     owns_group = world > 1 and not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend_for(cuda), rank=rank, world_size=world)
     return DistContext(rank, world, local_rank, device, False, local_world, owns_group)
 
 
@@ -151,12 +157,3 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, grad_compression: str =
 
         wrapped.register_comm_hook(state=None, hook=default_hooks.bf16_compress_hook)
     return wrapped
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and torch.compile wrappers (for checkpoints and eval)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner

@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from pipeline.cluster_check import plan_workers
-from pipeline.cluster_state import ClusterView, inspect_cluster
 from pipeline.config import Config, ConfigError, derive
-from pipeline.node_probe import Answer, shared_path_problems
-from pipeline.storage import is_uri
+from pipeline.driver.cluster_check import plan_workers
+from pipeline.driver.cluster_state import ClusterView, inspect_cluster
+from pipeline.driver.node_probe import Answer, shared_path_problems
+from pipeline.store.locations import is_uri
+from pipeline.train.distributed import backend_for
 
 
 def storage_problem(uri: str) -> str | None:
@@ -99,7 +100,7 @@ def describe_wandb(cfg: Config, view: ClusterView, answers: dict[str, Answer]) -
 
 def dry_run(cfg: Config) -> int:
     """Print the plan for ``cfg`` on the cluster this driver joins; 0 when viable, 2 when not."""
-    from pipeline.ray_runner import connect, quiet_ray_env
+    from pipeline.driver.ray_runner import connect, quiet_ray_env
 
     quiet_ray_env()
     address = connect(cfg)
@@ -111,7 +112,7 @@ def dry_run(cfg: Config) -> int:
     warnings: list[str] = []
     try:
         plan = plan_workers(cfg.cluster, view)
-        backend = "nccl" if plan.use_gpu else "gloo"
+        backend = backend_for(plan.use_gpu)
         lines += [f"GPUs: {'yes' if plan.use_gpu else 'no'} ({plan.gpu_reason}), backend {backend}"]
         lines += [f"workers: {plan.placement}"]
         warnings += plan.warnings
@@ -119,14 +120,9 @@ def dry_run(cfg: Config) -> int:
         problems.append(str(e))
     for world in sorted({cfg.cluster.min_workers, cfg.cluster.max_workers}):  # pipeline.config.derive's split
         d = derive(cfg, max(cfg.optim.batch_size, 1), world)
-        share = (
-            f"{cfg.optim.batch_size // world}-{d.per_worker_batch}"
-            if cfg.optim.batch_size % world
-            else f"{d.per_worker_batch}"
-        )
         micro = f" (micro-batch {d.micro_batch} x {d.accum_steps})" if d.accum_steps > 1 else ""
         lines.append(
-            f"batch: global {cfg.optim.batch_size} = {world} worker(s) x {share}{micro}; "
+            f"batch: global {cfg.optim.batch_size} = {world} worker(s) x {d.worker_share}{micro}; "
             f"eval {d.per_worker_eval_batch} per worker"
         )
 

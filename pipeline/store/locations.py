@@ -134,3 +134,26 @@ def write_bytes(location: str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def copy_folder_to(local: Path, location: str) -> None:
+    """Copy a local folder's files to a URI (replacing what is there): W&B's offline run, a checkpoint."""
+    import pyarrow.fs
+
+    fs, path = filesystem(location)
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
+
+
+def remove_tree(location: str) -> None:
+    """Delete a folder and everything under it, local or in object storage; absent is fine."""
+    import shutil
+
+    if not is_uri(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    fs, path = filesystem(location)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass

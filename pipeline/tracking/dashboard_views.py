@@ -9,10 +9,10 @@
   separate charts, training and test error against iterations, one colour per network, the
   seeds of one network averaged with their min-max band.
 - ``imagenet-tables``: a report with the runs' final 10-crop / multi-scale top-1 and top-5
-  errors in the runs table, next to the paper's numbers (``pipeline.report.PAPER_RESULTS``).
+  errors in the runs table, next to the paper's numbers (``pipeline.report.paper.PAPER_RESULTS``).
 
-Building needs no network; ``pipeline.dashboard`` serialises, checks every key against
-``pipeline.tracking``'s metric lists, and saves.
+Building needs no network; ``pipeline.tracking.dashboard`` serialises, checks every key against
+``pipeline.tracking.tracker``'s metric lists, and saves.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
 from pipeline.models.registry import REGISTRY
-from pipeline.report import PAPER_RESULTS
-from pipeline.tracking import FINAL_SUMMARY_METRICS, LOGGED_METRICS
+from pipeline.report.paper import PAPER_RESULTS
+from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS
 
 DEGRADATION_GROUP = "degradation-cifar10"  # what `make degradation` sets (mk/experiments.mk)
 STEP = "Step"  # W&B's step: the engine logs every row at the global iteration
@@ -32,7 +32,7 @@ FULL_WIDTH = wr.Layout(x=0, y=0, w=24, h=10)
 def _m(name: str) -> str:
     """A logged metric name; fails at build time on a name tracking does not know."""
     if name not in LOGGED_METRICS:
-        raise KeyError(f"{name!r} is not a metric pipeline.tracking logs")
+        raise KeyError(f"{name!r} is not a metric pipeline.tracking.tracker logs")
     return name
 
 
@@ -45,7 +45,7 @@ def _final_columns(modes: tuple[str, ...]) -> list[str]:
 
 
 def _group_filter(group: str | None) -> str:
-    # The W&B group is tracking.group (pipeline.tracking passes it to wandb.init).
+    # The W&B group is tracking.group (pipeline.tracking.tracker passes it to wandb.init).
     return "" if group is None else f"Metric('Group') in ['{group}']"
 
 
@@ -245,7 +245,7 @@ def imagenet_tables_report(entity: str, project: str, group: str | None = None) 
 
 
 def build(kind: str, entity: str, project: str, group: str | None = None) -> ws.Workspace | wr.Report:
-    """The dashboard of one kind (``pipeline.dashboard.KINDS``)."""
+    """The dashboard of one kind (``pipeline.tracking.dashboard.KINDS``)."""
     builders = {
         "training": training_workspace,
         "degradation": degradation_report,

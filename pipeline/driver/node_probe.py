@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster_state import Node
+from pipeline.driver.cluster_state import Node
 
 PROBE_TIMEOUT_S = 300.0  # a node may first build the job's runtime env (pip) before it answers
 MARKER_PREFIX = ".pipeline-visibility-"
@@ -43,7 +43,7 @@ def _probe(marker: str | None, token: str | None, data_probe: str | None, tracki
     """Runs on the node: only reads, never writes."""
     from importlib import metadata
 
-    from pipeline.tracking import resolve_mode
+    from pipeline.tracking.tracker import resolve_mode
 
     seen = None
     if marker is not None:
@@ -176,7 +176,7 @@ def shared_path_problems(cfg: Any, nodes: tuple[Node, ...]) -> tuple[list[str], 
     Returns:
         (problems, answers): a message per problem, and each node's answer.
     """
-    from pipeline.storage import is_uri
+    from pipeline.store.locations import is_uri
 
     storage = None if is_uri(cfg.checkpoint.storage_path) else cfg.checkpoint.storage_path
     root = None if is_uri(cfg.data.root) else cfg.data.root

@@ -1,8 +1,7 @@
 """Where a run's metrics go, on rank 0: the console, the run's files, W&B.
 
-    out = RunOutputs.open(cfg, derived, location, progress, config=resolved, is_main=ctx.is_main,
-                          num_train=..., num_classes=...)
-    out.steps(metrics, step, due)        # every few steps
+    out = RunOutputs.open(run, progress)     # run: pipeline.train.setup.Run
+    out.steps(metrics, step, console=True, track=False)   # every few steps
     out.epoch(metrics, step)             # once per epoch
     out.close(summary, final_mode)       # at the end
 
@@ -18,13 +17,15 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.checkpoint import TrainingProgress
-from pipeline.config import Config, Derived
-from pipeline.locations import is_uri
-from pipeline.rundir import RunDir
-from pipeline.storage import upload_folder
+from pipeline.config import Config, Derived, to_dict
+from pipeline.store.locations import copy_folder_to, is_uri
+from pipeline.store.rundir import RunDir
+from pipeline.train.checkpoint import TrainingProgress
+
+if TYPE_CHECKING:
+    from pipeline.train.setup import Run
 
 
 def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) -> str:
@@ -34,12 +35,10 @@ def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) ->
         if derived.accum_steps > 1
         else ""
     )
-    smallest = derived.global_batch // derived.world_size
-    per_worker = f"{smallest}-" if smallest != derived.per_worker_batch else ""
     return (
         f"run {cfg.name}: {cfg.model.name} on {cfg.data.dataset} ({num_train} train images, {num_classes} classes)\n"
         f"  world size {derived.world_size}, global batch {derived.global_batch}, "
-        f"per-worker batch {per_worker}{derived.per_worker_batch}{micro}\n"
+        f"per-worker batch {derived.worker_share}{micro}\n"
         f"  lr {derived.lr:g} (base {cfg.optim.lr:g}{', linear scaling' if cfg.optim.scale_lr else ''}), "
         f"schedule {cfg.schedule.kind}\n"
         f"  {derived.iters_per_epoch} iterations/epoch, {derived.total_iters} iterations, {derived.epochs} epochs"
@@ -59,25 +58,15 @@ class RunOutputs:
         self._start, self._start_step = time.perf_counter(), None
 
     @classmethod
-    def open(
-        cls,
-        cfg: Config,
-        derived: Derived,
-        location: str,
-        progress: TrainingProgress,
-        *,
-        config: dict[str, Any],
-        is_main: bool,
-        num_train: int,
-        num_classes: int,
-    ) -> RunOutputs:
+    def open(cls, run: Run, progress: TrainingProgress) -> RunOutputs:
         """Print the run's description, write its config, drop records a restart redoes, start W&B."""
-        from pipeline.tracking import Tracker
+        from pipeline.tracking.tracker import Tracker
 
-        rundir = RunDir(location) if is_main else None
-        with_derived = {**config, "derived": dataclasses.asdict(derived)}
+        cfg, derived, is_main = run.cfg, run.derived, run.ctx.is_main
+        rundir = RunDir(run.location) if is_main else None
+        with_derived = {**to_dict(cfg), "derived": dataclasses.asdict(derived)}
         if rundir is not None:
-            print(describe(cfg, derived, num_train, num_classes), flush=True)
+            print(describe(cfg, derived, run.data.num_train, run.data.num_classes), flush=True)
             rundir.write_config(with_derived)
             rundir.keep_epochs_upto(progress.epoch)
         tracker = Tracker.create(
@@ -169,4 +158,4 @@ class RunOutputs:
             return
         for segment in local.iterdir():  # "latest-run" is a link to one of them: not copied twice
             if segment.is_dir() and not segment.is_symlink():
-                upload_folder(segment, f"{self.rundir.location}/wandb/{segment.name}")
+                copy_folder_to(segment, f"{self.rundir.location}/wandb/{segment.name}")

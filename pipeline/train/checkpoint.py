@@ -1,0 +1,375 @@
+"""Checkpoints, written and resumed: the one module for what a checkpoint holds, where it goes,
+which one a run resumes from and how many are kept.
+
+    save(folder, model=..., optimizer=..., scaler=..., progress=..., config=...)  # state.pt
+    report_checkpoint(ctx, metrics, checkpoint_name(3), location, write, num_to_keep=2)
+    progress = restore(run, location)      # rank 0 picks the newest readable one, every rank loads it
+
+What: the full training state in ``state.pt`` (model unwrapped from DDP, optimizer, schedule
+state, grad scaler, epoch, global step, the epoch's partial sums when mid-epoch, best
+validation error, RNG states, the W&B run id, the resolved config), read back with
+``torch.load(weights_only=True)``, so only tensors and plain containers go in.
+
+Where: folders ``checkpoint_*`` under the run's location (``pipeline.store.rundir.run_location``),
+beside the run's files, named so that sorting by name is sorting by time
+(``checkpoint_epoch0003`` < ``checkpoint_epoch0003_step0000450`` < ``checkpoint_epoch0004``).
+Under Ray, Ray Train uploads them on a background thread; without Ray rank 0 writes them.
+
+Which one a run resumes from: the newest readable one in the run's folder (the folder is the
+record: Ray's own latest can lag behind it while uploads run), else ``resume_from``.
+
+How many are kept, the one retention policy: the newest ``checkpoint.num_to_keep``, mid-epoch
+ones included, with or without Ray (Ray's ``CheckpointConfig(num_to_keep)`` without a score
+attribute keeps the most recent; without Ray rank 0 prunes here). Keeping the newest, not the
+best by validation error, is what resume needs: it always starts from the newest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.config import config_changes, to_dict
+from pipeline.store.locations import copy_folder_to, filesystem, is_uri, join, remove_tree
+from pipeline.train.distributed import DistContext, barrier, broadcast_object
+from pipeline.train.schedule import ScheduleState
+
+if TYPE_CHECKING:
+    from pipeline.train.setup import Run
+
+CHECKPOINT_PREFIX = "checkpoint_"
+STATE_FILE = "state.pt"
+FORMAT_VERSION = 2  # 2 added epoch_sums (mid-epoch checkpoints); version 1 files still load
+REQUIRED_KEYS = frozenset(
+    {
+        "format_version",
+        "model",
+        "optimizer",
+        "scaler",
+        "schedule",
+        "epoch",
+        "step",
+        "best_val_top1_err",
+        "rng",
+        "wandb_run_id",
+        "config",
+    }
+)
+OPTIONAL_KEYS = frozenset({"epoch_sums"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with a message naming the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingProgress:
+    """Where the run is: restored from, and written into, every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_val_top1_err: float = float("inf")
+    schedule: ScheduleState = ScheduleState()
+    wandb_run_id: str | None = None
+    # Mid-epoch only: (loss x n, top-1 hits, top-5 hits, n) of the epoch so far, summed over ranks,
+    # so a resumed epoch reports the same training metrics as an uninterrupted one.
+    epoch_sums: tuple[float, ...] = ()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    progress: TrainingProgress,
+    config: dict[str, Any],
+) -> Path:
+    """Write ``state.pt`` into ``directory`` (created) and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+        "schedule": dataclasses.asdict(progress.schedule),
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "best_val_top1_err": progress.best_val_top1_err,
+        "rng": rng_state(),
+        "wandb_run_id": progress.wandb_run_id,
+        "config": config,
+        "epoch_sums": list(progress.epoch_sums),
+    }
+    path = directory / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never leave a half-written state.pt under the real name
+    return path
+
+
+def read(directory: Path) -> dict[str, Any]:
+    """Load and check a checkpoint's state dict; ``CheckpointError`` on anything unusable."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no checkpoint state here (expected a {STATE_FILE} written by this pipeline)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt files surface as many different torch errors
+        raise CheckpointError(
+            f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupt"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training state (got {type(state).__name__})")
+    missing = sorted(REQUIRED_KEYS - state.keys())
+    unexpected = sorted(state.keys() - REQUIRED_KEYS - OPTIONAL_KEYS)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: wrong keys; missing: {missing or 'none'}; unexpected: {unexpected or 'none'}"
+        )
+    return state
+
+
+def restore_model(state: dict[str, Any], model: torch.nn.Module) -> None:
+    """Load only the weights (evaluation), failing with the exact missing and unexpected keys."""
+    result = model.load_state_dict(state["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            "checkpoint does not fit this model "
+            f"(model.name={state['config'].get('model', {}).get('name')!r} in the checkpoint); "
+            f"missing keys: {result.missing_keys or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}"
+        )
+
+
+def load_state(
+    state: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: torch.amp.GradScaler | None,
+) -> TrainingProgress:
+    """Load a state read by ``read`` into the live objects; returns the progress to resume from."""
+    restore_model(state, model)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and scaler.is_enabled() and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return TrainingProgress(
+        epoch=int(state["epoch"]),
+        step=int(state["step"]),
+        best_val_top1_err=float(state["best_val_top1_err"]),
+        schedule=ScheduleState(**state["schedule"]),
+        wandb_run_id=state["wandb_run_id"],
+        epoch_sums=tuple(float(x) for x in state.get("epoch_sums", ())),
+    )
+
+
+def checkpoint_name(epochs_done: int, step: int | None = None) -> str:
+    """The folder name of a checkpoint after ``epochs_done`` epochs (and, mid-epoch, at global ``step``)."""
+    return f"{CHECKPOINT_PREFIX}epoch{epochs_done:04d}" + ("" if step is None else f"_step{step:07d}")
+
+
+def list_checkpoints(location: str) -> list[str]:
+    """This run's checkpoints (as locations), newest first."""
+    if not is_uri(location):
+        root = Path(location)
+        if not root.is_dir():
+            return []
+        names = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    else:
+        import pyarrow.fs
+
+        fs, root_path = filesystem(location)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root_path, allow_not_found=True))
+        names = [
+            i.base_name
+            for i in infos
+            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+        ]
+    return [join(location, n) for n in sorted(names, reverse=True)]
+
+
+@contextlib.contextmanager
+def fetched(location: str) -> Iterator[Path]:
+    """A local folder holding the checkpoint at ``location``: the folder itself when it is local,
+    else a temporary copy, removed on exit."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    import pyarrow.fs
+
+    fs, path = filesystem(location)
+    local = Path(tempfile.mkdtemp(prefix="pipeline-checkpoint-"))
+    try:
+        pyarrow.fs.copy_files(path, str(local), source_filesystem=fs)
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def checkpoint_candidates(ctx: DistContext, location: str, resume_from: str | None) -> list[str]:
+    """Checkpoints to resume from, newest first, so an unreadable one can fall back to the one
+    before; ``resume_from`` only when the run has none of its own.
+
+    The run's folder is the record: Ray's latest registered checkpoint (``get_checkpoint``)
+    lives there too but can lag behind it, since uploads run in the background and a report
+    still queued when a node dies is never registered although its checkpoint is whole.
+    """
+    found = list_checkpoints(location)
+    if ctx.under_ray:
+        import ray.train
+
+        latest = ray.train.get_checkpoint()
+        name = join(location, Path(latest.path).name) if latest is not None else None
+        if name is not None and name not in found:  # listed late by an eventually consistent store
+            found = sorted([*found, name], reverse=True)
+    if not found and resume_from:
+        found.append(resume_from)
+    return found
+
+
+def report_checkpoint(
+    ctx: DistContext,
+    metrics: dict[str, Any],
+    name: str,
+    location: str,
+    save: Callable[[Path], Any],
+    num_to_keep: int,
+) -> str:
+    """Persist a checkpoint written by ``save(directory)`` on rank 0 and report the metrics.
+
+    Under Ray every rank calls ``ray.train.report`` (it is a barrier); rank 0 hands over the
+    checkpoint, which Ray uploads to ``<storage>/<name>/<checkpoint name>`` on a background
+    thread while training goes on (then deletes the local copy) and keeps the newest
+    ``num_to_keep`` (``pipeline.driver.ray_runner`` sets its ``CheckpointConfig``). Without Ray,
+    rank 0 writes it there itself and prunes all but the newest ``num_to_keep``, locally or in
+    object storage alike.
+    """
+    if ctx.under_ray:
+        import ray.train
+
+        checkpoint = None
+        if ctx.is_main:
+            # A folder of our own (not a TemporaryDirectory): Ray deletes it once the upload is done.
+            folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+            save(folder)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
+    elif ctx.is_main:
+        if is_uri(location):
+            with tempfile.TemporaryDirectory() as tmp:
+                save(Path(tmp))
+                copy_folder_to(Path(tmp), join(location, name))
+        else:
+            save(Path(location) / name)
+        for old in list_checkpoints(location)[max(num_to_keep, 1) :]:
+            remove_tree(old)
+    barrier()
+    return join(location, name)
+
+
+def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str], list[str]]:
+    """(the newest readable checkpoint, its state, warnings, the candidates that hold a state file).
+
+    A folder without ``state.pt`` is a checkpoint that never finished (its node died during the
+    upload): it is passed over. One whose file cannot be read (truncated, corrupt) is skipped
+    with a warning in favour of the one before it.
+    """
+    warnings, real = [], []
+    for source in candidates:
+        try:
+            with fetched(source) as folder:
+                if not (folder / STATE_FILE).is_file():
+                    warnings.append(
+                        f"warning: passing over {source}: no {STATE_FILE} (an unfinished upload?)"
+                    )
+                    continue
+                real.append(source)
+                return source, read(folder), warnings, real
+        except (CheckpointError, OSError) as e:
+            warnings.append(f"warning: skipping unusable checkpoint: {e}")
+    return None, None, warnings, real
+
+
+def restore(run: Run) -> TrainingProgress:
+    """The progress to start from: rank 0 picks the newest readable checkpoint in the run's folder
+    (else the one before it, else ``resume_from``); every rank then loads that one. Copies fetched
+    from object storage are removed once loaded."""
+    ctx, location = run.ctx, run.location
+    decision: tuple[str, str | None] = ("none", None)
+    state = None
+    if ctx.is_main:
+        candidates = checkpoint_candidates(ctx, location, run.cfg.resume_from)
+        chosen, state, warnings, real = _pick_checkpoint(candidates)
+        for line in warnings:
+            print(line, flush=True)
+        if chosen is not None:
+            decision = ("load", chosen)
+        elif real:
+            decision = (
+                "error",
+                f"none of the checkpoints of run {run.cfg.name!r} can be read ({', '.join(real)}); "
+                "remove them or start under a new name",
+            )
+    kind, value = broadcast_object(decision)
+    if kind == "error":
+        raise CheckpointError(value)
+    if kind == "none":
+        return TrainingProgress()
+    if state is None:
+        with fetched(value) as folder:
+            state = read(folder)
+    progress = load_state(state, model=run.network, optimizer=run.optimizer, scaler=run.scaler)
+    if ctx.is_main:
+        print(f"restored from checkpoint {value}: epoch {progress.epoch}, step {progress.step}", flush=True)
+        changed = config_changes(state["config"], to_dict(run.cfg))
+        if changed:
+            print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
+    return progress
+
+
+def save_checkpoint(run: Run, progress: TrainingProgress, metrics: dict[str, Any]) -> str:
+    """Checkpoint the run at ``progress`` (an epoch's end, or mid-epoch when ``progress.step`` lies
+    inside one) and report ``metrics`` with it; every rank calls this. Returns its location."""
+    mid_epoch = bool(progress.epoch_sums)  # the partial sums exist only inside an epoch
+    name = checkpoint_name(progress.epoch, progress.step if mid_epoch else None)
+
+    def write(folder: Path) -> None:
+        save(
+            folder,
+            model=run.network,
+            optimizer=run.optimizer,
+            scaler=run.scaler,
+            progress=progress,
+            config=to_dict(run.cfg),
+        )
+
+    return report_checkpoint(run.ctx, metrics, name, run.location, write, run.cfg.checkpoint.num_to_keep)

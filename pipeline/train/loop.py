@@ -1,0 +1,295 @@
+"""The training loop every worker runs, top to bottom: setup -> resume -> epochs -> final evaluation.
+
+    from pipeline.train.loop import train_worker
+    train_worker(to_dict(load_config("configs/demo.yaml")))      # one process, no Ray
+
+``pipeline.driver.train_cmd`` runs the same function on every Ray Train worker
+(``under_ray=True``); under ``torchrun`` it forms its own process group. Setup (data, model,
+optimizer) is ``pipeline.train.setup``'s, checkpoints ``pipeline.train.checkpoint``'s, the
+metrics' destinations ``pipeline.train.outputs``'. ``train_one_epoch`` and ``evaluate`` return
+metric dicts.
+
+Nothing in a step waits for the device: the loss and the counts stay on it (``EpochSums``) and
+are read every ``log_every_n_steps`` (and at the end of an epoch); a non-finite loss is noted
+on the device and raised at the next such read, naming the step where it first appeared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Config, config_from_dict, requested_gpu
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.distributed import all_reduce_sum, broadcast_buffers, finish, init_context
+from pipeline.train.evaluate import evaluate, topk_correct
+from pipeline.train.outputs import RunOutputs
+from pipeline.train.precision import autocast
+from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
+from pipeline.train.setup import Run, setup_run
+
+WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
+
+
+@dataclass(frozen=True)
+class LogDue:
+    """What a step's metrics go to: the console line, the tracker, or both."""
+
+    console: bool
+    tracker: bool
+
+
+def log_due(cfg: Config, step: int, last_of_epoch: bool) -> LogDue | None:
+    """Whether step ``step`` (just completed) is logged, and where; None when it is not."""
+    due = LogDue(
+        console=step % cfg.log_every_n_steps == 0 or last_of_epoch,
+        tracker=step % cfg.tracking.log_every_n_steps == 0,
+    )
+    return due if due.console or due.tracker else None
+
+
+class EpochSums:
+    """An epoch's running sums on the device, read only when reduced: loss x n, top-1 and top-5
+    hits, the first step with a non-finite loss, and the ResNet-110 warm-up window's hits; the
+    image counts stay on the host (they are shapes)."""
+
+    def __init__(self, device: torch.device, carried: tuple[float, ...] = ()):
+        # ``carried``: rank 0's sums of the part of a resumed epoch done before the restart.
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.seen = 0.0
+        if carried:
+            self.sums += torch.tensor(carried[:3], dtype=torch.float64).to(device)
+            self.seen = carried[3]
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+        self.window_hits = torch.zeros((), dtype=torch.float64, device=device)
+        self.window_seen = 0
+
+    @torch.no_grad()
+    def add(self, step: int, loss: torch.Tensor, top1: torch.Tensor, top5: torch.Tensor, n: int) -> None:
+        newly = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(newly, step, self.bad_step)
+        self.bad_loss = torch.where(newly, loss, self.bad_loss)
+        self.sums += torch.stack([loss.double() * n, top1.double(), top5.double()])
+        self.window_hits += top1
+        self.seen += n
+        self.window_seen += n
+
+    def reduced(self) -> tuple[float, ...]:
+        """(loss x n, top-1 hits, top-5 hits, n) summed over ranks: one transfer each way."""
+        return _reduce(self.sums, self.seen)
+
+    def window_train_err(self) -> float:
+        """The training error (%) since the last call, over all ranks; starts a new window."""
+        hits, total = _reduce(self.window_hits.view(1), self.window_seen)
+        self.window_hits.zero_()
+        self.window_seen = 0
+        return 100.0 * (1 - hits / total)
+
+    def raise_if_non_finite(self, run: Run, epoch: int, state: ScheduleState) -> None:
+        bad = int(self.bad_step.item())
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss ({self.bad_loss.item()}) at epoch {epoch} step {bad} with lr "
+                f"{lr_at(run, bad, state):.6g}; lower optim.lr, enable warm-up (schedule.warmup_epochs) "
+                "or check the data"
+            )
+
+
+def _reduce(device_sums: torch.Tensor, host_count: float) -> tuple[float, ...]:
+    count = torch.tensor([host_count], dtype=torch.float64).to(device_sums.device)
+    return tuple(all_reduce_sum(torch.cat([device_sums.double(), count])).tolist())
+
+
+def lr_at(run: Run, step: int, state: ScheduleState) -> float:
+    d = run.derived
+    return learning_rate(
+        run.cfg.schedule, base_lr=d.lr, it=step, iters_per_epoch=d.iters_per_epoch, state=state
+    )
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One optimizer step over this worker's batch, in micro-batches of at most ``micro_batch``.
+
+    Each micro-batch's mean loss is weighted by its share of the global batch (``size x world /
+    global``; DDP then averages over the world), so the gradient is exactly the global batch's
+    mean, whatever the split over workers and micro-batches. DDP all-reduces only after the last
+    micro-batch (``no_sync`` before). Returns the batch's mean loss and its top-1 / top-5 hit
+    counts, all still on the device.
+    """
+    cfg, d = run.cfg, run.derived
+    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=images.device)
+    hits = torch.zeros(2, dtype=torch.int64, device=images.device)
+    parts = list(zip(images.split(d.micro_batch), labels.split(d.micro_batch), strict=True))
+    no_sync = getattr(run.model, "no_sync", None)
+    for i, (x, y) in enumerate(parts):
+        with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
+            with autocast(images.device, cfg.precision.amp):
+                logits = run.model(x.contiguous(memory_format=fmt))
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            run.scaler.scale(loss * (y.shape[0] * d.world_size / d.global_batch)).backward()
+        with torch.no_grad():
+            loss_sum += loss.detach() * y.shape[0]
+            hits += torch.stack(topk_correct(logits.detach().float(), y))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss_sum / labels.shape[0], hits[0], hits[1]
+
+
+def train_one_epoch(
+    run: Run, epoch: int, progress: ckpt.TrainingProgress, out: RunOutputs
+) -> tuple[dict[str, float], ckpt.TrainingProgress]:
+    """One pass over this rank's shard (the rest of it, when ``progress.step`` lies inside
+    ``epoch``); logs step metrics to ``out`` and saves the mid-epoch checkpoints on the way.
+
+    Returns the epoch's metrics (reduced over ranks) and the progress at its end.
+    """
+    cfg, d = run.cfg, run.derived
+    run.model.train()
+    first = progress.step - epoch * d.iters_per_epoch  # > 0: resumed mid-epoch
+    end = min(d.iters_per_epoch, d.total_iters - epoch * d.iters_per_epoch)
+    acc = EpochSums(run.ctx.device, progress.epoch_sums if first > 0 and run.ctx.is_main else ())
+    step, state = progress.step, progress.schedule
+    data_wait, lr = 0.0, 0.0
+    start = time.perf_counter()
+    batches = iter(run.data.train.epoch(epoch, start=first))
+    for i in range(first, end):
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        data_wait += time.perf_counter() - t0
+        lr = lr_at(run, step, state)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss, top1, top5 = train_step(run, images, labels)
+        acc.add(step, loss, top1, top5, labels.shape[0])
+        step += 1
+        warming = cfg.schedule.warmup_until_train_err is not None and not state.warmup_done
+        if warming and step % WARMUP_CHECK_EVERY == 0:  # a host sync every 10 steps, only while warming
+            state = warmup_update(cfg.schedule, state, acc.window_train_err())
+        due = log_due(cfg, step, last_of_epoch=i == end - 1)
+        if due is not None:
+            acc.raise_if_non_finite(run, epoch, state)
+            images_done = (i + 1 - first) * d.global_batch
+            step_metrics = {
+                "train/step_loss": loss.item(),
+                "lr": lr,
+                "img_per_s": images_done / max(time.perf_counter() - start, 1e-9),
+                "epoch": epoch + (i + 1) / end,
+            }
+            out.steps(step_metrics, step, console=due.console, track=due.tracker)
+        every = cfg.checkpoint.every_n_steps
+        if every and step % every == 0 and i + 1 < end:
+            acc.raise_if_non_finite(run, epoch, state)
+            mid = dataclasses.replace(progress, step=step, schedule=state, epoch_sums=acc.reduced())
+            ckpt.save_checkpoint(run, mid, {"epoch": epoch, "step": step})
+    wall = time.perf_counter() - start
+    loss_sum, top1, top5, n = acc.reduced()
+    metrics = {
+        "train/loss": loss_sum / max(n, 1),
+        "train/top1_err": 100.0 * (1 - top1 / max(n, 1)),
+        "train/top5_err": 100.0 * (1 - top5 / max(n, 1)),
+        "lr": lr,
+        "img_per_s": (end - first) * d.global_batch / max(wall, 1e-9),
+        "epoch_time_s": wall,
+        "data_wait_frac": data_wait / max(wall, 1e-9),
+        "world_size": run.ctx.world_size,
+        "global_batch": d.global_batch,
+    }
+    if run.ctx.device.type == "cuda":
+        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.ctx.device) / 2**30
+    return metrics, dataclasses.replace(progress, step=step, schedule=state, epoch_sums=())
+
+
+def validate(run: Run, batches: Any, mode: str) -> dict[str, float]:
+    """``evaluate`` with the run's device and precision settings, every rank using rank 0's BN statistics."""
+    broadcast_buffers(run.network)
+    return evaluate(
+        run.network,
+        batches,
+        mode=mode,
+        device=run.ctx.device,
+        amp=run.cfg.precision.amp,
+        channels_last=run.cfg.precision.channels_last,
+    )
+
+
+def validate_epoch(
+    run: Run, epoch: int, progress: ckpt.TrainingProgress
+) -> tuple[dict[str, float], ckpt.TrainingProgress]:
+    """The epoch's validation and what it decides: the plateau schedule's next step, the best error."""
+    cfg = run.cfg
+    val = validate(run, run.data.make_val(cfg.eval.mode).epoch(epoch), cfg.eval.mode)
+    # Patience counts epochs, not evaluations: the epochs since the previous one.
+    since = (epoch + 1) % cfg.eval.every_n_epochs or cfg.eval.every_n_epochs
+    schedule = plateau_update(
+        cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=run.derived.lr, epochs=since
+    )
+    best = min(progress.best_val_top1_err, val["val/top1_err"])
+    metrics = {k: v for k, v in val.items() if k != "val/images"}
+    return metrics, dataclasses.replace(progress, schedule=schedule, best_val_top1_err=best)
+
+
+def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, Any]:
+    """Train and evaluate as the config says; returns the summary (on every rank).
+
+    Args:
+        config: the resolved config as a plain dict (``pipeline.config.to_dict``).
+        under_ray: True when called by ``TorchTrainer`` (reporting goes through Ray Train).
+    """
+    cfg = config_from_dict(config)
+    wall_start = time.perf_counter()
+    ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
+    run = setup_run(cfg, ctx)
+    d = run.derived
+    progress = ckpt.restore(run)
+    out = RunOutputs.open(run, progress)
+    progress = dataclasses.replace(progress, wandb_run_id=out.tracker.run_id)
+    img_per_s, last_checkpoint = [], None
+    for epoch in range(progress.epoch, d.epochs):
+        train_metrics, progress = train_one_epoch(run, epoch, progress, out)
+        img_per_s.append(train_metrics["img_per_s"])
+        metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
+        if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == d.epochs:
+            val_metrics, progress = validate_epoch(run, epoch, progress)
+            metrics.update(val_metrics)
+        progress = dataclasses.replace(progress, epoch=epoch + 1)
+        out.epoch(metrics, progress.step)
+        last_checkpoint = ckpt.save_checkpoint(run, progress, metrics)
+
+    final_mode = cfg.eval.final_mode or cfg.eval.mode
+    final = validate(run, run.data.make_val(final_mode).epoch(0), final_mode)
+    # CIFAR-10 with a held-out split: the test set is scored too, once, at the end.
+    test = validate(run, run.data.make_test().epoch(0), final_mode) if run.data.make_test else None
+    summary = {
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "eval_mode": final_mode,
+        "val_top1_err": final["val/top1_err"],
+        "val_top5_err": final["val/top5_err"],
+        "val_images": final["val/images"],
+        # test_top1_err, test_top5_err, test_images (only when a test set was scored)
+        **{k.replace("val/", "test_"): v for k, v in (test or {}).items() if k != "val/loss"},
+        "best_val_top1_err": progress.best_val_top1_err,
+        "epochs": progress.epoch,
+        "steps": progress.step,
+        "world_size": ctx.world_size,
+        "global_batch": d.global_batch,
+        "wall_s": time.perf_counter() - wall_start,
+        "img_per_s": float(np.mean(img_per_s)) if img_per_s else None,
+        "checkpoint": last_checkpoint,
+        "wandb_dir": out.tracker.wandb_dir,
+        "wandb_mode": out.tracker.mode,
+        "run_dir": run.location,
+    }
+    out.close(summary, final_mode, test)
+    finish(ctx)
+    return summary
