@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 export RAY_DEDUP_LOGS := 0
 .DEFAULT_GOAL := install
 
-.PHONY: install demo test lint clean train-imagenet
+.PHONY: install demo test test-fast lint clean train-imagenet
 
 # Cluster submission (mk/cluster.mk) and experiment targets (mk/experiments.mk, mk/bench.mk).
 -include $(wildcard mk/*.mk)
@@ -38,6 +38,10 @@ demo: $(STAMP) $(DEMO_DATA)/.complete
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: the unit tiers only (under 3 minutes here); `make test` is the whole suite CI runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not ray and not cluster" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests cluster

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,37 @@ def tiny_overrides(data_root: Path, storage: Path, name: str = "tiny") -> list[s
         "log_every_n_steps=2",
         f"checkpoint.storage_path={storage}",
     ]
+
+
+@contextlib.contextmanager
+def moto_s3(*buckets: str) -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 holding ``buckets``, and the AWS environment that points
+    every client (pyarrow, DALI, boto3, subprocesses given it) at it; set in this process too."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+            mp.delenv("AWS_PROFILE", raising=False)
+            import pyarrow.fs
+
+            for bucket in buckets:
+                fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://{bucket}?allow_bucket_creation=true")
+                fs.create_dir(bucket)
+            yield env
+    finally:
+        server.stop()

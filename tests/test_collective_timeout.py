@@ -1,4 +1,5 @@
-"""``cluster.collective_timeout_s`` becomes the process group's timeout (Ray's ``TorchConfig``).
+"""``cluster.collective_timeout_s`` becomes the process group's timeout (Ray's ``TorchConfig``,
+and the group ``init_context`` creates under torchrun).
 
 Ray's default is 30 minutes: a peer that died mid-step would hold every other rank in its
 collective that long. The key is checked at load and handed to the ``TorchTrainer`` that
@@ -41,6 +42,12 @@ def test_the_key_reaches_the_trainers_torch_config(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", RecordingTrainer)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as if joined: start no Ray here
+    # No cluster to inspect either: the plan a one-node CPU cluster gets.
+    from pipeline.driver import ray_runner
+    from pipeline.driver.cluster_check import WorkerPlan
+
+    plan = WorkerPlan(False, {"CPU": 1}, "cluster.use_gpu=false", "1 worker fits")
+    monkeypatch.setattr(ray_runner, "check_cluster", lambda cfg, address: plan)
     cfg = load_config(
         None,
         ["cluster.collective_timeout_s=45", "cluster.use_gpu=false", f"checkpoint.storage_path={tmp_path}"],
@@ -49,3 +56,21 @@ def test_the_key_reaches_the_trainers_torch_config(monkeypatch, tmp_path):
     torch_config = built["torch_config"]
     assert isinstance(torch_config, ray.train.torch.TorchConfig)
     assert torch_config.timeout_s == 45
+
+
+def test_the_key_reaches_torchruns_process_group(monkeypatch):
+    """Under torchrun ``init_context`` creates the group itself, with the configured timeout."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from pipeline.train import distributed
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    ctx = distributed.init_context(False, use_gpu=False, timeout_s=45)
+    assert (ctx.rank, ctx.world_size, ctx.owns_group) == (1, 2, True)
+    assert seen == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": datetime.timedelta(seconds=45)}

@@ -23,8 +23,9 @@ from conftest import tiny_overrides
 
 from pipeline.config import load_config, to_dict
 from pipeline.report.paper import PAPER_RESULTS
+from pipeline.tracking import dashboard
 from pipeline.tracking.offline import read_wandb_history, read_wandb_records
-from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS, OPTIONAL_METRICS, dashboard
+from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS, OPTIONAL_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_workspaces = pytest.mark.skipif(

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import moto_s3
 
 from pipeline.data import cli
 from pipeline.data.layout import INDEX_NAME, DataLayoutError, scan_imagenet, write_index
@@ -30,31 +31,8 @@ BUCKET = "data-test"
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server and the AWS environment that points every client at it."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        mp.delenv("AWS_PROFILE", raising=False)
-        import pyarrow.fs
-
-        fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
-        fs.create_dir(BUCKET)
+    with moto_s3(BUCKET) as env:
         yield env
-    server.stop()
 
 
 @pytest.fixture(scope="module")

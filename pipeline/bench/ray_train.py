@@ -121,26 +121,22 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
     import torch
 
     from pipeline.models import create_model
+    from pipeline.train.distributed import init_context, wrap_model
     from pipeline.train.loop import train_step
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     model = create_model(config["model"], num_classes=config["num_classes"])
-    world = 1
-    if under_ray:
-        import ray.train
-        import ray.train.torch
-
-        world = ray.train.get_context().get_world_size()
-        model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    ctx = init_context(under_ray, use_gpu=False)  # the engine's context: rank and world from Ray Train
+    world = ctx.world_size
+    model = wrap_model(model, ctx)  # DDP (Ray's prepare_model under Ray) when world > 1
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     global_batch = config.get("global_batch") or 0
     if global_batch:  # the engine's split: this rank's share, in micro-batches weighted by their size
         from pipeline.config.derived import accumulation
         from pipeline.data.sharding import rank_slice
 
-        rank = ray.train.get_context().get_world_rank() if under_ray else 0
-        share = rank_slice(global_batch, rank, world)
+        share = rank_slice(global_batch, ctx.rank, world)
         n = share.stop - share.start
         micro, _ = accumulation(n, config.get("max_worker_batch") or 0)
     else:

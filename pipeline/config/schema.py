@@ -116,7 +116,9 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
-    collective_timeout_s: int = 600  # TorchConfig(timeout_s): a dead peer fails the step by then
+    # The process group's timeout (Ray's TorchConfig(timeout_s), and torchrun's group too): a
+    # collective waiting on a dead peer fails the step by then.
+    collective_timeout_s: int = 600
     # How long Ray Train waits for the whole worker group to be placed (the autoscaler booting
     # GPU nodes) before that start attempt fails; sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S.
     start_timeout_s: float = 900.0

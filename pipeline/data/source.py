@@ -144,3 +144,14 @@ def check_num_classes(model_classes: int, source: DataSource) -> None:
             f"model.num_classes ({model_classes}) is smaller than the {source.num_classes} classes in "
             f"{source.root}; set model.num_classes={source.num_classes}"
         )
+
+
+def data_probe_path(dataset: str, root: str) -> str:
+    """What must exist under a local ``data.root`` on every node: ImageNet's ``train/``, CIFAR's archive."""
+    from pathlib import Path
+
+    if dataset == "cifar10":
+        from pipeline.data.cifar import CIFAR_DIRNAME
+
+        return str(Path(root) / CIFAR_DIRNAME)
+    return str(Path(root) / "train")

@@ -55,7 +55,7 @@ def eval_worker(
     from pipeline.train.setup import build_data, build_model_for
 
     cfg = config_from_dict(config)
-    ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
+    ctx = init_context(under_ray, requested_gpu(cfg.cluster), cfg.cluster.collective_timeout_s)
     data, _ = build_data(cfg, ctx)
     model, _ = build_model_for(cfg, ctx)
     _load_weights(model, cfg, checkpoint, weights)

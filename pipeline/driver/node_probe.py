@@ -123,15 +123,6 @@ def storage_marker(storage_path: str):
         marker.unlink(missing_ok=True)
 
 
-def data_probe_path(dataset: str, root: str) -> str:
-    """What must exist under a local ``data.root`` on every node: ImageNet's ``train/``, CIFAR's archive."""
-    if dataset == "cifar10":
-        from pipeline.data.cifar import CIFAR_DIRNAME
-
-        return str(Path(root) / CIFAR_DIRNAME)
-    return str(Path(root) / "train")
-
-
 def _names(nodes: list[Node]) -> str:
     return ", ".join(f"{n.ip} (node {n.node_id[:8]})" for n in nodes)
 
@@ -180,6 +171,8 @@ def shared_path_problems(cfg: Any, nodes: tuple[Node, ...]) -> tuple[list[str], 
 
     storage = None if is_uri(cfg.checkpoint.storage_path) else cfg.checkpoint.storage_path
     root = None if is_uri(cfg.data.root) else cfg.data.root
+    from pipeline.data.source import data_probe_path
+
     probe = data_probe_path(cfg.data.dataset, root) if root else None
     ask = dict(data_probe=probe, tracking_mode=cfg.tracking.mode)
     try:

@@ -1,4 +1,5 @@
-"""The one place that starts Ray and builds a ``TorchTrainer``; the train, eval and bench commands use it.
+"""Starts or joins Ray and builds the ``TorchTrainer`` for the train and eval commands (``bench ray``
+builds its own, to time Ray Train itself).
 
     result = run_on_ray(cfg, worker=my_worker, extra={"checkpoint": path})
 

@@ -6,7 +6,7 @@
     python -m pipeline train --config ... --dry-run       # print the plan on this cluster, train nothing
 
 The config and the dataset are checked before Ray starts (exit code 2 with a message that
-names the key or the path). Then a ``TorchTrainer`` runs ``engine.train_worker`` on
+names the key or the path). Then a ``TorchTrainer`` runs ``pipeline.train.loop.train_worker`` on
 ``cluster.num_workers`` workers: on the cluster at ``RAY_ADDRESS`` when set (or inside a
 submitted job), otherwise on a local Ray started here.
 """
@@ -80,7 +80,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
 
 def train_on_ray(cfg: Config) -> Any:
-    """``engine.train_worker`` on ``cluster.num_workers`` Ray Train workers; Ray Train's ``Result``."""
+    """``pipeline.train.loop.train_worker`` on ``cluster.num_workers`` Ray Train workers; Ray Train's ``Result``."""
     return run_on_ray(cfg, worker=_ray_worker)
 
 

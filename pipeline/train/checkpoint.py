@@ -1,9 +1,9 @@
 """Checkpoints, written and resumed: the one module for what a checkpoint holds, where it goes,
 which one a run resumes from and how many are kept.
 
-    save(folder, model=..., optimizer=..., scaler=..., progress=..., config=...)  # state.pt
-    report_checkpoint(ctx, metrics, checkpoint_name(3), location, write, num_to_keep=2)
-    progress = restore(run, location)      # rank 0 picks the newest readable one, every rank loads it
+    progress = restore(run)                          # rank 0 picks the newest readable one, all load it
+    save_checkpoint(run, progress, metrics)          # every rank; rank 0 writes state.pt, Ray uploads it
+    state = read(folder); restore_model(state, model)    # evaluation: the weights only
 
 What: the full training state in ``state.pt`` (model unwrapped from DDP, optimizer, schedule
 state, grad scaler, epoch, global step, the epoch's partial sums when mid-epoch, best

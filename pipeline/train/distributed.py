@@ -12,6 +12,7 @@ variables itself. Three ways to run, one code path:
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +47,14 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init_context(under_ray: bool, use_gpu: bool | None = None) -> DistContext:
+def init_context(under_ray: bool, use_gpu: bool | None = None, timeout_s: float | None = None) -> DistContext:
     """Discover the rank/world/device of this process and make sure a process group exists.
 
     Args:
         under_ray: True inside a ``TorchTrainer`` worker (the launcher says so explicitly).
         use_gpu: outside Ray, False forces the CPU; None uses CUDA when present.
+        timeout_s: the process group's timeout when this function creates it (torchrun:
+            ``cluster.collective_timeout_s``); under Ray, Ray's ``TorchConfig`` sets it.
     """
     if under_ray:
         import ray.train
@@ -80,7 +83,8 @@ def init_context(under_ray: bool, use_gpu: bool | None = None) -> DistContext:
         torch.cuda.set_device(device)
     owns_group = world > 1 and not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(backend_for(cuda), rank=rank, world_size=world)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend_for(cuda), rank=rank, world_size=world, timeout=timeout)
     return DistContext(rank, world, local_rank, device, False, local_world, owns_group)
 
 

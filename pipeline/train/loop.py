@@ -192,21 +192,27 @@ def train_one_epoch(
             mid = dataclasses.replace(progress, step=step, schedule=state, epoch_sums=acc.reduced())
             ckpt.save_checkpoint(run, mid, {"epoch": epoch, "step": step})
     wall = time.perf_counter() - start
+    metrics = epoch_metrics(run, acc, lr=lr, steps=end - first, wall=wall, data_wait=data_wait)
+    return metrics, dataclasses.replace(progress, step=step, schedule=state, epoch_sums=())
+
+
+def epoch_metrics(run: Run, acc: EpochSums, *, lr: float, steps: int, wall: float, data_wait: float) -> dict:
+    """The epoch's record: its training loss and errors over all ranks, speed and data wait."""
     loss_sum, top1, top5, n = acc.reduced()
     metrics = {
         "train/loss": loss_sum / max(n, 1),
         "train/top1_err": 100.0 * (1 - top1 / max(n, 1)),
         "train/top5_err": 100.0 * (1 - top5 / max(n, 1)),
         "lr": lr,
-        "img_per_s": (end - first) * d.global_batch / max(wall, 1e-9),
+        "img_per_s": steps * run.derived.global_batch / max(wall, 1e-9),
         "epoch_time_s": wall,
         "data_wait_frac": data_wait / max(wall, 1e-9),
         "world_size": run.ctx.world_size,
-        "global_batch": d.global_batch,
+        "global_batch": run.derived.global_batch,
     }
     if run.ctx.device.type == "cuda":
         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.ctx.device) / 2**30
-    return metrics, dataclasses.replace(progress, step=step, schedule=state, epoch_sums=())
+    return metrics
 
 
 def validate(run: Run, batches: Any, mode: str) -> dict[str, float]:
@@ -247,7 +253,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     """
     cfg = config_from_dict(config)
     wall_start = time.perf_counter()
-    ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
+    ctx = init_context(under_ray, requested_gpu(cfg.cluster), cfg.cluster.collective_timeout_s)
     run = setup_run(cfg, ctx)
     d = run.derived
     progress = ckpt.restore(run)

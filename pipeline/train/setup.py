@@ -1,6 +1,6 @@
 """A worker's setup before its first step: seeds, threads, data, model, optimizer.
 
-    ctx = init_context(under_ray, use_gpu=requested_gpu(cfg.cluster))
+    ctx = init_context(under_ray, requested_gpu(cfg.cluster), cfg.cluster.collective_timeout_s)
     run = setup_run(cfg, ctx)          # data -> derived values -> model (DDP, compile) -> SGD
 
 The loop (``pipeline.train.loop``) takes the ``Run`` from here and only steps through epochs.

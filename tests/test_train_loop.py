@@ -1,4 +1,6 @@
-"""Nothing in a training step or an evaluation batch waits for the device.
+"""The training loop: no host sync in a step or an evaluation batch, bf16 on the CPU, the non-finite guard.
+
+Nothing in a training step or an evaluation batch waits for the device.
 
 On a GPU, every ``.item()``, ``.tolist()``, ``.cpu()`` or Python truth test of a tensor blocks
 the host until the queued kernels finish. On the CPU they cost nothing, so the test counts them:
@@ -8,13 +10,15 @@ must an evaluation of 16 images and one of 4.
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import run_pipeline, tiny_overrides
 
-from pipeline.config import load_config
+from pipeline.config import load_config, to_dict
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import init_context
 from pipeline.train.evaluate import evaluate
@@ -71,3 +75,43 @@ def test_steps_and_evaluation_batches_make_no_host_sync(tiny_imagenet, tmp_path,
         evaluate(run.network, batches, mode="center", device=torch.device("cpu"))
 
     assert syncs_of(lambda: score(16)) == syncs_of(lambda: score(4))
+
+
+def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
+    from pipeline.train.loop import train_worker
+
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_imagenet, tmp_path, "bf16")
+        + [
+            "cluster.num_workers=1",
+            "schedule.epochs=1",
+            "precision.amp=bf16",
+            "precision.channels_last=true",
+            "eval.final_mode=center",
+            "optim.no_wd_bn_bias=true",
+        ],
+    )
+    summary = train_worker(to_dict(cfg))
+    record = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert torch.isfinite(torch.tensor(record["train/loss"]))
+    assert summary["val_images"] == 16
+
+
+def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
+    proc = run_pipeline(
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        "--no-ray",
+        *tiny_overrides(tiny_imagenet, tmp_path, "nan"),
+        "cluster.num_workers=1",
+        "optim.lr=1e12",
+        "model.zero_init_residual=false",
+        "schedule.epochs=3",
+    )
+    assert proc.returncode == 1
+    assert re.search(r"non-finite loss \(nan\) at epoch 0 step \d+ with lr [0-9.]+e\+1[12]", proc.stderr), (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr

@@ -5,7 +5,7 @@ templates), then the real session Ray (``local_ray``): a local Ray decides from 
 a GPU run that cannot be placed fails after ``cluster.start_timeout_s`` instead of waiting
 forever, and ``train --dry-run`` prints the plan.
 
-    .venv/bin/python -m pytest -q tests/test_cluster_checks.py
+    .venv/bin/python -m pytest -q tests/test_driver_cluster_checks.py
 """
 
 from __future__ import annotations
