@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))  # cluster/localnodes.py: the drill's and the cluster tests' helpers
 
 
+# The test tiers (pyproject's markers; `make test-fast` runs what has none of them). Files whose
+# every test starts several Ray nodes or a cluster job are `cluster`; a test that takes the
+# session's Ray is `ray`; `slow` is marked on the tests themselves.
+CLUSTER_FILES = {"test_cluster_e2e.py", "test_cluster_paths.py", "test_drill.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in CLUSTER_FILES:
+            item.add_marker(pytest.mark.cluster)
+        if "local_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 def run_pipeline(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m pipeline ARGS`` from the repository root, output captured as text."""
     return subprocess.run(

@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
     from pipeline.data.layout import DataLayoutError
     from pipeline.data.source import open_dataset
     from pipeline.models.pretrained import WeightsError
-    from pipeline.store.locations import is_uri, write_bytes
+    from pipeline.store.locations import is_uri, join, write_bytes
     from pipeline.train import checkpoint as ckpt
 
     checkpoint = weights = None
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     default_out = (
-        f"{checkpoint.rstrip('/')}/eval-{cfg.eval.mode}.json"
+        join(checkpoint, f"eval-{cfg.eval.mode}.json")
         if checkpoint
         else f"{weights}.eval-{cfg.eval.mode}.json"
     )

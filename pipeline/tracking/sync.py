@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
     out = Path(
         args.out
         or (
-            f"{run_dir.location}/wandb-merged"
+            locations.join(run_dir.location, "wandb-merged")
             if not locations.is_uri(run_dir.location)
             else f"wandb-merged/{name}"
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, Derived, to_dict
-from pipeline.store.locations import copy_folder_to, is_uri
+from pipeline.store.locations import copy_folder_to, is_uri, join
 from pipeline.store.rundir import RunDir
 from pipeline.train.checkpoint import TrainingProgress
 
@@ -158,4 +158,4 @@ class RunOutputs:
             return
         for segment in local.iterdir():  # "latest-run" is a link to one of them: not copied twice
             if segment.is_dir() and not segment.is_symlink():
-                copy_folder_to(segment, f"{self.rundir.location}/wandb/{segment.name}")
+                copy_folder_to(segment, join(self.rundir.location, "wandb", segment.name))
