@@ -126,6 +126,7 @@ def test_bench_model_without_twin_and_markdown(capsys, tmp_path: Path) -> None:
     assert "| bf16 |" in markdown([r])
 
 
+@pytest.mark.slow
 def test_bench_model_imports_neither_ray_nor_dali() -> None:
     """The GPU machine has torch alone: block the imports and the model bench must still run."""
     code = """

@@ -53,6 +53,7 @@ def _isolated_wandb_env(home: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- the engine logs the list
 
 
+@pytest.mark.slow
 def test_engine_logs_exactly_the_metrics_tracking_lists(tiny_imagenet, tmp_path, monkeypatch):
     import wandb
 

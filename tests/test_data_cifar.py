@@ -185,6 +185,7 @@ def test_imagenet_augment_refused_for_cifar(cifar_root):
         open_dataset(replace(CFG, root=str(cifar_root), augment="inception"))
 
 
+@pytest.mark.slow
 def test_held_out_split_run_scores_val_and_test(cifar_root, tmp_path):
     """data.val_split > 0: each epoch validates on the held-out images, and the end scores the
     test set too; summary.json has both."""

@@ -202,6 +202,7 @@ DALI_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_dali_cpu_pipeline_decodes_images_from_the_bucket(s3, local_data):
     uri = _upload(local_data, f"s3://{BUCKET}/dali")
     write_index(uri)

@@ -15,11 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import run_pipeline
 from PIL import Image
 
 from pipeline.tracking.offline import read_wandb_records
+
+pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")

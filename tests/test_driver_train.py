@@ -12,6 +12,8 @@ from conftest import run_pipeline, tiny_overrides
 
 from pipeline.config import load_config, to_dict
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -77,6 +77,7 @@ def test_weights_that_do_not_fit_are_refused_by_name(tmp_path):
         read_torchvision_weights(tmp_path / "junk.pth", load_config(None, ["model.name=resnet18"]).model)
 
 
+@pytest.mark.slow
 def test_eval_command_scores_torchvision_weights(tiny_imagenet, tmp_path):
     from pipeline.data.source import open_dataset
     from pipeline.train.evaluate import evaluate

@@ -41,6 +41,7 @@ def _grads(compression: str) -> torch.Tensor:
         return torch.load(out)
 
 
+@pytest.mark.slow
 def test_bf16_gradient_compression_sends_bf16():
     exact, compressed = _grads("none"), _grads("bf16")
     assert not torch.equal(exact, compressed)  # the hook is on: the averaged gradient went through bf16

@@ -15,6 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +55,7 @@ def run_tiny_training(
     )
 
 
+@pytest.mark.slow
 def test_wandb_key_never_reaches_run_files_or_output(tiny_imagenet, tmp_path):
     key = "fakewandbkey" + uuid.uuid4().hex[:28]  # 40 characters, like a real key
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAY_ADDRESS"))}

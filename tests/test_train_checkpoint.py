@@ -24,6 +24,8 @@ from conftest import run_pipeline, tiny_overrides
 from pipeline.tracking.offline import read_wandb_history
 from pipeline.train import checkpoint as ckpt
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

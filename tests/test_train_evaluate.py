@@ -51,6 +51,7 @@ def test_tencrop_averages_softmax_over_crops():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray):
     """For every mode, 2 Ray workers (each scoring its shard) give exactly the 1-process counts."""
     from pipeline.driver.eval_cmd import eval_worker
@@ -85,6 +86,7 @@ def test_two_worker_eval_equals_one_process(trained, tmp_path, local_ray):
         assert double["top5_err"] == single["top5_err"], mode
 
 
+@pytest.mark.slow
 def test_eval_command_writes_json(trained, tmp_path):
     overrides, checkpoint = trained
     out = tmp_path / "result.json"

@@ -77,6 +77,7 @@ def test_steps_and_evaluation_batches_make_no_host_sync(tiny_imagenet, tmp_path,
     assert syncs_of(lambda: score(16)) == syncs_of(lambda: score(4))
 
 
+@pytest.mark.slow
 def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
     from pipeline.train.loop import train_worker
 
@@ -98,6 +99,7 @@ def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
     assert summary["val_images"] == 16
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
     proc = run_pipeline(
         "train",
