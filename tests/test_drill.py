@@ -42,6 +42,7 @@ CHECKS = {
     os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
     reason="the drill needs root, unshare and nsenter (a mount namespace per node)",
 )
+@pytest.mark.slow
 def test_drill_survives_losing_rank_0s_node():
     proc = subprocess.run(
         [
@@ -173,16 +174,66 @@ def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
 
 
 def test_drill_checks_say_what_is_missing(bucket, tmp_path):
+    from pipeline.store.rundir import RunDir
+
     drill = _load_drill()
-    empty = SimpleNamespace(run_uri="s3://drill/runs/none", args=SimpleNamespace(epochs=3), root=tmp_path)
+    uri = "s3://drill/runs/none"
+    empty = SimpleNamespace(run_uri=uri, run=RunDir(uri), args=SimpleNamespace(epochs=3), root=tmp_path)
     check = drill.Check()
     assert drill.check_metrics(empty, check) == [] and drill.check_summary(empty, check) is None
     assert [ok for ok, _, _ in check.lines] == [False, False] and "does not exist" in check.lines[0][2]
 
 
-def test_eval_record_is_the_printed_json():
+def _step_segment(run_dir: Path, run_id: str | None, steps: range) -> str:
+    """An offline W&B segment with a step row per step (what the drill's run logs)."""
+    import wandb
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking.tracker import Tracker
+
+    tracker = Tracker.create(
+        TrackingConfig(mode="offline", project="p"),
+        run_name="drill",
+        run_dir=run_dir,
+        config={},
+        run_id=run_id,
+        is_main=True,
+    )
+    for step in steps:
+        tracker.log({"train/step_loss": 1.0, "epoch": step / 10}, step=step)
+    tracker.finish()
+    wandb.teardown()
+    time.sleep(1.1)  # segment folders are named by their start second
+    return tracker.run_id
+
+
+def test_resumed_check_tells_a_resume_from_a_fresh_start(bucket, tmp_path):
+    """The drill's "resumed" check reads where each W&B segment in the bucket begins: right after
+    the checkpoint of the epoch before the kill passes, a segment that began at step 1 again fails."""
+    import pyarrow.fs
+
+    from pipeline.store import locations
+    from pipeline.store.rundir import RunDir
+
     drill = _load_drill()
-    record = {"checkpoint": "s3://b/c", "top1_err": 12.5, "images": 16, "scales": None}
-    out = "Ray: local\n" + json.dumps(record, indent=2) + "\nwrote /tmp/x.json\n"
-    assert drill.eval_record(out) == record
-    assert drill.eval_record("error: no checkpoint\n") is None
+    uri, local = "s3://drill/runs/resumed", tmp_path / "run"
+    run = RunDir(uri)
+    run.write_config({"derived": {"iters_per_epoch": 10}})
+    fake = SimpleNamespace(run_uri=uri, run=run)
+    fs, path = locations.filesystem(uri)
+
+    def verdict() -> tuple[bool, str]:
+        pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
+        check = drill.Check()
+        drill.check_resumed(fake, check, {"epoch": 3})  # killed in epoch 3: resumes after epoch 2
+        ((ok, what, detail),) = check.lines
+        assert what == "resumed from a checkpoint"
+        return ok, detail
+
+    run_id = _step_segment(local, None, range(1, 26))  # rank 0 killed at step 25, in epoch 3
+    _step_segment(local, run_id, range(21, 31))  # resumed from checkpoint_epoch0002 (step 20)
+    ok, detail = verdict()
+    assert ok and "begin at steps [1, 21]" in detail and "epochs [2]" in detail, detail
+    _step_segment(local, run_id, range(1, 31))  # a later start from scratch
+    ok, detail = verdict()
+    assert not ok and "begin at steps [1, 21, 1]" in detail, detail
