@@ -20,7 +20,9 @@ submit`` runs ``cluster/scripts/job_python.sh``, which finds the raylet's Python
 
 A node can run in its own mount namespace (``unshare --mount``, root only), as if on another
 machine: ``hide`` mounts an empty tmpfs over folders, ``private_tmp`` a tmpfs over ``/tmp``
-(the checkout and the venv stay visible; the node gets its own ``$HOME`` and Ray temp dir there).
+(the checkout and the venv stay visible; the node gets its own ``$HOME`` and Ray temp dir there,
+and the token itself in ``RAY_AUTH_TOKEN``, since its file lies in the host's ``/tmp``). The
+harness can also start a local S3 server (``start_s3``) for runs without a shared filesystem.
 
 Every process started with ``client_env`` or as a node carries ``RESNET_LOCALNODES=<root>`` in
 its environment, a node's also ``RESNET_LOCALNODES_NODE=<root>:<name>``. Teardown kills those

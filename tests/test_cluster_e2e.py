@@ -146,7 +146,8 @@ def test_trivial_job_spans_both_nodes(cluster, tmp_path):
             "--runtime-env",
             str(ROOT / "cluster" / "runtime_env.yaml"),
             "--",
-            "python",
+            "sh",
+            "cluster/scripts/job_python.sh",  # the raylet's Python: the venv is not on the nodes' PATH
             "-c",
             script,
         ],

@@ -1,8 +1,9 @@
-"""The node-loss drill (``make drill``), small: 3 epochs of 8 steps on 128 images at 32 px.
+"""The node-loss drill (``make drill``), small: 20 epochs of 8 steps on 128 images at 32 px.
 
-Runs ``cluster/drill.py`` as a user would: a moto S3 server, a Ray head and two worker nodes
-in their own mount namespaces, rank 0's node killed mid-epoch and replaced. About 3 minutes
-on 2 cores. Needs root (one mount namespace per node).
+Runs ``cluster/drill.py`` as a user would: a moto S3 server, a Ray head and three worker nodes
+(cluster/localnodes.py) in their own mount namespaces, rank 0's node killed mid-epoch and
+replaced. About 4-8 minutes on 2 cores. Needs root (one mount namespace per node). The other
+tests here run the drill's checks on records written the way a run writes them.
 
     .venv/bin/python -m pytest -q tests/test_drill.py
 """
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,8 +118,8 @@ def bucket(tmp_path, monkeypatch):
     server.stop()
 
 
-def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
-    """One offline W&B segment of the run, as the pipeline's tracker writes it."""
+def _segment(run_dir: Path, run_id: str | None, rows: Iterable[tuple[int, dict]]) -> str:
+    """One offline W&B segment of the run, (step, row) by row, as the pipeline's tracker writes it."""
     import wandb
 
     from pipeline.config import TrackingConfig
@@ -131,14 +133,24 @@ def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
         run_id=run_id,
         is_main=True,
     )
-    for epoch in epochs:
-        tracker.log({"train/step_loss": 1.0, "epoch": epoch - 0.5}, step=10 * epoch - 5)  # a step row
-        tracker.log(
-            {"epoch": epoch, "train/loss": 2.0 / epoch, "val/top1_err": 50.0 - epoch}, step=10 * epoch
-        )
+    for step, row in rows:
+        tracker.log(row, step=step)
     tracker.finish()
     wandb.teardown()
+    time.sleep(1.1)  # segment folders are named by their start second
     return tracker.run_id
+
+
+def _epochs(epochs: list[int]) -> Iterator[tuple[int, dict]]:
+    """A step row in the middle of each epoch, then the epoch's row."""
+    for epoch in epochs:
+        yield 10 * epoch - 5, {"train/step_loss": 1.0, "epoch": epoch - 0.5}
+        yield 10 * epoch, {"epoch": epoch, "train/loss": 2.0 / epoch, "val/top1_err": 50.0 - epoch}
+
+
+def _steps(steps: range) -> Iterator[tuple[int, dict]]:
+    """A step row per step (what the drill's run logs)."""
+    return ((step, {"train/step_loss": 1.0, "epoch": step / 10}) for step in steps)
 
 
 def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
@@ -153,9 +165,8 @@ def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
 
     run_uri = "s3://drill/runs/drill"
     local = tmp_path / "run"
-    run_id = _segment(local, None, [1, 2])  # the segment of the killed rank 0
-    time.sleep(1.1)  # segment folders are named by their start second
-    _segment(local, run_id, [2, 3])  # the resumed run redoes epoch 2
+    run_id = _segment(local, None, _epochs([1, 2]))  # the segment of the killed rank 0
+    _segment(local, run_id, _epochs([2, 3]))  # the resumed run redoes epoch 2
     records = [
         {"epoch": e, "step": 10 * e, "train/loss": 2.0 / e, "val/top1_err": 40.0 - e} for e in (1, 2, 3)
     ]
@@ -184,29 +195,6 @@ def test_drill_checks_say_what_is_missing(bucket, tmp_path):
     assert [ok for ok, _, _ in check.lines] == [False, False] and "does not exist" in check.lines[0][2]
 
 
-def _step_segment(run_dir: Path, run_id: str | None, steps: range) -> str:
-    """An offline W&B segment with a step row per step (what the drill's run logs)."""
-    import wandb
-
-    from pipeline.config import TrackingConfig
-    from pipeline.tracking.tracker import Tracker
-
-    tracker = Tracker.create(
-        TrackingConfig(mode="offline", project="p"),
-        run_name="drill",
-        run_dir=run_dir,
-        config={},
-        run_id=run_id,
-        is_main=True,
-    )
-    for step in steps:
-        tracker.log({"train/step_loss": 1.0, "epoch": step / 10}, step=step)
-    tracker.finish()
-    wandb.teardown()
-    time.sleep(1.1)  # segment folders are named by their start second
-    return tracker.run_id
-
-
 def test_resumed_check_tells_a_resume_from_a_fresh_start(bucket, tmp_path):
     """The drill's "resumed" check reads where each W&B segment in the bucket begins: right after
     the checkpoint of the epoch before the kill passes, a segment that began at step 1 again fails."""
@@ -230,10 +218,10 @@ def test_resumed_check_tells_a_resume_from_a_fresh_start(bucket, tmp_path):
         assert what == "resumed from a checkpoint"
         return ok, detail
 
-    run_id = _step_segment(local, None, range(1, 26))  # rank 0 killed at step 25, in epoch 3
-    _step_segment(local, run_id, range(21, 31))  # resumed from checkpoint_epoch0002 (step 20)
+    run_id = _segment(local, None, _steps(range(1, 26)))  # rank 0 killed at step 25, in epoch 3
+    _segment(local, run_id, _steps(range(21, 31)))  # resumed from checkpoint_epoch0002 (step 20)
     ok, detail = verdict()
     assert ok and "begin at steps [1, 21]" in detail and "epochs [2]" in detail, detail
-    _step_segment(local, run_id, range(1, 31))  # a later start from scratch
+    _segment(local, run_id, _steps(range(1, 31)))  # a later start from scratch
     ok, detail = verdict()
     assert not ok and "begin at steps [1, 21, 1]" in detail, detail
