@@ -14,10 +14,10 @@ submitted as ``make submit`` does it (``cluster/scripts/job_python.sh``), the ru
 Train's state API names it) is SIGKILLed whole; once a group of N-1 runs, a new node joins.
 
 Then one PASS/FAIL line per check, each read from a record, not from the console: Ray's job,
-Train and actor state APIs; the bucket's ``metrics.jsonl``, ``summary.json``, ``config.yaml`` and
-offline W&B segments (one per start of rank 0: where each begins says whether it resumed); the
-history ``pipeline wandb-sync`` merges; the JSON that ``pipeline eval --no-ray`` writes to the
-bucket from the head's namespace. Exit status: 0 all PASS, 1 a FAIL, 2 the drill could not run.
+Train and actor state APIs; the bucket's ``metrics.jsonl`` (whose records a resumed worker group
+keeps and a fresh start drops), ``summary.json`` and offline W&B segments; the history
+``pipeline wandb-sync`` merges; the JSON that ``pipeline eval --no-ray`` writes to the bucket
+from the head's namespace. Exit status: 0 all PASS, 1 a FAIL, 2 the drill could not run.
 Teardown stops only what the drill started, never ``ray stop``.
 """
 
@@ -30,7 +30,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,6 @@ class Drill:
             # cluster lags); this bounds that wait, after which it starts with the workers that fit.
             f"cluster.start_timeout_s={a.start_timeout}", f"cluster.max_failures={a.max_failures}",
             "cluster.cpus_per_worker=1", "cluster.use_gpu=false", "tracking.mode=offline",
-            "tracking.log_every_n_steps=1",  # a W&B row per step: where each segment begins
             *(sizes if a.crop != 64 else []),
         ]  # fmt: skip
 
@@ -216,19 +214,6 @@ class Drill:
 # ---------------------------------------------------------------- the checks
 
 
-def segment_starts(drill: Drill) -> list[int]:
-    """The first step of each offline W&B segment of the run in the bucket, oldest first."""
-    from pipeline.tracking.offline import read_wandb_history
-    from pipeline.tracking.sync import find_segments
-
-    starts = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, uri in enumerate(find_segments(drill.run_uri)):
-            (local := Path(tmp) / f"{i}.wandb").write_bytes(locations.read_bytes(uri) or b"")
-            starts += [r["_step"] for r in read_wandb_history(local) if "train/step_loss" in r][:1]
-    return starts
-
-
 def check_kill(drill: Drill, check: Check, kill: dict | None, replaced_after: float | None) -> None:
     what = "rank 0 killed mid-epoch"
     if kill is None:
@@ -244,18 +229,18 @@ def check_kill(drill: Drill, check: Check, kill: dict | None, replaced_after: fl
     )
 
 
-def check_resumed(drill: Drill, check: Check, kill: dict | None) -> None:
-    """Each start of rank 0 began a W&B segment: one that resumed begins right after a
-    checkpoint's step (a whole number of epochs), one started from scratch at step 1."""
-    per_epoch, starts = drill.run.read_config()["derived"]["iters_per_epoch"], segment_starts(drill)
-    at = [(s - 1) // per_epoch if s > 1 and (s - 1) % per_epoch == 0 else None for s in starts[1:]]
-    want = kill["epoch"] - 1 if kill else None
-    ok = starts[:1] == [1] and bool(at) and None not in at and at[0] == want
+def check_resumed(drill: Drill, check: Check, kill: dict | None, records: list[dict]) -> None:
+    """A worker group that restores epoch k keeps ``metrics.jsonl``'s records of epochs 1..k and
+    records k+1 on; one that starts from scratch drops them all. So the records of the epochs
+    before the kill stay those of the killed group of N, and the kill's epoch is the group of N-1's."""
+    n, sizes = drill.args.workers, [r.get("world_size") for r in records]
+    e = kill["epoch"] if kill else 0
+    ok = e > 1 and sizes[: e - 1] == [n] * (e - 1) and sizes[e - 1 : e] == [n - 1]
     check(
         ok,
         "resumed from a checkpoint",
-        f"W&B segments in the bucket begin at steps {starts} ({per_epoch} steps/epoch): the later ones "
-        f"after checkpoints of epochs {at} (the kill's: {want})",
+        f"metrics.jsonl's epochs 1-{e - 1} recorded by groups of {sorted(set(sizes[: e - 1]), key=str)} "
+        f"(the killed group: {n}), epoch {e} by {sizes[e - 1 : e]} (the next: {n - 1}); world sizes {sizes}",
     )
 
 
@@ -352,8 +337,8 @@ def run_checks(drill: Drill, check: Check, status: str, kill: dict | None, repla
 
     check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id})")
     guarded("rank 0 killed mid-epoch", check_kill, kill, replaced)
-    guarded("resumed from a checkpoint", check_resumed, kill)
     records = guarded("metrics.jsonl epochs", check_metrics) or []
+    guarded("resumed from a checkpoint", check_resumed, kill, records)
     guarded("W&B history epochs", check_wandb, records)
     summary = guarded("summary.json", check_summary)
     guarded("eval of the final checkpoint", check_eval, summary)

@@ -148,11 +148,6 @@ def _epochs(epochs: list[int]) -> Iterator[tuple[int, dict]]:
         yield 10 * epoch, {"epoch": epoch, "train/loss": 2.0 / epoch, "val/top1_err": 50.0 - epoch}
 
 
-def _steps(steps: range) -> Iterator[tuple[int, dict]]:
-    """A step row per step (what the drill's run logs)."""
-    return ((step, {"train/step_loss": 1.0, "epoch": step / 10}) for step in steps)
-
-
 def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
     """Two offline segments in the bucket (the resumed one redoes epoch 2, the killed one lost
     nothing here): `pipeline wandb-sync` builds one history, each epoch once with metrics.jsonl's
@@ -195,33 +190,26 @@ def test_drill_checks_say_what_is_missing(bucket, tmp_path):
     assert [ok for ok, _, _ in check.lines] == [False, False] and "does not exist" in check.lines[0][2]
 
 
-def test_resumed_check_tells_a_resume_from_a_fresh_start(bucket, tmp_path):
-    """The drill's "resumed" check reads where each W&B segment in the bucket begins: right after
-    the checkpoint of the epoch before the kill passes, a segment that began at step 1 again fails."""
-    import pyarrow.fs
-
-    from pipeline.store import locations
-    from pipeline.store.rundir import RunDir
-
+def test_resumed_check_reads_which_records_survived():
+    """A worker group that restored epoch k keeps metrics.jsonl's records of epochs 1..k: after a
+    kill in epoch 4 of a group of 3, epochs 1-3 stay the group of 3's and epoch 4 is the group of
+    2's. A fresh start (all records redone) or a resume from an older checkpoint fails."""
     drill = _load_drill()
-    uri, local = "s3://drill/runs/resumed", tmp_path / "run"
-    run = RunDir(uri)
-    run.write_config({"derived": {"iters_per_epoch": 10}})
-    fake = SimpleNamespace(run_uri=uri, run=run)
-    fs, path = locations.filesystem(uri)
+    fake = SimpleNamespace(args=SimpleNamespace(workers=3))
 
-    def verdict() -> tuple[bool, str]:
-        pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
+    def verdict(sizes: list[int]) -> tuple[bool, str]:
         check = drill.Check()
-        drill.check_resumed(fake, check, {"epoch": 3})  # killed in epoch 3: resumes after epoch 2
+        records = [{"epoch": i + 1, "world_size": size} for i, size in enumerate(sizes)]
+        drill.check_resumed(fake, check, {"epoch": 4}, records)
         ((ok, what, detail),) = check.lines
         assert what == "resumed from a checkpoint"
         return ok, detail
 
-    run_id = _segment(local, None, _steps(range(1, 26)))  # rank 0 killed at step 25, in epoch 3
-    _segment(local, run_id, _steps(range(21, 31)))  # resumed from checkpoint_epoch0002 (step 20)
-    ok, detail = verdict()
-    assert ok and "begin at steps [1, 21]" in detail and "epochs [2]" in detail, detail
-    _segment(local, run_id, _steps(range(1, 31)))  # a later start from scratch
-    ok, detail = verdict()
-    assert not ok and "begin at steps [1, 21, 1]" in detail, detail
+    ok, detail = verdict([3, 3, 3, 2, 2, 3, 3])
+    assert ok and "epochs 1-3 recorded by groups of [3]" in detail and "epoch 4 by [2]" in detail, detail
+    assert not verdict([2, 2, 2, 2, 2, 3, 3])[0]  # the group of 2 started from scratch
+    assert not verdict([3, 3, 2, 2, 2, 3, 3])[0]  # ... from the checkpoint of epoch 2
+    assert not verdict([3, 3, 3, 3, 3, 3, 3])[0]  # no group of 2 recorded the kill's epoch
+    check = drill.Check()
+    drill.check_resumed(fake, check, None, [])  # nothing killed: nothing resumed
+    assert check.lines[0][0] is False
