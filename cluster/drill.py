@@ -4,33 +4,21 @@
     make drill DRILL_ARGS="--epochs 3 --classes 4 --train-per-class 32 --crop 32 --batch 16"
     .venv/bin/python cluster/drill.py --help
 
-What it builds (as root: mount namespaces need it), all on 127.0.0.1 with random ports and its
-own temp dir, so it runs beside other Ray clusters on the machine:
+As root (a mount namespace per node), on 127.0.0.1 with random ports and its own temp dir: a
+local S3 server (moto) with the dataset in ``s3://drill/imagenet``; Ray nodes from
+cluster/localnodes.py as cluster/README's rehearsal starts them (the venv not on PATH, token
+auth): a head with ``--num-cpus 0`` and N 1-CPU workers, each with a private ``/tmp`` and
+``$HOME`` and empty ``data/ runs/ wandb/`` of the checkout; the demo config, elastic on [N-1, N],
+submitted as ``make submit`` does it (``cluster/scripts/job_python.sh``), the run in
+``s3://drill/runs/<name>``. ``--kill-at`` % into an epoch after the first, rank 0's node (Ray
+Train's state API names it) is SIGKILLed whole; once a group of N-1 runs, a new node joins.
 
-- a local S3 server (moto's server mode) with the bucket ``drill``: the synthetic dataset with
-  its index under ``s3://drill/imagenet``, the run under ``s3://drill/runs/<name>``;
-- a Ray head started with ``--num-cpus 0`` (the job's driver and Ray Train's controller run
-  there, and no training worker can) and two 1-CPU worker nodes, one training worker each;
-  every node is ``ray start --block`` in its own mount namespace (``unshare --mount``) with a
-  private ``/tmp`` (tmpfs) and empty tmpfs over the checkout's ``data/``, ``runs/`` and
-  ``wandb/``, its own ``$HOME``, and token auth on;
-- the demo config, shortened, submitted with ``ray job submit --working-dir .`` (no ``pip``
-  runtime env: the nodes already run this venv) with the AWS endpoint in its ``env_vars``;
-- in an epoch after the first, the node running rank 0 (the ``RayTrainWorker`` whose pid
-  prefixes the step lines in the job log) is killed whole: SIGKILL to its ``ray start``,
-  raylet and every process carrying that node's marker; once the run goes on with one worker
-  fewer (elastic: ``cluster.num_workers=[N-1, N]``) and has trained a few steps so, a new
-  worker node joins ``--replace-after`` seconds later, as an autoscaler would start one, and
-  the run grows back.
-
-Then one line per check, PASS or FAIL with the figures: the job SUCCEEDED; the run resumed
-from a checkpoint; each epoch exactly once in the bucket's ``metrics.jsonl`` and in the W&B
-history (every offline ``.wandb`` segment the run keeps under its storage path, in order),
-with the same values; ``summary.json`` in the bucket; ``pipeline eval --no-ray`` of the
-final checkpoint in the bucket, run in the head's namespace, gives the summary's error; no
-training worker ever ran on the head. Exit status: 0 all PASS, 1 a FAIL, 2 the drill itself
-could not run. Teardown stops only what the drill started (by pid and by a marker in their
-environment), never ``ray stop``.
+Then one PASS/FAIL line per check, each read from a record, not from the console: Ray's job,
+Train and actor state APIs; the bucket's ``metrics.jsonl`` (whose records a resumed worker group
+keeps and a fresh start drops), ``summary.json`` and offline W&B segments; the history
+``pipeline wandb-sync`` merges; the JSON that ``pipeline eval --no-ray`` writes to the bucket
+from the head's namespace. Exit status: 0 all PASS, 1 a FAIL, 2 the drill could not run.
+Teardown stops only what the drill started, never ``ray stop``.
 """
 
 from __future__ import annotations
@@ -38,94 +26,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any checkout: import that checkout's pipeline
 
-
-from localnodes import free_ports, pids_with_env  # noqa: E402  (cluster/, beside this script)
+from localnodes import JOB_ENDED, RAY, LocalNodes  # noqa: E402  (cluster/, beside this script)
 
 from pipeline.store import locations  # noqa: E402
+from pipeline.store.rundir import RunDir  # noqa: E402
 
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
-MARKER = "RESNET_DRILL"  # in every process the drill starts: teardown finds leftovers by it
-NODE = "RESNET_DRILL_NODE"  # which node a process belongs to: a node is killed by it
 BUCKET = "drill"
 HIDDEN = ("data", "runs", "wandb")  # the checkout's folders a node must not see
-# A step line of rank 0, as Ray prefixes it in the job log:
-# "(RayTrainWorker pid=123, ip=10.0.0.5) epoch 1.25/3 step 10/24 loss ..."
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefix on a terminal and in job logs alike
-# Rank 0's description of each new worker group: "run drill: ...\n ... world size 3, global batch 16".
-WORLD_LINE = re.compile(r"\) run \S+: .*\n.*world size (\d+), global batch (\d+)")
-STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)\.(\d\d)/(\d+) step (\d+)/(\d+)")
-
-# Runs inside the new mount namespace, then becomes `ray start`.
-NODE_SCRIPT = r"""
-set -e
-IFS=:
-# A checkout (or its venv) that itself lives under /tmp must stay visible under the private /tmp:
-# hold it elsewhere, mount the tmpfs, then put it back at the same path.
-hold=$(mktemp -d "$DRILL_HOLD/node.XXXXXX")
-i=0; for d in $DRILL_KEEP; do mkdir -p "$hold/$i"; mount --bind "$d" "$hold/$i"; i=$((i+1)); done
-mount -t tmpfs -o size=4g,mode=1777 drill-tmp /tmp
-i=0; for d in $DRILL_KEEP; do mkdir -p "$d"; mount --bind "$hold/$i" "$d"; i=$((i+1)); done
-for d in $DRILL_HIDE; do [ -d "$d" ] && mount -t tmpfs -o size=1m,mode=0755 drill-hidden "$d"; done
-unset IFS
-mkdir -p "$HOME"
-exec "$@"
-"""
+# The GCS declares a silent node dead after period x threshold (Ray's defaults: 3 s x 5, plus
+# timeouts): a few seconds here, so the run shrinks before the replacement comes.
+HEALTH = {
+    f"RAY_health_check_{k}": v
+    for k, v in [("period_ms", "1000"), ("timeout_ms", "1000"), ("failure_threshold", "3")]
+}
 
 
 class DrillError(RuntimeError):
-    """The drill itself cannot go on (a node does not start, the job cannot be submitted)."""
-
-
-def descendants(pids: set[int]) -> set[int]:
-    """``pids`` and all their children, grandchildren, ... (from /proc's parent pids)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo += children.get(pid, [])
-    return found
-
-
-def env_of(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-
-
-def kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """The drill itself cannot go on (the S3 server does not start, a command fails)."""
 
 
 class Check:
@@ -134,10 +62,9 @@ class Check:
     def __init__(self) -> None:
         self.lines: list[tuple[bool, str, str]] = []
 
-    def __call__(self, ok: bool, what: str, detail: str) -> bool:
+    def __call__(self, ok: bool, what: str, detail: str) -> None:
         self.lines.append((bool(ok), what, detail))
         print(f"{'PASS' if ok else 'FAIL'}  {what}: {detail}", flush=True)
-        return bool(ok)
 
     @property
     def failed(self) -> int:
@@ -147,631 +74,300 @@ class Check:
 class Drill:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        # Short path: Ray puts unix sockets under a node's temp dir (108-byte limit).
-        self.root = Path(tempfile.mkdtemp(prefix="drill-", dir="/tmp"))
-        # Outside /tmp: where a node holds the checkout while its private /tmp is mounted.
-        self.hold = Path(tempfile.mkdtemp(prefix="drill-hold-", dir="/var/tmp"))
-        self.token = secrets.token_hex(32)
-        (self.gcs_port, self.dashboard_port, self.client_port, self.s3_port, *self._spare) = free_ports(40)
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
-        self.aws = {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "drill",
-            "AWS_SECRET_ACCESS_KEY": "drill",
-            "AWS_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop
-        }
-        scrub = ("RAY_", "WANDB_", "AWS_")
-        base = {k: v for k, v in os.environ.items() if not k.startswith(scrub) and k != "PYTHONPATH"}
-        base["PATH"] = os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")])
-        base[MARKER] = str(self.root)
-        self.client_env = {
-            **base,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": self.token,
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
-        self.nodes: dict[str, subprocess.Popen] = {}
-        self.killed: set[str] = set()
-        self.moto: subprocess.Popen | None = None
+        self.nodes = LocalNodes("drill", env=HEALTH)
+        self.root = self.nodes.root
+        self.aws: dict[str, str] = {}
+        self.env = self.nodes.client_env
         self.run_uri = f"s3://{BUCKET}/runs/{args.name}"
+        self.run = RunDir(self.run_uri)
         self.data_uri = f"s3://{BUCKET}/imagenet"
         self.job_id = f"drill-{secrets.token_hex(4)}"
 
-    # ------------------------------------------------------------ object store and dataset
+    # ------------------------------------------------------------ object store, dataset, commands
 
     def start_s3(self) -> None:
-        log = open(self.root / "s3.log", "w")
-        self.moto = subprocess.Popen(
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
-            env=self.client_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        self.aws = self.nodes.start_s3(BUCKET)
+        self.env = {**self.nodes.client_env, **self.aws}  # the drill's own commands
         os.environ.update(self.aws)  # this process's pyarrow clients (upload, checks)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(self.endpoint, timeout=2):
-                    break
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                if self.moto.poll() is not None or time.monotonic() > deadline:
-                    raise DrillError(
-                        f"the S3 server did not start:\n{(self.root / 's3.log').read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.3)
-        import pyarrow.fs
-
-        fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
-        fs.create_dir(BUCKET)
 
     def upload_dataset(self) -> None:
-        a = self.args
-        local = self.root / "synth"
-        self._pipeline(
-            "data", "synth", "--out", str(local), "--classes", str(a.classes),
-            "--train-per-class", str(a.train_per_class), "--val-per-class", str(a.val_per_class),
-            "--seed", "0", "--workers", "1",
-        )  # fmt: skip
         import pyarrow.fs
 
+        a, local = self.args, self.root / "synth"
+        self.pipeline("data", "synth", "--out", str(local), "--classes", str(a.classes), "--seed", "0", "--workers",
+                      "1", "--train-per-class", str(a.train_per_class), "--val-per-class", str(a.val_per_class))  # fmt: skip
         fs, path = locations.filesystem(self.data_uri)
         pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
-        print(self._pipeline("data", "index", self.data_uri).strip(), flush=True)
+        self.pipeline("data", "index", self.data_uri)
 
-    def _pipeline(self, *args: str, timeout: float = 600) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline", *args],
-            cwd=ROOT,
-            env={**self.client_env, **self.aws},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    def pipeline(self, *args: str, in_head: bool = False) -> None:
+        """``python -m pipeline ARGS`` from this checkout (``in_head``: in the head's mount namespace)."""
+        cmd = [sys.executable, "-m", "pipeline", *args]
+        cmd = self.nodes.in_namespace("head", cmd, cwd=ROOT) if in_head else cmd
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise DrillError(
-                f"python -m pipeline {' '.join(args)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+                f"python -m pipeline {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}"
             )
-        return proc.stdout
 
     # ------------------------------------------------------------ nodes
 
-    def _port(self) -> str:
-        return str(self._spare.pop())
-
     def start_node(self, name: str, head: bool = False) -> None:
-        """``ray start --block`` in a new mount namespace; returns once the node is up."""
-        env = {
-            **self.client_env,
-            NODE: f"{self.root}:{name}",
-            "HOME": "/tmp/home",  # inside the private /tmp: nothing of the host's home
-            "RAY_DEDUP_LOGS": "0",
-            # The GCS declares a silent node dead after period x threshold (Ray's defaults: 3 s x 5,
-            # plus timeouts): a few seconds here, so the run shrinks before the replacement comes.
-            "RAY_health_check_period_ms": "1000",
-            "RAY_health_check_timeout_ms": "1000",
-            "RAY_health_check_failure_threshold": "3",
-            "DRILL_HIDE": ":".join(str(ROOT / d) for d in HIDDEN),
-            "DRILL_HOLD": str(self.hold),
-            "DRILL_KEEP": ":".join(str(p) for p in {ROOT, Path(sys.prefix)} if Path("/tmp") in p.parents),
-        }
-        ray = [
-            RAY, "start", "--block", "--disable-usage-stats",
-            "--node-ip-address", "127.0.0.1",
-            "--temp-dir", "/tmp/ray",
-            "--object-store-memory", str(100 * 1024**2),
-            "--min-worker-port", "0", "--max-worker-port", "0",
-            "--node-manager-port", self._port(), "--object-manager-port", self._port(),
-            "--dashboard-agent-listen-port", self._port(), "--dashboard-agent-grpc-port", self._port(),
-            "--runtime-env-agent-port", self._port(), "--metrics-export-port", self._port(),
-            "--resources", json.dumps({f"drill_{name}": 1}),
-        ]  # fmt: skip
-        if head:
-            ray += [
-                "--head", "--num-cpus", "0", "--port", str(self.gcs_port),
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                "--ray-client-server-port", str(self.client_port),
-            ]  # fmt: skip
-        else:
-            ray += ["--num-cpus", "1", "--address", f"127.0.0.1:{self.gcs_port}"]
-        cmd = ["unshare", "--mount", "--propagation", "private", "--", "bash", "-c", NODE_SCRIPT, name, *ray]
-        log = open(self.root / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, env=env, cwd="/", stdout=log, stderr=subprocess.STDOUT)
-        self.nodes[name] = proc
-        deadline = time.monotonic() + 180
-        while "Ray runtime started" not in self.node_log(name):
-            if proc.poll() is not None:
-                raise DrillError(
-                    f"ray start ({name}) exited {proc.returncode}:\n{self.node_log(name)[-3000:]}"
-                )
-            if time.monotonic() > deadline:
-                raise DrillError(f"ray start ({name}) not up after 180 s:\n{self.node_log(name)[-3000:]}")
-            time.sleep(0.5)
-
-    def node_log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def node_pids(self, name: str) -> list[int]:
-        """Every process of a node: those with its marker in their environment, and every
-        descendant of those and of its ``ray start`` (Ray's dashboard modules and agents
-        rewrite their environment block for their process titles, so the marker alone misses them)."""
-        roots = set(pids_with_env(f"{NODE}={self.root}:{name}"))
-        proc = self.nodes.get(name)
-        if proc is not None and proc.poll() is None:
-            roots.add(proc.pid)
-        return sorted(descendants(roots))
-
-    def kill_node(self, name: str) -> list[str]:
-        """SIGKILL every process of the node until none is left; returns their names."""
-        killed: dict[int, str] = {}
-        deadline = time.monotonic() + 20
-        while (pids := self.node_pids(name)) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    killed.setdefault(pid, Path(f"/proc/{pid}/comm").read_text().strip())
-                except OSError:
-                    pass
-            kill_all(pids)  # a second pass catches what was being forked during the first
-            time.sleep(0.2)
-        self.nodes[name].wait(timeout=10)
-        self.killed.add(name)
-        if self.node_pids(name):
-            raise DrillError(f"processes of node {name} survived SIGKILL: {self.node_pids(name)}")
-        return sorted(killed.values())
-
-    def wait_nodes(self, count: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.alive_nodes()) < count:
-            if time.monotonic() > deadline:
-                raise DrillError(f"{count} nodes expected, alive: {len(self.alive_nodes())}")
-            time.sleep(1)
+        hide = [ROOT / d for d in HIDDEN]
+        self.nodes.start(name, head=head, num_cpus=0 if head else 1, hide=hide, private_tmp=True)
 
     def isolation(self) -> tuple[bool, str]:
         """What a node sees: its own /tmp, and empty data/, runs/, wandb/ of the checkout."""
-        problems, seen = [], 0
-        for name, proc in self.nodes.items():
-            if proc.poll() is not None:
-                continue
-            view = Path(f"/proc/{proc.pid}/root")
-            seen += 1
+        problems, live = [], [name for name, proc in self.nodes.nodes.items() if proc.poll() is None]
+        for name in live:
+            view = self.nodes.view(name)
             if (view / self.root.relative_to("/")).exists():
                 problems.append(f"{name} sees the host's /tmp")
             for d in HIDDEN:
                 inside = view / (ROOT / d).relative_to("/")
                 if inside.is_dir() and any(inside.iterdir()):
                     problems.append(f"{name} sees {ROOT / d}")
-        return not problems and seen > 0, "; ".join(
-            problems
-        ) or f"{seen} nodes: private /tmp, no {'/, '.join(HIDDEN)}/"
-
-    # ------------------------------------------------------------ the dashboard's HTTP API
-
-    def api(self, path: str) -> Any:
-        request = urllib.request.Request(self.address + path)
-        request.add_header("Authorization", f"Bearer {self.token}")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-    def alive_nodes(self) -> list[dict]:
-        try:
-            nodes = self.api("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
-        except OSError:
-            return []
-        return [n for n in nodes if n["state"] == "ALIVE"]
-
-    def job_logs(self) -> str:
-        try:
-            return self.api(f"/api/jobs/{self.job_id}/logs")["logs"]
-        except OSError:
-            return ""
-
-    def job_status(self) -> str:
-        return self.api(f"/api/jobs/{self.job_id}")["status"]
+        detail = "; ".join(problems) or f"{len(live)} nodes: private /tmp, no {'/, '.join(HIDDEN)}/"
+        return not problems and bool(live), detail
 
     # ------------------------------------------------------------ the job
 
     def overrides(self) -> list[str]:
-        a = self.args
-        sizes = []
-        if a.crop != 64:  # the demo's 64 / [73, 137] / 73, scaled alike
-            s = a.crop / 64
-            sizes = [
-                f"data.crop_size={a.crop}",
-                f"data.scale_min={round(73 * s)}",
-                f"data.scale_max={round(137 * s)}",
-                f"data.val_resize={round(73 * s)}",
-            ]
+        a, s = self.args, self.args.crop / 64  # the demo's 64 / [73, 137] / 73, scaled alike
+        sizes = [f"data.crop_size={a.crop}", f"data.scale_min={round(73 * s)}"]
+        sizes += [f"data.scale_max={round(137 * s)}", f"data.val_resize={round(73 * s)}"]
         return [
-            f"name={a.name}",
-            f"data.root={self.data_uri}",
-            f"checkpoint.storage_path=s3://{BUCKET}/runs",
-            f"model.name={a.model}",
-            f"model.num_classes={a.classes}",
-            f"optim.batch_size={a.batch}",
+            f"name={a.name}", f"data.root={self.data_uri}", f"checkpoint.storage_path=s3://{BUCKET}/runs",
+            f"model.name={a.model}", f"model.num_classes={a.classes}", f"optim.batch_size={a.batch}",
             f"schedule.epochs={a.epochs}",
             # Elastic: [workers - 1, workers], so losing a node shrinks the run and the replacement
             # grows it back (Ray Train checks for room every resize_check_s).
-            f"cluster.num_workers=[{a.workers - 1},{a.workers}]",
-            f"cluster.resize_check_s={a.resize_check}",
+            f"cluster.num_workers=[{a.workers - 1},{a.workers}]", f"cluster.resize_check_s={a.resize_check}",
             # After a node is lost, Ray Train first asks again for all workers (its view of the
             # cluster lags); this bounds that wait, after which it starts with the workers that fit.
-            f"cluster.start_timeout_s={a.start_timeout}",
-            "cluster.cpus_per_worker=1",
-            "cluster.use_gpu=false",
-            f"cluster.max_failures={a.max_failures}",
-            "tracking.mode=offline",
-            "log_every_n_steps=1",
-            *sizes,
-        ]
+            f"cluster.start_timeout_s={a.start_timeout}", f"cluster.max_failures={a.max_failures}",
+            "cluster.cpus_per_worker=1", "cluster.use_gpu=false", "tracking.mode=offline",
+            *(sizes if a.crop != 64 else []),
+        ]  # fmt: skip
 
     def submit(self) -> None:
-        # Only env vars: the code goes as the working dir (Ray leaves out what .gitignore does,
-        # and .git/ and .venv/), and the nodes already run this venv (a `pip:` env would clone it).
-        spec = {
-            "env_vars": {
-                **self.aws,
-                "PYTHONUNBUFFERED": "1",
-                "RAY_DEDUP_LOGS": "0",
-                "WANDB_MODE": "offline",
-                "WANDB_SILENT": "true",
-            }
-        }
+        # Only env vars: the code goes as the working dir (Ray leaves out what .gitignore does),
+        # and the nodes already run this venv (a `pip:` env would clone it).
+        env_vars = {**self.aws, "PYTHONUNBUFFERED": "1", "RAY_COLOR_PREFIX": "0", "WANDB_MODE": "offline"}
+        env_vars["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"  # Ray Train's worker groups in its state API
         cmd = [
-            RAY, "job", "submit", "--address", self.address, "--submission-id", self.job_id,
-            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(spec), "--no-wait",
-            "--", "python", "-m", "pipeline", "train", "--config", self.args.config, *self.overrides(),
+            RAY, "job", "submit", "--address", self.nodes.address, "--submission-id", self.job_id,
+            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--no-wait",
+            "--", "sh", "cluster/scripts/job_python.sh", "-m", "pipeline", "train",
+            "--config", self.args.config, *self.overrides(),
         ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=ROOT, env=self.client_env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise DrillError(f"ray job submit failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
 
-    def kill_rank0_mid_epoch(self, timeout: float) -> dict[str, Any] | None:
-        """Wait for a step line inside an epoch after the first, once the checkpoint of the epoch
-        before is whole in the bucket (its upload runs in the background); kill that worker's node."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for m in STEP_LINE.finditer(ANSI.sub("", self.job_logs())):
-                pid, whole, frac, epochs = int(m[1]), int(m[2]), int(m[3]), int(m[4])
-                if whole >= 1 and 0 < frac <= self.args.kill_before and whole < epochs:
-                    saved = locations.join(self.run_uri, f"checkpoint_epoch{whole:04d}", "state.pt")
-                    if locations.kind(saved) != "file":
-                        continue
-                    node = env_of(pid).get(NODE, "").rsplit(":", 1)[-1]
-                    if node not in self.nodes or node in self.killed:
-                        continue  # a line of an earlier worker group, or a pid already gone
-                    names = self.kill_node(node)
-                    return {"node": node, "pid": pid, "at": f"{whole}.{frac:02d}", "processes": names}
-            if self.job_status() in {"SUCCEEDED", "FAILED", "STOPPED"}:
-                return None
+    def running(self) -> bool:
+        return self.nodes.job_status(self.job_id) not in JOB_ENDED
+
+    def checkpoint_whole(self, epochs: int) -> bool:
+        from pipeline.train.checkpoint import STATE_FILE, checkpoint_name
+
+        return locations.kind(locations.join(self.run_uri, checkpoint_name(epochs), STATE_FILE)) == "file"
+
+    def kill_rank0_mid_epoch(self) -> dict[str, Any] | None:
+        """Kill rank 0's node ``--kill-at`` % into an epoch after the first (by the time the epoch
+        before took): once that one's checkpoint is whole in the bucket (its upload runs in the
+        background) and while ``metrics.jsonl`` does not hold this one."""
+        deadline = time.monotonic() + self.args.timeout
+        while time.monotonic() < deadline and self.running():
+            done = self.run.read_metrics()
+            if done and len(done) < self.args.epochs and self.checkpoint_whole(len(done)):
+                seen, rank0, took = time.monotonic(), self.nodes.train_rank0(), done[-1]["epoch_time_s"]
+                time.sleep(self.args.kill_at / 100 * took)
+                if (
+                    rank0 is not None
+                    and len(self.run.read_metrics()) == len(done)
+                    and self.nodes.train_rank0() == rank0
+                ):
+                    after, processes = time.monotonic() - seen, self.nodes.kill_node(rank0[0])
+                    return {"node": rank0[0], "pid": rank0[1], "epoch": len(done) + 1, "after": after,
+                            "took": took, "processes": processes, "groups": len(self.nodes.worker_groups())}  # fmt: skip
             time.sleep(0.3)
         return None
 
-    def wait_for_group(self, size: int, timeout: float, steps: int = 3) -> bool:
-        """Until the job log shows a new worker group of ``size`` that has printed ``steps`` step lines."""
+    def wait_for_group(self, size: int, after: int, timeout: float) -> bool:
+        """Until Ray Train runs a worker group of ``size``, its ``after``-th or later."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            logs = ANSI.sub("", self.job_logs())
-            starts = [(m.start(), int(m[1])) for m in WORLD_LINE.finditer(logs)]
-            if (
-                len(starts) > 1
-                and starts[-1][1] == size
-                and len(STEP_LINE.findall(logs[starts[-1][0] :])) >= steps
-            ):
+        while time.monotonic() < deadline and self.running():
+            groups = self.nodes.worker_groups()[after:]
+            if any(g["status"] == "RUNNING" and len(g["workers"]) == size for g in groups):
                 return True
-            if self.job_status() in {"SUCCEEDED", "FAILED", "STOPPED"}:
-                return False
             time.sleep(1)
         return False
 
-    def wait_job(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (status := self.job_status()) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
-            if time.monotonic() > deadline:
-                return f"{status} after {timeout:.0f} s"
-            time.sleep(2)
-        return status
-
-    def train_worker_nodes(self) -> list[str]:
-        query = (
-            "/api/v0/actors?limit=1000&detail=1&filter_keys=class_name&filter_predicates=%3D"
-            "&filter_values=RayTrainWorker"
-        )
-        return [a["node_id"] for a in self.api(query)["data"]["result"]["result"]]
-
-    # ------------------------------------------------------------ teardown
-
-    def copy_node_logs(self) -> None:
-        """Ray's own logs live in each node's private /tmp: copy them out while it lives."""
-        for name, proc in self.nodes.items():
-            view = Path(f"/proc/{proc.pid}/root")
-            latest = view / "tmp/ray/session_latest"
-            try:  # an absolute link, meant for the node's own root
-                src = view / os.readlink(latest).lstrip("/") / "logs"
-            except OSError:
-                continue
-            if proc.poll() is None and src.is_dir():
-                shutil.copytree(
-                    src, self.root / "nodes" / name, dirs_exist_ok=True, ignore_dangling_symlinks=True
-                )
-
     def stop(self, keep: bool) -> None:
-        # All nodes at once (one by one, `ray start --block` takes up to ~30 s each to wind down).
-        live = [proc for proc in self.nodes.values() if proc.poll() is None]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in live:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for name, proc in self.nodes.items():
-            kill_all(self.node_pids(name))
-            proc.wait(timeout=10)
-        if self.moto is not None and self.moto.poll() is None:
-            self.moto.terminate()
-            self.moto.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while (
-            left := sorted(descendants(set(pids_with_env(f"{MARKER}={self.root}"))))
-        ) and time.monotonic() < deadline:
-            kill_all(left)
-            time.sleep(0.5)
-        if not keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-        shutil.rmtree(self.hold, ignore_errors=True)  # empty folders: the mounts died with the nodes
+        if keep:  # the job's log and Ray's own logs (in each node's private /tmp), while they live
+            (self.root / "job.log").write_text(self.nodes.job_logs(self.job_id))
+            self.nodes.copy_ray_logs(self.root / "nodes")
+        self.nodes.stop(keep=keep)
 
 
 # ---------------------------------------------------------------- the checks
 
 
-def _read_json_lines(uri: str) -> list[dict] | None:
-    raw = locations.read_bytes(uri)
-    return None if raw is None else [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-
-
-def _wandb_epoch_rows(drill: Drill) -> tuple[list[str], list[dict]]:
-    """What a user gets from ``pipeline wandb-sync RUN``: the run's offline segments in the bucket
-    merged (on this machine, from the bucket alone; uploaded nowhere). Returns (its report line,
-    if any; the merged history's epoch rows)."""
-    from pipeline.tracking.offline import read_wandb_history
-
-    out = drill.root / "wandb-merged"
-    cmd = [sys.executable, "-m", "pipeline", "wandb-sync", drill.run_uri, "--dry-run", "--out", str(out)]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={**drill.client_env, **drill.aws}, capture_output=True, text=True, timeout=600
-    )
-    merged = [line for line in proc.stdout.splitlines() if line.startswith("merged ")]
-    files = sorted(out.glob("wandb/offline-run-*/run-*.wandb")) if proc.returncode == 0 else []
-    if not files:
-        return [
-            f"wandb-sync exit {proc.returncode}: {(proc.stderr.strip() or proc.stdout.strip())[-400:]}"
-        ], []
-    rows = [row for row in read_wandb_history(files[0]) if "train/loss" in row]  # epoch rows, not step rows
-    return merged, rows
-
-
-def _eval_in_head(drill: Drill, checkpoint: str, mode: str) -> tuple[dict | None, str]:
-    """``pipeline eval --no-ray`` of ``checkpoint``, run in the head node's mount namespace."""
-    cmd = [
-        "nsenter", "--target", str(drill.nodes["head"].pid), "--mount", f"--wd={ROOT}", "--",
-        sys.executable, "-m", "pipeline", "eval", "--config", drill.args.config, "--no-ray",
-        "--checkpoint", checkpoint, "--out", "/tmp/drill-eval.json", *drill.overrides(), f"eval.mode={mode}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={**drill.client_env, **drill.aws}, capture_output=True, text=True, timeout=600
-    )
-    record = eval_record(proc.stdout) if proc.returncode == 0 else None
-    if record is None:
-        return None, f"exit {proc.returncode}: {(proc.stderr.strip() or proc.stdout.strip())[-600:]}"
-    return record, ""
-
-
-def eval_record(stdout: str) -> dict | None:
-    """The result ``pipeline eval`` prints: the last JSON object in its output (indented, on its own lines)."""
-    lines = stdout.splitlines()
-    ends = [i for i, line in enumerate(lines) if line == "}"]
-    if not ends:
-        return None
-    starts = [i for i, line in enumerate(lines[: ends[-1]]) if line == "{"]
-    if not starts:
-        return None
-    try:
-        return json.loads("\n".join(lines[starts[-1] : ends[-1] + 1]))
-    except ValueError:
-        return None
-
-
-def check_kill(
-    drill: Drill, check: Check, logs: str, kill: dict | None, replaced_after: float | None
-) -> None:
+def check_kill(drill: Drill, check: Check, kill: dict | None, replaced_after: float | None) -> None:
+    what = "rank 0 killed mid-epoch"
     if kill is None:
-        check(
-            False,
-            "rank 0 killed mid-epoch",
-            "no step line of rank 0 inside an epoch after the first was seen",
-        )
-        return
+        return check(False, what, "no epoch after the first was seen under way (metrics.jsonl, checkpoints)")
+    e, n, names = kill["epoch"], drill.args.epochs, ", ".join(kill["processes"])
     check(
         True,
-        "rank 0 killed mid-epoch",
-        f"node {kill['node']} (RayTrainWorker pid {kill['pid']}) at epoch {kill['at']}/{drill.args.epochs}, "
-        f"{len(kill['processes'])} processes SIGKILLed ({', '.join(kill['processes'])}); "
+        what,
+        f"node {kill['node']} (rank 0, RayTrainWorker pid {kill['pid']}) in epoch {e}/{n}, {kill['after']:.1f} s "
+        f"after checkpoint_epoch{e - 1:04d} was whole (epoch {e - 1} took {kill['took']:.1f} s), before "
+        f"metrics.jsonl held epoch {e}; {len(kill['processes'])} processes SIGKILLed ({names}); "
         f"a new node up {replaced_after:.1f} s later",
     )
-    after = logs[logs.find(f"epoch {kill['at']}/") :]
-    restored = re.findall(r"restored from checkpoint (\S+): epoch (\d+), step (\d+)", after)
+
+
+def check_resumed(drill: Drill, check: Check, kill: dict | None, records: list[dict]) -> None:
+    """A worker group that restores epoch k keeps ``metrics.jsonl``'s records of epochs 1..k and
+    records k+1 on; one that starts from scratch drops them all. So the records of the epochs
+    before the kill stay those of the killed group of N, and the kill's epoch is the group of N-1's."""
+    n, sizes = drill.args.workers, [r.get("world_size") for r in records]
+    e = kill["epoch"] if kill else 0
+    ok = e > 1 and sizes[: e - 1] == [n] * (e - 1) and sizes[e - 1 : e] == [n - 1]
     check(
-        bool(restored),
+        ok,
         "resumed from a checkpoint",
-        f"epoch {restored[-1][1]}, step {restored[-1][2]} ({restored[-1][0]})"
-        if restored
-        else "no 'restored from checkpoint' line after the kill: the new worker group started from scratch",
+        f"metrics.jsonl's epochs 1-{e - 1} recorded by groups of {sorted(set(sizes[: e - 1]), key=str)} "
+        f"(the killed group: {n}), epoch {e} by {sizes[e - 1 : e]} (the next: {n - 1}); world sizes {sizes}",
     )
 
 
 def check_metrics(drill: Drill, check: Check) -> list[dict]:
-    want = list(range(1, drill.args.epochs + 1))
-    uri = locations.join(drill.run_uri, "metrics.jsonl")
-    records = _read_json_lines(uri)
-    if records is None:
-        check(False, "metrics.jsonl epochs", f"{uri} does not exist")
-        return []
+    want, uri = list(range(1, drill.args.epochs + 1)), locations.join(drill.run_uri, "metrics.jsonl")
+    records = drill.run.read_metrics()
     got = [r.get("epoch") for r in records]
-    check(got == want, "metrics.jsonl epochs", f"{got} in {uri} (want {want})")
+    detail = f"{got} in {uri} (want {want})" if locations.kind(uri) == "file" else f"{uri} does not exist"
+    check(got == want, "metrics.jsonl epochs", detail)
     return records
 
 
 def check_wandb(drill: Drill, check: Check, records: list[dict]) -> None:
-    want = list(range(1, drill.args.epochs + 1))
-    merged, rows = _wandb_epoch_rows(drill)
-    got = [r.get("epoch") for r in rows]
-    where = "; ".join(merged) or "no merged run"
+    """What a user gets from ``pipeline wandb-sync RUN``: the run's offline segments in the bucket
+    merged (on this machine, from the bucket alone; uploaded nowhere), read back."""
+    from pipeline.tracking.offline import read_wandb_history
+    from pipeline.tracking.sync import find_segments
+
+    out, want = drill.root / "wandb-merged", list(range(1, drill.args.epochs + 1))
+    drill.pipeline("wandb-sync", drill.run_uri, "--dry-run", "--out", str(out))
+    (merged,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    rows = [row for row in read_wandb_history(merged) if "train/loss" in row]  # epoch rows, not step rows
+    got, segments = [r.get("epoch") for r in rows], len(find_segments(drill.run_uri))
+    where = f"{segments} segments in the bucket merged by `pipeline wandb-sync` into {merged.parent}"
     check(bool(rows) and got == want, "W&B history epochs", f"{got} (want {want}); {where}")
     by_epoch = {r.get("epoch"): r for r in records}
     diffs = [
         f"epoch {r['epoch']} {k}: W&B {r[k]} vs metrics.jsonl {by_epoch[r['epoch']].get(k)}"
         for r in rows
-        if r.get("epoch") in by_epoch
         for k in ("train/loss", "val/top1_err")
-        if k in r and r[k] != by_epoch[r["epoch"]].get(k)
+        if r.get("epoch") in by_epoch and k in r and r[k] != by_epoch[r["epoch"]].get(k)
     ]
-    compared = (
-        f"train/loss and val/top1_err of {len(rows)} epoch rows" if rows else "no epoch rows to compare"
-    )
+    compared = f"train/loss and val/top1_err of {len(rows)} epoch rows" if rows else "no epoch rows"
     check(bool(rows) and not diffs, "W&B values = metrics.jsonl", "; ".join(diffs[:4]) or compared)
 
 
 def check_summary(drill: Drill, check: Check) -> dict | None:
-    uri = locations.join(drill.run_uri, "summary.json")
-    raw = locations.read_bytes(uri)
-    if raw is None:
-        check(False, "summary.json", f"{uri} does not exist")
-        return None
-    s = json.loads(raw)
-    check(
-        s.get("epochs") == drill.args.epochs,
-        "summary.json",
-        f"{uri}: epochs {s.get('epochs')}, {s.get('eval_mode')} top-1 err {s.get('val_top1_err')}, "
-        f"checkpoint {s.get('checkpoint')}",
-    )
+    uri, s = locations.join(drill.run_uri, "summary.json"), drill.run.read_summary()
+    if s is None:
+        return check(False, "summary.json", f"{uri} does not exist")
+    got = f"{uri}: epochs {s.get('epochs')}, {s.get('eval_mode')} top-1 err {s.get('val_top1_err')}"
+    check(s.get("epochs") == drill.args.epochs, "summary.json", f"{got}, checkpoint {s.get('checkpoint')}")
     return s
 
 
 def check_eval(drill: Drill, check: Check, summary: dict | None) -> None:
+    """``pipeline eval --no-ray`` of the final checkpoint in the head's namespace (it sees only the
+    bucket), its JSON written to the bucket."""
     what = "eval of the final checkpoint"
     if not summary or not summary.get("checkpoint"):
-        check(False, what, "no final checkpoint named in summary.json")
-        return
-    ckpt = summary["checkpoint"]
+        return check(False, what, "no final checkpoint named in summary.json")
+    ckpt, out = summary["checkpoint"], f"s3://{BUCKET}/eval/{drill.job_id}.json"
     in_bucket = ckpt.startswith(drill.run_uri + "/") and locations.kind(ckpt) == "dir"
-    record, error = _eval_in_head(drill, ckpt, summary["eval_mode"])
-    if record is None:
-        check(False, what, f"{ckpt}: `pipeline eval --no-ray` in the head's namespace failed: {error}")
-        return
-    same = (
-        abs(record["top1_err"] - summary["val_top1_err"]) < 1e-9 and record["images"] == summary["val_images"]
-    )
+    mode = f"eval.mode={summary['eval_mode']}"
+    drill.pipeline("eval", "--config", drill.args.config, "--no-ray", "--checkpoint", ckpt, "--out", out,
+                   *drill.overrides(), mode, in_head=True)  # fmt: skip
+    got = json.loads(locations.read_bytes(out) or b"null")
+    same = abs(got["top1_err"] - summary["val_top1_err"]) < 1e-9 and got["images"] == summary["val_images"]
     check(
         in_bucket and same,
         what,
-        f"{ckpt} {'in' if in_bucket else 'NOT in'} the bucket; eval top-1 err {record['top1_err']} on "
-        f"{record['images']} images vs summary {summary['val_top1_err']} on {summary['val_images']}",
+        f"{ckpt} {'in' if in_bucket else 'NOT in'} the bucket; {out}: top-1 err {got['top1_err']} on "
+        f"{got['images']} images vs summary {summary['val_top1_err']} on {summary['val_images']}",
     )
 
 
 def check_placement(drill: Drill, check: Check) -> None:
-    head = [n["node_id"] for n in drill.alive_nodes() if n.get("is_head_node")]
-    workers = drill.train_worker_nodes()
-    on_head = sum(w in head for w in workers)
-    check(
-        bool(workers) and bool(head) and on_head == 0,
-        "training placement",
-        f"{len(workers)} RayTrainWorker actors on {len(set(workers))} worker nodes, {on_head} on the head",
-    )
+    head = [n["node_id"] for n in drill.nodes.alive_nodes() if n.get("is_head_node")]
+    workers = drill.nodes.actor_nodes("RayTrainWorker")
+    on_head, used = sum(w in head for w in workers), len(set(workers))
+    detail = f"{len(workers)} RayTrainWorker actors on {used} worker nodes, {on_head} on the head"
+    check(bool(workers) and bool(head) and on_head == 0, "training placement", detail)
 
 
-def check_elastic(drill: Drill, check: Check, logs: str, records: list[dict]) -> None:
-    """The run went on with one worker fewer after the kill (and trained there), then grew back."""
-    n = drill.args.workers
-    starts = [(m.start(), int(m[1])) for m in WORLD_LINE.finditer(logs)]
-    sizes = [size for _, size in starts]
-    # Steps trained by each worker group: the step lines between its start line and the next one.
-    bounds = [pos for pos, _ in starts] + [len(logs)]
-    trained = [len(STEP_LINE.findall(logs[a:b])) for a, b in zip(bounds, bounds[1:], strict=False)]
-    shrank = [i for i, size in enumerate(sizes) if size == n - 1 and trained[i] > 0]
-    grew = bool(shrank) and any(size == n for size in sizes[shrank[0] + 1 :])
-    batches = {r.get("global_batch") for r in records}
-    detail = (
-        f"worker groups of {sizes} (steps trained by each: {trained}); epoch records' world sizes "
-        f"{[r.get('world_size') for r in records]}, global batch {sorted(batches, key=str)}"
-    )
-    ok = sizes[:1] == [n] and bool(shrank) and grew and batches == {drill.args.batch}
-    check(ok, "elastic shrink and growth", detail)
+def check_elastic(drill: Drill, check: Check, records: list[dict]) -> None:
+    """Ray Train ran a group of N, then of N-1 (which trained: epochs recorded by it), then of N."""
+    n, sizes = drill.args.workers, [len(g["workers"]) for g in drill.nodes.worker_groups()]
+    shrank = [i for i, size in enumerate(sizes) if size == n - 1]
+    grew = bool(shrank) and n in sizes[shrank[0] + 1 :]
+    trained, batches = [r.get("world_size") for r in records], {r.get("global_batch") for r in records}
+    ok = sizes[:1] == [n] and grew and n - 1 in trained and batches == {drill.args.batch}
+    detail = f"worker groups of {sizes} (Ray Train's state API); epoch records' world sizes {trained}"
+    check(ok, "elastic shrink and growth", f"{detail}, global batch {sorted(batches, key=str)}")
 
 
-def run_checks(
-    drill: Drill, check: Check, status: str, kill: dict | None, replaced_after: float | None
-) -> None:
+def run_checks(drill: Drill, check: Check, status: str, kill: dict | None, replaced: float | None) -> None:
     """Every check, each on its own: one that cannot even run is a FAIL with its error."""
-    logs = ANSI.sub("", drill.job_logs())
-    (drill.root / "job.log").write_text(logs)
 
     def guarded(what: str, fn: Any, *args: Any) -> Any:
         try:
-            return fn(*args)
+            return fn(drill, check, *args)
         except Exception as e:  # a check that crashes is a miss, reported like the others
             check(False, what, f"the check failed: {type(e).__name__}: {e}")
-            return None
 
     check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id})")
-    guarded("rank 0 killed mid-epoch", check_kill, drill, check, logs, kill, replaced_after)
-    records = guarded("metrics.jsonl epochs", check_metrics, drill, check)
-    guarded("W&B history epochs", check_wandb, drill, check, records or [])
-    summary = guarded("summary.json", check_summary, drill, check)
-    guarded("eval of the final checkpoint", check_eval, drill, check, summary)
-    guarded("training placement", check_placement, drill, check)
-    guarded("elastic shrink and growth", check_elastic, drill, check, logs, records or [])
+    guarded("rank 0 killed mid-epoch", check_kill, kill, replaced)
+    records = guarded("metrics.jsonl epochs", check_metrics) or []
+    guarded("resumed from a checkpoint", check_resumed, kill, records)
+    guarded("W&B history epochs", check_wandb, records)
+    summary = guarded("summary.json", check_summary)
+    guarded("eval of the final checkpoint", check_eval, summary)
+    guarded("training placement", check_placement)
+    guarded("elastic shrink and growth", check_elastic, records)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cluster/drill.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/demo.yaml", help="config inside this checkout")
-    p.add_argument("--name", default="drill", help="run name (the folder under s3://drill/runs/)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--train-per-class", type=int, default=64)
-    p.add_argument("--val-per-class", type=int, default=10)
-    p.add_argument("--batch", type=int, default=64, help="global batch (split over the workers)")
-    p.add_argument(
-        "--workers", type=int, default=3, help="worker nodes (1 CPU each); the run is elastic on [N-1, N]"
-    )
-    p.add_argument(
-        "--resize-check", type=float, default=5.0, help="cluster.resize_check_s (Ray's default is 60)"
-    )
-    p.add_argument("--start-timeout", type=float, default=15.0, help="cluster.start_timeout_s")
-    p.add_argument(
-        "--model", default="resnet18", help="model.name (the demo's; cifar_resnet20 for small checkpoints)"
-    )
-    p.add_argument("--crop", type=int, default=64, help="training crop; the scales follow the demo's ratios")
-    p.add_argument("--max-failures", type=int, default=3, help="cluster.max_failures")
-    p.add_argument(
-        "--kill-before", type=int, default=75, help="kill at a step line below this %% of an epoch"
-    )
-    p.add_argument(
-        "--replace-after",
-        type=float,
-        default=5.0,
-        help="seconds from the run training on N-1 workers to the new node",
-    )
-    p.add_argument("--timeout", type=float, default=1200, help="seconds the job may take")
-    p.add_argument(
-        "--keep", action="store_true", help="keep the temp dir (logs, W&B segments) even on success"
-    )
+    for flag, default, text in [
+        ("--config", "configs/demo.yaml", "config inside this checkout"),
+        ("--name", "drill", "run name (the folder under s3://drill/runs/)"),
+        ("--epochs", 3, "schedule.epochs"),
+        ("--classes", 10, "synthetic classes"),
+        ("--train-per-class", 64, "synthetic training images per class"),
+        ("--val-per-class", 10, "synthetic validation images per class"),
+        ("--batch", 64, "global batch (split over the workers)"),
+        ("--workers", 3, "worker nodes (1 CPU each); the run is elastic on [N-1, N]"),
+        ("--resize-check", 5.0, "cluster.resize_check_s (Ray's default is 60)"),
+        ("--start-timeout", 15.0, "cluster.start_timeout_s"),
+        ("--model", "resnet18", "model.name (the demo's; cifar_resnet20 for small checkpoints)"),
+        ("--crop", 64, "training crop; the scales follow the demo's ratios"),
+        ("--max-failures", 3, "cluster.max_failures"),
+        ("--kill-at", 40.0, "kill this %% into an epoch (by the time the epoch before took)"),
+        ("--replace-after", 5.0, "seconds from the group of N-1 running to the new node"),
+        ("--timeout", 1200.0, "seconds the job may take"),
+    ]:
+        p.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, W&B merge) even on success")
     args = p.parse_args(argv)
     if args.workers < 2:
         p.error("--workers must be at least 2: the run goes on with one fewer")
@@ -785,45 +381,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None:
-        print("error: the drill needs root and util-linux's unshare and nsenter (one mount namespace per node)",
-              file=sys.stderr)  # fmt: skip
+        print("error: the drill needs root, unshare and nsenter (a mount namespace per node)", file=sys.stderr)  # fmt: skip
         return 2
-    drill, check, start = Drill(args), Check(), time.monotonic()
+    drill, check, start, n = Drill(args), Check(), time.monotonic(), args.workers
 
     def say(message: str) -> None:
         print(f"== [{time.monotonic() - start:4.0f} s] {message}", flush=True)
 
     say(f"drill in {drill.root}")
-    status = "not run"
     try:
         drill.start_s3()
-        say(f"S3 server at {drill.endpoint}; uploading the dataset to {drill.data_uri}")
+        say(f"S3 server at {drill.aws['AWS_ENDPOINT_URL']}; uploading the dataset to {drill.data_uri}")
         drill.upload_dataset()
-        drill.start_node("head", head=True)
-        for i in range(args.workers):
-            drill.start_node(f"worker{i + 1}")
-        drill.wait_nodes(args.workers + 1)
-        say(f"Ray head and {args.workers} worker nodes up, dashboard {drill.address}")
+        for name in ["head", *(f"worker{i + 1}" for i in range(n))]:
+            drill.start_node(name, head=name == "head")
+        drill.nodes.wait_alive(set(drill.nodes.nodes))
+        say(f"Ray head and {n} worker nodes up, dashboard {drill.nodes.address}")
         ok, detail = drill.isolation()
         check(ok, "node isolation", detail)
         drill.submit()
         say(f"submitted job {drill.job_id}")
-        kill = drill.kill_rank0_mid_epoch(args.timeout)
-        replaced_after = None
+        kill, replaced_after = drill.kill_rank0_mid_epoch(), None
         if kill is not None:
-            say(f"killed node {kill['node']} at epoch {kill['at']}; waiting for the run to go on with fewer")
+            say(f"killed node {kill['node']} in epoch {kill['epoch']}; waiting for a worker group of {n - 1}")
             killed_at = time.monotonic()
-            shrunk = drill.wait_for_group(args.workers - 1, timeout=180)
-            say(
-                f"training on {args.workers - 1} workers" if shrunk else "the run did not shrink within 180 s"
-            )
+            shrunk = drill.wait_for_group(n - 1, after=kill["groups"], timeout=180)
+            say(f"a group of {n - 1} runs" if shrunk else f"no group of {n - 1} within 180 s")
             time.sleep(args.replace_after)
-            drill.start_node(f"worker{args.workers + 1}")
+            drill.start_node(f"worker{n + 1}")
             replaced_after = time.monotonic() - killed_at
-        status = drill.wait_job(args.timeout)
+        status = drill.nodes.wait_job(drill.job_id, args.timeout)
         say(f"job {drill.job_id}: {status}; checking")
         run_checks(drill, check, status, kill, replaced_after)
-    except DrillError as e:
+    except (RuntimeError, OSError) as e:  # DrillError, a node that does not start, an API that fails
         print(f"error: the drill could not run: {e}", file=sys.stderr)
         check.lines.append((False, "drill", str(e)))
         code = 2
@@ -831,12 +421,9 @@ def main(argv: list[str]) -> int:
         code = 1 if check.failed else 0
     finally:
         keep = args.keep or bool(check.failed) or not check.lines
-        if keep:
-            drill.copy_node_logs()
-            (drill.root / "job.log").write_text(ANSI.sub("", drill.job_logs()) if drill.nodes else "")
         drill.stop(keep=keep)
-    say(f"{len(check.lines) - check.failed}/{len(check.lines)} checks passed" +
-          (f"; logs kept in {drill.root} (job.log, <node>.log, nodes/, wandb-segments/)" if keep else ""))  # fmt: skip
+    kept = f"; logs kept in {drill.root} (job.log, <node>.log, nodes/, wandb-merged/)" if keep else ""
+    say(f"{len(check.lines) - check.failed}/{len(check.lines)} checks passed{kept}")
     return code
 
 

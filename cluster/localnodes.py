@@ -1,17 +1,77 @@
-"""Ray nodes on this one machine (the drill, the cluster tests): free ports, and ending what was started.
+"""Ray nodes on this one machine, as cluster/README's rehearsal starts them: the one harness of
+the node-loss drill (cluster/drill.py) and the cluster tests.
 
-Every process the drill or a test starts carries a marker entry in its environment
-(``NAME=value``); teardown kills only the processes that carry it, never anything else running
-here (no ``ray stop``).
+    nodes = LocalNodes("e2e")
+    nodes.start("head", head=True, num_cpus=2)
+    nodes.start("worker", num_cpus=2)          # or hide=[folder], private_tmp=True: a "remote" node
+    nodes.wait_alive({"head", "worker"})
+    subprocess.run([...], env=nodes.client_env)  # make submit ADDRESS=nodes.address, ray job ...
+    nodes.stop()
+
+Each node is ``.venv/bin/ray start --block``, a child of this process, on 127.0.0.1 with a free
+port for every Ray port (so it runs beside any other Ray here), its own ``--temp-dir``, a
+100 MB object store, token auth on (the token in a file named by ``RAY_AUTH_TOKEN_PATH``), and a
+custom resource ``<tag>_<name>`` naming it; its output goes to ``<root>/<name>.log`` and
+``start`` returns once it says "Ray runtime started". The head serves the dashboard on
+127.0.0.1 (the Jobs API, and the state API this harness asks which nodes are alive). The venv's
+``bin`` is NOT on the nodes' PATH unless ``venv_on_path=True``: a job's bare ``python`` is then
+the system's, as on nodes started with ``.venv/bin/ray start`` from a plain shell (``make
+submit`` runs ``cluster/scripts/job_python.sh``, which finds the raylet's Python).
+
+A node can run in its own mount namespace (``unshare --mount``, root only), as if on another
+machine: ``hide`` mounts an empty tmpfs over folders, ``private_tmp`` a tmpfs over ``/tmp``
+(the checkout and the venv stay visible; the node gets its own ``$HOME`` and Ray temp dir there,
+and the token itself in ``RAY_AUTH_TOKEN``, since its file lies in the host's ``/tmp``). The
+harness can also start a local S3 server (``start_s3``) for runs without a shared filesystem.
+
+Every process started with ``client_env`` or as a node carries ``RESNET_LOCALNODES=<root>`` in
+its environment, a node's also ``RESNET_LOCALNODES_NODE=<root>:<name>``. Teardown kills those
+and their descendants (Ray's dashboard modules rewrite their environment block for their
+process titles, so the marker alone misses them), nothing else; never ``ray stop``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+MARKER = "RESNET_LOCALNODES"
+NODE_MARKER = "RESNET_LOCALNODES_NODE"
+OBJECT_STORE_BYTES = 100 * 1024**2
+JOB_ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+# Runs inside the node's new mount namespace, then becomes `ray start`. A checkout (or venv)
+# that itself lives under /tmp must stay visible under the private /tmp: hold it elsewhere,
+# mount the tmpfs, then put it back at the same path.
+NAMESPACE_SCRIPT = r"""
+set -e
+IFS=:
+if [ -n "$LOCALNODES_HOLD" ]; then
+  hold=$(mktemp -d "$LOCALNODES_HOLD/node.XXXXXX")
+  i=0; for d in $LOCALNODES_KEEP; do mkdir -p "$hold/$i"; mount --bind "$d" "$hold/$i"; i=$((i+1)); done
+  mount -t tmpfs -o size=4g,mode=1777 localnodes-tmp /tmp
+  i=0; for d in $LOCALNODES_KEEP; do mkdir -p "$d"; mount --bind "$hold/$i" "$d"; i=$((i+1)); done
+fi
+for d in $LOCALNODES_HIDE; do if [ -d "$d" ]; then mount -t tmpfs -o size=1m,mode=0755 localnodes-hidden "$d"; fi; done
+unset IFS
+mkdir -p "$HOME"
+exec "$@"
+"""
 
 
 def free_ports(n: int) -> list[int]:
@@ -42,13 +102,393 @@ def pids_with_env(entry: str) -> list[int]:
     return pids
 
 
-def kill_marked(entry: str, timeout: float = 10) -> None:
-    """SIGKILL every process carrying ``entry`` until none is left (or ``timeout`` passes)."""
-    deadline = time.monotonic() + timeout
-    while (left := pids_with_env(entry)) and time.monotonic() < deadline:
-        for pid in left:
+def descendants(pids: Iterable[int]) -> set[int]:
+    """``pids`` and all their children, grandchildren, ... (from /proc's parent pids)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
+def kill_all(pids: Iterable[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def can_unshare_mounts() -> bool:
+    """Whether this process may give a node its own mount namespace (root and util-linux's unshare)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "none", "/mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+class LocalNodes:
+    """A head and joined nodes, each a ``ray start --block`` child of this process.
+
+    Args:
+        tag: names the temp dir (``/tmp/<tag>-*``) and the nodes' custom resources (``<tag>_<name>``).
+        venv_on_path: put this venv's ``bin`` first on the nodes' PATH (the README's rehearsal does not).
+        env: extra environment of every node (and not of the clients).
+    """
+
+    def __init__(self, tag: str, *, venv_on_path: bool = False, env: dict[str, str] | None = None):
+        self.tag = tag
+        # Short path: Ray puts unix sockets under a node's temp dir (108-byte limit).
+        self.root = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir="/tmp"))
+        self.token = secrets.token_hex(32)
+        self.token_path = self.root / "auth_token"
+        self.token_path.write_text(self.token)
+        self.token_path.chmod(0o600)
+        self._ports = free_ports(64)
+        self.gcs_port, self.dashboard_port = self._ports.pop(), self._ports.pop()
+        self.gcs = f"127.0.0.1:{self.gcs_port}"
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.hold: Path | None = None  # outside /tmp: where a private-/tmp node holds the checkout
+        path = os.environ.get("PATH", "")
+        scrub = ("RAY_", "WANDB_", "AWS_")
+        base = {k: v for k, v in os.environ.items() if not k.startswith(scrub) and k != "PYTHONPATH"}
+        # What a client (make submit, ray job ..., a driver) needs: token mode and the token file.
+        self.client_env = {
+            **base,
+            "PATH": os.pathsep.join([str(VENV_BIN), path]),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            MARKER: str(self.root),
+        }
+        system_path = os.pathsep.join(
+            p for p in path.split(os.pathsep) if p and Path(p).resolve() != VENV_BIN.resolve()
+        )
+        self.node_env = {
+            **self.client_env,
+            "PATH": self.client_env["PATH"] if venv_on_path else system_path,
+            "RAY_DEDUP_LOGS": "0",
+            # Ray Train's placement-group cleaner asks the state API with no address; Ray then
+            # looks for *the* GCS on this host, and with other Ray instances running here (other
+            # tests, other users) it dies with "Found multiple active Ray instances". A real
+            # node hosts one Ray; here the address is named.
+            "RAY_API_SERVER_ADDRESS": self.address,
+            **(env or {}),
+        }
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.private: set[str] = set()  # nodes with their own /tmp
+        self.s3: subprocess.Popen | None = None
+
+    def port(self) -> str:
+        """A port that was free when this cluster was made and that no node of it uses."""
+        return str(self._ports.pop())
+
+    def resource(self, name: str) -> str:
+        return f"{self.tag}_{name}"
+
+    # ------------------------------------------------------------ object storage
+
+    def start_s3(self, bucket: str) -> dict[str, str]:
+        """A local S3 server (moto's server mode) holding an empty ``bucket``; returns the AWS
+        environment that points a client (pyarrow, boto3, a job's ``env_vars``) at it."""
+        endpoint = f"http://127.0.0.1:{self.port()}"
+        aws = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop
+        }
+        with open(self.root / "s3.log", "w") as log:
+            cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]]
+            self.s3 = subprocess.Popen(cmd, env=self.client_env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                if self.s3.poll() is not None or time.monotonic() > deadline:
+                    log = (self.root / "s3.log").read_text()[-2000:]
+                    raise RuntimeError(f"the S3 server did not start:\n{log}") from None
+                time.sleep(0.3)
+        import pyarrow.fs
+
+        pyarrow.fs.S3FileSystem(
+            access_key="local", secret_key="local", region="us-east-1", scheme="http",
+            endpoint_override=endpoint.removeprefix("http://"), allow_bucket_creation=True,
+        ).create_dir(bucket)  # fmt: skip
+        return aws
+
+    # ------------------------------------------------------------ nodes
+
+    def start(
+        self,
+        name: str,
+        *,
+        head: bool = False,
+        num_cpus: int = 1,
+        hide: Iterable[Path] = (),
+        private_tmp: bool = False,
+        env: dict[str, str] | None = None,
+        timeout: float = 180,
+    ) -> subprocess.Popen:
+        """Start node ``name`` and return once it is up; ``hide`` and ``private_tmp`` give it its
+        own mount namespace (see the module's docstring)."""
+        env = {**self.node_env, NODE_MARKER: f"{self.root}:{name}", **(env or {})}
+        hide = [str(p) for p in hide]
+        temp = "/tmp/ray" if private_tmp else str(self.root / name)
+        cmd = [
+            RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(num_cpus), "--resources", json.dumps({self.resource(name): 1}),
+            "--temp-dir", temp, "--object-store-memory", str(OBJECT_STORE_BYTES),
+            "--min-worker-port", "0", "--max-worker-port", "0",
+            "--node-manager-port", self.port(), "--object-manager-port", self.port(),
+            "--dashboard-agent-listen-port", self.port(), "--dashboard-agent-grpc-port", self.port(),
+            "--runtime-env-agent-port", self.port(), "--metrics-export-port", self.port(),
+        ]  # fmt: skip
+        if head:
+            cmd += [
+                "--head", "--port", str(self.gcs_port), "--ray-client-server-port", self.port(),
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+            ]  # fmt: skip
+        else:
+            cmd += ["--address", self.gcs]
+        if private_tmp:
+            if self.hold is None:
+                self.hold = Path(tempfile.mkdtemp(prefix=f"{self.tag}-hold-", dir="/var/tmp"))
+            keep = {Path(__file__).resolve().parents[1], Path(sys.prefix)}  # the checkout, the venv
+            env.update(
+                LOCALNODES_HOLD=str(self.hold),
+                LOCALNODES_KEEP=":".join(str(p) for p in keep if Path("/tmp") in p.parents),
+                HOME="/tmp/home",  # inside the private /tmp: nothing of the host's home
+                RAY_AUTH_TOKEN=self.token,  # the token file lies in the host's /tmp, hidden here
+            )
+            env.pop("RAY_AUTH_TOKEN_PATH")
+            self.private.add(name)
+        if hide or private_tmp:
+            env["LOCALNODES_HIDE"] = ":".join(hide)
+            namespace = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", NAMESPACE_SCRIPT]
+            cmd = [*namespace, name, *cmd]
+        with open(self.root / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(
+                cmd, env=env, cwd="/" if private_tmp else self.root, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.nodes[name] = proc
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self.log(name):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = (
+                    f"exited {proc.returncode}"
+                    if proc.poll() is not None
+                    else f"not up after {timeout:.0f} s"
+                )
+                raise RuntimeError(f"ray start ({name}) {why}:\n{self.log(name)[-3000:]}")
+            time.sleep(0.5)
+        return proc
+
+    def log(self, name: str) -> str:
+        """What node ``name``'s ``ray start`` printed."""
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def view(self, name: str) -> Path:
+        """Node ``name``'s filesystem as its processes see it (its mount namespace)."""
+        return Path(f"/proc/{self.nodes[name].pid}/root")
+
+    def in_namespace(self, name: str, cmd: list[str], cwd: Path) -> list[str]:
+        """``cmd`` run in node ``name``'s mount namespace (sees what the node sees), from ``cwd``."""
+        return ["nsenter", "--target", str(self.nodes[name].pid), "--mount", f"--wd={cwd}", "--", *cmd]
+
+    def copy_ray_logs(self, dest: Path) -> None:
+        """Ray's own logs of every live node (its session's ``logs/``) to ``dest/<name>/``."""
+        for name, proc in self.nodes.items():
+            private = name in self.private
+            temp = self.view(name) / "tmp/ray" if private else self.root / name
+            try:  # an absolute link, meant for the node's own root
+                target = os.readlink(temp / "session_latest")
+            except OSError:
+                continue
+            logs = (self.view(name) / target.lstrip("/") if private else Path(target)) / "logs"
+            if proc.poll() is None and logs.is_dir():
+                shutil.copytree(logs, dest / name, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+
+    def node_pids(self, name: str) -> list[int]:
+        """Every process of node ``name``: its ``ray start``, those with its marker, their descendants."""
+        roots = set(pids_with_env(f"{NODE_MARKER}={self.root}:{name}"))
+        proc = self.nodes.get(name)
+        if proc is not None and proc.poll() is None:
+            roots.add(proc.pid)
+        return sorted(descendants(roots))
+
+    def kill_node(self, name: str) -> list[str]:
+        """SIGKILL every process of node ``name`` (a machine lost); returns their names."""
+        killed: dict[int, str] = {}
+        deadline = time.monotonic() + 20
+        while (pids := self.node_pids(name)) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    killed.setdefault(pid, Path(f"/proc/{pid}/comm").read_text().strip())
+                except OSError:
+                    pass
+            kill_all(pids)  # a second pass catches what was being forked during the first
+            time.sleep(0.2)
+        self.nodes[name].wait(timeout=10)
+        if self.node_pids(name):
+            raise RuntimeError(f"processes of node {name} survived SIGKILL: {self.node_pids(name)}")
+        return sorted(killed.values())
+
+    def stop_node(self, name: str, timeout: float = 60) -> None:
+        """Stop node ``name`` the way a node leaves (SIGTERM to its ``ray start``), then kill what is left."""
+        proc = self.nodes[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
                 pass
-        time.sleep(0.5)
+        kill_all(self.node_pids(name))
+        proc.wait(timeout=10)
+        del self.nodes[name]
+
+    def stop(self, keep: bool = False) -> None:
+        """Stop every node (all at once: one by one, each takes up to ~30 s), then kill whatever
+        still carries this cluster's marker. ``keep``: leave the temp dir (the logs) in place."""
+        live = [proc for proc in self.nodes.values() if proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for name, proc in self.nodes.items():
+            kill_all(self.node_pids(name))
+            proc.wait(timeout=10)
+        if self.s3 is not None and self.s3.poll() is None:
+            self.s3.terminate()
+            self.s3.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (left := self.leftover_pids()) and time.monotonic() < deadline:
+            kill_all(descendants(left))
+            time.sleep(0.5)
+        if not keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+        if self.hold is not None:
+            shutil.rmtree(self.hold, ignore_errors=True)  # empty folders: the mounts died with the nodes
+
+    def leftover_pids(self) -> list[int]:
+        """Processes still carrying this cluster's marker."""
+        return pids_with_env(f"{MARKER}={self.root}")
+
+    # ------------------------------------------------------------ the dashboard's HTTP API
+
+    def http(self, path: str, token: str | None = "own", host: str = "127.0.0.1") -> tuple[int, bytes]:
+        """(status, body) of a GET on the dashboard; ``token``: "own", another one, or None for none."""
+        request = urllib.request.Request(f"http://{host}:{self.dashboard_port}{path}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {self.token if token == 'own' else token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def api(self, path: str) -> Any:
+        """The JSON of a GET on the dashboard; an OSError unless it answers 200."""
+        status, body = self.http(path)
+        if status != 200:
+            raise OSError(f"GET {path}: HTTP {status}: {body[:500]!r}")
+        return json.loads(body)
+
+    def alive_nodes(self) -> list[dict]:
+        """The state API's records of the nodes alive now (empty while the dashboard is not up)."""
+        try:
+            nodes = self.api("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
+        except OSError:
+            return []
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
+    def alive(self) -> dict[str, str]:
+        """This harness's name -> node id, for every node of it alive now."""
+        names = {}
+        for node in self.alive_nodes():
+            mine = [k for k in node.get("resources_total", {}) if k.startswith(f"{self.tag}_")]
+            if mine:
+                names[mine[0].removeprefix(f"{self.tag}_")] = node["node_id"]
+        return names
+
+    def wait_alive(self, names: set[str], timeout: float = 120) -> dict[str, str]:
+        """Wait until exactly ``names`` are alive; returns name -> node id."""
+        deadline = time.monotonic() + timeout
+        while set(alive := self.alive()) != names:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nodes alive: {sorted(alive)}, expected {sorted(names)}")
+            time.sleep(1)
+        return alive
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """Node ids of every actor of ``class_name`` this cluster has run (dead ones included)."""
+        query = (
+            "/api/v0/actors?limit=1000&detail=1&filter_keys=class_name&filter_predicates=%3D"
+            f"&filter_values={class_name}"
+        )
+        return [a["node_id"] for a in self.api(query)["data"]["result"]["result"]]
+
+    # ------------------------------------------------------------ jobs and Ray Train runs
+
+    def job_status(self, job_id: str) -> str:
+        return self.api(f"/api/jobs/{job_id}")["status"]
+
+    def job_logs(self, job_id: str) -> str:
+        """The job's log so far ("" when the dashboard does not give it)."""
+        try:
+            return self.api(f"/api/jobs/{job_id}/logs")["logs"]
+        except OSError:
+            return ""
+
+    def wait_job(self, job_id: str, timeout: float) -> str:
+        """The job's final status, or "<status> after <timeout> s"."""
+        deadline = time.monotonic() + timeout
+        while (status := self.job_status(job_id)) not in JOB_ENDED:
+            if time.monotonic() > deadline:
+                return f"{status} after {timeout:.0f} s"
+            time.sleep(2)
+        return status
+
+    def worker_groups(self) -> list[dict]:
+        """Ray Train's worker groups that started (its run attempts, with each worker's
+        ``world_rank``, ``pid`` and ``node_id``), oldest first. Needs the job's driver to run
+        with ``RAY_TRAIN_ENABLE_STATE_TRACKING=1``."""
+        try:
+            runs = self.api("/api/train/v2/runs/v1")["train_runs"]
+        except OSError:  # no run registered yet
+            return []
+        started = (a for r in runs for a in r["attempts"] if a["workers"])
+        return sorted(started, key=lambda a: a["start_time_ns"])
+
+    def train_rank0(self) -> tuple[str, int] | None:
+        """(node name, pid) of rank 0 in Ray Train's running worker group, if one runs on a node
+        of this harness that is alive."""
+        running = [g for g in self.worker_groups() if g["status"] == "RUNNING"]
+        names = {node_id: name for name, node_id in self.alive().items()}
+        for w in running[-1]["workers"] if running else []:
+            if w["world_rank"] == 0 and w["node_id"] in names:
+                return names[w["node_id"]], w["pid"]
+        return None

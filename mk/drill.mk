@@ -3,11 +3,11 @@
 #
 #   make drill                      # the demo config, 3 epochs on 640 images: ~3 min on 2 cores
 #   make drill DRILL_ARGS="--epochs 3 --classes 4 --train-per-class 32 --val-per-class 4 --crop 32 --batch 16"
-#   make drill DRILL_ARGS=--keep    # keep the logs and W&B segments even when every check passes
+#   make drill DRILL_ARGS=--keep    # keep the logs and the merged W&B run even when every check passes
 #
-# A local S3 server, a Ray head and two worker nodes (each in its own mount namespace with a
-# private /tmp), the demo submitted with `ray job submit`, rank 0's node killed mid-epoch and
-# replaced; then one PASS/FAIL line per check. Exit 0 when all pass.
+# A local S3 server, a Ray head and three worker nodes (cluster/localnodes.py; each in its own
+# mount namespace with a private /tmp), the demo submitted as `make submit` does, rank 0's node
+# killed mid-epoch and replaced; then one PASS/FAIL line per check. Exit 0 when all pass.
 
 DRILL_ARGS ?=
 

@@ -7,10 +7,11 @@ bound to loopback. The training job goes in through ``make submit`` with its def
 env (``cluster/runtime_env.yaml``: no packages, the nodes already have them) and is followed
 with ``make job-logs`` until it ends, as cluster/README.md tells users to do.
 
-Each node gets its own temp dir, its own ports (all random) and a custom resource naming it,
-so the two raylets share the host without touching any other Ray running here. Teardown
-signals only the ``ray start --block`` processes started here, then kills anything still
-carrying this cluster's marker in its environment; it never runs ``ray stop``.
+The nodes come from cluster/localnodes.py (the drill's harness too): each with its own temp
+dir, its own ports (all random) and a custom resource naming it, so the two raylets share the
+host without touching any other Ray running here, and the venv NOT on their PATH (as
+cluster/README's rehearsal starts them). Teardown stops only the processes started here
+(by a marker in their environment); it never runs ``ray stop``.
 
     .venv/bin/python -m pytest -q tests/test_cluster_e2e.py
 """
@@ -18,182 +19,39 @@ carrying this cluster's marker in its environment; it never runs ``ray stop``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from localnodes import free_ports, kill_marked, pids_with_env
+from localnodes import RAY, LocalNodes
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
-MARKER = "RESNET_E2E_CLUSTER"  # set in the nodes' environment only; teardown looks for it
 # A recognisable stand-in for a W&B key delivered to the nodes as a secret (40 chars, the
 # length of a real key); nothing the job writes or prints may contain it.
 FAKE_WANDB_KEY = "e2e0fake0" + uuid.uuid4().hex[:31]
 
 
-class LocalCluster:
-    """Head plus one joined node, each a ``ray start --block`` child of this process."""
+class Cluster(LocalNodes):
+    """The head and one joined node (2 CPUs each), driven through the Makefile as a user does."""
 
     def __init__(self) -> None:
-        # Short path: Ray puts unix sockets under the temp dir (108-byte limit).
-        self.root = Path(tempfile.mkdtemp(prefix="rce2e-", dir="/tmp"))
-        self.token = uuid.uuid4().hex + uuid.uuid4().hex
-        self.token_path = self.root / "auth_token"
-        self.token_path.write_text(self.token)
-        self.token_path.chmod(0o600)
-        (gcs, dash, client, *self._spare) = free_ports(16)
-        self.gcs_port, self.dashboard_port, self.client_port = gcs, dash, client
-        self.address = f"http://127.0.0.1:{dash}"
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        path = os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")])
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
-        # What a client (make submit, ray job ...) needs: token mode and the token file.
-        self.client_env = {
-            **base,
-            "PATH": path,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
-        # What the templates give every node: the same, plus the W&B key from a secret. The
-        # nodes run as cluster/README's rehearsal starts them, `.venv/bin/ray start` with the
-        # venv NOT on PATH: a job's bare `python` would then be the system one (no torch).
-        system_path = os.pathsep.join(
-            p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p).resolve() != VENV_BIN.resolve()
-        )
-        self.node_env = {
-            **self.client_env,
-            "PATH": system_path,
-            MARKER: str(self.root),
-            "WANDB_API_KEY": FAKE_WANDB_KEY,
-            "WANDB_MODE": "offline",
-            "RAY_DEDUP_LOGS": "0",
-            # Ray Train's placement-group cleaner asks the state API with no address; Ray then
-            # looks for *the* GCS on this host, and with other Ray instances running here (other
-            # tests, other users) it dies with "Found multiple active Ray instances". A real
-            # node hosts one Ray; here the address is named.
-            "RAY_API_SERVER_ADDRESS": self.address,
-        }
+        # What the templates give every node: the W&B key from a secret. The nodes run as
+        # cluster/README's rehearsal starts them, `.venv/bin/ray start` with the venv NOT on PATH
+        # (the harness's default): a job's bare `python` would then be the system one (no torch).
+        super().__init__("e2e", env={"WANDB_API_KEY": FAKE_WANDB_KEY, "WANDB_MODE": "offline"})
 
-    def _port(self) -> str:
-        return str(self._spare.pop())
-
-    def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "w")
-        cmd = [
-            RAY,
-            "start",
-            "--block",
-            "--disable-usage-stats",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--num-cpus",
-            "2",
-            "--resources",
-            json.dumps({f"e2e_{name}": 1}),
-            "--temp-dir",
-            str(self.root / name),
-            "--object-store-memory",
-            str(100 * 1024**2),
-            "--min-worker-port",
-            "0",
-            "--max-worker-port",
-            "0",
-            "--node-manager-port",
-            self._port(),
-            "--object-manager-port",
-            self._port(),
-            "--dashboard-agent-listen-port",
-            self._port(),
-            "--dashboard-agent-grpc-port",
-            self._port(),
-            "--runtime-env-agent-port",
-            self._port(),
-            "--metrics-export-port",
-            self._port(),
-            *args,
-        ]
-        proc = subprocess.Popen(cmd, env=self.node_env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((name, proc))
-        self._wait_log(name, proc, "Ray runtime started")
-
-    def _wait_log(self, name: str, proc: subprocess.Popen, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log(name):
-                return
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start ({name}) exited {proc.returncode}:\n{self.log(name)[-3000:]}")
-            time.sleep(0.5)
-        raise TimeoutError(f"ray start ({name}) not ready after {timeout}s:\n{self.log(name)[-3000:]}")
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def start(self) -> LocalCluster:
-        self._start(
-            "head",
-            [
-                "--head",
-                "--port",
-                str(self.gcs_port),
-                "--dashboard-host",
-                "127.0.0.1",
-                "--dashboard-port",
-                str(self.dashboard_port),
-                "--ray-client-server-port",
-                str(self.client_port),
-            ],
-        )
-        self._start("worker", ["--address", f"127.0.0.1:{self.gcs_port}"])
-        deadline = time.monotonic() + 120
-        while len(self.alive_nodes()) < 2:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"second node never registered: {self.alive_nodes()}")
-            time.sleep(1)
+    def up(self) -> Cluster:
+        self.start("head", head=True, num_cpus=2)
+        self.start("worker", num_cpus=2)
+        self.wait_alive({"head", "worker"})
         return self
-
-    # ------------------------------------------------------------ the dashboard's HTTP API
-
-    def http(self, path: str, token: str | None = "own", host: str = "127.0.0.1") -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://{host}:{self.dashboard_port}{path}")
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {self.token if token == 'own' else token}")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def api(self, path: str) -> dict:
-        status, body = self.http(path)
-        assert status == 200, (path, status, body[:500])
-        return json.loads(body)
-
-    def alive_nodes(self) -> list[dict]:
-        try:
-            nodes = self.api("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
-        except (OSError, AssertionError):
-            return []
-        return [n for n in nodes if n["state"] == "ALIVE"]
-
-    # ------------------------------------------------------------ jobs, through the Makefile
 
     def make(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         # -o: this interpreter's venv is the installed project; never re-install it from a test.
@@ -228,37 +86,14 @@ class LocalCluster:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
-    def actor_nodes(self, class_name: str) -> list[str]:
-        """Node ids of every actor of ``class_name`` this cluster has run (dead ones included)."""
-        query = f"/api/v0/actors?limit=1000&detail=1&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
-        return [a["node_id"] for a in self.api(query)["data"]["result"]["result"]]
-
-    # ------------------------------------------------------------ teardown (this cluster only)
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):  # the joined node first, then the head
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-        # Anything that outlived its parent (a worker mid-spawn) still carries our marker.
-        kill_marked(f"{MARKER}={self.root}")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def leftover_pids(self) -> list[int]:
-        return pids_with_env(f"{MARKER}={self.root}")
-
 
 @pytest.fixture(scope="module")
 def cluster():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    c = LocalCluster()
+    c = Cluster()
     try:
-        yield c.start()
+        yield c.up()
     finally:
         c.stop()
         assert not c.leftover_pids(), "processes of the test cluster survived teardown"
@@ -311,7 +146,8 @@ def test_trivial_job_spans_both_nodes(cluster, tmp_path):
             "--runtime-env",
             str(ROOT / "cluster" / "runtime_env.yaml"),
             "--",
-            "python",
+            "sh",
+            "cluster/scripts/job_python.sh",  # the raylet's Python: the venv is not on the nodes' PATH
             "-c",
             script,
         ],

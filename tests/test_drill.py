@@ -1,8 +1,9 @@
-"""The node-loss drill (``make drill``), small: 3 epochs of 8 steps on 128 images at 32 px.
+"""The node-loss drill (``make drill``), small: 20 epochs of 8 steps on 128 images at 32 px.
 
-Runs ``cluster/drill.py`` as a user would: a moto S3 server, a Ray head and two worker nodes
-in their own mount namespaces, rank 0's node killed mid-epoch and replaced. About 3 minutes
-on 2 cores. Needs root (one mount namespace per node).
+Runs ``cluster/drill.py`` as a user would: a moto S3 server, a Ray head and three worker nodes
+(cluster/localnodes.py) in their own mount namespaces, rank 0's node killed mid-epoch and
+replaced. About 4-8 minutes on 2 cores. Needs root (one mount namespace per node). The other
+tests here run the drill's checks on records written the way a run writes them.
 
     .venv/bin/python -m pytest -q tests/test_drill.py
 """
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +44,7 @@ CHECKS = {
     os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
     reason="the drill needs root, unshare and nsenter (a mount namespace per node)",
 )
+@pytest.mark.slow
 def test_drill_survives_losing_rank_0s_node():
     proc = subprocess.run(
         [
@@ -115,8 +118,8 @@ def bucket(tmp_path, monkeypatch):
     server.stop()
 
 
-def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
-    """One offline W&B segment of the run, as the pipeline's tracker writes it."""
+def _segment(run_dir: Path, run_id: str | None, rows: Iterable[tuple[int, dict]]) -> str:
+    """One offline W&B segment of the run, (step, row) by row, as the pipeline's tracker writes it."""
     import wandb
 
     from pipeline.config import TrackingConfig
@@ -130,14 +133,19 @@ def _segment(run_dir: Path, run_id: str | None, epochs: list[int]) -> str:
         run_id=run_id,
         is_main=True,
     )
-    for epoch in epochs:
-        tracker.log({"train/step_loss": 1.0, "epoch": epoch - 0.5}, step=10 * epoch - 5)  # a step row
-        tracker.log(
-            {"epoch": epoch, "train/loss": 2.0 / epoch, "val/top1_err": 50.0 - epoch}, step=10 * epoch
-        )
+    for step, row in rows:
+        tracker.log(row, step=step)
     tracker.finish()
     wandb.teardown()
+    time.sleep(1.1)  # segment folders are named by their start second
     return tracker.run_id
+
+
+def _epochs(epochs: list[int]) -> Iterator[tuple[int, dict]]:
+    """A step row in the middle of each epoch, then the epoch's row."""
+    for epoch in epochs:
+        yield 10 * epoch - 5, {"train/step_loss": 1.0, "epoch": epoch - 0.5}
+        yield 10 * epoch, {"epoch": epoch, "train/loss": 2.0 / epoch, "val/top1_err": 50.0 - epoch}
 
 
 def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
@@ -152,9 +160,8 @@ def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
 
     run_uri = "s3://drill/runs/drill"
     local = tmp_path / "run"
-    run_id = _segment(local, None, [1, 2])  # the segment of the killed rank 0
-    time.sleep(1.1)  # segment folders are named by their start second
-    _segment(local, run_id, [2, 3])  # the resumed run redoes epoch 2
+    run_id = _segment(local, None, _epochs([1, 2]))  # the segment of the killed rank 0
+    _segment(local, run_id, _epochs([2, 3]))  # the resumed run redoes epoch 2
     records = [
         {"epoch": e, "step": 10 * e, "train/loss": 2.0 / e, "val/top1_err": 40.0 - e} for e in (1, 2, 3)
     ]
@@ -173,16 +180,36 @@ def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
 
 
 def test_drill_checks_say_what_is_missing(bucket, tmp_path):
+    from pipeline.store.rundir import RunDir
+
     drill = _load_drill()
-    empty = SimpleNamespace(run_uri="s3://drill/runs/none", args=SimpleNamespace(epochs=3), root=tmp_path)
+    uri = "s3://drill/runs/none"
+    empty = SimpleNamespace(run_uri=uri, run=RunDir(uri), args=SimpleNamespace(epochs=3), root=tmp_path)
     check = drill.Check()
     assert drill.check_metrics(empty, check) == [] and drill.check_summary(empty, check) is None
     assert [ok for ok, _, _ in check.lines] == [False, False] and "does not exist" in check.lines[0][2]
 
 
-def test_eval_record_is_the_printed_json():
+def test_resumed_check_reads_which_records_survived():
+    """A worker group that restored epoch k keeps metrics.jsonl's records of epochs 1..k: after a
+    kill in epoch 4 of a group of 3, epochs 1-3 stay the group of 3's and epoch 4 is the group of
+    2's. A fresh start (all records redone) or a resume from an older checkpoint fails."""
     drill = _load_drill()
-    record = {"checkpoint": "s3://b/c", "top1_err": 12.5, "images": 16, "scales": None}
-    out = "Ray: local\n" + json.dumps(record, indent=2) + "\nwrote /tmp/x.json\n"
-    assert drill.eval_record(out) == record
-    assert drill.eval_record("error: no checkpoint\n") is None
+    fake = SimpleNamespace(args=SimpleNamespace(workers=3))
+
+    def verdict(sizes: list[int]) -> tuple[bool, str]:
+        check = drill.Check()
+        records = [{"epoch": i + 1, "world_size": size} for i, size in enumerate(sizes)]
+        drill.check_resumed(fake, check, {"epoch": 4}, records)
+        ((ok, what, detail),) = check.lines
+        assert what == "resumed from a checkpoint"
+        return ok, detail
+
+    ok, detail = verdict([3, 3, 3, 2, 2, 3, 3])
+    assert ok and "epochs 1-3 recorded by groups of [3]" in detail and "epoch 4 by [2]" in detail, detail
+    assert not verdict([2, 2, 2, 2, 2, 3, 3])[0]  # the group of 2 started from scratch
+    assert not verdict([3, 3, 2, 2, 2, 3, 3])[0]  # ... from the checkpoint of epoch 2
+    assert not verdict([3, 3, 3, 3, 3, 3, 3])[0]  # no group of 2 recorded the kill's epoch
+    check = drill.Check()
+    drill.check_resumed(fake, check, None, [])  # nothing killed: nothing resumed
+    assert check.lines[0][0] is False

@@ -1,0 +1,57 @@
+"""cluster/localnodes.py without starting Ray: the nodes' environment and teardown by marker.
+
+.venv/bin/python -m pytest -q tests/test_localnodes.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from localnodes import MARKER, VENV_BIN, LocalNodes, free_ports
+
+
+def _on_path(env: dict[str, str]) -> bool:
+    return any(p and Path(p).resolve() == VENV_BIN.resolve() for p in env["PATH"].split(os.pathsep))
+
+
+def test_nodes_run_without_the_venv_on_path_unless_asked(monkeypatch):
+    monkeypatch.setenv("PATH", os.pathsep.join([str(VENV_BIN), "/usr/bin", "/bin"]))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # another cluster's: never inherited
+    plain, with_venv = LocalNodes("lnt"), LocalNodes("lnt", venv_on_path=True, env={"X_EXTRA": "1"})
+    try:
+        assert not _on_path(plain.node_env) and "/usr/bin" in plain.node_env["PATH"].split(os.pathsep)
+        assert _on_path(with_venv.node_env) and with_venv.node_env["X_EXTRA"] == "1"
+        assert (
+            _on_path(plain.client_env) and "X_EXTRA" not in with_venv.client_env
+        )  # clients: as a user's shell
+        for env in (plain.node_env, plain.client_env):
+            assert "RAY_ADDRESS" not in env and env["RAY_AUTH_MODE"] == "token"
+            assert Path(env["RAY_AUTH_TOKEN_PATH"]).read_text() == plain.token
+        assert plain.node_env["RAY_API_SERVER_ADDRESS"] == plain.address
+        assert plain.resource("head") == "lnt_head"
+    finally:
+        plain.stop()
+        with_venv.stop()
+    assert not plain.root.exists() and not with_venv.root.exists()
+
+
+def test_stop_ends_what_carries_the_marker_and_nothing_else():
+    nodes = LocalNodes("lnt")
+    ours = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300"], env=nodes.client_env)
+    other = subprocess.Popen(["sleep", "300"], env={**os.environ, MARKER: "/tmp/someone-else"})
+    try:
+        assert ours.pid in nodes.leftover_pids() and other.pid not in nodes.leftover_pids()
+        nodes.stop()
+        assert ours.wait(timeout=10) != 0 and nodes.leftover_pids() == []
+        assert other.poll() is None  # another cluster's process lives on
+    finally:
+        other.kill()
+        other.wait()
+        ours.kill()
+
+
+def test_free_ports_are_distinct():
+    ports = free_ports(32)
+    assert len(set(ports)) == 32 and all(0 < p < 65536 for p in ports)
