@@ -25,11 +25,31 @@ GPU_PARTS = {"dali_mixed_vs_cpu", "train_gpu", "train_gpu_compile", "ddp_nccl", 
              "end_to_end", "tencrop_eval"}  # fmt: skip
 
 
-def _env() -> dict[str, str]:
+# The GPU machine has torch, torchvision and (from the bundle) DALI, not Ray or W&B: the check
+# runs with those imports refused, and pyarrow too (our local-file paths need none).
+BLOCKER = """
+import importlib.abc, sys
+class _Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"ray", "wandb", "pyarrow"}:
+            raise ImportError(f"{name} is blocked: the GPU check must run without it")
+sys.meta_path.insert(0, _Blocked())
+"""
+
+
+def _env(blocked: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join([str(blocked), str(REPO)] if blocked else [str(REPO)])
     env["CUDA_VISIBLE_DEVICES"] = ""  # a GPU in CI would turn this into a GPU run
     return env
+
+
+@pytest.fixture
+def blocked(tmp_path) -> Path:
+    folder = tmp_path / "blocked"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(BLOCKER)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +58,12 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_make_gpu_check_without_gpu_exits_3_and_lists_skipped_parts(tmp_path, data_dir):
+def test_make_gpu_check_without_gpu_exits_3_and_lists_skipped_parts(tmp_path, data_dir, blocked):
     out = tmp_path / "report.json"
     args = f"--data {data_dir} --out {out}"
     proc = subprocess.run(
         ["make", "-o", ".venv/.installed", "gpu-check", f"GPU_PY={sys.executable}", f"GPU_CHECK_ARGS={args}"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800,
+        cwd=REPO, env=_env(blocked), capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     # make turns the script's exit 3 into its own 2 and says "Error 3"; the report holds the 3.
     assert proc.returncode == 2 and "Error 3" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,6 +95,14 @@ def test_a_failing_check_exits_1(tmp_path, data_dir):
     report = json.loads(out.read_text())
     assert report["failed"] == ["dali_cpu"] and report["skipped"] == ["ddp_nccl"]
     assert "centre crop, DALI cpu vs torchvision" in report["parts"][1]["reason"]
+
+
+def test_imports_neither_ray_nor_wandb(blocked):
+    code = "import pipeline.gpu.check, pipeline.gpu.bundle, pipeline.engine, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'wandb', 'pyarrow')))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=_env(blocked), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
 
 
 def test_bad_arguments_exit_2(tmp_path):
