@@ -210,7 +210,6 @@ PARTS: tuple[Part, ...] = (
     Part("dali_mixed_vs_cpu", True, "every DALI mode, mixed decode vs CPU", _dali_mixed),
     Part("train_cpu", False, "demo config, a few tiny epochs on the CPU, checkpoint read back", _train_cpu),
     Part("train_gpu", True, "demo config on the GPU, bf16 + channels_last", lambda c: _train_gpu(c, False)),
-    Part("train_gpu_compile", True, "the same with torch.compile", lambda c: _train_gpu(c, True)),
     Part("ddp_gloo", False, "DDP step, bf16 hook, one-rank gloo group (CPU)", lambda c: _ddp(c, "gloo")),
     Part("ddp_nccl", True, "DDP step, bf16 hook, one-rank NCCL group (GPU)", lambda c: _ddp(c, "nccl")),
     Part(
@@ -226,6 +225,7 @@ PARTS: tuple[Part, ...] = (
         _end_to_end,
     ),
     Part("tencrop_eval", True, "10-crop evaluation images/s, DALI mixed + network", _tencrop),
+    Part("train_gpu_compile", True, "the same with torch.compile", lambda c: _train_gpu(c, True)),
     Part("cpu_smoke", False, "tiny CPU runs of the three figures' code (no GPU figure)", _cpu_smoke),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
@@ -276,7 +276,11 @@ def environment() -> dict[str, Any]:
         env["capability"] = list(torch.cuda.get_device_capability(0))
         env["gpus"] = torch.cuda.device_count()
         env["cudnn"] = torch.backends.cudnn.version()
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        try:
+            version = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except Exception as e:  # NCCL missing from this build: the ddp_nccl part says so too
+            env["nccl"] = f"unknown: {e}"
     env.update(_nvidia_smi())
     return env
 
