@@ -103,6 +103,9 @@ def list_tree(location: str) -> list[tuple[str, bool]]:
 
 def read_bytes(location: str) -> bytes | None:
     """The whole file or object, or None when there is none."""
+    if not is_uri(location):  # a local file needs no pyarrow (the GPU check runs without it)
+        local = Path(location).expanduser()
+        return local.read_bytes() if local.is_file() else None
     import pyarrow.fs
 
     fs, path = filesystem(location)
