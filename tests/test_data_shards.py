@@ -108,6 +108,18 @@ def test_latency_server_counts_gets_and_bytes(s3):
     assert counts["PUT"] == 0
 
 
+def test_latency_server_in_its_own_process_counts_over_http(monkeypatch):
+    with LatencyS3(latency_ms=1, own_process=True) as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        server.create_bucket("own-process")
+        locations.write_bytes("s3://own-process/a.tar", b"y" * 300)
+        server.reset()
+        assert locations.read_bytes("s3://own-process/a.tar") == b"y" * 300
+        counts = server.counts()
+        assert counts["GET.tar"] == counts["GET"] >= 1 and counts["get_bytes"] == 300
+
+
 # ---------------------------------------------------------------- data shard
 
 
