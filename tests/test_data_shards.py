@@ -210,6 +210,23 @@ def test_shard_command_resumes_and_repairs(src, tmp_path):
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.is_file()]  # no temporary files
 
 
+def test_shard_from_a_bucket_into_a_bucket(s3, src, sharded):
+    """SRC and OUT both s3://: the same shards, byte for byte, as from the local tree."""
+    import pyarrow.fs
+
+    fs, path = locations.filesystem("s3://shard-test/src")
+    pyarrow.fs.copy_files(str(src), path, destination_filesystem=fs)
+    summary = write_shards("s3://shard-test/src", "s3://shard-test/from-s3", shard_size_mb=SHARD_MB, seed=1,
+                           workers=2, progress=None)  # fmt: skip
+    m = load_manifest("s3://shard-test/from-s3")
+    assert summary["written"] == len(m.shards) == len(load_manifest(sharded).shards)
+    for shard in m.shards:
+        assert (
+            locations.read_bytes(f"s3://shard-test/from-s3/{shard.name}")
+            == (sharded / shard.name).read_bytes()
+        )
+
+
 def test_shard_command_bad_input(src, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "data", "shard", str(tmp_path / "nowhere"), str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -51,8 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fetchers", type=int, default=4, help="shards fetched at once (data.cache_fetchers)"
     )
-    parser.add_argument("--shard-size-mb", type=float, default=8.0, help="shard size for this small dataset")
-    parser.add_argument("--shuffle-window", type=int, default=16, help="data.shuffle_window")
+    # A small dataset in small shards: several windows of shards, as ImageNet has about 70.
+    parser.add_argument(
+        "--shard-size-mb", type=float, default=2.0, help="shard size (small: a small dataset)"
+    )
+    parser.add_argument("--shuffle-window", type=int, default=4, help="data.shuffle_window")
     parser.add_argument("--per-image-limit", type=int, default=256, help="images read one GET each from S3")
 
 

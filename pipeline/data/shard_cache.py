@@ -39,6 +39,7 @@ import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pipeline import locations
 from pipeline.data.shards import Manifest, ShardError, repair_hint
@@ -70,6 +71,8 @@ class ShardCache:
         self._futures: dict[int, Future] = {}
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._fs: Any = None
+        self._root_path = ""
         self.gets = 0  # object GETs this process made for shards
         self.bytes_fetched = 0
         if self.remote:
@@ -124,12 +127,20 @@ class ShardCache:
             and mark.get("mtime_ns") == st.st_mtime_ns
         )
 
+    def _filesystem(self, where: str) -> tuple[Any, str]:
+        """One S3 client for every fetch of this process (building one costs more than a GET)."""
+        with self._lock:
+            if self._fs is None:
+                self._fs, root_path = locations.filesystem(self.manifest.root)
+                self._root_path = root_path.rstrip("/")
+        return self._fs, f"{self._root_path}/{where.rsplit('/', 1)[1]}"
+
     def _fetch_locked(self, i: int) -> None:
         """Download shard ``i`` into place; the caller holds its lock."""
         shard = self.manifest.shards[i]
         path, ok, _ = self._paths(i)
         where = locations.join(self.manifest.root, shard.name)
-        fs, remote_path = locations.filesystem(where)
+        fs, remote_path = self._filesystem(where)
         for attempt in (1, 2):
             try:
                 with fs.open_input_file(remote_path) as f:  # a HEAD, then one GET of the whole object

@@ -50,6 +50,7 @@ PARTS_DIR = ".parts"
 SPLITS = ("train", "val")
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to a multiple of this
+SOURCE_READS_IN_FLIGHT = 16  # per process, from an object-store SRC
 
 
 class ShardError(ValueError):
@@ -307,10 +308,17 @@ def build_tar(task: ShardTask) -> tuple[bytes, list[dict[str, int]]]:
     """The shard's bytes and, per sample, its JPEG's offset, size and CRC-32."""
     buf = io.BytesIO()
     records = []
+    if task.files and locations.is_uri(task.files[0]):
+        # One GET per source image: many in flight, or each process waits out every latency.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(SOURCE_READS_IN_FLIGHT) as pool:
+            contents = list(pool.map(_read_source, task.files))
+    else:
+        contents = [_read_source(f) for f in task.files]
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for j, (location, label) in enumerate(zip(task.files, task.labels, strict=True)):
+        for j, (data, label) in enumerate(zip(contents, task.labels, strict=True)):
             key = f"{task.first_id + j:08d}"
-            data = _read_source(location)
             for suffix, payload in ((".jpg", data), (".cls", str(label).encode())):
                 info = tarfile.TarInfo(key + suffix)
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
