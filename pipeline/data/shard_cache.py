@@ -213,6 +213,8 @@ class ShardCache:
 
     def _fd(self, i: int, drop: bool = False) -> int:
         with self._lock:
+            if not drop and i in self._fds:  # checked when it was opened; each sample has its CRC
+                return self._fds[i]
             future = self._futures.get(i)
         if future is not None and not drop:
             future.result()  # raises the fetch's error here, in the reading thread
