@@ -11,7 +11,8 @@ each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) a
 
 - a shard is usable when its ``.ok`` names the manifest's size and SHA-256 and the file's size
   and mtime are still those recorded (a truncated or rewritten file is not used);
-- to fetch, a process takes an exclusive ``flock`` on ``.lock``, looks again (another rank may
+- to fetch, a process takes an exclusive ``flock`` on ``.lock`` (a prefetch that finds it held
+  skips to the next shard: another rank is fetching this one), looks again (another rank may
   have fetched it meanwhile), GETs the whole object (one request: a shard of 128 MB is a
   request S3 serves at full speed), writes it under a temporary name, checks its size and
   SHA-256 against the manifest, renames it into place and writes ``.ok``; a bad download is
@@ -173,10 +174,13 @@ class ShardCache:
             out.write(json.dumps(mark))
         os.replace(tmp, ok)
 
-    def ensure(self, i: int, drop: bool = False) -> Path:
+    def ensure(self, i: int, drop: bool = False, wait: bool = True) -> Path | None:
         """Shard ``i`` on the local disk (fetched under its lock unless a valid copy is there).
 
         ``drop``: the copy there is bad (a sample failed its CRC): remove it and fetch it again.
+        ``wait=False`` (prefetching): when another process of the node holds the shard's lock
+        (it is fetching it), return None at once and go on to the next shard; so the node has
+        ranks x fetchers shards in flight, each fetched once.
         """
         if not self.remote:
             return Path(
@@ -186,7 +190,10 @@ class ShardCache:
         if not drop and self._valid(i):
             return path
         with open(lock, "a+") as lf:
-            fcntl.flock(lf, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lf, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None
             try:
                 if drop:
                     ok.unlink(missing_ok=True)
@@ -209,7 +216,7 @@ class ShardCache:
             for i in shard_ids:
                 i = int(i)
                 if i not in self._futures:
-                    self._futures[i] = self._pool.submit(self.ensure, i)
+                    self._futures[i] = self._pool.submit(self.ensure, i, False, False)
 
     def _fd(self, i: int, drop: bool = False) -> int:
         with self._lock:
