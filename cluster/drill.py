@@ -28,7 +28,11 @@ from a checkpoint; each epoch exactly once in the bucket's ``metrics.jsonl`` and
 history (every offline ``.wandb`` segment the run keeps under its storage path, in order),
 with the same values; ``summary.json`` in the bucket; ``pipeline eval --no-ray`` of the
 final checkpoint in the bucket, run in the head's namespace, gives the summary's error; no
-training worker ever ran on the head. Exit status: 0 all PASS, 1 a FAIL, 2 the drill itself
+training worker ever ran on the head. ``--layout sharded``: the dataset is ``data shard``'s
+output under ``s3://drill/imagenet-shards``, served by ``pipeline.bench.s3_latency`` (moto, no
+added latency, requests counted), each node fills its own shard cache (its private ``/tmp``)
+from the bucket, and one more check reports the data GETs per image and that no node fetched
+a shard twice. Exit status: 0 all PASS, 1 a FAIL, 2 the drill itself
 could not run. Teardown stops only what the drill started (by pid and by a marker in their
 environment), never ``ray stop``.
 """
@@ -176,7 +180,8 @@ class Drill:
         self.killed: set[str] = set()
         self.moto: subprocess.Popen | None = None
         self.run_uri = f"s3://{BUCKET}/runs/{args.name}"
-        self.data_uri = f"s3://{BUCKET}/imagenet"
+        self.sharded = args.layout == "sharded"
+        self.data_uri = f"s3://{BUCKET}/imagenet-shards" if self.sharded else f"s3://{BUCKET}/imagenet"
         self.job_id = f"drill-{secrets.token_hex(4)}"
 
     # ------------------------------------------------------------ object store and dataset
@@ -184,8 +189,19 @@ class Drill:
     def start_s3(self) -> None:
         log = open(self.root / "s3.log", "w")
         self.moto = subprocess.Popen(
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
+            [
+                sys.executable,
+                "-m",
+                "pipeline.bench.s3_latency",
+                "--latency-ms",
+                "0",
+                "--port",
+                str(self.s3_port),
+            ]
+            if self.sharded  # the same moto, its requests counted (drill_gets)
+            else [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
             env=self.client_env,
+            cwd=ROOT,  # `python -m pipeline...` from this checkout
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -219,6 +235,14 @@ class Drill:
         import pyarrow.fs
 
         fs, path = locations.filesystem(self.data_uri)
+        if self.sharded:
+            shards = self.root / "shards"
+            print(
+                self._pipeline("data", "shard", str(local), str(shards), "--shard-size-mb", "1").strip(),
+                flush=True,
+            )
+            pyarrow.fs.copy_files(str(shards), path, destination_filesystem=fs)
+            return
         pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
         print(self._pipeline("data", "index", self.data_uri).strip(), flush=True)
 
@@ -736,6 +760,23 @@ def run_checks(
     guarded("eval of the final checkpoint", check_eval, drill, check, summary)
     guarded("training placement", check_placement, drill, check)
     guarded("elastic shrink and growth", check_elastic, drill, check, logs, records or [])
+    if drill.sharded:
+        guarded("shard GETs", check_shard_gets, drill, check)
+
+
+def check_shard_gets(drill: Drill, check: Check) -> None:
+    """Sharded layout: every node (workers, the replacement, the head's eval) fetched each shard at most once."""
+    from pipeline.data.shards import load_manifest
+
+    with urllib.request.urlopen(f"{drill.endpoint}/__latency/counts", timeout=10) as r:
+        counts = json.loads(r.read())
+    m = load_manifest(drill.data_uri)
+    images = len(m.split("train")) + len(m.split("val"))
+    nodes = drill.args.workers + 2
+    gets = counts.get("GET.tar", 0)
+    check(gets <= len(m.shards) * nodes, "shard GETs",
+          f"{gets} shard GETs for {len(m.shards)} shards and {nodes} nodes: {gets / images:.3f} GETs per image "
+          f"over the run ({images} images, {drill.args.epochs} epochs)")  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -759,6 +800,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--crop", type=int, default=64, help="training crop; the scales follow the demo's ratios")
     p.add_argument("--max-failures", type=int, default=3, help="cluster.max_failures")
+    p.add_argument("--layout", choices=["folder", "sharded"], default="folder",
+                   help="the dataset in the bucket: the folder tree + index, or `data shard`'s shards")  # fmt: skip
     p.add_argument(
         "--kill-before", type=int, default=75, help="kill at a step line below this %% of an epoch"
     )
