@@ -198,7 +198,7 @@ class Drill:
                 "--port",
                 str(self.s3_port),
             ]
-            if self.sharded  # the same moto, its requests counted (drill_gets)
+            if self.sharded  # the same moto, its requests counted (check_shard_gets)
             else [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
             env=self.client_env,
             cwd=ROOT,  # `python -m pipeline...` from this checkout
