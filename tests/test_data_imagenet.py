@@ -210,6 +210,39 @@ def test_train_shards_equal_steps_and_disjoint():
         train_shard(n, global_batch=10, shard_id=0, num_shards=16, seed=0, epoch=0)
 
 
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """``make(layout, files, cfg, **kwargs)``: a training loader over ``files`` (file i has label i) in
+    the folder layout or the sharded one (``data shard`` of a tree with one class per file)."""
+    from pipeline.data.shard_cache import ShardCache
+    from pipeline.data.shard_feed import open_sharded
+    from pipeline.data.shards import write_shards
+
+    made: dict[tuple[str, ...], object] = {}
+
+    def make(layout, files, cfg, **kwargs):
+        if layout == "folder":
+            return build_train_loader(_index(files), cfg, **kwargs)
+        if tuple(files) not in made:
+            tree = tmp_path_factory.mktemp("tree")
+            for i, f in enumerate(files):
+                for split in ("train", "val"):
+                    (tree / split / f"c{i:02d}").mkdir(parents=True)
+                    (tree / split / f"c{i:02d}" / Path(f).name).symlink_to(f)
+            out = tmp_path_factory.mktemp("sharded")
+            write_shards(str(tree), str(out), shard_size_mb=0.02, seed=0, workers=1, progress=None)
+            made[tuple(files)] = open_sharded(replace(cfg, root=str(out)))
+        source = made[tuple(files)]
+        assert len(source.manifest.shard_ids("train")) > 3  # several windows of 3 shards
+        cfg = replace(cfg, root=source.root, shuffle_window=3)
+        return source.train_loader(cfg, ShardCache(source.manifest), **kwargs)
+
+    return make
+
+
+LAYOUTS = ["folder", "sharded"]
+
+
 def _collect(loader, epoch):
     xs, ys = zip(*loader.epoch(epoch), strict=True)
     return torch.cat(xs), torch.cat(ys)
@@ -235,13 +268,15 @@ def test_train_paper_shapes_ranges_and_determinism(train_images):
     assert not torch.allclose(x0[torch.argsort(y0)], x1[order1])  # new augmentation of the same images
 
 
-def test_train_ranks_equal_steps_disjoint_labels(train_images):
-    index = _index(train_images[:22])  # 22 // 6 = 3 steps, 4 images dropped this epoch
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_ranks_equal_steps_disjoint_labels(train_images, layouts, layout):
+    files = train_images[:22]  # 22 // 6 = 3 steps, 4 images dropped this epoch
     for world in (2, 3):
         seen = []
         for rank in range(world):
-            loader = build_train_loader(
-                index,
+            loader = layouts(
+                layout,
+                files,
                 replace(CFG, augment="none"),
                 global_batch=6,
                 shard_id=rank,
@@ -424,19 +459,21 @@ def test_decode_failure_names_the_file(train_images, tmp_path, split):
             pass
 
 
-def test_train_resume_mid_epoch_and_any_world_size_replay_the_same_batches(train_images):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_resume_mid_epoch_and_any_world_size_replay_the_same_batches(train_images, layouts, layout):
     """The feed draws files and augmentation from (seed, epoch, step, place in the global batch):
-    a loader started at step k of an epoch, or run on another world size, sees the same samples."""
-    index = _index(train_images)  # 24 images, global batch 8: 3 steps per epoch
-    common = dict(global_batch=8, device_id=None, seed=3, num_threads=1)
-    one = build_train_loader(index, CFG, shard_id=0, num_shards=1, **common)
+    a loader started at step k of an epoch, or run on another world size, sees the same samples.
+    On both layouts (the sharded one orders an epoch by windows of shards)."""
+    common = dict(global_batch=8, device_id=None, seed=3, num_threads=1)  # 24 images: 3 steps per epoch
+    one = layouts(layout, train_images, CFG, shard_id=0, num_shards=1, **common)
     straight = list(one.epoch(0)) + list(one.epoch(1))  # one pipeline, run on across the boundary
     assert one._next == (2, 0)  # the pipeline was not rebuilt for epoch 1
-    resumed = list(build_train_loader(index, CFG, shard_id=0, num_shards=1, **common).epoch(1, start=1))
+    resumed = list(layouts(layout, train_images, CFG, shard_id=0, num_shards=1, **common).epoch(1, start=1))
     for (x, y), (xr, yr) in zip(straight[4:], resumed, strict=True):
         assert torch.equal(x, xr) and torch.equal(y, yr)
     halves = [
-        list(build_train_loader(index, CFG, shard_id=r, num_shards=2, **common).epoch(1)) for r in range(2)
+        list(layouts(layout, train_images, CFG, shard_id=r, num_shards=2, **common).epoch(1))
+        for r in range(2)
     ]
     for step in range(3):
         x, y = straight[3 + step]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_pipeline, tiny_overrides
-
 from pipeline.tracking.offline import read_wandb_history
+
 from pipeline.train import checkpoint as ckpt
 
 pytestmark = [pytest.mark.slow]
@@ -196,8 +196,23 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.read(latest)["model"]
 
 
-def test_stopped_mid_epoch_resumes_at_that_step_and_matches_uninterrupted(tiny_imagenet, tmp_path):
-    common = tiny_overrides(tiny_imagenet, tmp_path, "x")[1:] + [
+@pytest.fixture(scope="module")
+def tiny_sharded(tiny_imagenet, tmp_path_factory) -> Path:
+    """tiny_imagenet in the sharded layout (``data shard``), several windows of shards."""
+    from pipeline.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("tiny-sharded") / "shards"
+    write_shards(str(tiny_imagenet), str(out), shard_size_mb=0.05, seed=0, workers=1, progress=None)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["folder", "sharded"])
+def test_stopped_mid_epoch_resumes_at_that_step_and_matches_uninterrupted(
+    tiny_imagenet, tmp_path, layout, request
+):
+    root = tiny_imagenet if layout == "folder" else request.getfixturevalue("tiny_sharded")
+    common = tiny_overrides(root, tmp_path, "x")[1:] + [
+        "data.shuffle_window=2",
         "schedule.epochs=4",
         "cluster.num_workers=1",
         "schedule.kind=step",

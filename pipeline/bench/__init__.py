@@ -4,6 +4,7 @@
     python -m pipeline bench model --model resnet50_v1_5 --json          # step img/s vs torchvision
     python -m pipeline bench ray --json                                  # Ray Train start-up, 1->2 workers
     python -m pipeline bench engine --data data/synth-bench --baseline REV  # the training loop vs a commit
+    python -m pipeline bench feed --data data/synth-feed --latency-ms 30  # local vs S3 per image vs shards
     python -m pipeline bench table bench-results/*.json                  # Markdown table of results
     make bench                                                           # all three into bench-results/
 
@@ -33,15 +34,16 @@ BENCHES = {
     "model": "pipeline.bench.model",
     "ray": "pipeline.bench.ray_train",
     "engine": "pipeline.bench.engine",
+    "feed": "pipeline.bench.feed",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline bench",
-        description="Throughput benchmarks (loader, model, ray, engine) with JSON results, and a Markdown table of them.",
+        description="Throughput benchmarks (loader, model, ray, engine, feed) with JSON results, and a Markdown table of them.",
     )
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{loader,model,ray,engine,table}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{loader,model,ray,engine,feed,table}")
     for name, module_name in BENCHES.items():
         # The modules import only torch and the standard library at the top; what they measure
         # (DALI, torchvision, Ray) is imported inside run().

@@ -42,6 +42,17 @@ class DataConfig:
     # CIFAR-10: hold out this many training images as validation (paper: 5000); the test set is
     # then scored once at the end besides (summary.json: test_top1_err, test_top5_err).
     val_split: int = 0
+    # The sharded layout (data.root holds manifest.json.gz, from `python -m pipeline data shard`):
+    # each node keeps one copy of the shards here, shared by its ranks (a lock file per shard),
+    # when data.root is a URI. "": <system temp dir>/resnet-pipeline-shards, node-local disk on
+    # every cloud image; point it at a bigger local disk (NVMe) for ImageNet (about 147 GB).
+    cache_dir: str = ""
+    # Shards each rank fetches at once ahead of the sample order (one GET per shard).
+    cache_fetchers: int = 4
+    # The sharded layout's training order: each epoch permutes the shards by (seed, epoch), cuts
+    # them into windows of this many shards, and permutes the samples within each window. So
+    # the first batch waits for one window, not the whole dataset. 0: one window (a full shuffle).
+    shuffle_window: int = 16
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
     python -m pipeline data verify /data/imagenet [--fix] [--json] [--workers N]
     python -m pipeline data prepare-val --val /data/imagenet/val --labels LOC_val_solution.csv [--undo]
     python -m pipeline data stats /data/imagenet [--per-channel] [--crop-size 224] [--limit N]
+    python -m pipeline data shard /data/imagenet s3://bucket/imagenet-shards [--shard-size-mb 128]
 
 Exit status: 0 success, 1 problems found (verify), 2 bad input or layout.
 """
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.shard_cli import add_shard_command, shard_command
 from pipeline.data.stats import add_stats_command, stats_command
 
 
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--dry-run", action="store_true", help="check and count, move nothing")
     add_stats_command(sub)
+    add_shard_command(sub)
     return p
 
 
@@ -198,6 +201,7 @@ COMMANDS = {
     "verify": _verify,
     "prepare-val": _prepare_val,
     "stats": stats_command,
+    "shard": shard_command,
 }
 
 
@@ -206,7 +210,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
         # DataLayoutError is a ValueError; every message here names the path and the fix.
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -110,6 +110,7 @@ def build_train_pipeline(
     seed: int,
     channels_last: bool,
     half: bool,
+    encoded: bool = False,
 ) -> Any:
     """The training pipeline for ``mode``, fed batch by batch by ``feed``.
 
@@ -126,6 +127,8 @@ def build_train_pipeline(
         num_threads: DALI CPU worker threads.
         seed: seeds DALI's own random operators ("inception" only).
         channels_last, half: output layout HWC instead of CHW; float16 instead of float32.
+        encoded: the feed's first output is the encoded image itself, not its file name (the
+            sharded layout reads the bytes from the node's shard cache).
 
     Returns:
         A built pipeline with outputs (images, labels), labels on the GPU when ``device_id`` is set.
@@ -147,7 +150,7 @@ def build_train_pipeline(
     with pipe:
         names, labels, *aug = fn.external_source(source=feed, num_outputs=FEED_OUTPUTS[mode], batch=True)
         # mmap pays off on a local disk only; on network filesystems (Lustre, NFS, Filestore) plain reads win.
-        jpegs = fn.io.file.read(names, dont_use_mmap=not cfg.mmap)
+        jpegs = names if encoded else fn.io.file.read(names, dont_use_mmap=not cfg.mmap)
         if mode == "paper":
             scale, pos_x, pos_y, mirror, sample_mean = aug
             # Resize-shorter-to-S-then-crop-c, computed the cheap way: the c x c crop of the image
@@ -202,6 +205,7 @@ def build_val_pipeline(
     channels_last: bool,
     half: bool,
     scales: tuple[int, ...] = (),
+    source: Any = None,
 ) -> Any:
     """One test pipeline for ``mode`` over ``files`` in the given order.
 
@@ -215,6 +219,8 @@ def build_val_pipeline(
         seed: the pipeline seed (the test modes draw nothing random).
         channels_last, half: output layout HWC instead of CHW; float16 instead of float32.
         scales: shorter sides for "multiscale" (one output per scale).
+        source: instead of reading ``files``, an external source yielding batches of (encoded
+            image, label) (the sharded layout); the caller then pads and counts the batches.
 
     Returns:
         A built ``nvidia.dali.Pipeline`` with outputs (images..., labels).
@@ -231,13 +237,16 @@ def build_val_pipeline(
     mean = [float(x) for x in channel_mean]
 
     with pipe:
-        jpegs, label = fn.readers.file(
-            files=list(files),
-            labels=[int(x) for x in labels],
-            random_shuffle=False,
-            pad_last_batch=True,  # the last partial batch repeats a sample; it is cut before yielding
-            name=READER,
-        )
+        if source is not None:
+            jpegs, label = fn.external_source(source=source, num_outputs=2, batch=True)
+        else:
+            jpegs, label = fn.readers.file(
+                files=list(files),
+                labels=[int(x) for x in labels],
+                random_shuffle=False,
+                pad_last_batch=True,  # the last partial batch repeats a sample; it is cut before yielding
+                name=READER,
+            )
         images = fn.decoders.image(jpegs, **decode_kwargs)
         if to_gpu:
             images = images.gpu()

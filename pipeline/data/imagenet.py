@@ -105,6 +105,8 @@ class _TrainFeed:
         epoch,
         step,
         channel_mean,
+        order=None,
+        read=None,
     ):
         self.files, self.labels, self.cfg = files, labels, cfg
         self.global_batch, self.shard_id, self.num_shards, self.seed = (
@@ -120,6 +122,9 @@ class _TrainFeed:
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
         self.recent: deque[list[str]] = deque(maxlen=max(2, cfg.prefetch + 2))  # for naming undecodable files
         self.channel_mean = channel_mean  # what "paper"'s lighting offsets are folded into
+        # The sharded layout: order(epoch) -> the epoch's permutation; read(ids, epoch, step) ->
+        # the encoded images (pipeline.data.shard_feed). None: a full shuffle, file names.
+        self.order, self.read = order, read
 
     def __iter__(self) -> _TrainFeed:
         return self
@@ -133,6 +138,7 @@ class _TrainFeed:
                 num_shards=self.num_shards,
                 seed=self.seed,
                 epoch=self.epoch,
+                perm=None if self.order is None else self.order(self.epoch),
             )
             self._order_epoch, self._order = self.epoch, order.reshape(self.steps, self.per_rank)
         return self._order
@@ -161,7 +167,9 @@ class _TrainFeed:
         names = [self.files[i] for i in idx]
         self.recent.append(names)
         batch = [
-            [np.frombuffer(name.encode(), np.uint8) for name in names],
+            self.read(idx, self.epoch, self.step)
+            if self.read is not None
+            else [np.frombuffer(name.encode(), np.uint8) for name in names],
             [np.int64(self.labels[i]) for i in idx],
         ]
         if self.cfg.augment == "paper":
@@ -227,6 +235,8 @@ def build_train_loader(
     num_threads: int,
     channels_last: bool = False,
     half: bool = False,
+    order: Callable[[int], np.ndarray] | None = None,
+    read: Callable[[np.ndarray, int, int], list[np.ndarray]] | None = None,
 ) -> Loader:
     """The training loader: ``N // global_batch`` batches of this rank's ``rank_slice`` per epoch.
 
@@ -240,6 +250,7 @@ def build_train_loader(
         num_threads: DALI CPU threads (<= 0: every CPU this process may use).
         channels_last: deliver NCHW tensors with channels_last memory.
         half: deliver float16 images.
+        order, read: the sharded layout's epoch order and byte reader (``pipeline.data.shard_feed``).
 
     Returns:
         A Loader; ``epoch(e, start=0)`` yields ``(images [B, 3, crop, crop], labels int64 [B])``.
@@ -258,7 +269,7 @@ def build_train_loader(
     def make_feed(epoch: int, step: int) -> _TrainFeed:
         return _TrainFeed(
             files, labels, cfg, global_batch=global_batch, shard_id=shard_id, num_shards=num_shards,
-            seed=seed, epoch=epoch, step=step, channel_mean=channel_mean,
+            seed=seed, epoch=epoch, step=step, channel_mean=channel_mean, order=order, read=read,
         )  # fmt: skip
 
     def build(feed: _TrainFeed) -> Any:
@@ -273,6 +284,7 @@ def build_train_loader(
             seed=augmentation_seed(seed, feed.epoch * feed.steps + feed.step, shard_id),
             channels_last=channels_last,
             half=half,
+            encoded=read is not None,
         )
 
     return _TrainLoader(make_feed, build, len(files) // global_batch, _torch_device(device_id), channels_last)

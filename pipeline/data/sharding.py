@@ -39,19 +39,30 @@ def rank_slice(global_batch: int, shard_id: int, num_shards: int) -> slice:
 
 
 def train_shard(
-    num_files: int, *, global_batch: int, shard_id: int, num_shards: int, seed: int, epoch: int
+    num_files: int,
+    *,
+    global_batch: int,
+    shard_id: int,
+    num_shards: int,
+    seed: int,
+    epoch: int,
+    perm: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices this rank reads in ``epoch``, in order: ``steps`` batches of its ``rank_slice``.
 
     A full permutation from ``default_rng([seed, epoch])`` is cut to whole global batches; rank r
     takes the r-th contiguous slice of every global batch, so the global batch at step k is the
     same whatever the world size, and every rank takes ``num_files // global_batch`` steps.
+    ``perm``: the epoch's order when it is not a full permutation (the sharded layout's
+    shuffle over windows of shards, ``pipeline.data.shard_feed.epoch_order``).
     """
     mine = rank_slice(global_batch, shard_id, num_shards)
     steps = num_files // global_batch
     if steps == 0:
         raise ValueError(f"global batch {global_batch} is larger than the training set ({num_files} images)")
-    perm = np.random.default_rng([seed, epoch]).permutation(num_files)[: steps * global_batch]
+    if perm is None:
+        perm = np.random.default_rng([seed, epoch]).permutation(num_files)
+    perm = perm[: steps * global_batch]
     return perm.reshape(steps, global_batch)[:, mine].reshape(-1)
 
 

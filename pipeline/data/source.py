@@ -133,8 +133,15 @@ DataSource = ImageNetSource | CifarSource
 
 
 def open_dataset(cfg: DataConfig) -> DataSource:
-    """The dataset ``data.dataset`` names, its layout checked (``DataLayoutError`` names the path)."""
-    return CifarSource(cfg) if cfg.dataset == "cifar10" else ImageNetSource(cfg)
+    """The dataset ``data.dataset`` names, its layout checked (``DataLayoutError`` names the path).
+
+    An ImageNet root holding ``manifest.json.gz`` is the sharded layout (``data shard``).
+    """
+    if cfg.dataset == "cifar10":
+        return CifarSource(cfg)
+    from pipeline.data.shard_feed import open_sharded
+
+    return open_sharded(cfg) or ImageNetSource(cfg)
 
 
 def check_num_classes(model_classes: int, source: DataSource) -> None:

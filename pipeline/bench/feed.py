@@ -1,0 +1,244 @@
+"""``bench feed``: the training feed from local disk and from S3, one object per image vs shards.
+
+    python -m pipeline data synth --out data/synth-feed --classes 8 --train-per-class 128 --val-per-class 4
+    python -m pipeline bench feed --data data/synth-feed --latency-ms 30 --threads 2 --json
+
+Behind ``pipeline.bench.s3_latency.LatencyS3`` (moto in this process, ``--latency-ms`` before each
+GET), for each source it times a pass over the training images with DALI, read only (the
+encoded bytes are the output) and read + decode (``fn.decoders.image`` on the CPU):
+
+- ``local``: the folder layout on local disk (``fn.io.file.read``, ``--threads`` DALI threads);
+- ``s3_per_image``: the folder layout in the bucket, one GET per image (DALI's S3 reader);
+- ``sharded_epoch1``: ``data shard`` output in the bucket, an empty node cache (the real feed:
+  ``epoch_order`` + ``ShardCache``, ``--fetchers`` whole-shard GETs at once);
+- ``sharded_epoch2``: the same with the cache full;
+- ``server_ceiling``: what the server itself delivers for the same shard bytes with
+  ``--fetchers`` parallel whole-object GETs (no DALI), as images/s.
+
+Per source: images/s, GETs and bytes fetched per image (the server's own counters), per-batch
+wait p50/p99 and the time to the first batch. ``s3_per_image`` reads at most
+``--per-image-limit`` images (at 30 ms a GET it is slow by design).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.bench.common import BenchError, finish_machine, machine_info
+
+HELP = "the training feed: local disk vs S3 one object per image vs shards (epoch 1 and 2), with latency"
+BUCKET = "feed-bench"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", type=Path, required=True, help="ImageNet-layout folder (local) with train/ and val/"
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=30.0, help="wait before each GET (S3 Standard: ~30)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--fetchers", type=int, default=4, help="shards fetched at once (data.cache_fetchers)"
+    )
+    # A small dataset in small shards: several windows of shards, as ImageNet has about 70.
+    parser.add_argument(
+        "--shard-size-mb", type=float, default=2.0, help="shard size (small: a small dataset)"
+    )
+    parser.add_argument("--shuffle-window", type=int, default=4, help="data.shuffle_window")
+    parser.add_argument("--per-image-limit", type=int, default=256, help="images read one GET each from S3")
+
+
+def _timed(pipe: Any, batches: int, batch_size: int) -> dict[str, float]:
+    """Run ``batches`` batches; images/s, per-batch wait p50/p99 and time to the first batch (from build)."""
+    start = time.perf_counter()
+    pipe.build()
+    waits = []
+    first = None
+    for _ in range(batches):
+        t = time.perf_counter()
+        pipe.run()
+        waits.append(time.perf_counter() - t)
+        if first is None:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return {
+        "images": batches * batch_size,
+        "seconds": total,
+        "images_per_s": batches * batch_size / total,
+        "batch_wait_p50_ms": float(np.percentile(waits, 50) * 1000),
+        "batch_wait_p99_ms": float(np.percentile(waits, 99) * 1000),
+        "first_batch_s": first or 0.0,
+    }
+
+
+def _names_pipe(names: list[str], batch_size: int, threads: int, decode: bool) -> Any:
+    from nvidia.dali import Pipeline, fn
+
+    def feed():
+        i = 0
+        while True:
+            batch = [names[(i + j) % len(names)] for j in range(batch_size)]
+            i += batch_size
+            yield [np.frombuffer(n.encode(), np.uint8) for n in batch]
+
+    pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=None, prefetch_queue_depth=2)
+    with pipe:
+        jpegs = fn.io.file.read(fn.external_source(source=feed(), batch=True), dont_use_mmap=True)
+        pipe.set_outputs(fn.decoders.image(jpegs, device="cpu") if decode else jpegs)
+    return pipe
+
+
+def _shard_pipe(reader: Any, order: np.ndarray, batch_size: int, threads: int, decode: bool) -> Any:
+    from nvidia.dali import Pipeline, fn
+
+    def feed():
+        step = 0
+        while True:
+            ids = order[(step * batch_size) % len(order) :][:batch_size]
+            if len(ids) < batch_size:
+                ids = np.concatenate([ids, order[: batch_size - len(ids)]])
+            yield reader(ids, 0, step)
+            step += 1
+
+    pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=None, prefetch_queue_depth=2)
+    with pipe:
+        jpegs = fn.external_source(source=feed(), batch=True)
+        pipe.set_outputs(fn.decoders.image(jpegs, device="cpu") if decode else jpegs)
+    return pipe
+
+
+def _gets(server: Any, ext: str) -> tuple[int, int]:
+    c = server.counts()
+    return c.get("GET" + ext, 0), c["get_bytes"]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.bench.s3_latency import LatencyS3
+    from pipeline.data.layout import scan_imagenet
+    from pipeline.data.shard_cache import ShardCache
+    from pipeline.data.shard_feed import _Reader, epoch_order
+    from pipeline.data.shards import load_manifest, write_shards
+    from pipeline.store import locations
+
+    if not (args.data / "train").is_dir():
+        raise BenchError(
+            f"{args.data}: no train/ folder; make one with `python -m pipeline data synth --out {args.data}`"
+        )
+    machine = machine_info()
+    index = scan_imagenet(args.data)
+    files = list(index.train_files)
+    bs = args.batch_size
+    batches = len(files) // bs
+    if batches < 2:
+        raise BenchError(f"{args.data}: {len(files)} training images, fewer than 2 batches of {bs}")
+    mean_bytes = sum(os.path.getsize(f) for f in files) / len(files)
+    work = Path(tempfile.mkdtemp(prefix="bench-feed-"))
+    result: dict[str, Any] = {"bench": "feed", "data": str(args.data), "latency_ms": args.latency_ms,
+                              "threads": args.threads, "fetchers": args.fetchers, "batch_size": bs,
+                              "images": len(files), "mean_image_bytes": mean_bytes}  # fmt: skip
+    saved = dict(os.environ)
+    try:
+        with LatencyS3(latency_ms=args.latency_ms, own_process=True) as server:
+            os.environ.update(server.env)
+            os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+            server.create_bucket(BUCKET)
+            import pyarrow.fs
+
+            fs, _ = locations.filesystem(f"s3://{BUCKET}")
+            shards = work / "shards"
+            t = time.perf_counter()
+            write_shards(str(args.data), str(shards), shard_size_mb=args.shard_size_mb, seed=0, progress=None)
+            result["shard_seconds"] = time.perf_counter() - t
+            result["shard_images_per_s"] = (len(files) + len(index.val_files)) / result["shard_seconds"]
+            pyarrow.fs.copy_files(str(shards), f"{BUCKET}/shards", destination_filesystem=fs)
+            pyarrow.fs.copy_files(
+                str(args.data / "train"), f"{BUCKET}/folder/train", destination_filesystem=fs
+            )
+            m = load_manifest(f"s3://{BUCKET}/shards")
+            order = epoch_order(m, 0, 0, args.shuffle_window)
+            result["images_per_shard"] = len(m.split("train")) / len(m.shard_ids("train"))
+            per = {}
+            for decode in (False, True):
+                tag = "read_decode" if decode else "read"
+                per[f"local_{tag}"] = _timed(_names_pipe(files, bs, args.threads, decode), batches, bs)
+                limit = max(1, min(batches, args.per_image_limit // bs))
+                remote = [
+                    f"s3://{BUCKET}/folder/train/{f[len(str(args.data / 'train')) + 1 :]}" for f in files
+                ]
+                server.reset()
+                r = _timed(_names_pipe(remote, bs, args.threads, decode), limit, bs)
+                g, b = _gets(server, os.path.splitext(files[0])[1])
+                per[f"s3_per_image_{tag}"] = {
+                    **r,
+                    "gets_per_image": g / r["images"],
+                    "bytes_per_image": b / r["images"],
+                }
+                cache_dir = work / f"cache-{tag}"
+                for epoch in (1, 2):
+                    cache = ShardCache(m, str(cache_dir), args.fetchers)
+                    reader = _Reader(m, cache, "train", lambda e: order, bs)
+                    server.reset()
+                    r = _timed(_shard_pipe(reader, order, bs, args.threads, decode), batches, bs)
+                    cache.close()
+                    g, b = _gets(server, ".tar")
+                    per[f"sharded_epoch{epoch}_{tag}"] = {**r, "gets_per_image": g / r["images"],
+                                                          "bytes_per_image": b / r["images"]}  # fmt: skip
+            # The server's own ceiling: the same shard bytes, --fetchers parallel whole-object GETs.
+            server.reset()
+            names = [f"{BUCKET}/shards/{m.shards[i].name}" for i in m.shard_ids("train")]
+
+            def get(name: str) -> int:
+                with fs.open_input_file(name) as f:
+                    return len(f.read_at(f.size(), 0))
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(args.fetchers) as pool:
+                got = sum(pool.map(get, names))
+            seconds = time.perf_counter() - t
+            per["server_ceiling"] = {"images_per_s": len(m.split("train")) / seconds, "seconds": seconds,
+                                     "bytes_per_s": got / seconds}  # fmt: skip
+            result["sources"] = per
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(work, ignore_errors=True)
+    s = result["sources"]
+    ratio = lambda a, b: s[a]["images_per_s"] / s[b]["images_per_s"]  # noqa: E731
+    result["targets"] = {
+        "epoch1_vs_per_image (>= 20)": ratio("sharded_epoch1_read", "s3_per_image_read"),
+        "epoch1_vs_server_ceiling (>= 0.8)": ratio("sharded_epoch1_read", "server_ceiling"),
+        "epoch2_vs_local (>= 0.9)": ratio("sharded_epoch2_read", "local_read"),
+        "epoch1_gets_per_image_x_images_per_shard (<= 1.1)": s["sharded_epoch1_read"]["gets_per_image"]
+        * result["images_per_shard"],
+        "epoch2_data_gets": s["sharded_epoch2_read"]["gets_per_image"] * s["sharded_epoch2_read"]["images"],
+    }
+    result["machine"] = finish_machine(machine)
+    return result
+
+
+def format_text(result: dict[str, Any]) -> str:
+    lines = [
+        f"feed on {result['data']}: {result['images']} images of {result['mean_image_bytes'] / 1e3:.0f} KB, "
+        f"{result['latency_ms']:.0f} ms per GET, {result['threads']} DALI threads, {result['fetchers']} fetchers, "
+        f"{result['images_per_shard']:.0f} images per shard",
+        f"{'source':<28}{'img/s':>9}{'GETs/img':>10}{'KB/img':>8}{'wait p50':>10}{'p99 ms':>8}{'first s':>9}",
+    ]
+    for name, r in result["sources"].items():
+        lines.append(
+            f"{name:<28}{r['images_per_s']:>9.0f}{r.get('gets_per_image', float('nan')):>10.4f}"
+            f"{r.get('bytes_per_image', float('nan')) / 1e3:>8.0f}{r.get('batch_wait_p50_ms', float('nan')):>10.1f}"
+            f"{r.get('batch_wait_p99_ms', float('nan')):>8.1f}{r.get('first_batch_s', float('nan')):>9.2f}"
+        )
+    lines += [f"{k}: {v:.3g}" for k, v in result["targets"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""One shard cache per node: every rank on the node shares it, each shard is fetched once.
+
+    cache = ShardCache(manifest, cache_dir="/local/nvme/shards", fetchers=4)
+    cache.check_capacity(["train", "val"])        # a clear error at start when the disk is too small
+    cache.prefetch([12, 3, 40, ...])              # shard ids in the order the feed will need them
+    jpeg = cache.read(shard_id, offset, size, crc32)
+
+Layout on disk: ``CACHE_DIR/<first 16 hex of the manifest's SHA-256>/<shard>.tar`` with, beside
+each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) and
+``<shard>.tar.lock``. The protocol, the same in every process of the node:
+
+- a shard is usable when its ``.ok`` names the manifest's size and SHA-256 and the file's size
+  and mtime are still those recorded (a truncated or rewritten file is not used);
+- to fetch, a process takes an exclusive ``flock`` on ``.lock`` (a prefetch that finds it held
+  skips to the next shard: another rank is fetching this one), looks again (another rank may
+  have fetched it meanwhile), GETs the whole object (one request: a shard of 128 MB is a
+  request S3 serves at full speed), writes it under a temporary name, checks its size and
+  SHA-256 against the manifest, renames it into place and writes ``.ok``; a bad download is
+  fetched once more, then is an error naming the shard;
+- every sample read is checked against its CRC-32 from the manifest; a mismatch drops the
+  shard (under its lock) and fetches it again; a second mismatch is an error.
+
+So a worker restarted on the same node, or a second rank, reuses what is there; a crash
+mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again. The cache
+holds whole datasets (no eviction): ``check_capacity`` says at start how much room is missing.
+
+A local ``data.root`` (a disk or a shared filesystem mount) is read in place, not copied:
+its shard sizes are checked when the dataset is opened and every sample against its CRC-32.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.shards import Manifest, ShardError, repair_hint
+from pipeline.store import locations
+
+DEFAULT_DIR_NAME = "resnet-pipeline-shards"
+
+
+def default_cache_dir() -> str:
+    """``<system temp dir>/resnet-pipeline-shards``: node-local scratch on every cloud image."""
+    return os.path.join(tempfile.gettempdir(), DEFAULT_DIR_NAME)
+
+
+class ShardCache:
+    """This process's handle on the node's shard cache for one manifest.
+
+    Args:
+        manifest: the dataset.
+        cache_dir: the node's cache folder ("" for ``default_cache_dir()``); unused for a local root.
+        fetchers: shards fetched at once by this process.
+    """
+
+    def __init__(self, manifest: Manifest, cache_dir: str = "", fetchers: int = 4):
+        self.manifest = manifest
+        self.remote = locations.is_uri(manifest.root)
+        self.setting = cache_dir or default_cache_dir()
+        self.dir = Path(self.setting).expanduser() / manifest.digest[:16]
+        self.fetchers = max(1, int(fetchers))
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[int, Future] = {}
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._fs: Any = None
+        self._root_path = ""
+        self.gets = 0  # object GETs this process made for shards
+        self.bytes_fetched = 0
+        if self.remote:
+            self._check_writable()
+
+    # ------------------------------------------------------------ start-up checks
+
+    def _check_writable(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe.", delete=True)
+            probe.close()
+        except OSError as e:
+            raise ShardError(
+                f"data.cache_dir={self.setting}: cannot write {self.dir} ({e.strerror or e}); set data.cache_dir to "
+                "a writable folder on the node's local disk"
+            ) from None
+
+    def check_capacity(self, splits: list[str]) -> None:
+        """Raise when the cache's disk cannot hold the shards of ``splits`` not yet cached."""
+        if not self.remote:
+            return
+        missing = sum(
+            s.size for i, s in enumerate(self.manifest.shards) if s.split in splits and not self._valid(i)
+        )
+        free = shutil.disk_usage(self.dir).free
+        if missing > free:
+            total = sum(self.manifest.bytes_of(s) for s in splits)
+            raise ShardError(
+                f"data.cache_dir={self.setting}: {free / 1e9:.1f} GB free on its disk, the shards still to fetch need "
+                f"{missing / 1e9:.1f} GB (the dataset is {total / 1e9:.1f} GB; every node keeps one copy); point "
+                "data.cache_dir at a local disk with room"
+            )
+
+    # ------------------------------------------------------------ the protocol
+
+    def _paths(self, i: int) -> tuple[Path, Path, Path]:
+        name = self.manifest.shards[i].name
+        return self.dir / name, self.dir / (name + ".ok"), self.dir / (name + ".lock")
+
+    def _valid(self, i: int) -> bool:
+        shard = self.manifest.shards[i]
+        path, ok, _ = self._paths(i)
+        try:
+            mark = json.loads(ok.read_text())
+            st = path.stat()
+        except (OSError, ValueError):
+            return False
+        return (
+            mark.get("sha256") == shard.sha256
+            and mark.get("size") == shard.size == st.st_size
+            and mark.get("mtime_ns") == st.st_mtime_ns
+        )
+
+    def _filesystem(self, where: str) -> tuple[Any, str]:
+        """One S3 client for every fetch of this process (building one costs more than a GET)."""
+        with self._lock:
+            if self._fs is None:
+                self._fs, root_path = locations.filesystem(self.manifest.root)
+                self._root_path = root_path.rstrip("/")
+        return self._fs, f"{self._root_path}/{where.rsplit('/', 1)[1]}"
+
+    def _fetch_locked(self, i: int) -> None:
+        """Download shard ``i`` into place; the caller holds its lock."""
+        shard = self.manifest.shards[i]
+        path, ok, _ = self._paths(i)
+        where = locations.join(self.manifest.root, shard.name)
+        fs, remote_path = self._filesystem(where)
+        for attempt in (1, 2):
+            try:
+                with fs.open_input_file(remote_path) as f:  # a HEAD, then one GET of the whole object
+                    data = f.read_at(shard.size, 0)
+            except OSError as e:
+                raise ShardError(f"{where}: cannot be read ({e}); {locations.access_hint(where)}") from None
+            with self._lock:
+                self.gets += 1
+                self.bytes_fetched += len(data)
+            if len(data) == shard.size and hashlib.sha256(data).hexdigest() == shard.sha256:
+                break
+            if attempt == 2:
+                raise ShardError(
+                    f"{where}: {len(data)} bytes with SHA-256 {hashlib.sha256(data).hexdigest()[:16]}..., the manifest "
+                    f"says {shard.size} bytes with {shard.sha256[:16]}... (the shard or the manifest was changed); "
+                    f"{repair_hint(self.manifest.source, self.manifest.root)}"
+                )
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        st = path.stat()
+        mark = {"size": shard.size, "sha256": shard.sha256, "mtime_ns": st.st_mtime_ns}
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.ok.")
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(mark))
+        os.replace(tmp, ok)
+
+    def ensure(self, i: int, drop: bool = False, wait: bool = True) -> Path | None:
+        """Shard ``i`` on the local disk (fetched under its lock unless a valid copy is there).
+
+        ``drop``: the copy there is bad (a sample failed its CRC): remove it and fetch it again.
+        ``wait=False`` (prefetching): when another process of the node holds the shard's lock
+        (it is fetching it), return None at once and go on to the next shard; so the node has
+        ranks x fetchers shards in flight, each fetched once.
+        """
+        if not self.remote:
+            return Path(
+                locations.filesystem(locations.join(self.manifest.root, self.manifest.shards[i].name))[1]
+            )
+        path, ok, lock = self._paths(i)
+        if not drop and self._valid(i):
+            return path
+        with open(lock, "a+") as lf:
+            try:
+                fcntl.flock(lf, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None
+            try:
+                if drop:
+                    ok.unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
+                if not self._valid(i):
+                    self._fetch_locked(i)
+            finally:
+                fcntl.flock(lf, fcntl.LOCK_UN)
+        return path
+
+    # ------------------------------------------------------------ prefetch and reads
+
+    def prefetch(self, shard_ids: list[int]) -> None:
+        """Fetch these shards in this order, ``fetchers`` at once, in the background."""
+        if not self.remote:
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.fetchers, thread_name_prefix="shard-fetch")
+            for i in shard_ids:
+                i = int(i)
+                if i not in self._futures:
+                    self._futures[i] = self._pool.submit(self.ensure, i, False, False)
+
+    def _fd(self, i: int, drop: bool = False) -> int:
+        with self._lock:
+            if not drop and i in self._fds:  # checked when it was opened; each sample has its CRC
+                return self._fds[i]
+            future = self._futures.get(i)
+        if future is not None and not drop:
+            future.result()  # raises the fetch's error here, in the reading thread
+        path = self.ensure(i, drop=drop)
+        with self._lock:
+            old = self._fds.pop(i, None) if drop else None
+            if i not in self._fds:
+                self._fds[i] = os.open(path, os.O_RDONLY)
+            fd = self._fds[i]
+        if old is not None:
+            os.close(old)
+        return fd
+
+    def read(self, i: int, offset: int, size: int, crc32: int) -> bytes:
+        """One sample's bytes from shard ``i``, checked against its CRC-32 (a bad shard is fetched again)."""
+        data = os.pread(self._fd(i), size, offset)
+        if len(data) == size and zlib.crc32(data) == crc32:
+            return data
+        shard = self.manifest.shards[i]
+        if self.remote:
+            data = os.pread(self._fd(i, drop=True), size, offset)
+            if len(data) == size and zlib.crc32(data) == crc32:
+                return data
+        raise ShardError(
+            f"{locations.join(self.manifest.root, shard.name)}: the sample at byte {offset} ({size} bytes) does not "
+            f"match its CRC-32 in the manifest (the shard and the manifest disagree); "
+            f"{repair_hint(self.manifest.source, self.manifest.root)}"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            fds, self._fds = self._fds, {}
+            self._futures = {}
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:  # the feed's cache lives as long as its loader
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

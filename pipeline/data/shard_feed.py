@@ -1,0 +1,304 @@
+"""Training and evaluation over the sharded layout: sample ids from the manifest, bytes from the node's cache.
+
+    source = open_sharded(cfg.data)     # None when data.root holds no manifest.json.gz
+    data = source.loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), num_threads=2, eval_batch=64)
+
+The training feed is ImageNet's (``pipeline.data.imagenet._TrainFeed``): at (seed, epoch, step)
+it takes the global batch's sample ids from the epoch's order and this rank's slice of it;
+the augmentation comes from (seed, epoch, step, position in the global batch). What changes
+is the order and where the bytes come from:
+
+- **The epoch's order** (``epoch_order``): the training shards are permuted by (seed, epoch),
+  cut into windows of ``data.shuffle_window`` shards, and the samples of each window permuted.
+  ``data shard`` already spread the samples over the shards at random (its ``--seed``), so a
+  window is a random sample of the dataset, and a batch draws from ``shuffle_window`` shards
+  (16 x ~1,100 images for ImageNet's 128 MB shards, about 18,000 images). Two images of one
+  shard meet in a batch more often than under a full shuffle, and only two images of one
+  shard can follow each other closely; across epochs the shards are permuted again and their
+  windows change. This order is the same in every epoch (epoch 1 while the shards still
+  stream, and later ones), on every world size, whatever the cache holds; resumes are exact.
+  ``data.shuffle_window=0`` gives a full shuffle, at the price of a first batch that waits for
+  the whole dataset.
+- **The bytes**: the feed asks the node's shard cache (``pipeline.data.shard_cache``) for the
+  shards in the order of the epoch from the current step on, ``data.cache_fetchers`` at once,
+  and reads each sample at its (offset, size), checked against its CRC-32; DALI gets the
+  encoded JPEGs and decodes them as for the folder layout (mixed on a GPU).
+
+Validation: each rank's contiguous slice of the val samples (as for the folder layout), read
+the same way, the last batch padded and the padding cut before it leaves this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ConfigError, DataConfig
+from pipeline.data.constants import NUM_TEN_CROPS
+from pipeline.data.imagenet import _labels, _nchw, _torch_device, _ValLoader, build_train_loader
+from pipeline.data.layout import ImageFolderIndex
+from pipeline.data.shard_cache import ShardCache
+from pipeline.data.shards import Manifest, check_shards, load_manifest
+from pipeline.host import usable_cpus
+
+ORDER_KEY = 0x5A4D  # keeps the window shuffle's stream apart from the folder layout's
+
+
+def epoch_order(manifest: Manifest, seed: int, epoch: int, window: int) -> np.ndarray:
+    """The training sample ids of ``epoch`` in order (a permutation of the train split).
+
+    Pure function of (manifest, seed, epoch, window); see the module docstring.
+    """
+    train = manifest.split("train")
+    shards = np.asarray(manifest.shard_ids("train"))
+    rng = np.random.default_rng([seed, epoch, ORDER_KEY])
+    if window <= 0 or window >= len(shards):
+        return rng.permutation(len(train))
+    # The train split is stored shard after shard: shard k's samples are a contiguous run of ids.
+    counts = np.array([manifest.shards[s].samples for s in shards])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    order = rng.permutation(len(shards))
+    out = []
+    for w in range(0, len(order), window):
+        ids = np.concatenate([np.arange(starts[k], starts[k] + counts[k]) for k in order[w : w + window]])
+        out.append(ids[rng.permutation(len(ids))])
+    return np.concatenate(out)
+
+
+def shards_in_order(manifest: Manifest, split: str, ids: np.ndarray) -> list[int]:
+    """The shards holding ``ids``, in the order of their first sample there."""
+    shard = manifest.split(split).shard[ids]
+    _, first = np.unique(shard, return_index=True)
+    return [int(shard[i]) for i in np.sort(first)]
+
+
+class _Reader:
+    """What the feed calls per batch: encoded images of sample ids, prefetching ahead."""
+
+    def __init__(self, manifest: Manifest, cache: ShardCache, split: str, order: Callable[[int], np.ndarray] | None,
+                 global_batch: int = 0):  # fmt: skip
+        self.m, self.cache, self.split, self.order, self.global_batch = (
+            manifest,
+            cache,
+            split,
+            order,
+            global_batch,
+        )
+        self.samples = manifest.split(split)
+        self._planned: tuple[int, int] | None = None
+
+    def plan(self, epoch: int, step: int) -> None:
+        """Queue this epoch's shards from ``step`` on, and the next epoch's (the feed runs on)."""
+        ids = self.order(epoch)[step * self.global_batch :]
+        self.cache.prefetch(shards_in_order(self.m, self.split, ids))
+        self.cache.prefetch(shards_in_order(self.m, self.split, self.order(epoch + 1)))
+        self._planned = (epoch, step)
+
+    def __call__(self, ids: np.ndarray, epoch: int, step: int) -> list[np.ndarray]:
+        if self._planned is None or self._planned[0] != epoch:
+            self.plan(epoch, step)
+        return self.read(ids)
+
+    def read(self, ids: Any) -> list[np.ndarray]:
+        s = self.samples
+        return [
+            np.frombuffer(
+                self.cache.read(int(s.shard[i]), int(s.offset[i]), int(s.size[i]), int(s.crc32[i])), np.uint8
+            )
+            for i in ids
+        ]
+
+
+class ShardedSource:
+    """An ImageNet dataset in the sharded layout (``data shard``), read through the node's cache."""
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest):
+        check_shards(manifest)
+        if cfg.normalize == "mean":
+            from pipeline.data.stats import load_mean
+
+            load_mean(cfg.root, cfg.crop_size)
+        if cfg.cache_fetchers < 1:
+            raise ConfigError(f"data.cache_fetchers={cfg.cache_fetchers}: must be at least 1")
+        if cfg.shuffle_window < 0:
+            raise ConfigError(f"data.shuffle_window={cfg.shuffle_window}: must be 0 (a full shuffle) or more")
+        self.manifest = manifest
+        self.root = manifest.root
+        self.num_train = len(manifest.split("train"))
+        self.num_classes = manifest.num_classes
+        train, val = manifest.split("train"), manifest.split("val")
+        # Names stand in for files in messages; the feed never opens them.
+        self.index = ImageFolderIndex(
+            manifest.classes,
+            tuple(f"{self.root}[{n}]" for n in train.name),
+            tuple(int(x) for x in train.label),
+            tuple(f"{self.root}[{n}]" for n in val.name),
+            tuple(int(x) for x in val.label),
+        )
+
+    def cache(self, cfg: DataConfig) -> ShardCache:
+        """The node's cache, checked: writable, and room for every shard still to fetch."""
+        cache = ShardCache(self.manifest, cfg.cache_dir, cfg.cache_fetchers)
+        cache.check_capacity(["train", "val"])
+        return cache
+
+    def train_loader(
+        self, cfg: DataConfig, cache: ShardCache, *, global_batch: int, seed: int, **common: Any
+    ) -> Any:
+        """``build_train_loader`` over the manifest (same arguments besides the cache)."""
+        orders: dict[int, np.ndarray] = {}
+
+        def order(epoch: int) -> np.ndarray:
+            if epoch not in orders:
+                if len(orders) > 2:
+                    orders.clear()
+                orders[epoch] = epoch_order(self.manifest, seed, epoch, cfg.shuffle_window)
+            return orders[epoch]
+
+        reader = _Reader(self.manifest, cache, "train", order, global_batch)
+        train = build_train_loader(
+            self.index, cfg, global_batch=global_batch, seed=seed, order=order, read=reader, **common
+        )
+        train.cache = cache  # the feed benchmark reads its counters
+        return train
+
+    def loaders(
+        self,
+        cfg: Config,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        num_threads: int,
+        eval_batch: int,
+    ) -> Any:
+        from pipeline.data.source import Data
+
+        cache = self.cache(cfg.data)
+        common: dict[str, Any] = dict(
+            shard_id=rank,
+            num_shards=world_size,
+            device_id=device.index if device.type == "cuda" else None,
+            num_threads=num_threads,
+            channels_last=cfg.precision.channels_last,
+            half=cfg.precision.amp == "fp16",
+        )
+        train = self.train_loader(cfg.data, cache, global_batch=cfg.optim.batch_size, seed=cfg.seed, **common)
+        m = self.manifest
+
+        def make_val(mode: str) -> Any:
+            return build_sharded_val_loader(
+                self.index,
+                m,
+                cache,
+                cfg.data,
+                mode=mode,
+                scales=cfg.eval.scales,
+                batch_size=eval_batch,
+                **common,
+            )
+
+        return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val)
+
+
+def open_sharded(cfg: DataConfig) -> ShardedSource | None:
+    """The sharded dataset at ``cfg.root``, or None when it holds no manifest (the folder layout)."""
+    manifest = load_manifest(cfg.root)
+    return None if manifest is None else ShardedSource(cfg, manifest)
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _ValFeed:
+    """Batches of (encoded image, label) over ids, padded with the first id, cycling pass after pass."""
+
+    def __init__(self, reader: _Reader, ids: np.ndarray, labels: np.ndarray, batch_size: int):
+        self.reader, self.ids, self.labels, self.batch_size = reader, ids, labels, batch_size
+        self.pos = 0
+
+    def __iter__(self) -> _ValFeed:
+        return self
+
+    def __next__(self) -> list[list[np.ndarray]]:
+        n = len(self.ids)
+        take = [self.pos + j for j in range(self.batch_size)]
+        take = [t if t < n else 0 for t in take]  # the last batch of a pass is padded
+        self.pos = self.pos + self.batch_size if self.pos + self.batch_size < n else 0
+        ids = self.ids[take]
+        return [self.reader.read(ids), [np.int64(self.labels[t]) for t in take]]
+
+
+def build_sharded_val_loader(
+    index: ImageFolderIndex,
+    manifest: Manifest,
+    cache: ShardCache,
+    cfg: DataConfig,
+    *,
+    mode: str,
+    scales: tuple[int, ...],
+    batch_size: int,
+    shard_id: int,
+    num_shards: int,
+    device_id: int | None,
+    num_threads: int,
+    channels_last: bool = False,
+    half: bool = False,
+) -> Any:
+    """``build_val_loader`` over the manifest's val samples (same arguments, same outputs)."""
+    from pipeline.data.dali_pipeline import VAL_MODES, build_val_pipeline
+    from pipeline.data.sharding import augmentation_seed, val_shard
+
+    if mode not in VAL_MODES:
+        raise ValueError(f"eval mode {mode!r}; choose one of {VAL_MODES}")
+    if mode == "multiscale" and not scales:
+        raise ValueError("eval mode 'multiscale' needs at least one scale (eval.scales)")
+    if batch_size < 1:
+        raise ValueError(f"val batch_size must be positive, got {batch_size}")
+    mine = val_shard(len(index.val_files), shard_id=shard_id, num_shards=num_shards)
+    ids = np.arange(mine.start, mine.stop)
+    labels = np.asarray(index.val_labels, np.int64)[mine.start : mine.stop]
+    reader = _Reader(manifest, cache, "val", None)
+    cache.prefetch(shards_in_order(manifest, "val", ids) if len(ids) else [])
+
+    def make_pipe() -> Any:
+        return build_val_pipeline(
+            mode, [], [], cfg, batch_size=batch_size, device_id=device_id, num_threads=num_threads if num_threads > 0 else usable_cpus(),
+            seed=augmentation_seed(0, 0, shard_id), channels_last=channels_last, half=half, scales=tuple(scales),
+            source=_ValFeed(reader, ids, labels, batch_size),
+        )  # fmt: skip
+
+    files = list(index.val_files[mine.start : mine.stop])
+    return _ShardValLoader(mode, files, make_pipe, batch_size, _torch_device(device_id), channels_last)
+
+
+def _to_torch(tl: Any, device: torch.device) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    t = tl.as_tensor()
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out
+
+
+class _ShardValLoader(_ValLoader):
+    """The folder layout's val loader, run with ``pipe.run()``: the feed pads, this cuts."""
+
+    def _suspects(self, seen: int) -> list[str]:
+        return []  # the bytes come from a checked shard; DALI's own message stands
+
+    def _dense(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seen = 0
+        while seen < len(self.files):
+            images, labels = self._pipe.run()
+            n = min(self.batch_size, len(self.files) - seen)
+            x = _to_torch(images, self._device)[:n]
+            y = _to_torch(labels, torch.device("cpu")).reshape(-1)[:n]
+            if self.mode == "tencrop":
+                x = x.reshape(n * NUM_TEN_CROPS, *x.shape[2:])
+            seen += n
+            yield _nchw(x, self._channels_last), _labels(y, self._device)
