@@ -31,10 +31,12 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import Config, config_changes, config_from_dict, requested_gpu, to_dict
 from pipeline.distributed import all_reduce_sum, broadcast_buffers, broadcast_object, finish, init_context
 from pipeline.evaluate import evaluate, topk_correct
+from pipeline.init_from import load_initial_weights
 from pipeline.outputs import RunOutputs
 from pipeline.precision import autocast
 from pipeline.schedule import learning_rate, plateau_update, warmup_update
 from pipeline.storage import checkpoint_candidates, checkpoint_name, fetched, report_checkpoint, run_location
+from pipeline.train_error import train_set_metrics
 from pipeline.worker import Run, setup_run
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
@@ -279,7 +281,8 @@ def restore(run: Run, location: str) -> ckpt.TrainingProgress:
     kind, value = broadcast_object(decision)
     if kind == "error":
         raise ckpt.CheckpointError(value)
-    if kind == "none":
+    if kind == "none":  # a fresh run: model.init_from's weights, if set, and step 0
+        load_initial_weights(run.plain, run.cfg, is_main=ctx.is_main)
         return ckpt.TrainingProgress()
     if state is None:
         with fetched(value) as folder:
@@ -344,6 +347,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == d.epochs:
             val = validate(run, data.make_val(cfg.eval.mode).epoch(epoch), cfg.eval.mode)
             metrics.update({k: v for k, v in val.items() if k != "val/images"})
+            metrics.update(train_set_metrics(run))  # train_eval/*: the training images in eval mode
             progress = dataclasses.replace(
                 progress,
                 schedule=plateau_update(

@@ -91,6 +91,7 @@ class CifarLoaders(NamedTuple):
     val: Loader  # the held-out training images with data.val_split > 0, else the test set
     num_train: int
     test: Loader | None  # the test set when it is not already ``val`` (data.val_split > 0)
+    train_eval: Loader | None = None  # the training images as they are (no augmentation), in order
 
 
 def augment_batch(
@@ -245,7 +246,8 @@ def build_cifar_loaders(
     test = None
     if cfg.val_split > 0:
         test = _CifarEval(*to_device(test_np, test_y), normalize, **sharding)
-    return CifarLoaders(train, val, len(train_t), test)
+    train_eval = _CifarEval(train_x, train_t, normalize, **sharding)
+    return CifarLoaders(train, val, len(train_t), test, train_eval)
 
 
 CIFAR_AUGMENTS = ("paper", "none")
