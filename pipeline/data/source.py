@@ -84,7 +84,9 @@ class ImageNetSource:
             )
 
         def make_train_eval() -> Loader:  # the training files through the centre-crop test pipeline
-            as_val = dataclasses.replace(self.index, val_files=self.index.train_files, val_labels=self.index.train_labels)
+            as_val = dataclasses.replace(
+                self.index, val_files=self.index.train_files, val_labels=self.index.train_labels
+            )
             return build_val_loader(
                 as_val, cfg.data, mode="center", scales=cfg.eval.scales, batch_size=eval_batch, **common
             )
