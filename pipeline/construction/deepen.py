@@ -142,14 +142,6 @@ def check_pair(shallow: nn.Module, deep: nn.Module, names: tuple[str, str] = ("s
             f"{b} {[nd for _, nd in counts]}): every stage must have at least as many blocks and the whole "
             "network more; pass the shallower net's checkpoint and the deeper net's config"
         )
-    s_state, d_state = shallow.state_dict(), deep.state_dict()
-    for key, value in s_state.items():
-        if key not in d_state or d_state[key].shape != value.shape:
-            got = "missing" if key not in d_state else f"shape {list(d_state[key].shape)}"
-            raise ConstructionError(
-                f"{key}: {a} has shape {list(value.shape)}, {b} {got}: a different width schedule "
-                "(or number of classes); the copied layers must have the same widths"
-            )
     for (stage, s_seq), (_, d_seq) in zip(s_stages, d_stages, strict=True):
         for i, (sb, db) in enumerate(zip(s_seq, d_seq, strict=False)):
             if _shortcut_kind(sb) != _shortcut_kind(db):
@@ -159,6 +151,14 @@ def check_pair(shallow: nn.Module, deep: nn.Module, names: tuple[str, str] = ("s
                 )
         for i in range(len(s_seq), len(d_seq)):
             _identity_form_exists(d_seq[i], f"{stage}.{i}")
+    s_state, d_state = shallow.state_dict(), deep.state_dict()
+    for key, value in s_state.items():
+        if key not in d_state or d_state[key].shape != value.shape:
+            got = "missing" if key not in d_state else f"shape {list(d_state[key].shape)}"
+            raise ConstructionError(
+                f"{key}: {a} has shape {list(value.shape)}, {b} {got}: a different width schedule "
+                "(or number of classes); the copied layers must have the same widths"
+            )
 
 
 def _identity_form_exists(block: BasicBlock | Bottleneck, name: str) -> None:
@@ -284,7 +284,7 @@ def _sample_batches(cfg: Any, inputs: str, sample: int, device: torch.device) ->
         size = cfg.data.crop_size
         g = torch.Generator().manual_seed(0)
         images = torch.randn(sample, 3, size, size, generator=g)
-        return [(f"{sample} generated {size}x{size} inputs", list(images.split(64)))]
+        return [(f"generated {size}x{size} inputs", list(images.split(64)))]
     from pipeline.data.source import open_dataset
     from pipeline.host import usable_cpus
 
