@@ -357,3 +357,22 @@ def test_make_construction_end_to_end_on_generated_cifar(tmp_path, request):
     again = _make_construction(data, storage, report, ray_tmp)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert again.stdout.count("finished already:") == 16 and again.stdout.count("built already:") == 4
+
+
+def test_construction_dashboard_names_only_logged_keys_and_one_runset_per_role():
+    pytest.importorskip("wandb_workspaces")
+    from pipeline import dashboard
+    from pipeline.dashboard_views import build
+
+    data = dashboard.payload(build("construction", "me", "resnet-pipeline"))
+    assert dashboard.unknown_keys(data["spec"]) == []
+    assert dashboard.view_keys(data["spec"]).history == {"train_eval/top1_err"}
+    grids = [b for b in data["spec"]["blocks"] if b["type"] == "panel-grid"]
+    assert len(grids) == 2
+    for grid in grids:
+        tags = [rs["filters"]["filters"][2]["value"] for rs in grid["metadata"]["runSets"]]
+        assert tags == [[f"construction-{r}"] for r in ("constructed", "scratch", "continued", "shallow")]
+        assert all(
+            rs["filters"]["filters"][0]["value"] == ["construction-cifar10"]
+            for rs in grid["metadata"]["runSets"]
+        )
