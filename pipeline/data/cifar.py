@@ -91,7 +91,6 @@ class CifarLoaders(NamedTuple):
     val: Loader  # the held-out training images with data.val_split > 0, else the test set
     num_train: int
     test: Loader | None  # the test set when it is not already ``val`` (data.val_split > 0)
-    train_eval: Loader | None = None  # the training images as they are (no augmentation), in order
 
 
 def augment_batch(
@@ -137,6 +136,13 @@ class _CifarTrain:
 
     def __len__(self) -> int:
         return len(self.labels) // self.global_batch
+
+    def unaugmented(self, batch_size: int) -> _CifarEval:
+        """The training images as they are, in order, this rank's disjoint share: the training error in eval mode."""
+        return _CifarEval(
+            self.images, self.labels, self.normalize,
+            batch_size=batch_size, shard_id=self.shard_id, num_shards=self.num_shards,
+        )  # fmt: skip
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from step ``start`` on; the augmentation of step k is drawn
@@ -246,8 +252,7 @@ def build_cifar_loaders(
     test = None
     if cfg.val_split > 0:
         test = _CifarEval(*to_device(test_np, test_y), normalize, **sharding)
-    train_eval = _CifarEval(train_x, train_t, normalize, **sharding)
-    return CifarLoaders(train, val, len(train_t), test, train_eval)
+    return CifarLoaders(train, val, len(train_t), test)
 
 
 CIFAR_AUGMENTS = ("paper", "none")

@@ -141,7 +141,7 @@ class CifarSource:
             num_classes=self.num_classes,
             make_val=lambda mode: loaders.val,
             make_test=(lambda: test) if test is not None else None,
-            make_train_eval=lambda: loaders.train_eval,
+            make_train_eval=lambda: loaders.train.unaugmented(eval_batch),
         )
 
 
