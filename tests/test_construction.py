@@ -376,3 +376,66 @@ def test_construction_dashboard_names_only_logged_keys_and_one_runset_per_role()
             rs["filters"]["filters"][0]["value"] == ["construction-cifar10"]
             for rs in grid["metadata"]["runSets"]
         )
+
+
+def _fake_run(
+    root: Path, name: str, model: str, init_from: str | None, train_eval: list[float], seed: int
+) -> Path:
+    import yaml
+
+    run = root / name
+    run.mkdir(parents=True)
+    config = {
+        "name": name,
+        "seed": seed,
+        "model": {"name": model, "init_from": init_from},
+        "data": {"dataset": "cifar10"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [
+        {
+            "epoch": i + 1,
+            "step": 10 * (i + 1),
+            "train/top1_err": e + 5,
+            "train_eval/top1_err": e,
+            "val/top1_err": e + 10,
+        }
+        for i, e in enumerate(train_eval)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"name": name, "model": model, "eval_mode": "center", "val_top1_err": train_eval[-1] + 10}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.mark.parametrize("constructed_end, verdict", [(9.0, "at or below"), (14.0, "above")])
+def test_construction_report_roles_from_the_configs_and_the_verdict_from_the_numbers(
+    tmp_path, constructed_end, verdict
+):
+    runs = []
+    for seed, jitter in ((0, 0.0), (1, 1.0)):
+        runs += [
+            _fake_run(tmp_path, f"a{seed}", "cifar_plain20", None, [30, 12 + jitter], seed),
+            _fake_run(tmp_path, f"b{seed}", "cifar_plain56", "/x", [20, constructed_end + jitter], seed),
+            _fake_run(tmp_path, f"c{seed}", "cifar_plain56", None, [50, 25 + jitter], seed),
+            _fake_run(tmp_path, f"d{seed}", "cifar_plain20", "/y", [15, 11 + jitter], seed),
+        ]
+    out = tmp_path / "report"
+    result = run_pipeline("report", "--kind", "construction", "--runs", *map(str, runs), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    markdown = (out / "report.md").read_text()
+    (line,) = [x for x in markdown.splitlines() if x.startswith("**Verdict:**")]
+    margin = constructed_end - 12.0
+    assert (
+        f"ends at {constructed_end + 0.5:.2f} ± 0.71% training error (eval mode), {verdict} cifar_plain20's 12.50 ± 0.71%"
+        in line
+    )
+    assert (
+        f"(margin {margin:+.2f} ± 0.71 points)" in line
+        and "from scratch ends at 25.50 ± 0.71%, above it" in line
+    )
+    assert (
+        "| shallower, continued | cifar_plain20 | 2 | 11.50 ± 0.71 | 16.50 ± 0.71 | 21.50 ± 0.71 |"
+        in markdown
+    )
+    assert (out / "construction-cifar-plain.png").is_file()

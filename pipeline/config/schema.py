@@ -53,7 +53,7 @@ class ModelConfig:
     zero_init_residual: bool = False
     # A checkpoint folder (or a run folder: its newest checkpoint) whose weights start this run,
     # e.g. the one `python -m pipeline deepen` writes. Weights only: the optimizer, the schedule and
-    # the step start at 0. Used only when the run has no checkpoint of its own to resume from.
+    # the step start at 0. Used only when the run has no checkpoint of its own (nor resume_from) to resume from.
     init_from: str | None = None
 
 
