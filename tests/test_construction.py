@@ -439,3 +439,19 @@ def test_construction_report_roles_from_the_configs_and_the_verdict_from_the_num
         in markdown
     )
     assert (out / "construction-cifar-plain.png").is_file()
+
+
+def test_imagenet_training_images_in_eval_mode_are_every_training_file_once(tiny_imagenet, tmp_path):
+    from conftest import tiny_overrides
+
+    from pipeline.data.source import open_dataset
+
+    cfg = load_config(None, [*tiny_overrides(tiny_imagenet, tmp_path), "eval.train_eval=true"])
+    source = open_dataset(cfg.data)
+    labels = []
+    for rank in (0, 1):
+        data = source.loaders(cfg, rank=rank, world_size=2, device=CPU, num_threads=1, eval_batch=24)
+        for images, y in data.make_train_eval().epoch(0):
+            assert images.shape[1:] == (3, 48, 48)  # the centre crop of validation, no augmentation
+            labels += y.tolist()
+    assert labels == list(source.index.train_labels)
