@@ -162,6 +162,15 @@ def test_deepen_command_checks_the_logits_and_writes_a_checkpoint_at_step_0(tmp_
     assert scores["deep"]["top1_err"] == scores["shallow"]["top1_err"]
     assert scores["deep"]["loss"] == pytest.approx(scores["shallow"]["loss"], rel=1e-5)
 
+    # It resumes like any checkpoint: epoch 0, step 0, the deeper config.
+    resumed = run_pipeline(
+        "train", "--no-ray", "--config", "configs/cifar10/resnet56.yaml", *_overrides(cifar, tmp_path),
+        "name=resumed", f"resume_from={out}", "schedule.max_iters=3",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"restored from checkpoint {out}: epoch 0, step 0" in resumed.stdout
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["steps"] == 3
+
     # A second deepen into the same folder is refused; so is a pair without a construction.
     again = run_pipeline(
         "deepen", "--checkpoint", str(shallow), "--config", "configs/cifar10/resnet56.yaml", "--out", str(out),
