@@ -187,7 +187,8 @@ def plot_family(family: Family, out: Path) -> Path:
             if not xs:
                 continue
             top = max(top, *hi)
-            label = f"{ROLE_LABELS[role]} ({runs[0].model}, {len(runs)} seeds)" if key == EVAL_KEY else None
+            seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+            label = f"{ROLE_LABELS[role]} ({runs[0].model}, {seeds})" if key == EVAL_KEY else None
             ax.plot(xs, mean, color=colours[role], label=label, **style)
             ax.fill_between(xs, lo, hi, color=colours[role], alpha=alpha, lw=0)
     shallow = _spread(family.roles["shallow"], final_train_eval_err)
