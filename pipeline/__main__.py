@@ -18,6 +18,14 @@ COMMANDS = {
         "pipeline.driver.sweep",
         "configs x seeds as Ray Tune trials (resumable), e.g. the degradation study",
     ),
+    "deepen": (
+        "pipeline.construction.deepen",
+        "a deeper net from a trained shallower one: copied layers + identity blocks (the paper's construction)",
+    ),
+    "construction": (
+        "pipeline.construction.experiment",
+        "the constructed solution as an experiment: constructed vs from scratch vs shallower (Ray Tune)",
+    ),
     "models": ("pipeline.models.cli", "list registered models with params and multiply-adds"),
     "bench": ("pipeline.bench", "throughput benchmarks (loader, model, ray)"),
     "report": ("pipeline.report.single", "figures and tables against the paper from run directories"),

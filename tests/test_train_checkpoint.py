@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_pipeline, tiny_overrides
-from pipeline.tracking.offline import read_wandb_history
 
+from pipeline.tracking.offline import read_wandb_history
 from pipeline.train import checkpoint as ckpt
 
 pytestmark = [pytest.mark.slow]

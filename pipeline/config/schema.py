@@ -62,6 +62,10 @@ class ModelConfig:
     shortcut: Literal["A", "B", "C"] | None = None  # None: the registered model's own option
     v1_5: bool | None = None
     zero_init_residual: bool = False
+    # A checkpoint folder (or a run folder: its newest checkpoint) whose weights start this run,
+    # e.g. the one `python -m pipeline deepen` writes. Weights only: the optimizer, the schedule and
+    # the step start at 0. Used only when the run has no checkpoint of its own (nor resume_from) to resume from.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,11 @@ class EvalConfig:
     final_mode: Literal["center", "tencrop", "multiscale"] | None = "tencrop"
     scales: tuple[int, ...] = (224, 256, 384, 480, 640)
     every_n_epochs: int = 1
+    # Also score the training images in eval mode after each epoch (no augmentation, BN in eval):
+    # the training error as the paper's argument means it (metric train_eval/top1_err), beside the
+    # running error over the epoch's augmented batches (train/top1_err). None: on for CIFAR-10,
+    # off for ImageNet (a pass over 1.28M images per epoch).
+    train_eval: bool | None = None
     batch_size: int = 0  # global; 0: same as the training batch
 
 

@@ -137,6 +137,13 @@ class _CifarTrain:
     def __len__(self) -> int:
         return len(self.labels) // self.global_batch
 
+    def unaugmented(self, batch_size: int) -> _CifarEval:
+        """The training images as they are, in order, this rank's disjoint share: the training error in eval mode."""
+        return _CifarEval(
+            self.images, self.labels, self.normalize,
+            batch_size=batch_size, shard_id=self.shard_id, num_shards=self.num_shards,
+        )  # fmt: skip
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from step ``start`` on; the augmentation of step k is drawn
         from (seed, epoch, k), so a resumed epoch replays exactly."""

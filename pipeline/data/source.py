@@ -11,6 +11,7 @@ code 2); each worker opens it again on its own node and builds its shard's loade
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,9 @@ class Data:
     # data.val_split > 0 (validation is then held-out training images). None for ImageNet (its
     # test labels are not public) and for CIFAR-10 without a split (validation is the test set).
     make_test: Callable[[], Loader] | None = None
+    # The training images as validation sees them (no augmentation, this rank's disjoint share):
+    # the training error the paper's argument is about, measured in eval mode.
+    make_train_eval: Callable[[], Loader] | None = None
 
 
 class ImageNetSource:
@@ -79,7 +83,18 @@ class ImageNetSource:
                 self.index, cfg.data, mode=mode, scales=cfg.eval.scales, batch_size=eval_batch, **common
             )
 
-        return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val)
+        def make_train_eval() -> Loader:  # the training files through the centre-crop test pipeline
+            as_val = dataclasses.replace(
+                self.index, val_files=self.index.train_files, val_labels=self.index.train_labels
+            )
+            return build_val_loader(
+                as_val, cfg.data, mode="center", scales=cfg.eval.scales, batch_size=eval_batch, **common
+            )
+
+        return Data(
+            train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val,
+            make_train_eval=make_train_eval,
+        )  # fmt: skip
 
 
 class CifarSource:
@@ -126,6 +141,7 @@ class CifarSource:
             num_classes=self.num_classes,
             make_val=lambda mode: loaders.val,
             make_test=(lambda: test) if test is not None else None,
+            make_train_eval=lambda: loaders.train.unaugmented(eval_batch),
         )
 
 

@@ -39,6 +39,7 @@ def with_absolute_paths(cfg: Config) -> Config:
         data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
         checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(cfg.checkpoint.storage_path)),
         resume_from=absolute(cfg.resume_from),
+        model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)),
     )
 
 

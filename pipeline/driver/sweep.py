@@ -64,7 +64,8 @@ def plan(configs: list[str], seeds: list[int], overrides: list[str]) -> list[Tri
     Args:
         configs: YAML files, one per network.
         seeds: the seeds each config runs with.
-        overrides: dotted overrides for every trial (before the seed and name are set).
+        overrides: dotted overrides for every trial (before the seed and name are set); ``{seed}``
+            in one is replaced by the trial's seed (``model.init_from=runs/start-seed{seed}``).
     """
     from pipeline.driver.ray_runner import with_absolute_paths
 
@@ -73,7 +74,9 @@ def plan(configs: list[str], seeds: list[int], overrides: list[str]) -> list[Tri
     specs = []
     for path in configs:
         for seed in seeds:
-            base = load_config(path, [*overrides, f"seed={seed}"])
+            # "{seed}" in an override is the trial's seed: a per-seed model.init_from, for one.
+            per_seed = [o.replace("{seed}", str(seed)) for o in overrides]
+            base = load_config(path, [*per_seed, f"seed={seed}"])
             cfg = dataclasses.replace(
                 base,
                 name=trial_name(base.name, seed),

@@ -58,9 +58,13 @@ def preflight(cfg: Config) -> str:
 
     try:
         with torch.device("meta"):  # builds the graph only: no memory, no arithmetic
-            build_model(cfg.model)
+            model = build_model(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    if cfg.model.init_from:
+        from pipeline.train.init_from import check_fits, read_initial_state
+
+        check_fits(read_initial_state(cfg)[1], model, cfg.model.init_from)
     derived = derive(cfg, source.num_train)
     return (
         "resolved config:\n"

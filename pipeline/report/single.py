@@ -193,6 +193,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--x", choices=("step", "epoch"), default="step", help="x-axis of the figure")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read runs from W&B (needs network)")
     parser.add_argument("--group", help="with --wandb: only runs of this W&B group")
+    parser.add_argument(
+        "--kind",
+        choices=("paper", "construction"),
+        default="paper",
+        help="paper: curves and table against the paper; construction: `make construction`'s runs "
+        "(pipeline.construction.report)",
+    )
     args = parser.parse_args(argv)
     run_dirs = list(args.runs)
     if args.wandb:
@@ -200,10 +207,16 @@ def main(argv: list[str]) -> int:
     if not run_dirs:
         parser.error("give --runs RUN_DIR... and/or --wandb ENTITY/PROJECT")
     try:
-        text = build_report(run_dirs, args.out, x=args.x)
+        if args.kind == "construction":
+            from pipeline.construction.report import build_construction_report
+
+            text = build_construction_report(run_dirs, args.out)
+        else:
+            text = build_report(run_dirs, args.out, x=args.x)
     except (FileNotFoundError, json.JSONDecodeError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)
-    print(f"wrote {args.out / 'report.md'} and {args.out / 'curves.png'}")
+    figures = "the construction-*.png figures" if args.kind == "construction" else args.out / "curves.png"
+    print(f"wrote {args.out / 'report.md'} and {figures}")
     return 0

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from pipeline.config import Config, Derived, TrackingConfig, to_dict
 from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS
 
-KINDS = ("training", "degradation", "imagenet-tables")
+KINDS = ("training", "degradation", "imagenet-tables", "construction")
 INSTALL = "pip install -e '.[dashboards]'"
 PROBE_TIMEOUT_S = 10.0  # connecting to the W&B server; past this it counts as unreachable
 # W&B's own history keys, usable as x-axes.

@@ -69,6 +69,12 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
             panels=[
                 _line("top-1 error: train and val", ["train/top1_err", "val/top1_err"], x=epoch),
                 _line("top-5 error: train and val", ["train/top5_err", "val/top5_err"], x=epoch),
+                # The training images in eval mode (eval.train_eval; CIFAR-10 runs by default).
+                _line(
+                    "training error in eval mode: top-1, top-5",
+                    ["train_eval/top1_err", "train_eval/top5_err"],
+                    x=epoch,
+                ),  # fmt: skip
             ],
         ),
         ws.Section(
@@ -76,7 +82,9 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
             is_open=True,
             panels=[
                 _line("training loss (every logged step)", ["train/step_loss"]),
-                _line("loss per epoch: train and val", ["train/loss", "val/loss"], x=epoch),
+                _line(
+                    "loss per epoch: train and val", ["train/loss", "train_eval/loss", "val/loss"], x=epoch
+                ),
             ],
         ),
         ws.Section(
@@ -251,4 +259,8 @@ def build(kind: str, entity: str, project: str, group: str | None = None) -> ws.
         "degradation": degradation_report,
         "imagenet-tables": imagenet_tables_report,
     }
+    if kind == "construction":  # make construction's report, beside the degradation one
+        from pipeline.construction.views import construction_report
+
+        return construction_report(entity, project, group)
     return builders[kind](entity, project, group)

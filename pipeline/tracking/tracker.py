@@ -58,6 +58,9 @@ EPOCH_METRICS = (
     "val/loss",
     "val/top1_err",
     "val/top5_err",
+    "train_eval/loss",  # the training images in eval mode (eval.train_eval; pipeline.train_error)
+    "train_eval/top1_err",
+    "train_eval/top5_err",
     "epoch_time_s",
     "data_wait_frac",
     "gpu_mem_gb",
@@ -66,7 +69,9 @@ EPOCH_METRICS = (
 )
 # Not in every run: gpu_mem_gb on GPU workers only; world_size and global_batch once the engine
 # records them in its epoch rows (until then the dashboards' panels for them stay empty).
-OPTIONAL_METRICS = ("gpu_mem_gb", "world_size", "global_batch")
+OPTIONAL_METRICS = (
+    "gpu_mem_gb", "world_size", "global_batch", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
+)  # fmt: skip
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
 MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
 # Summary only, set at the end of a run: the final evaluation in its mode (e.g. 10-crop), and

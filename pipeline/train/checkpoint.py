@@ -342,7 +342,10 @@ def restore(run: Run) -> TrainingProgress:
     kind, value = broadcast_object(decision)
     if kind == "error":
         raise CheckpointError(value)
-    if kind == "none":
+    if kind == "none":  # a fresh run: model.init_from's weights, if set, and step 0
+        from pipeline.train.init_from import load_initial_weights
+
+        load_initial_weights(run.network, run.cfg, is_main=ctx.is_main)
         return TrainingProgress()
     if state is None:
         with fetched(value) as folder:

@@ -34,6 +34,7 @@ from pipeline.train.outputs import RunOutputs
 from pipeline.train.precision import autocast
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
 from pipeline.train.setup import Run, setup_run
+from pipeline.train.train_eval import train_set_metrics
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
 
@@ -241,6 +242,7 @@ def validate_epoch(
     )
     best = min(progress.best_val_top1_err, val["val/top1_err"])
     metrics = {k: v for k, v in val.items() if k != "val/images"}
+    metrics.update(train_set_metrics(run))  # train_eval/*: the training images in eval mode
     return metrics, dataclasses.replace(progress, schedule=schedule, best_val_top1_err=best)
 
 

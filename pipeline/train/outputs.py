@@ -110,7 +110,13 @@ class RunOutputs:
         nan = float("nan")
         print(
             f"epoch {metrics['epoch']}/{self.derived.epochs} done: train loss {metrics['train/loss']:.4f} "
-            f"top1 err {metrics['train/top1_err']:.2f}% | val top1 err {metrics.get('val/top1_err', nan):.2f}% "
+            f"top1 err {metrics['train/top1_err']:.2f}% "
+            + (
+                f"(eval mode {metrics['train_eval/top1_err']:.2f}%) "
+                if "train_eval/top1_err" in metrics
+                else ""
+            )
+            + f"| val top1 err {metrics.get('val/top1_err', nan):.2f}% "
             f"top5 err {metrics.get('val/top5_err', nan):.2f}% | lr {metrics['lr']:.5g} "
             f"| {metrics['img_per_s']:.1f} img/s | {metrics['epoch_time_s']:.1f}s",
             flush=True,
