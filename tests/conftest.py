@@ -124,3 +124,32 @@ def moto_s3(*buckets: str) -> Iterator[dict[str, str]]:
             yield env
     finally:
         server.stop()
+
+
+@pytest.fixture
+def recorded_trainer(monkeypatch) -> dict:
+    """``run_on_ray`` without Ray: the ``TorchTrainer`` it builds records its arguments (returned
+    here) and ``fit()`` returns "fitted"; no cluster is inspected (a one-node CPU plan)."""
+    import ray
+    import ray.train.torch
+
+    from pipeline.driver import ray_runner
+    from pipeline.driver.cluster_check import WorkerPlan
+
+    built: dict = {}
+
+    class RecordingTrainer:
+        def __init__(self, worker, **kwargs):
+            built.update(kwargs)
+
+        def fit(self):
+            return "fitted"
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", RecordingTrainer)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as if joined: start no Ray here
+    plan = WorkerPlan(False, {"CPU": 1}, "cluster.use_gpu=false", "1 worker fits")
+    monkeypatch.setattr(ray_runner, "check_cluster", lambda cfg, address: plan)
+    # run_on_ray sets these in os.environ; monkeypatch puts them back as they were afterwards.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return built

@@ -25,35 +25,17 @@ def test_default_and_bad_values_name_the_key():
         load_config(None, ["cluster.collective_timeout_s=soon"])
 
 
-def test_the_key_reaches_the_trainers_torch_config(monkeypatch, tmp_path):
-    import ray
+def test_the_key_reaches_the_trainers_torch_config(recorded_trainer, tmp_path):
     import ray.train.torch
 
     from pipeline.driver.ray_runner import run_on_ray
 
-    built: dict[str, Any] = {}
-
-    class RecordingTrainer:
-        def __init__(self, worker, **kwargs):
-            built.update(kwargs)
-
-        def fit(self):
-            return "fitted"
-
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", RecordingTrainer)
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as if joined: start no Ray here
-    # No cluster to inspect either: the plan a one-node CPU cluster gets.
-    from pipeline.driver import ray_runner
-    from pipeline.driver.cluster_check import WorkerPlan
-
-    plan = WorkerPlan(False, {"CPU": 1}, "cluster.use_gpu=false", "1 worker fits")
-    monkeypatch.setattr(ray_runner, "check_cluster", lambda cfg, address: plan)
     cfg = load_config(
         None,
         ["cluster.collective_timeout_s=45", "cluster.use_gpu=false", f"checkpoint.storage_path={tmp_path}"],
     )
     assert run_on_ray(cfg, worker=lambda loop_config: None) == "fitted"
-    torch_config = built["torch_config"]
+    torch_config = recorded_trainer["torch_config"]
     assert isinstance(torch_config, ray.train.torch.TorchConfig)
     assert torch_config.timeout_s == 45
 

@@ -1,4 +1,5 @@
-"""Fault tolerance: a killed worker, a stopped and restarted run, a truncated checkpoint.
+"""Checkpoints and resume: one retention policy, a killed worker, a stopped and restarted run, a
+truncated checkpoint.
 
 Every run here is a real ``python -m pipeline train`` process on the tiny generated dataset.
 """
@@ -23,8 +24,6 @@ from conftest import run_pipeline, tiny_overrides
 
 from pipeline.tracking.offline import read_wandb_history
 from pipeline.train import checkpoint as ckpt
-
-pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,6 +117,7 @@ def rank0_pid(lines: list[str]) -> int | None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_imagenet, tmp_path):
     """Rank 0 SIGKILLed in the middle of epoch 3, once a mid-epoch checkpoint of it is whole (the
     upload runs in the background): the run resumes at that step, each epoch appears once in
@@ -206,6 +206,7 @@ def tiny_sharded(tiny_imagenet, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["folder", "sharded"])
 def test_stopped_mid_epoch_resumes_at_that_step_and_matches_uninterrupted(
     tiny_imagenet, tmp_path, layout, request
@@ -264,6 +265,7 @@ def test_stopped_mid_epoch_resumes_at_that_step_and_matches_uninterrupted(
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_previous(tiny_imagenet, tmp_path):
     common = tiny_overrides(tiny_imagenet, tmp_path, "trunc") + [
         "cluster.num_workers=1",
@@ -312,6 +314,7 @@ def test_checkpoint_key_mismatch_lists_keys(tmp_path):
         ckpt.restore_model(state, build_model(ModelConfig(name="resnet34", num_classes=4)))
 
 
+@pytest.mark.slow
 def test_uri_storage_holds_run_files_and_resumes(tiny_imagenet, tmp_path):
     """checkpoint.storage_path as a URI goes through pyarrow's filesystems (file:// here; s3:// and
     gs:// take the same path)."""
@@ -331,3 +334,43 @@ def test_uri_storage_holds_run_files_and_resumes(tiny_imagenet, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 2, step 16" in again.stdout
     assert epochs_in(run / "metrics.jsonl") == [1, 2, 3]
+
+
+@pytest.mark.parametrize("where", ["local", "uri"])
+def test_one_retention_policy_keeps_the_newest_n_without_ray(tmp_path, where):
+    """Without Ray rank 0 prunes: the newest num_to_keep, mid-epoch ones included, in a local
+    folder and behind a URI alike (a file:// URI goes through pyarrow as s3:// does)."""
+    from pipeline.train.distributed import DistContext
+
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), under_ray=False)
+    location = str(tmp_path / "run") if where == "local" else f"file://{tmp_path}/run"
+    names = [
+        ckpt.checkpoint_name(1),
+        ckpt.checkpoint_name(1, 20),
+        ckpt.checkpoint_name(2),
+        ckpt.checkpoint_name(3),
+    ]
+
+    def write(folder: Path) -> None:  # what ckpt.save does with a real state: the folder and state.pt
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ckpt.STATE_FILE).write_bytes(b"x")
+
+    for name in names:
+        ckpt.report_checkpoint(ctx, {}, name, location, write, num_to_keep=2)
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert kept == [ckpt.checkpoint_name(2), ckpt.checkpoint_name(3)], kept
+    assert ckpt.list_checkpoints(location)[0].endswith(ckpt.checkpoint_name(3))  # newest first
+
+
+def test_one_retention_policy_under_ray_is_rays_newest_n(recorded_trainer, tmp_path):
+    """Under Ray, Ray Train prunes: its CheckpointConfig keeps the newest num_to_keep (no score
+    attribute, so not the best by validation error, which resume would never pick)."""
+    from pipeline.config import load_config
+    from pipeline.driver.ray_runner import run_on_ray
+
+    cfg = load_config(
+        None, ["checkpoint.num_to_keep=3", "cluster.use_gpu=false", f"checkpoint.storage_path={tmp_path}"]
+    )
+    run_on_ray(cfg, worker=lambda loop_config: None)
+    kept = recorded_trainer["run_config"].checkpoint_config
+    assert kept.num_to_keep == 3 and kept.checkpoint_score_attribute is None
