@@ -17,8 +17,11 @@ Then one PASS/FAIL line per check, each read from a record, not from the console
 Train and actor state APIs; the bucket's ``metrics.jsonl`` (whose records a resumed worker group
 keeps and a fresh start drops), ``summary.json`` and offline W&B segments; the history
 ``pipeline wandb-sync`` merges; the JSON that ``pipeline eval --no-ray`` writes to the bucket
-from the head's namespace. Exit status: 0 all PASS, 1 a FAIL, 2 the drill could not run.
-Teardown stops only what the drill started, never ``ray stop``.
+from the head's namespace. ``--layout sharded``: the dataset is ``data shard``'s output in
+``s3://drill/imagenet-shards``, each node's cache in its private ``/tmp``; one more check reads
+the server's request counts (``pipeline.bench.s3_latency``): GETs per image, no shard fetched
+twice by a node. Exit status: 0 all PASS, 1 a FAIL, 2 the drill could not run. Teardown stops
+only what the drill started, never ``ray stop``.
 """
 
 from __future__ import annotations
@@ -80,13 +83,14 @@ class Drill:
         self.env = self.nodes.client_env
         self.run_uri = f"s3://{BUCKET}/runs/{args.name}"
         self.run = RunDir(self.run_uri)
-        self.data_uri = f"s3://{BUCKET}/imagenet"
+        self.sharded = args.layout == "sharded"
+        self.data_uri = f"s3://{BUCKET}/imagenet" + ("-shards" if self.sharded else "")
         self.job_id = f"drill-{secrets.token_hex(4)}"
 
     # ------------------------------------------------------------ object store, dataset, commands
 
     def start_s3(self) -> None:
-        self.aws = self.nodes.start_s3(BUCKET)
+        self.aws = self.nodes.start_s3(BUCKET, counted=self.sharded)
         self.env = {**self.nodes.client_env, **self.aws}  # the drill's own commands
         os.environ.update(self.aws)  # this process's pyarrow clients (upload, checks)
 
@@ -97,6 +101,9 @@ class Drill:
         self.pipeline("data", "synth", "--out", str(local), "--classes", str(a.classes), "--seed", "0", "--workers",
                       "1", "--train-per-class", str(a.train_per_class), "--val-per-class", str(a.val_per_class))  # fmt: skip
         fs, path = locations.filesystem(self.data_uri)
+        if self.sharded:  # 1 MB shards: a few dozen of them, so each node fetches many
+            self.pipeline("data", "shard", str(local), str(self.root / "shards"), "--shard-size-mb", "1")
+            return pyarrow.fs.copy_files(str(self.root / "shards"), path, destination_filesystem=fs)
         pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
         self.pipeline("data", "index", self.data_uri)
 
@@ -115,20 +122,6 @@ class Drill:
     def start_node(self, name: str, head: bool = False) -> None:
         hide = [ROOT / d for d in HIDDEN]
         self.nodes.start(name, head=head, num_cpus=0 if head else 1, hide=hide, private_tmp=True)
-
-    def isolation(self) -> tuple[bool, str]:
-        """What a node sees: its own /tmp, and empty data/, runs/, wandb/ of the checkout."""
-        problems, live = [], [name for name, proc in self.nodes.nodes.items() if proc.poll() is None]
-        for name in live:
-            view = self.nodes.view(name)
-            if (view / self.root.relative_to("/")).exists():
-                problems.append(f"{name} sees the host's /tmp")
-            for d in HIDDEN:
-                inside = view / (ROOT / d).relative_to("/")
-                if inside.is_dir() and any(inside.iterdir()):
-                    problems.append(f"{name} sees {ROOT / d}")
-        detail = "; ".join(problems) or f"{len(live)} nodes: private /tmp, no {'/, '.join(HIDDEN)}/"
-        return not problems and bool(live), detail
 
     # ------------------------------------------------------------ the job
 
@@ -326,6 +319,27 @@ def check_elastic(drill: Drill, check: Check, records: list[dict]) -> None:
     check(ok, "elastic shrink and growth", f"{detail}, global batch {sorted(batches, key=str)}")
 
 
+def shard_gets(gets: int, shards: int, nodes: int, images: int, cached: dict, new: str) -> tuple[bool, str]:
+    """Each shard fetched at least once, at most once per node; the replacement ``new`` filled its own cache."""
+    ok = shards <= gets <= shards * nodes and cached.get(new, 0) > 0 and max(cached.values()) <= shards
+    return ok, (f"{gets} GETs of .tar objects for {shards} shards x {nodes} nodes (at most {shards * nodes}): "
+                f"{gets / images:.3f} GETs per image ({images} images); shards in each live node's cache: "
+                f"{', '.join(f'{name} {k}' for name, k in cached.items())}")  # fmt: skip
+
+
+def check_shard_gets(drill: Drill, check: Check) -> None:
+    from pipeline.data.shard_cache import DEFAULT_DIR_NAME
+    from pipeline.data.shards import load_manifest
+
+    m, live = load_manifest(drill.data_uri), [k for k, p in drill.nodes.nodes.items() if p.poll() is None]
+    cache = f"tmp/{DEFAULT_DIR_NAME}/{m.digest[:16]}/*.ok"  # a whole, checked shard in a node's /tmp
+    cached = {k: len(list(drill.nodes.view(k).glob(cache))) for k in live}
+    images, gets = len(m.split("train")) + len(m.split("val")), drill.nodes.s3_counts().get("GET.tar", 0)
+    new = f"worker{drill.args.workers + 1}"  # the replacement
+    ok, detail = shard_gets(gets, len(m.shards), len(drill.nodes.nodes), images, cached, new)
+    check(ok, "shard GETs", detail)
+
+
 def run_checks(drill: Drill, check: Check, status: str, kill: dict | None, replaced: float | None) -> None:
     """Every check, each on its own: one that cannot even run is a FAIL with its error."""
 
@@ -344,6 +358,8 @@ def run_checks(drill: Drill, check: Check, status: str, kill: dict | None, repla
     guarded("eval of the final checkpoint", check_eval, summary)
     guarded("training placement", check_placement)
     guarded("elastic shrink and growth", check_elastic, records)
+    if drill.sharded:
+        guarded("shard GETs", check_shard_gets)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -367,6 +383,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--timeout", 1200.0, "seconds the job may take"),
     ]:
         p.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
+    p.add_argument("--layout", choices=["folder", "sharded"], default="folder",
+                   help="the dataset in the bucket: the folder tree + index, or `data shard`'s shards")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, W&B merge) even on success")
     args = p.parse_args(argv)
     if args.workers < 2:
@@ -397,7 +415,7 @@ def main(argv: list[str]) -> int:
             drill.start_node(name, head=name == "head")
         drill.nodes.wait_alive(set(drill.nodes.nodes))
         say(f"Ray head and {n} worker nodes up, dashboard {drill.nodes.address}")
-        ok, detail = drill.isolation()
+        ok, detail = drill.nodes.isolation([ROOT / d for d in HIDDEN])
         check(ok, "node isolation", detail)
         drill.submit()
         say(f"submitted job {drill.job_id}")

@@ -22,7 +22,8 @@ A node can run in its own mount namespace (``unshare --mount``, root only), as i
 machine: ``hide`` mounts an empty tmpfs over folders, ``private_tmp`` a tmpfs over ``/tmp``
 (the checkout and the venv stay visible; the node gets its own ``$HOME`` and Ray temp dir there,
 and the token itself in ``RAY_AUTH_TOKEN``, since its file lies in the host's ``/tmp``). The
-harness can also start a local S3 server (``start_s3``) for runs without a shared filesystem.
+harness can also start a local S3 server (``start_s3``, optionally counting requests) for runs
+without a shared filesystem.
 
 Every process started with ``client_env`` or as a node carries ``RESNET_LOCALNODES=<root>`` in
 its environment, a node's also ``RESNET_LOCALNODES_NODE=<root>:<name>``. Teardown kills those
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
+CHECKOUT = Path(__file__).resolve().parents[1]
 RAY = str(VENV_BIN / "ray")
 MARKER = "RESNET_LOCALNODES"
 NODE_MARKER = "RESNET_LOCALNODES_NODE"
@@ -191,6 +193,7 @@ class LocalNodes:
         self.nodes: dict[str, subprocess.Popen] = {}
         self.private: set[str] = set()  # nodes with their own /tmp
         self.s3: subprocess.Popen | None = None
+        self.s3_endpoint = ""
 
     def port(self) -> str:
         """A port that was free when this cluster was made and that no node of it uses."""
@@ -201,10 +204,13 @@ class LocalNodes:
 
     # ------------------------------------------------------------ object storage
 
-    def start_s3(self, bucket: str) -> dict[str, str]:
+    def start_s3(self, bucket: str, counted: bool = False) -> dict[str, str]:
         """A local S3 server (moto's server mode) holding an empty ``bucket``; returns the AWS
-        environment that points a client (pyarrow, boto3, a job's ``env_vars``) at it."""
+        environment that points a client (pyarrow, boto3, a job's ``env_vars``) at it.
+        ``counted``: the same moto behind ``pipeline.bench.s3_latency`` (no added latency), which
+        counts requests by kind (``s3_counts``)."""
         endpoint = f"http://127.0.0.1:{self.port()}"
+        self.s3_endpoint = endpoint
         aws = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "local",
@@ -213,8 +219,13 @@ class LocalNodes:
             "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop
         }
         with open(self.root / "s3.log", "w") as log:
-            cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]]
-            self.s3 = subprocess.Popen(cmd, env=self.client_env, stdout=log, stderr=subprocess.STDOUT)
+            port = endpoint.rsplit(":", 1)[1]
+            cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", port]
+            if counted:  # `python -m pipeline...` of this checkout (its root is the cwd)
+                cmd = [sys.executable, "-m", "pipeline.bench.s3_latency", "--latency-ms", "0", "--port", port]
+            self.s3 = subprocess.Popen(
+                cmd, env=self.client_env, cwd=CHECKOUT, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -234,6 +245,11 @@ class LocalNodes:
             endpoint_override=endpoint.removeprefix("http://"), allow_bucket_creation=True,
         ).create_dir(bucket)  # fmt: skip
         return aws
+
+    def s3_counts(self) -> dict[str, int]:
+        """The requests a ``counted`` S3 server has answered, by kind (``GET.tar``: GETs of tar objects)."""
+        with urllib.request.urlopen(f"{self.s3_endpoint}/__latency/counts", timeout=10) as r:
+            return json.loads(r.read())
 
     # ------------------------------------------------------------ nodes
 
@@ -272,7 +288,7 @@ class LocalNodes:
         if private_tmp:
             if self.hold is None:
                 self.hold = Path(tempfile.mkdtemp(prefix=f"{self.tag}-hold-", dir="/var/tmp"))
-            keep = {Path(__file__).resolve().parents[1], Path(sys.prefix)}  # the checkout, the venv
+            keep = {CHECKOUT, Path(sys.prefix)}  # the checkout, the venv
             env.update(
                 LOCALNODES_HOLD=str(self.hold),
                 LOCALNODES_KEEP=":".join(str(p) for p in keep if Path("/tmp") in p.parents),
@@ -310,6 +326,23 @@ class LocalNodes:
     def view(self, name: str) -> Path:
         """Node ``name``'s filesystem as its processes see it (its mount namespace)."""
         return Path(f"/proc/{self.nodes[name].pid}/root")
+
+    def isolation(self, hidden: Iterable[Path]) -> tuple[bool, str]:
+        """(ok, detail): whether every live node sees its own /tmp (none sees this harness's root)
+        and ``hidden`` folders empty."""
+        problems, hidden = [], list(hidden)
+        live = [name for name, proc in self.nodes.items() if proc.poll() is None]
+        for name in live:
+            view = self.view(name)
+            if (view / self.root.relative_to("/")).exists():
+                problems.append(f"{name} sees the host's /tmp")
+            for d in hidden:
+                inside = view / d.relative_to("/")
+                if inside.is_dir() and any(inside.iterdir()):
+                    problems.append(f"{name} sees {d}")
+        names = "/, ".join(d.name for d in hidden)
+        detail = "; ".join(problems) or f"{len(live)} nodes: private /tmp, no {names}/"
+        return not problems and bool(live), detail
 
     def in_namespace(self, name: str, cmd: list[str], cwd: Path) -> list[str]:
         """``cmd`` run in node ``name``'s mount namespace (sees what the node sees), from ``cwd``."""

@@ -3,6 +3,7 @@
 #
 #   make drill                      # the demo config, 3 epochs on 640 images: ~3 min on 2 cores
 #   make drill DRILL_ARGS="--epochs 3 --classes 4 --train-per-class 32 --val-per-class 4 --crop 32 --batch 16"
+#   make drill DRILL_ARGS="--layout sharded"   # the dataset as `data shard`'s shards, a cache per node
 #   make drill DRILL_ARGS=--keep    # keep the logs and the merged W&B run even when every check passes
 #
 # A local S3 server, a Ray head and three worker nodes (cluster/localnodes.py; each in its own

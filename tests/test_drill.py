@@ -213,3 +213,23 @@ def test_resumed_check_reads_which_records_survived():
     check = drill.Check()
     drill.check_resumed(fake, check, None, [])  # nothing killed: nothing resumed
     assert check.lines[0][0] is False
+
+
+def test_shard_gets_check_bounds_the_gets_by_shards_and_nodes():
+    """--layout sharded: every shard came from the bucket at least once, no node fetched one twice
+    (GETs of .tar objects <= shards x nodes), and the replacement filled its own cache."""
+    drill = _load_drill()
+    cached = {"head": 1, "worker1": 9, "worker3": 10, "worker4": 7}  # live nodes (worker2 killed)
+
+    def ok(gets: int, cached: dict = cached) -> bool:
+        return drill.shard_gets(gets, 10, 5, 148, cached, "worker4")[0]
+
+    passed, detail = drill.shard_gets(45, 10, 5, 148, cached, "worker4")
+    assert passed and "45 GETs of .tar objects for 10 shards x 5 nodes (at most 50)" in detail, detail
+    assert "0.304 GETs per image (148 images)" in detail and "worker4 7" in detail, detail
+    assert ok(10) and ok(50)  # once in all; every node fetched every shard once
+    assert not ok(51)  # some node fetched a shard twice
+    assert not ok(9)  # a shard never came from the bucket
+    assert not ok(45, {**cached, "worker4": 0})  # the replacement's cache is empty
+    assert not ok(45, {k: v for k, v in cached.items() if k != "worker4"})  # no replacement alive
+    assert not ok(45, {**cached, "worker1": 11})  # a cache holds shards of another dataset

@@ -55,3 +55,25 @@ def test_stop_ends_what_carries_the_marker_and_nothing_else():
 def test_free_ports_are_distinct():
     ports = free_ports(32)
     assert len(set(ports)) == 32 and all(0 < p < 65536 for p in ports)
+
+
+def test_counted_s3_server_counts_the_gets_of_tar_objects(monkeypatch):
+    """``start_s3(counted=True)`` (the drill's ``--layout sharded``) serves moto behind
+    pipeline.bench.s3_latency; ``s3_counts`` reads its counters; ``stop`` ends it."""
+    import pyarrow.fs
+
+    nodes = LocalNodes("lnt")
+    try:
+        for key, value in nodes.start_s3("lnt-bucket", counted=True).items():
+            monkeypatch.setenv(key, value)
+        fs, _ = pyarrow.fs.FileSystem.from_uri("s3://lnt-bucket")
+        with fs.open_output_stream("lnt-bucket/train-000000.tar") as f:
+            f.write(b"x" * 1000)
+        for _ in range(2):
+            with fs.open_input_file("lnt-bucket/train-000000.tar") as f:
+                assert f.read() == b"x" * 1000
+        counts = nodes.s3_counts()
+        assert counts["GET.tar"] == 2 and counts["GET"] == 2 and counts["PUT"] >= 1, counts
+    finally:
+        nodes.stop()
+    assert nodes.s3 is not None and nodes.s3.poll() is not None
