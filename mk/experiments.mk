@@ -41,7 +41,7 @@ DEGRADATION_OVERRIDES = data.root=$(DEGRADATION_DATA) tracking.group=degradation
 define _DEGRADATION_RUN_DIRS_PY
 import sys
 from pipeline.config import load_config
-from pipeline.storage import run_location
+from pipeline.store.rundir import run_location
 for path in sys.argv[1].split():
     cfg = load_config(path, sys.argv[2:])
     print(run_location(cfg.checkpoint.storage_path, cfg.name))

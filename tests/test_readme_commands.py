@@ -251,7 +251,8 @@ def test_train_command_with_overrides(imagenet, place, env):
     )
     proc = run(written + f" data.root={imagenet} name=overrides " + " ".join(tiny(place)), env)
     summary = json.loads((place["runs"] / "overrides" / "summary.json").read_text())
-    assert summary["steps"] == 2 and "lr 0.2" in proc.stdout, proc.stdout[-2000:]
+    # lr 0.2 at the paper's batch 256, scaled linearly to this batch of 16 (as printed)
+    assert summary["steps"] == 2 and "(base 0.2, linear scaling)" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.ray

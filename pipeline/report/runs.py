@@ -23,7 +23,7 @@ DPI = 100
 class RunData:
     """What the report needs from one run directory."""
 
-    path: Path
+    path: str | Path  # a local folder or a URI
     name: str
     model: str  # model.name
     model_key: str  # canonical_model(...)

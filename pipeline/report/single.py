@@ -186,7 +186,10 @@ def main(argv: list[str]) -> int:
         argv: command-line arguments after ``report``.
     """
     parser = argparse.ArgumentParser(prog="python -m pipeline report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", type=Path, default=[], metavar="RUN_DIR", help="run directories")
+    # Strings, not Paths: Path("s3://bucket/run") would become "s3:/bucket/run".
+    parser.add_argument(
+        "--runs", nargs="+", default=[], metavar="RUN_DIR", help="run directories (local or s3:// / gs://)"
+    )
     parser.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="where curves.png and report.md go"
     )
