@@ -108,18 +108,36 @@ def test_ray_default_charges_every_start_timeout_to_the_limit():
     ]
 
 
+def node_lost() -> WorkerGroupError:
+    return WorkerGroupError("rank 0 died", {0: RuntimeError("node lost")})
+
+
 def test_oversized_start_timeouts_never_use_up_start_retries():
-    policy = ElasticFailurePolicy(FailureConfig(controller_failure_limit=1), min_workers=2)
-    assert {policy.make_decision(timeout(3)) for _ in range(10)} == {FailureDecision.RETRY}
+    """Every node loss: the running group fails, then a start for all the workers times out."""
+    policy = ElasticFailurePolicy(FailureConfig(max_failures=-1, controller_failure_limit=1), min_workers=2)
+    for _ in range(10):
+        assert policy.make_decision(node_lost()) == FailureDecision.RETRY
+        assert policy.make_decision(timeout(3)) == FailureDecision.RETRY
     assert policy.uncounted_timeouts == 10
     # At min the cluster really has too little: counted as before (limit 1: one retry).
     assert policy.make_decision(timeout(2)) == FailureDecision.RETRY
     assert policy.make_decision(timeout(2)) == FailureDecision.RAISE
 
 
+def test_a_size_that_never_places_still_ends_the_run():
+    """Oversized timeouts in a row, no group running between them: free up to the limit, then
+    counted as Ray counts them (so limit 2: 2 free, 2 counted retries, then the run fails)."""
+    policy = ElasticFailurePolicy(FailureConfig(controller_failure_limit=2), min_workers=2)
+    decisions = [policy.make_decision(timeout(3)) for _ in range(5)]
+    assert decisions == [FailureDecision.RETRY] * 4 + [FailureDecision.RAISE]
+    assert policy.uncounted_timeouts == 2
+    forever = ElasticFailurePolicy(FailureConfig(controller_failure_limit=-1), min_workers=2)
+    assert {forever.make_decision(timeout(3)) for _ in range(20)} == {FailureDecision.RETRY}
+
+
 def test_other_failures_are_rays_default():
     policy = ElasticFailurePolicy(FailureConfig(max_failures=1, controller_failure_limit=0), min_workers=2)
-    worker_error = WorkerGroupError("rank 0 died", {0: RuntimeError("boom")})
+    worker_error = node_lost()
     assert policy.make_decision(worker_error) == FailureDecision.RETRY
     assert policy.make_decision(worker_error) == FailureDecision.RAISE
     failed_start = ControllerError(WorkerGroupStartupFailedError("actor died"))

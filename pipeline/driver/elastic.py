@@ -16,8 +16,9 @@ and starts with the workers that fit. Two pieces fix that, used only for elastic
   waits ``restart_timeout_s``, then Ray Train decides the size again from the nodes alive.
 - :class:`ElasticFailurePolicy`, the controller's failure policy: a start that timed out asking
   for more than ``min`` workers (a size guess from a stale view) is retried without counting
-  against ``cluster.start_retries``, which is cumulative for the whole run; otherwise the 4th
-  node loss of a long run would end it. Timeouts at ``min`` workers count as before.
+  against ``cluster.start_retries``, which Ray counts over the whole run; otherwise the 4th
+  node loss of a long run would end it. Timeouts at ``min`` workers count as before, and so do
+  oversized ones beyond ``start_retries`` in a row with no worker-group failure between them.
 
 Both run inside Ray Train's controller actor (they are pickled into it), so they live here at
 module level, importable wherever ``pipeline`` is (the job's working dir, the venv).
@@ -63,25 +64,36 @@ class BoundedRestart(ControllerCallback):
 
 class ElasticFailurePolicy(DefaultFailurePolicy):
     """Ray's default policy, except that a start timed out for more than ``min_workers`` is
-    retried (Ray Train then decides the size again) without counting as a failed start."""
+    retried (Ray Train then decides the size again) without counting as a failed start.
+
+    Only a streak of such timeouts with no worker-group failure in between (one for every node
+    loss: the running group fails first) is free, up to ``controller_failure_limit`` of them;
+    beyond that they count as Ray counts them, so a size that Ray Train keeps choosing and that
+    never places (resources held outside Ray Train) still ends the run."""
 
     def __init__(self, failure_config: FailureConfig, min_workers: int):
         super().__init__(failure_config)
         self.min_workers = int(min_workers)
-        self.uncounted_timeouts = 0
+        self.uncounted_timeouts = 0  # over the run, for the log
+        self.streak = 0  # oversized timeouts since the last worker-group failure
 
     def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
-        if oversized_start_timeout(training_failed_error, self.min_workers):
-            self.uncounted_timeouts += 1
-            logger.warning(
-                "A worker group of %d did not fit in time (more than the %d an elastic run needs): "
-                "deciding the size again, not counted against cluster.start_retries "
-                "(%d such timeouts so far)",
-                training_failed_error.controller_failure.num_workers,
-                self.min_workers,
-                self.uncounted_timeouts,
-            )
-            return FailureDecision.RETRY
+        if not isinstance(training_failed_error, ControllerError):
+            self.streak = 0  # a group ran and failed (a node lost, a preemption)
+        elif oversized_start_timeout(training_failed_error, self.min_workers):
+            limit = self.failure_config.controller_failure_limit
+            if limit == -1 or self.streak < limit:
+                self.streak += 1
+                self.uncounted_timeouts += 1
+                logger.warning(
+                    "A worker group of %d did not fit in time (an elastic run needs %d): deciding "
+                    "the size again, not counted against cluster.start_retries (%d in a row, %d in the run)",
+                    training_failed_error.controller_failure.num_workers,
+                    self.min_workers,
+                    self.streak,
+                    self.uncounted_timeouts,
+                )
+                return FailureDecision.RETRY
         return super().make_decision(training_failed_error)
 
 
