@@ -374,7 +374,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--batch", 64, "global batch (split over the workers)"),
         ("--workers", 3, "worker nodes (1 CPU each); the run is elastic on [N-1, N]"),
         ("--resize-check", 5.0, "cluster.resize_check_s (Ray's default is 60)"),
-        ("--start-timeout", 15.0, "cluster.start_timeout_s"),
+        ("--start-timeout", 900.0, "cluster.start_timeout_s"),
         ("--model", "resnet18", "model.name (the demo's; cifar_resnet20 for small checkpoints)"),
         ("--crop", 64, "training crop; the scales follow the demo's ratios"),
         ("--max-failures", 3, "cluster.max_failures"),

@@ -221,6 +221,14 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be 0 (off) or positive, got {value}")
     if cfg.cluster.start_timeout_s <= 0:
         raise ConfigError(f"cluster.start_timeout_s: must be positive, got {cfg.cluster.start_timeout_s}")
+    if cfg.cluster.restart_timeout_s <= 0:
+        raise ConfigError(f"cluster.restart_timeout_s: must be positive, got {cfg.cluster.restart_timeout_s}")
+    if cfg.cluster.elastic and cfg.cluster.restart_timeout_s > cfg.cluster.start_timeout_s:
+        raise ConfigError(
+            f"cluster.restart_timeout_s: {cfg.cluster.restart_timeout_s:g} is more than "
+            f"cluster.start_timeout_s ({cfg.cluster.start_timeout_s:g}); an elastic run's restarts "
+            "wait at most as long as its first start: lower restart_timeout_s or raise start_timeout_s"
+        )
     if cfg.cluster.start_retries < -1:
         raise ConfigError(
             f"cluster.start_retries: must be -1 (retry forever) or more, got {cfg.cluster.start_retries}"

@@ -142,6 +142,11 @@ class ClusterConfig:
     # How long Ray Train waits for the whole worker group to be placed (the autoscaler booting
     # GPU nodes) before that start attempt fails; sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S.
     start_timeout_s: float = 900.0
+    # Elastic runs: how long every worker-group start after the first may wait (a restart after
+    # a node loss, a resize). Ray Train first asks again for all the workers it had; after this
+    # it decides again from the nodes alive and goes on with those that fit. At most
+    # start_timeout_s, which the first start keeps (GPU nodes booting).
+    restart_timeout_s: float = 60.0
     # Failed starts (placement timeouts, workers dying while starting) retried before the run
     # fails; Ray's controller_failure_limit, whose default (-1) retries forever.
     start_retries: int = 3

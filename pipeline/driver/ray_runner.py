@@ -134,7 +134,17 @@ def run_on_ray(
         sep="\n",
         flush=True,
     )
-    trainer = TorchTrainer(
+    # Elastic: after the first start, a restart waits cluster.restart_timeout_s, not
+    # start_timeout_s, then starts with the workers that fit (pipeline.driver.elastic).
+    trainer_cls, callbacks = TorchTrainer, []
+    if cfg.cluster.elastic:
+        from pipeline.driver.elastic import BoundedRestart, elastic_trainer
+
+        trainer_cls, callbacks = (
+            elastic_trainer(TorchTrainer),
+            [BoundedRestart(cfg.cluster.restart_timeout_s)],
+        )
+    trainer = trainer_cls(
         worker,
         train_loop_config={"config": to_dict(cfg), **(extra or {})},
         # The process group's timeout: a collective with a dead peer fails within it (Ray's
@@ -161,6 +171,7 @@ def run_on_ray(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             # Ray Train's INFO lines repeat every report; warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()
