@@ -136,8 +136,8 @@ class Drill:
             # Elastic: [workers - 1, workers], so losing a node shrinks the run and the replacement
             # grows it back (Ray Train checks for room every resize_check_s).
             f"cluster.num_workers=[{a.workers - 1},{a.workers}]", f"cluster.resize_check_s={a.resize_check}",
-            # After a node is lost, Ray Train first asks again for all workers (its view of the
-            # cluster lags); this bounds that wait, after which it starts with the workers that fit.
+            # The first start waits this long; after a node loss Ray Train first asks again for all
+            # workers (its view lags), and cluster.restart_timeout_s (60 s) bounds that wait.
             f"cluster.start_timeout_s={a.start_timeout}", f"cluster.max_failures={a.max_failures}",
             "cluster.cpus_per_worker=1", "cluster.use_gpu=false", "tracking.mode=offline",
             *(sizes if a.crop != 64 else []),
