@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.driver.sweep import TrialSpec, plan, run_sweep, trial_name
+from pipeline.driver.sweep import TrialSpec, parse_trial_args, plan, run_sweep, trial_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = "configs/cifar10"
@@ -130,17 +130,7 @@ def main(argv: list[str]) -> int:
         "--pairs", nargs="+", default=list(DEFAULT_PAIRS), metavar="SHALLOW:DEEP",
         help=f"config names under {CONFIG_DIR}/ (default: {' '.join(DEFAULT_PAIRS)})",
     )  # fmt: skip
-    parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (see `pipeline sweep`)")
-    parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once at most (0: no cap)")
-    parser.add_argument("--list", action="store_true", help="print every run folder (all stages) and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run")
-    args = parser.parse_args(argv)
-    if (
-        args.seeds < 1
-        or args.max_concurrent < 0
-        or (args.cpus_per_trial is not None and args.cpus_per_trial <= 0)
-    ):
-        parser.error("--seeds must be >= 1, --max-concurrent >= 0 and --cpus-per-trial > 0")
+    args = parse_trial_args(parser, argv)  # --cpus-per-trial, --max-concurrent, --list, overrides
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
 
     from pipeline.data.layout import DataLayoutError

@@ -21,6 +21,7 @@ from pipeline.tracking.dashboard_views import (
     _group_filter,
     _line,
     _model_filter,
+    plain_and_residual_report,
 )
 
 
@@ -74,17 +75,7 @@ def construction_report(entity: str, project: str, group: str | None = None) -> 
         "`train_eval/top1_err` is the training error on the training images in eval mode; "
         "`python -m pipeline report --kind construction` adds the table over seeds and the verdict."
     )
-    return wr.Report(
-        entity=entity,
-        project=project,
-        title=f"Construction: the deeper net from the shallower one ({group})",
-        description="The paper's constructed solution, trained from.",
-        width="fluid",
-        blocks=[
-            wr.MarkdownBlock(text=intro),
-            wr.H2(text="Plain networks"),
-            grid("plain", plain=True),
-            wr.H2(text="Residual networks"),
-            grid("residual", plain=False),
-        ],
-    )
+    return plain_and_residual_report(
+        entity, project, f"Construction: the deeper net from the shallower one ({group})",
+        "The paper's constructed solution, trained from.", intro, grid,
+    )  # fmt: skip

@@ -198,13 +198,9 @@ def run_sweep(
     return [s.name for s in pending if not s.finished()]
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", required=True, metavar="FILE", help="one YAML per network")
-    parser.add_argument(
-        "--seeds", type=int, required=True, help="seeds per config: first-seed .. first-seed+N-1"
-    )
-    parser.add_argument("--first-seed", type=int, default=0)
+def parse_trial_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The options every Ray Tune sweep shares (this command's and `pipeline construction`'s), parsed
+    and checked: CPUs per trial, trials at once, --list, the dotted overrides."""
     parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: see the module doc)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once at most (0: no cap)")
     parser.add_argument("--list", action="store_true", help="print each trial's run folder and exit")
@@ -216,6 +212,17 @@ def main(argv: list[str]) -> int:
         or (args.cpus_per_trial is not None and args.cpus_per_trial <= 0)
     ):
         parser.error("--seeds must be >= 1, --max-concurrent >= 0 and --cpus-per-trial > 0")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", required=True, metavar="FILE", help="one YAML per network")
+    parser.add_argument(
+        "--seeds", type=int, required=True, help="seeds per config: first-seed .. first-seed+N-1"
+    )
+    parser.add_argument("--first-seed", type=int, default=0)
+    args = parse_trial_args(parser, argv)
 
     from pipeline.data.layout import DataLayoutError
 

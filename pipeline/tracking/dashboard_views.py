@@ -17,6 +17,9 @@ Building needs no network; ``pipeline.tracking.dashboard`` serialises, checks ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
@@ -180,11 +183,22 @@ def degradation_report(entity: str, project: str, group: str | None = None) -> w
         "lines cannot be set thin and dashed before the runs exist (edit the panel to style "
         "them); `python -m pipeline report` draws the same figure as a PNG in the paper's style."
     )
+    return plain_and_residual_report(
+        entity, project, f"Degradation: plain vs residual ({group})", "The paper's Figure 6 from this project's runs.",
+        intro, grid,
+    )  # fmt: skip
+
+
+def plain_and_residual_report(
+    entity: str, project: str, title: str, description: str, intro: str, grid: Callable[..., Any]
+) -> wr.Report:
+    """A report of the intro, then ``grid("plain", plain=True)`` and ``grid("residual", plain=False)``
+    under their headings: the paper's figures put plain and residual networks side by side."""
     return wr.Report(
         entity=entity,
         project=project,
-        title=f"Degradation: plain vs residual ({group})",
-        description="The paper's Figure 6 from this project's runs.",
+        title=title,
+        description=description,
         width="fluid",
         blocks=[
             wr.MarkdownBlock(text=intro),
