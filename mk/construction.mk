@@ -23,15 +23,12 @@ CONSTRUCTION_SEEDS = $(if $(strip $(SEEDS)),$(SEEDS),1)
 CONSTRUCTION_OVERRIDES = data.root=$(CONSTRUCTION_DATA) $(CONSTRUCTION_ARGS) $(ARGS)
 
 define _CONSTRUCTION_DASHBOARD_PY
-import shlex, sys
+import sys
 from pipeline.config import load_config
 from pipeline.construction.experiment import GROUP
+from pipeline.tracking.dashboard import print_dashboard_command
 t = load_config("configs/cifar10/plain20.yaml", [f"tracking.group={GROUP}", *sys.argv[1:]]).tracking
-args = ["--kind", "construction", "--entity", t.entity or "ENTITY", "--project", t.project, "--group", t.group]
-print("W&B report of these runs (upload offline runs first with `wandb sync`):")
-print("  python -m pipeline dashboard " + " ".join(shlex.quote(a) for a in args))
-if not t.entity:
-    print("  (ENTITY: your W&B user or team; tracking.entity is not set)")
+print_dashboard_command("construction", t)
 endef
 export _CONSTRUCTION_DASHBOARD_PY
 

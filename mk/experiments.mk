@@ -51,15 +51,11 @@ export _DEGRADATION_RUN_DIRS_PY
 # Prints the `pipeline dashboard` command for these runs, with the W&B entity, project and group
 # they were logged under (the first config's, overrides included).
 define _DEGRADATION_DASHBOARD_PY
-import shlex, sys
+import sys
 from pipeline.config import load_config
+from pipeline.tracking.dashboard import print_dashboard_command
 t = load_config(sys.argv[1].split()[0], sys.argv[2:]).tracking
-args = ["--kind", "degradation", "--entity", t.entity or "ENTITY", "--project", t.project]
-args += ["--group", t.group] if t.group else []
-print("W&B report of these runs (the paper's Fig. 6; upload offline runs first with `wandb sync`):")
-print("  python -m pipeline dashboard " + " ".join(shlex.quote(a) for a in args))
-if not t.entity:
-    print("  (ENTITY: your W&B user or team; tracking.entity is not set)")
+print_dashboard_command("degradation", t, " (the paper's Fig. 6)")
 endef
 export _DEGRADATION_DASHBOARD_PY
 

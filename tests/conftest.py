@@ -153,3 +153,19 @@ def recorded_trainer(monkeypatch) -> dict:
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return built
+
+
+def tune_make_env(ray_tmp: str) -> dict[str, str]:
+    """The environment of a `make degradation` / `make construction` run in a test: W&B offline,
+    the test's own Ray session folder (short: socket paths are at most 107 bytes), a small object
+    store, and no key or Ray address from the developer's shell."""
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB__DISABLE_STATS": "true",
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.0125",  # ~300 MB on a 24 GiB machine
+    }
+    for key in ("WANDB_API_KEY", "RAY_ADDRESS"):
+        env.pop(key, None)
+    return env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_pipeline
+from conftest import run_pipeline, tune_make_env
 from torch import nn
 
 from pipeline.config import load_config, to_dict
@@ -279,15 +278,7 @@ def _make_construction(data: Path, storage: Path, report: Path, ray_tmp: str) ->
         "tracking.mode=offline",
         f"checkpoint.storage_path={storage}",
     ]
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB__DISABLE_STATS": "true",
-        "RAY_TMPDIR": ray_tmp,
-        "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.0125",  # ~300 MB on a 24 GiB machine
-    }
-    for key in ("WANDB_API_KEY", "RAY_ADDRESS"):
-        env.pop(key, None)
+    env = tune_make_env(ray_tmp)
     return subprocess.run(
         [
             "make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "construction",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_pipeline
+from conftest import run_pipeline, tune_make_env
 from PIL import Image
 
 from pipeline.tracking.offline import read_wandb_records
@@ -104,15 +104,7 @@ def _make_seeds(data: Path, storage: Path, report: Path, ray_tmp: str) -> subpro
         "tracking.mode=offline",
         f"checkpoint.storage_path={storage}",
     ]
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB__DISABLE_STATS": "true",
-        "RAY_TMPDIR": ray_tmp,  # this test's own Ray session folder (short: socket paths max 107 bytes)
-        "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.0125",  # ~300 MB on a 24 GiB machine
-    }
-    for key in ("WANDB_API_KEY", "RAY_ADDRESS"):
-        env.pop(key, None)
+    env = tune_make_env(ray_tmp)
     return subprocess.run(
         [
             "make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "degradation",

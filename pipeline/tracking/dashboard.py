@@ -60,6 +60,19 @@ class ViewKeys:
     unknown_panels: set[str] = dataclasses.field(default_factory=set)
 
 
+def print_dashboard_command(kind: str, tracking: TrackingConfig, what: str = "") -> None:
+    """Say the `pipeline dashboard` command that builds the W&B report of runs logged under
+    ``tracking`` (entity, project, group); `make degradation` and `make construction` end with it."""
+    import shlex
+
+    args = ["--kind", kind, "--entity", tracking.entity or "ENTITY", "--project", tracking.project]
+    args += ["--group", tracking.group] if tracking.group else []
+    print(f"W&B report of these runs{what} (upload offline runs first with `wandb sync`):")
+    print("  python -m pipeline dashboard " + " ".join(shlex.quote(a) for a in args))
+    if not tracking.entity:
+        print("  (ENTITY: your W&B user or team; tracking.entity is not set)")
+
+
 def _config_path(backend_name: str) -> str:
     # W&B stores each top-level config key as {"value": ...}: "model.value.name" -> "model.name".
     parts = backend_name.split(".")
