@@ -1,8 +1,8 @@
 # The node-loss drill (issue 13): a cluster with no shared filesystem on this one machine.
 # Included by the top Makefile (which defines PY and STAMP). Needs root (a mount namespace per node).
 #
-#   make drill                      # the demo config, 3 epochs on 640 images: ~3 min on 2 cores
-#   make drill DRILL_ARGS="--epochs 3 --classes 4 --train-per-class 32 --val-per-class 4 --crop 32 --batch 16"
+#   make drill                      # the demo config, cifar_resnet20, 20 epochs on 128 images: ~4 min on 2 cores
+#   make drill DRILL_ARGS="--epochs 30 --model resnet18 --crop 64"   # any default can be changed
 #   make drill DRILL_ARGS="--layout sharded"   # the dataset as `data shard`'s shards, a cache per node
 #   make drill DRILL_ARGS=--keep    # keep the logs and the merged W&B run even when every check passes
 #
