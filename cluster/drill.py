@@ -1,7 +1,8 @@
 """The node-loss drill: a cluster without a shared filesystem on this one machine, rank 0 killed mid-epoch.
 
-    make drill                                      # the demo config, a few epochs
-    make drill DRILL_ARGS="--epochs 3 --classes 4 --train-per-class 32 --crop 32 --batch 16"
+    make drill                                      # 20 epochs of cifar_resnet20 on 128 images
+    make drill DRILL_ARGS="--kill head"             # the head lost, the job submitted again
+    make drill DRILL_ARGS="--kill stop,head --epochs 8"   # `ray job stop`, then the head lost
     .venv/bin/python cluster/drill.py --help
 
 As root (a mount namespace per node), on 127.0.0.1 with random ports and its own temp dir: a
@@ -12,6 +13,13 @@ auth): a head with ``--num-cpus 0`` and N 1-CPU workers, each with a private ``/
 submitted as ``make submit`` does it (``cluster/scripts/job_python.sh``), the run in
 ``s3://drill/runs/<name>``. ``--kill-at`` % into an epoch after the first, rank 0's node (Ray
 Train's state API names it) is SIGKILLed whole; once a group of N-1 runs, a new node joins.
+
+``--kill head``, ``--kill stop`` or both in order: what Ray Train cannot bring back, each
+mid-epoch, each followed by the same job submitted again (a new submission id, as ``make
+submit`` or a KubeRay RayJob retry gives it). ``head``: the head SIGKILLed whole (the driver,
+Ray Train's controller, the GCS, the dashboard; its private /tmp goes with it), then its
+workers, as a RayJob retry deletes the RayCluster; a new head and workers start from nothing.
+``stop``: ``ray job stop``. The drill prints the time from each to the job's first resumed step.
 
 Then one PASS/FAIL line per check, each read from a record, not from the console: Ray's job,
 Train and actor state APIs; the bucket's ``metrics.jsonl`` (whose records a resumed worker group
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -53,6 +62,12 @@ HEALTH = {
     f"RAY_health_check_{k}": v
     for k, v in [("period_ms", "1000"), ("timeout_ms", "1000"), ("failure_threshold", "3")]
 }
+
+
+# What rank 0 prints when it restores a checkpoint, and its step lines (pipeline/train/).
+RESTORED = re.compile(r"restored from checkpoint \S+: epoch (\d+), step \d+")
+GRACEFUL_ABORT = "Run aborted due to user interrupt (SIGINT)."  # Ray Train's state API, after abort()
+STEP_LINE = re.compile(r"\bepoch [\d.]+/\d+ step \d+/\d+ ")  # after Ray's "(RayTrainWorker pid=N) "
 
 
 class DrillError(RuntimeError):
@@ -85,7 +100,13 @@ class Drill:
         self.run = RunDir(self.run_uri)
         self.sharded = args.layout == "sharded"
         self.data_uri = f"s3://{BUCKET}/imagenet" + ("-shards" if self.sharded else "")
-        self.job_id = f"drill-{secrets.token_hex(4)}"
+        self.job_ids = [f"drill-{secrets.token_hex(4)}"]  # one more per resubmission
+        self.head = "head"  # the node name of the head now (a lost head's successor has another)
+
+    @property
+    def job_id(self) -> str:
+        """The job submitted last."""
+        return self.job_ids[-1]
 
     # ------------------------------------------------------------ object store, dataset, commands
 
@@ -110,7 +131,7 @@ class Drill:
     def pipeline(self, *args: str, in_head: bool = False) -> None:
         """``python -m pipeline ARGS`` from this checkout (``in_head``: in the head's mount namespace)."""
         cmd = [sys.executable, "-m", "pipeline", *args]
-        cmd = self.nodes.in_namespace("head", cmd, cwd=ROOT) if in_head else cmd
+        cmd = self.nodes.in_namespace(self.head, cmd, cwd=ROOT) if in_head else cmd
         proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise DrillError(
@@ -122,6 +143,23 @@ class Drill:
     def start_node(self, name: str, head: bool = False) -> None:
         hide = [ROOT / d for d in HIDDEN]
         self.nodes.start(name, head=head, num_cpus=0 if head else 1, hide=hide, private_tmp=True)
+
+    def next_worker(self) -> str:
+        """The name of the next worker node: worker1, worker2, ... over every node ever started."""
+        return f"worker{sum(name.startswith('worker') for name in self.nodes.nodes) + 1}"
+
+    def start_cluster(self) -> list[str]:
+        """The head (``self.head``) and ``--workers`` worker nodes, all up; returns their names."""
+        self.start_node(self.head, head=True)
+        for _ in range(self.args.workers):
+            self.start_node(self.next_worker())
+        live = {name for name, proc in self.nodes.nodes.items() if proc.poll() is None}
+        self.nodes.wait_alive(live)
+        return sorted(live)
+
+    def ray_session(self, name: str) -> str:
+        """The folder of node ``name``'s Ray session in its private /tmp (``session_<time>_<pid>``)."""
+        return os.path.basename(os.readlink(self.nodes.view(name) / "tmp/ray/session_latest"))
 
     # ------------------------------------------------------------ the job
 
@@ -140,6 +178,7 @@ class Drill:
             # workers (its view lags), and cluster.restart_timeout_s (60 s) bounds that wait.
             f"cluster.start_timeout_s={a.start_timeout}", f"cluster.max_failures={a.max_failures}",
             "cluster.cpus_per_worker=1", "cluster.use_gpu=false", "tracking.mode=offline",
+            "log_every_n_steps=1",  # a step line each step: the drill times the first resumed one
             *(sizes if a.crop != 64 else []),
         ]  # fmt: skip
 
@@ -166,26 +205,92 @@ class Drill:
 
         return locations.kind(locations.join(self.run_uri, checkpoint_name(epochs), STATE_FILE)) == "file"
 
-    def kill_rank0_mid_epoch(self) -> dict[str, Any] | None:
-        """Kill rank 0's node ``--kill-at`` % into an epoch after the first (by the time the epoch
-        before took): once that one's checkpoint is whole in the bucket (its upload runs in the
-        background) and while ``metrics.jsonl`` does not hold this one."""
+    def mid_epoch(self, past: int = 0, same: Any = lambda: True) -> dict[str, Any] | None:
+        """Wait until the run is ``--kill-at`` % into an epoch after the first and after epoch
+        ``past`` (by the time the epoch before took): that one's checkpoint whole in the bucket
+        (its upload runs in the background) and ``metrics.jsonl`` not yet holding this one, and
+        ``same()`` (sampled when the checkpoint is seen) unchanged by then. Returns the records
+        then, the epoch under way, the wait and ``same()``'s value; None if the job ends first."""
         deadline = time.monotonic() + self.args.timeout
         while time.monotonic() < deadline and self.running():
             done = self.run.read_metrics()
-            if done and len(done) < self.args.epochs and self.checkpoint_whole(len(done)):
-                seen, rank0, took = time.monotonic(), self.nodes.train_rank0(), done[-1]["epoch_time_s"]
+            if done and past < len(done) < self.args.epochs and self.checkpoint_whole(len(done)):
+                seen, sample, took = time.monotonic(), same(), done[-1]["epoch_time_s"]
                 time.sleep(self.args.kill_at / 100 * took)
-                if (
-                    rank0 is not None
-                    and len(self.run.read_metrics()) == len(done)
-                    and self.nodes.train_rank0() == rank0
-                ):
-                    after, processes = time.monotonic() - seen, self.nodes.kill_node(rank0[0])
-                    return {"node": rank0[0], "pid": rank0[1], "epoch": len(done) + 1, "after": after,
-                            "took": took, "processes": processes, "groups": len(self.nodes.worker_groups())}  # fmt: skip
+                if sample is not None and self.run.read_metrics() == done and same() == sample:
+                    return {"records": done, "epoch": len(done) + 1, "after": time.monotonic() - seen,
+                            "took": took, "sample": sample}  # fmt: skip
             time.sleep(0.3)
         return None
+
+    def kill_rank0_mid_epoch(self) -> dict[str, Any] | None:
+        """SIGKILL rank 0's node (Ray Train's state API names it) mid-epoch."""
+        at = self.mid_epoch(same=self.nodes.train_rank0)
+        if at is None:
+            return None
+        (node, pid), groups = at["sample"], len(self.nodes.worker_groups())
+        return {**at, "node": node, "pid": pid, "processes": self.nodes.kill_node(node), "groups": groups}
+
+    # ------------------------------------------------------------ the job ended from outside, then submitted again
+
+    def stop_job(self) -> dict[str, Any]:
+        """``ray job stop`` (what ``make job-stop`` runs): Ray ends the job's driver, and with it
+        Ray Train's controller and workers."""
+        cmd = [RAY, "job", "stop", "--address", self.nodes.address, self.job_id]
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise DrillError(f"ray job stop failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return {"status": self.nodes.wait_job(self.job_id, 120), "run": self.ended_train_run(self.job_id)}
+
+    def ended_train_run(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        """Ray Train's record of the job's run once it has ended (its state actor marks a run
+        whose controller died without aborting within seconds): ``status`` and ``status_detail``."""
+        ray_job, deadline = self.nodes.api(f"/api/jobs/{job_id}")["job_id"], time.monotonic() + timeout
+        while True:
+            runs = [
+                r for r in self.nodes.api("/api/train/v2/runs/v1")["train_runs"] if r["job_id"] == ray_job
+            ]
+            if (
+                runs and runs[-1]["status"] in {"FINISHED", "ERRORED", "ABORTED"}
+            ) or time.monotonic() > deadline:
+                return (
+                    runs[-1] if runs else {"status": "none", "status_detail": "no Ray Train run of the job"}
+                )
+            time.sleep(1)
+
+    def lose_head(self) -> dict[str, Any]:
+        """The head SIGKILLed whole (the job's driver, Ray Train's controller, the GCS, the
+        dashboard; its private /tmp goes with its mount namespace), then its worker nodes, as a
+        RayJob retry deletes the RayCluster (a launcher cluster's workers lose the GCS too); then
+        a new head and workers that start with nothing of theirs."""
+        old, session = self.head, self.ray_session(self.head)
+        self.save_job_log(self.job_id)
+        processes = self.nodes.kill_node(old)
+        workers = [name for name, proc in self.nodes.nodes.items() if proc.poll() is None]
+        for name in workers:
+            processes += self.nodes.kill_node(name)
+        self.head = f"head{sum(name.startswith('head') for name in self.nodes.nodes) + 1}"
+        nodes = self.start_cluster()
+        seen = (self.nodes.view(self.head) / "tmp/ray" / session).exists()
+        return {"old": old, "session": session, "processes": processes, "old_workers": workers,
+                "nodes": nodes, "session_seen": seen}  # fmt: skip
+
+    def resubmit(self) -> None:
+        """The same job again under a new submission id, as ``make submit`` or a RayJob retry does."""
+        self.job_ids.append(f"{self.job_ids[0]}-{len(self.job_ids)}")
+        self.submit()
+
+    def first_resumed_step(self, since: float) -> tuple[int | None, float | None]:
+        """(the epoch the job says it restored, seconds from ``since`` to its first step line
+        after that), from the job's log; None for what it did not print before it ended."""
+        deadline, restored = time.monotonic() + self.args.timeout, None
+        while time.monotonic() < deadline and self.running():
+            log = self.nodes.job_logs(self.job_id)
+            restored = RESTORED.search(log)
+            if restored and STEP_LINE.search(log, restored.end()):
+                return int(restored[1]), time.monotonic() - since
+            time.sleep(0.5)
+        return (int(restored[1]) if restored else None), None
 
     def wait_for_group(self, size: int, after: int, timeout: float) -> bool:
         """Until Ray Train runs a worker group of ``size``, its ``after``-th or later."""
@@ -197,9 +302,15 @@ class Drill:
             time.sleep(1)
         return False
 
+    def save_job_log(self, job_id: str) -> None:
+        """``<root>/<job id>.log``: the job's log as the dashboard has it now (a lost head's goes with it)."""
+        if log := self.nodes.job_logs(job_id):
+            (self.root / f"{job_id}.log").write_text(log)
+
     def stop(self, keep: bool) -> None:
-        if keep:  # the job's log and Ray's own logs (in each node's private /tmp), while they live
-            (self.root / "job.log").write_text(self.nodes.job_logs(self.job_id))
+        if keep:  # the jobs' logs and Ray's own logs (in each node's private /tmp), while they live
+            for job in self.job_ids:
+                self.save_job_log(job)
             self.nodes.copy_ray_logs(self.root / "nodes")
         self.nodes.stop(keep=keep)
 
@@ -340,26 +451,96 @@ def check_shard_gets(drill: Drill, check: Check) -> None:
     check(ok, "shard GETs", detail)
 
 
+def check_events(drill: Drill, check: Check, events: list[dict]) -> None:
+    """One line per stop or head loss: when it came, what went, how soon the run trained again."""
+    n, ids = drill.args.epochs, drill.job_ids
+    for i, e in enumerate(events):
+        when = (f"in epoch {e['epoch']}/{n}, {e['after']:.1f} s after checkpoint_epoch{e['epoch'] - 1:04d} "
+                f"was whole (epoch {e['epoch'] - 1} took {e['took']:.1f} s)")  # fmt: skip
+        again = (f"job {ids[i + 1]} submitted again: restored epoch {e['restored']}, its first step "
+                 + (f"{e['to_step']:.1f} s after the {e['kind']}" if e["to_step"] is not None else "never came"))  # fmt: skip
+        if e["kind"] == "stop":  # aborted as on Ctrl-C: its workers stopped, its resources given back
+            run, graceful = e["run"], e["run"].get("status_detail") == GRACEFUL_ABORT
+            check(e["status"] == "STOPPED" and graceful and e["to_step"] is not None, "job stopped mid-epoch",
+                  f"`ray job stop {ids[i]}` {when}: {e['status']}, Ray Train's run {run['status']} "
+                  f"({run.get('status_detail')}); {again}")  # fmt: skip
+        else:
+            gone = {"gcs_server", "raylet"} <= set(e["processes"])
+            fresh = "sees" if e["session_seen"] else "has none of"
+            check(gone and not e["session_seen"] and e["to_step"] is not None, "head lost mid-epoch",
+                  f"node {e['old']} {when}: {len(e['processes'])} processes SIGKILLed with its workers "
+                  f"{', '.join(e['old_workers'])} ({', '.join(sorted(set(e['processes'])))}); new nodes "
+                  f"{', '.join(e['nodes'])}, whose head {fresh} the old head's {e['session']}; {again}")  # fmt: skip
+
+
+def check_resubmitted(drill: Drill, check: Check, events: list[dict], records: list[dict]) -> None:
+    """A job that restores epoch k keeps ``metrics.jsonl``'s records of epochs 1..k as they were
+    (their times would differ had it started again) and says so: for each job submitted again."""
+    problems = []
+    for e in events:
+        k = len(e["records"])
+        if records[:k] != e["records"]:
+            problems.append(f"epochs 1-{k} differ from the records in the bucket at the {e['kind']}")
+        if e["restored"] is None or e["restored"] < k:  # more: the old workers ended epoch k + 1 first
+            problems.append(
+                f"after the {e['kind']} in epoch {k + 1} the job restored epoch {e['restored']}, not {k} or later"
+            )
+    kept = ", ".join(f"1-{len(e['records'])} kept over the {e['kind']}" for e in events)
+    check(bool(events) and not problems, "resumed from a checkpoint", "; ".join(problems) or f"epochs {kept}")
+
+
+def check_one_wandb_run(drill: Drill, check: Check, events: list[dict]) -> None:
+    """Every job's W&B segment in the bucket is of one run id (the checkpoint carries it)."""
+    from pipeline.tracking.sync import SEGMENT, find_segments
+
+    segments = find_segments(drill.run_uri)
+    ids = [SEGMENT.match(Path(s).parent.name)[2] for s in segments]
+    want = len(events) + 1
+    check(len(set(ids)) == 1 and len(ids) == want, "one W&B run",
+          f"{len(ids)} segments (want {want}, one per job) of run ids {sorted(set(ids))}")  # fmt: skip
+
+
+def run_common_checks(drill: Drill, check: Check) -> list[dict]:
+    """The checks of every drill: the run's records, W&B, summary, eval, placement; returns the records."""
+    records = guarded(drill, check, "metrics.jsonl epochs", check_metrics) or []
+    guarded(drill, check, "W&B history epochs", check_wandb, records)
+    summary = guarded(drill, check, "summary.json", check_summary)
+    guarded(drill, check, "eval of the final checkpoint", check_eval, summary)
+    guarded(drill, check, "training placement", check_placement)
+    return records
+
+
+def guarded(drill: Drill, check: Check, what: str, fn: Any, *args: Any) -> Any:
+    """``fn``'s check on its own: one that cannot even run is a FAIL with its error."""
+    try:
+        return fn(drill, check, *args)
+    except Exception as e:  # a check that crashes is a miss, reported like the others
+        check(False, what, f"the check failed: {type(e).__name__}: {e}")
+
+
+def run_resubmission_checks(drill: Drill, check: Check, status: str, events: list[dict]) -> None:
+    check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id}, the last of {len(drill.job_ids)})")
+    guarded(drill, check, "stops and head losses", check_events, events)
+    records = run_common_checks(drill, check)
+    guarded(drill, check, "resumed from a checkpoint", check_resubmitted, events, records)
+    guarded(drill, check, "one W&B run", check_one_wandb_run, events)
+
+
 def run_checks(drill: Drill, check: Check, status: str, kill: dict | None, replaced: float | None) -> None:
-    """Every check, each on its own: one that cannot even run is a FAIL with its error."""
-
-    def guarded(what: str, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(drill, check, *args)
-        except Exception as e:  # a check that crashes is a miss, reported like the others
-            check(False, what, f"the check failed: {type(e).__name__}: {e}")
-
     check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id})")
-    guarded("rank 0 killed mid-epoch", check_kill, kill, replaced)
-    records = guarded("metrics.jsonl epochs", check_metrics) or []
-    guarded("resumed from a checkpoint", check_resumed, kill, records)
-    guarded("W&B history epochs", check_wandb, records)
-    summary = guarded("summary.json", check_summary)
-    guarded("eval of the final checkpoint", check_eval, summary)
-    guarded("training placement", check_placement)
-    guarded("elastic shrink and growth", check_elastic, records)
+    guarded(drill, check, "rank 0 killed mid-epoch", check_kill, kill, replaced)
+    records = run_common_checks(drill, check)
+    guarded(drill, check, "resumed from a checkpoint", check_resumed, kill, records)
+    guarded(drill, check, "elastic shrink and growth", check_elastic, records)
     if drill.sharded:
-        guarded("shard GETs", check_shard_gets)
+        guarded(drill, check, "shard GETs", check_shard_gets)
+
+
+def kill_events(text: str) -> list[str]:
+    events = text.split(",")
+    if events == ["rank0"] or (events and set(events) <= {"stop", "head"}):
+        return events
+    raise argparse.ArgumentTypeError(f"{text!r}: rank0, or stop and head in any order (e.g. stop,head)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -385,8 +566,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
     p.add_argument("--layout", choices=["folder", "sharded"], default="folder",
                    help="the dataset in the bucket: the folder tree + index, or `data shard`'s shards")  # fmt: skip
+    p.add_argument("--kill", type=kill_events, default=["rank0"], metavar="{rank0,EVENT[,EVENT...]}",
+                   help="rank0: rank 0's node killed and replaced (the default); or events in order, each "
+                   "mid-epoch and followed by the same job submitted again: stop (`ray job stop`), "
+                   "head (the head and its workers lost, a new cluster started)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, W&B merge) even on success")
     args = p.parse_args(argv)
+    if args.kill != ["rank0"] and args.epochs < 2 * len(args.kill) + 2:
+        p.error(f"--epochs must be at least {2 * len(args.kill) + 2} for --kill {','.join(args.kill)}: "
+                "each event comes after an epoch the job submitted before it recorded")  # fmt: skip
     if args.workers < 2:
         p.error("--workers must be at least 2: the run goes on with one fewer")
     if args.epochs < 2:
@@ -394,6 +582,47 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if (args.classes * args.train_per_class) // args.batch < 2:
         p.error("fewer than 2 steps per epoch: raise --train-per-class or lower --batch")
     return args
+
+
+def lose_rank0(drill: Drill, check: Check, say: Any) -> None:
+    """Rank 0's node killed mid-epoch; once a group of N-1 runs, a new node joins."""
+    n = drill.args.workers
+    kill, replaced_after = drill.kill_rank0_mid_epoch(), None
+    if kill is not None:
+        say(f"killed node {kill['node']} in epoch {kill['epoch']}; waiting for a worker group of {n - 1}")
+        killed_at = time.monotonic()
+        shrunk = drill.wait_for_group(n - 1, after=kill["groups"], timeout=180)
+        say(f"a group of {n - 1} runs" if shrunk else f"no group of {n - 1} within 180 s")
+        time.sleep(drill.args.replace_after)
+        drill.start_node(drill.next_worker())
+        replaced_after = time.monotonic() - killed_at
+    status = drill.nodes.wait_job(drill.job_id, drill.args.timeout)
+    say(f"job {drill.job_id}: {status}; checking")
+    run_checks(drill, check, status, kill, replaced_after)
+
+
+def stop_or_lose_head(drill: Drill, say: Any) -> list[dict]:
+    """Each ``--kill`` event mid-epoch, each in an epoch after the one before, then the same job
+    submitted again; the time from the event to the first resumed step."""
+    events: list[dict] = []
+    for kind in drill.args.kill:
+        # After an event, the job submitted again first records an epoch of its own (its W&B
+        # segment goes to the bucket with it); the workers of a stopped job may end one more first.
+        at = drill.mid_epoch(past=events[-1]["restored"] or len(events[-1]["records"]) if events else 0)
+        if at is None:
+            say(f"the job ended before the {kind}: no epoch under way was seen")
+            break
+        start = time.monotonic()
+        event = {**at, "kind": kind, **(drill.stop_job() if kind == "stop" else drill.lose_head())}
+        say(
+            f"{'stopped the job' if kind == 'stop' else 'lost the head'} in epoch {at['epoch']}; submitting it again"
+        )
+        drill.resubmit()
+        event["restored"], event["to_step"] = drill.first_resumed_step(start)
+        took = f"{event['to_step']:.1f} s" if event["to_step"] is not None else "no step"
+        say(f"job {drill.job_id} restored epoch {event['restored']}: first step {took} after the {kind}")
+        events.append(event)
+    return events
 
 
 def main(argv: list[str]) -> int:
@@ -411,26 +640,19 @@ def main(argv: list[str]) -> int:
         drill.start_s3()
         say(f"S3 server at {drill.aws['AWS_ENDPOINT_URL']}; uploading the dataset to {drill.data_uri}")
         drill.upload_dataset()
-        for name in ["head", *(f"worker{i + 1}" for i in range(n))]:
-            drill.start_node(name, head=name == "head")
-        drill.nodes.wait_alive(set(drill.nodes.nodes))
+        drill.start_cluster()
         say(f"Ray head and {n} worker nodes up, dashboard {drill.nodes.address}")
         ok, detail = drill.nodes.isolation([ROOT / d for d in HIDDEN])
         check(ok, "node isolation", detail)
         drill.submit()
         say(f"submitted job {drill.job_id}")
-        kill, replaced_after = drill.kill_rank0_mid_epoch(), None
-        if kill is not None:
-            say(f"killed node {kill['node']} in epoch {kill['epoch']}; waiting for a worker group of {n - 1}")
-            killed_at = time.monotonic()
-            shrunk = drill.wait_for_group(n - 1, after=kill["groups"], timeout=180)
-            say(f"a group of {n - 1} runs" if shrunk else f"no group of {n - 1} within 180 s")
-            time.sleep(args.replace_after)
-            drill.start_node(f"worker{n + 1}")
-            replaced_after = time.monotonic() - killed_at
-        status = drill.nodes.wait_job(drill.job_id, args.timeout)
-        say(f"job {drill.job_id}: {status}; checking")
-        run_checks(drill, check, status, kill, replaced_after)
+        if args.kill == ["rank0"]:
+            lose_rank0(drill, check, say)
+        else:
+            events = stop_or_lose_head(drill, say)
+            status = drill.nodes.wait_job(drill.job_id, args.timeout)
+            say(f"job {drill.job_id}: {status}; checking")
+            run_resubmission_checks(drill, check, status, events)
     except (RuntimeError, OSError) as e:  # DrillError, a node that does not start, an API that fails
         print(f"error: the drill could not run: {e}", file=sys.stderr)
         check.lines.append((False, "drill", str(e)))
@@ -440,7 +662,7 @@ def main(argv: list[str]) -> int:
     finally:
         keep = args.keep or bool(check.failed) or not check.lines
         drill.stop(keep=keep)
-    kept = f"; logs kept in {drill.root} (job.log, <node>.log, nodes/, wandb-merged/)" if keep else ""
+    kept = f"; logs kept in {drill.root} (<job id>.log, <node>.log, nodes/, wandb-merged/)" if keep else ""
     say(f"{len(check.lines) - check.failed}/{len(check.lines)} checks passed{kept}")
     return code
 

@@ -4,6 +4,8 @@
 #   make drill                      # the demo config, cifar_resnet20, 20 epochs on 128 images: ~4 min on 2 cores
 #   make drill DRILL_ARGS="--epochs 30 --model resnet18 --crop 64"   # any default can be changed
 #   make drill DRILL_ARGS="--layout sharded"   # the dataset as `data shard`'s shards, a cache per node
+#   make drill DRILL_ARGS="--kill head"        # the head and its workers lost, a new cluster, the job again
+#   make drill DRILL_ARGS="--kill stop,head --epochs 8"   # `ray job stop` and the job again, then the head
 #   make drill DRILL_ARGS=--keep    # keep the logs and the merged W&B run even when every check passes
 #
 # A local S3 server, a Ray head and three worker nodes (cluster/localnodes.py; each in its own

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A recognisable stand-in for a W&B key delivered to the nodes as a secret (40 chars, the
 # length of a real key); nothing the job writes or prints may contain it.
 FAKE_WANDB_KEY = "e2e0fake0" + uuid.uuid4().hex[:31]
+BUCKET = "e2e"
 
 
 class Cluster(LocalNodes):
@@ -48,6 +49,10 @@ class Cluster(LocalNodes):
         super().__init__("e2e", env={"WANDB_API_KEY": FAKE_WANDB_KEY, "WANDB_MODE": "offline"})
 
     def up(self) -> Cluster:
+        # A bucket for the sharded dataset; the nodes get its endpoint and keys as the templates'
+        # nodes get theirs (from the instance's role), not through the job.
+        self.aws = self.start_s3(BUCKET)
+        self.node_env.update(self.aws)
         self.start("head", head=True, num_cpus=2)
         self.start("worker", num_cpus=2)
         self.wait_alive({"head", "worker"})
@@ -276,3 +281,44 @@ def test_overload_warning_filter_drops_that_block_only():
     assert "KeyError" in without_overload_warning("\n".join([*warning, *other]))
     cut = "\n".join([*warning[:3], "(RayTrainWorker pid=9) epoch 1/2 done"])
     assert without_overload_warning(cut) == cut
+
+
+def test_make_submit_trains_on_sharded_imagenet_in_a_bucket(cluster, tmp_path, monkeypatch):
+    """``data shard``'s output in a bucket as ``data.root``, through ``make submit``: the job
+    knows the layout by its manifest, the shards come into the nodes' cache once each, and the
+    run trains, evaluates and writes its summary."""
+    import pyarrow.fs
+
+    from pipeline.data.shards import load_manifest
+    from pipeline.store import locations
+
+    for key, value in cluster.aws.items():
+        monkeypatch.setenv(key, value)
+    synth, shards, uri = tmp_path / "synth", tmp_path / "shards", f"s3://{BUCKET}/imagenet-shards"
+    for args in (
+        ["data", "synth", "--out", str(synth), "--classes", "4", "--train-per-class", "16"]
+        + ["--val-per-class", "4", "--seed", "0", "--workers", "1"],
+        ["data", "shard", str(synth), str(shards), "--shard-size-mb", "1"],
+    ):
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", *args], cwd=ROOT, check=True, capture_output=True, timeout=300
+        )
+    fs, path = locations.filesystem(uri)
+    pyarrow.fs.copy_files(str(shards), path, destination_filesystem=fs)
+    storage, cache = tmp_path / "runs", tmp_path / "cache"
+    overrides = [
+        "name=e2e-shards", f"data.root={uri}", f"data.cache_dir={cache}", "model.name=cifar_resnet20",
+        "model.num_classes=4", "data.crop_size=32", "data.scale_min=36", "data.scale_max=48",
+        "data.val_resize=36", "optim.batch_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0",
+        "cluster.num_workers=2", "cluster.use_gpu=false", "cluster.cpus_per_worker=1",
+        "cluster.placement_strategy=STRICT_SPREAD", "eval.final_mode=center", "tracking.mode=offline",
+        f"checkpoint.storage_path={storage}",
+    ]  # fmt: skip
+    job = cluster.submit("configs/demo.yaml", overrides)
+    followed = cluster.follow(job, timeout=600)
+    assert cluster.api(f"/api/jobs/{job}")["status"] == "SUCCEEDED", followed[-6000:]
+    summary = json.loads((storage / "e2e-shards" / "summary.json").read_text())
+    assert (summary["epochs"], summary["val_images"], summary["eval_mode"]) == (1, 16, "center"), summary
+    manifest = load_manifest(uri)
+    cached = sorted(p.name for p in (cache / manifest.digest[:16]).glob("*.ok"))
+    assert len(cached) == len(manifest.shards), (cached, [s.name for s in manifest.shards])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,55 @@ def test_drill_survives_losing_rank_0s_node():
         "\n".join(failed + ["-- all:"] + report) + "\n" + proc.stderr[-4000:]
     )
     assert {line[6:].split(":", 1)[0] for line in report} == CHECKS, report
+
+
+RESUBMISSION_CHECKS = {
+    "node isolation",
+    "job",
+    "job stopped mid-epoch",
+    "head lost mid-epoch",
+    "resumed from a checkpoint",
+    "metrics.jsonl epochs",
+    "W&B history epochs",
+    "W&B values = metrics.jsonl",
+    "one W&B run",
+    "summary.json",
+    "eval of the final checkpoint",
+    "training placement",
+}
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
+    reason="the drill needs root, unshare and nsenter (a mount namespace per node)",
+)
+@pytest.mark.slow
+def test_drill_resumes_a_stopped_job_and_one_whose_head_was_lost():
+    """``make drill DRILL_ARGS="--kill stop,head ..."`` as cluster/README writes it: the job
+    stopped with ``ray job stop`` mid-epoch and submitted again; then the head killed whole
+    mid-epoch, its workers with it, a new cluster started and the job submitted again there."""
+    proc = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            ".venv/.installed",
+            "drill",
+            "DRILL_ARGS=--kill stop,head --epochs 8",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    report = [line for line in proc.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
+    failed = [line for line in report if line.startswith("FAIL")]
+    assert proc.returncode == 0 and not failed, (
+        "\n".join(failed + ["-- all:"] + report) + "\n" + proc.stderr[-4000:]
+    )
+    assert {line[6:].split(":", 1)[0] for line in report} == RESUBMISSION_CHECKS, report
+    assert re.search(r"first step \d+\.\d s after the head", proc.stdout), proc.stdout[-3000:]
 
 
 # ---------------------------------------------------------------- the drill's checks, on a fake run
@@ -233,3 +283,63 @@ def test_shard_gets_check_bounds_the_gets_by_shards_and_nodes():
     assert not ok(45, {**cached, "worker4": 0})  # the replacement's cache is empty
     assert not ok(45, {k: v for k, v in cached.items() if k != "worker4"})  # no replacement alive
     assert not ok(45, {**cached, "worker1": 11})  # a cache holds shards of another dataset
+
+
+def test_resubmitted_check_wants_the_records_before_each_event_kept():
+    """A job submitted again after a stop in epoch 3 and a head loss in epoch 5 restores epochs 2
+    and 4 and keeps the records of the epochs before as they were. A job that started again
+    (other times in the records) or restored an older checkpoint fails."""
+    drill = _load_drill()
+    records = [{"epoch": e, "epoch_time_s": 1.0 + e / 10} for e in range(1, 7)]
+    events = [
+        {"kind": "stop", "records": records[:2], "restored": 2},
+        {"kind": "head", "records": records[:4], "restored": 4},
+    ]
+
+    def verdict(records: list[dict], events: list[dict] = events) -> tuple[bool, str]:
+        check = drill.Check()
+        drill.check_resubmitted(None, check, events, records)
+        ((ok, what, detail),) = check.lines
+        assert what == "resumed from a checkpoint"
+        return ok, detail
+
+    ok, detail = verdict(records)
+    assert ok and detail == "epochs 1-2 kept over the stop, 1-4 kept over the head", detail
+    again = [{**r, "epoch_time_s": 9.0} for r in records]  # every epoch run again after the head loss
+    ok, detail = verdict(records[:2] + again[2:])
+    assert not ok and "epochs 1-4 differ from the records in the bucket at the head" in detail, detail
+    older = [events[0], {**events[1], "restored": 2}]
+    ok, detail = verdict(records, older)
+    assert not ok and "in epoch 5 the job restored epoch 2, not 4 or later" in detail, detail
+    assert not verdict(records, [])[0]  # nothing stopped or lost: nothing resumed
+
+
+def test_one_wandb_run_check_wants_one_id_over_every_job(bucket, tmp_path):
+    """Each job's offline segment in the bucket, all of one run id; a job that started a new run
+    id (or left no segment) fails the check."""
+    import pyarrow.fs
+
+    from pipeline.store import locations
+
+    drill = _load_drill()
+    run_uri, local = "s3://drill/runs/drill", tmp_path / "run"
+    fake = SimpleNamespace(run_uri=run_uri)
+    run_id = _segment(local, None, _epochs([1, 2]))
+    _segment(local, run_id, _epochs([2, 3]))
+    fs, path = locations.filesystem(run_uri)
+    pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
+
+    def verdict(events: int) -> tuple[bool, str]:
+        check = drill.Check()
+        drill.check_one_wandb_run(fake, check, [{}] * events)
+        ((ok, what, detail),) = check.lines
+        assert what == "one W&B run"
+        return ok, detail
+
+    ok, detail = verdict(1)
+    assert ok and detail == f"2 segments (want 2, one per job) of run ids ['{run_id}']", detail
+    assert not verdict(2)[0]  # a third job left no segment
+    _segment(local, None, _epochs([3]))  # a job that began a run of its own
+    pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
+    ok, detail = verdict(2)
+    assert not ok and "3 segments (want 3, one per job) of run ids" in detail, detail

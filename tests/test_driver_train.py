@@ -168,3 +168,30 @@ def test_torchrun_two_processes_print_once_and_exit_cleanly(tiny_imagenet, tmp_p
         assert out.count(line) == 1, (line, out[-3000:])
     summary = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs"] == 2
+
+
+SIGTERM_PROBE = """
+import os, signal, sys
+from pipeline.driver.ray_runner import abort_on_sigterm
+abort_on_sigterm()
+if sys.argv[1] == "train":  # what Ray Train's fit() sets: a SIGINT handler that aborts the run
+    def abort(signum, frame):
+        print("aborted on", signal.Signals(signum).name, flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGINT, abort)
+os.kill(os.getpid(), signal.SIGTERM)
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("handler", ["train", "none"])
+def test_sigterm_aborts_the_run_as_ctrl_c_does(handler):
+    """``ray job stop`` sends the driver SIGTERM: Ray Train's own SIGINT handler runs (it aborts
+    the run and gives its resources back), and without one the driver still exits, 128 + 15."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_PROBE, handler], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    if handler == "train":
+        assert (proc.returncode, proc.stdout) == (0, "aborted on SIGTERM\n"), proc.stderr
+    else:
+        assert (proc.returncode, proc.stdout) == (143, ""), proc.stderr

@@ -174,4 +174,26 @@ def run_on_ray(
             callbacks=callbacks,
         ),
     )
+    abort_on_sigterm()
     return trainer.fit()
+
+
+def abort_on_sigterm() -> None:
+    """``ray job stop``, KubeRay and a node's shutdown end a job's driver with SIGTERM, on which
+    Python exits at once: Ray Train's controller dies with it unaborted, and its resource request
+    stays with Ray's autoscaling coordinator until it expires (180 s), so an elastic run submitted
+    again finds no room for that long. Ray Train aborts a run gracefully on SIGINT (the handler
+    ``fit()`` sets: the workers stopped, the request cancelled); SIGTERM now does the same, then exits."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signum, frame)  # Ray Train's: aborts the run, then exits itself
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
