@@ -322,7 +322,7 @@ def test_one_wandb_run_check_wants_one_id_over_every_job(bucket, tmp_path):
     from pipeline.store import locations
 
     drill = _load_drill()
-    run_uri, local = "s3://drill/runs/drill", tmp_path / "run"
+    run_uri, local = "s3://drill/runs/one-run", tmp_path / "run"  # moto keeps the other tests' objects
     fake = SimpleNamespace(run_uri=run_uri)
     run_id = _segment(local, None, _epochs([1, 2]))
     _segment(local, run_id, _epochs([2, 3]))
