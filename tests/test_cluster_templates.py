@@ -4,6 +4,9 @@
   (``ray/autoscaler/ray-schema.json``) and Ray's own ``validate_config``.
 - KubeRay manifests parse and carry the GPU limits, the ImageNet PVC, /dev/shm in memory,
   the W&B key from a Secret, token auth through ``authOptions``, and the training entrypoint.
+- The RayJob retries a failed attempt on a new cluster with a fixed run in a bucket; the
+  RayCluster's optional GCS fault tolerance is what the operator accepts; cluster/README's
+  "What survives what" says what the templates do.
 - ``cluster/Dockerfile`` builds on Ray's 2.60 GPU image with pyproject's pins (and passes
   hadolint where it is installed); every template runs that image.
 - AWS GPU nodes get EFA interfaces in a form Ray's own AWS bootstrap accepts.
@@ -274,10 +277,70 @@ def test_rayjob_runs_the_training_entrypoint_with_the_runtime_env():
     assert not {"pip", "uv", "conda"} & job_env.keys()
     assert job_env["env_vars"] == runtime_env()["env_vars"]
     assert job_env["working_dir"].endswith(f"/v{pyproject()['project']['version']}.zip")
-    # The submitter pod gets the token from the operator (authOptions), and its command too.
-    (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
-    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & env_map(submitter).keys()
-    assert "command" not in submitter  # KubeRay fills in `ray job submit ...`
+
+
+def test_rayjob_retries_a_lost_head_on_a_new_cluster_and_resumes_the_same_run():
+    """A failed attempt gets a new RayCluster and the same entrypoint (KubeRay v1.7.0's
+    rayjob_controller.go); it resumes only if the run's folder is fixed and in a bucket, and
+    the operator refuses the combinations its validation.go rejects."""
+    (job,) = find("RayJob")
+    spec = job["spec"]
+    assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] > 0
+    assert spec["shutdownAfterJobFinishes"] is True
+    # SidecarMode: a lost head pod fails the attempt at once (it is not restarted in place);
+    # KubeRay refuses a submitter pod template or config with it, a head restartPolicy other
+    # than Never, and backoffLimit with clusterSelector or InteractiveMode.
+    assert spec["submissionMode"] == "SidecarMode"
+    assert not {"submitterPodTemplate", "submitterConfig", "clusterSelector"} & spec.keys()
+    head_pod = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head_pod.get("restartPolicy", "Never") == "Never"
+    words = shlex.split(spec["entrypoint"])
+    overrides = words[words.index("--config") + 2 :]
+    assert [w for w in overrides if w.startswith("name=")] == [f"name={job['metadata']['name']}"]
+    cfg = load_config(ROOT / words[words.index("--config") + 1], overrides)
+    assert re.match(r"^(s3|gs)://", cfg.checkpoint.storage_path), "a retry's new cluster sees only the bucket"
+    assert cfg.tracking.mode != "disabled"  # the checkpoint carries the W&B run id the retry logs into
+
+
+def uncommented_block(text: str, key: str) -> dict:
+    """The YAML a template holds commented out under ``# key:``, uncommented."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"# {key}:")
+    indent = lines[start].index("#")
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith(" " * indent + "#   "):
+            break
+        block.append(line)
+    return yaml.safe_load("\n".join(line[indent + 2 :] for line in block))
+
+
+def test_raycluster_offers_gcs_fault_tolerance_the_operator_accepts():
+    """Optional and off by default; uncommented, it is what KubeRay v1.3.0+ takes (a Redis
+    address, the password from a Secret), and nothing else in the template sets what the
+    operator then refuses (utils/validation.go: the ft annotation, redis-password, the env)."""
+    path = CLUSTER / "kuberay" / "raycluster.yaml"
+    (cluster,) = find("RayCluster")
+    assert "gcsFaultToleranceOptions" not in cluster["spec"]
+    ft = uncommented_block(path.read_text(), "gcsFaultToleranceOptions")["gcsFaultToleranceOptions"]
+    assert set(ft) == {"redisAddress", "redisPassword"} and ft["redisAddress"]
+    assert set(ft["redisPassword"]["valueFrom"]["secretKeyRef"]) == {"name", "key"}
+    assert "ray.io/ft-enabled" not in (cluster["metadata"].get("annotations") or {})
+    assert "redis-password" not in cluster["spec"]["headGroupSpec"]["rayStartParams"]
+    for _, pod in pod_specs(cluster["spec"]):
+        for container in pod["containers"]:
+            assert not {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"} & env_map(container).keys()
+
+
+def test_what_survives_what_says_what_the_templates_do():
+    text = (CLUSTER / "README.md").read_text()
+    section = text[text.index("## What survives what") :]
+    section = section[: section.index("\n## ", 1)]
+    (job,) = find("RayJob")
+    assert f"`backoffLimit` ({job['spec']['backoffLimit']})" in section
+    assert f"`submissionMode: {job['spec']['submissionMode']}`" in section
+    assert "kubectl replace --force -f cluster/kuberay/rayjob.yaml" in section
+    assert "gcsFaultToleranceOptions" in section and "make submit" in section
 
 
 # ------------------------------------------------------------------ the image
