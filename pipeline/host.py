@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
+from multiprocessing.context import BaseContext
 
 
 def usable_cpus() -> int:
@@ -11,3 +14,24 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS has no affinity mask
         return os.cpu_count() or 1
+
+
+def os_threads() -> int:
+    """Threads of this process, native ones included (Ray's, DALI's, pyarrow's: Python sees none of those)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no /proc (macOS)
+        return threading.active_count()
+
+
+def pool_context() -> BaseContext:
+    """The start method for a process pool: fork where it is safe, spawn otherwise.
+
+    A forked child gets only the forking thread; a lock another thread held at that moment
+    (malloc's, a logger's, Ray's or DALI's own) stays held in the child forever, and the pool
+    waits on it forever. So fork only a process that has one thread (a plain CLI command);
+    anything that already runs threads (a Ray driver, a test session, a DALI pipeline) spawns.
+    """
+    if "fork" in multiprocessing.get_all_start_methods() and os_threads() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")

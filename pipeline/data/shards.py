@@ -417,9 +417,8 @@ def write_shards(
     Returns:
         A summary: images, shards written / kept, bytes, seconds, images per second.
     """
-    from multiprocessing import get_context
 
-    from pipeline.host import usable_cpus
+    from pipeline.host import pool_context, usable_cpus
 
     if shard_size_mb <= 0:
         raise ValueError(f"--shard-size-mb must be positive, got {shard_size_mb}")
@@ -444,8 +443,7 @@ def write_shards(
     done = nbytes = 0
     t0 = last = time.perf_counter()
     if todo:
-        ctx = get_context("spawn" if locations.is_uri(src) or locations.is_uri(out) else "fork")
-        with ctx.Pool(workers) as pool:
+        with pool_context().Pool(workers) as pool:  # spawn once pyarrow's S3 threads run
             for part in pool.imap_unordered(_write_shard, [(t, out, plan) for t in todo]):
                 parts[part["name"]] = part
                 done += len(part["samples"])

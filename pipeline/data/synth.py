@@ -23,7 +23,6 @@ import colorsys
 import io
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.host import usable_cpus
+from pipeline.host import pool_context, usable_cpus
 
 MARKER = ".complete"
 PARAMS_FILE = ".synth.json"
@@ -339,10 +338,7 @@ def write_synthetic_imagenet(
                 tasks += [(str(d / f"{stem}_{i:06d}.JPEG"), seed, split_id, c, i) for i in range(per_class)]
         n = min(workers or usable_cpus(), len(tasks))
         if n > 1:
-            # fork is cheapest where it exists; the work is pure so any start method is correct.
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with ctx.Pool(n) as pool:
+            with pool_context().Pool(n) as pool:  # the work is pure: any start method is correct
                 sizes = pool.map(_write_one, tasks, chunksize=max(1, len(tasks) // (n * 8)))
         else:
             sizes = [_write_one(t) for t in tasks]

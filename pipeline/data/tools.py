@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from PIL import Image
 
 from pipeline.data.constants import IMAGE_SUFFIXES
 from pipeline.data.layout import DataLayoutError
-from pipeline.host import usable_cpus
+from pipeline.host import pool_context, usable_cpus
 from pipeline.store import locations
 
 QUARANTINE = ".quarantine"  # under ROOT, outside train/ and val/, hidden from the layout scan
@@ -176,8 +175,7 @@ def verify_images(
     tasks = [(str(root_path), rel) for rel in files]
     n = min(workers or usable_cpus(), max(1, len(tasks)))
     if n > 1 and len(tasks) > 1:
-        methods = multiprocessing.get_all_start_methods()
-        with multiprocessing.get_context("fork" if "fork" in methods else None).Pool(n) as pool:
+        with pool_context().Pool(n) as pool:
             results = list(
                 pool.imap_unordered(_check_task, tasks, chunksize=max(1, min(256, len(tasks) // (n * 4))))
             )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.host import usable_cpus
+from pipeline.host import pool_context, usable_cpus
 
 SIZES = ((500, 375), (375, 500), (500, 333))  # (width, height), in this proportion 4:2:1 below
 SIZE_WEIGHTS = (4, 2, 1)
@@ -104,9 +103,7 @@ def write_real_sized(
     try:
         n = max(1, min(workers or usable_cpus(), len(tasks)))
         if n > 1:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with ctx.Pool(n) as pool:
+            with pool_context().Pool(n) as pool:
                 written = pool.map(_write_one, tasks, chunksize=max(1, len(tasks) // (n * 4)))
         else:
             written = [_write_one(t) for t in tasks]
