@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC, PCA_SCALE
-from pipeline.data.imagenet import ReadAhead, build_train_loader, build_val_loader
+from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.sharding import train_shard, val_shard
 from pipeline.data.synth import render_image
@@ -479,47 +479,3 @@ def test_train_resume_mid_epoch_and_any_world_size_replay_the_same_batches(train
         x, y = straight[3 + step]
         assert torch.equal(torch.cat([halves[0][step][1], halves[1][step][1]]), y)
         torch.testing.assert_close(torch.cat([halves[0][step][0], halves[1][step][0]]), x)
-
-
-class _CountingFeed:
-    """A feed that yields its step numbers and fails at ``fail_at``; records the thread it ran on."""
-
-    def __init__(self, fail_at: int):
-        self.per_rank, self.steps, self.epoch, self.step = 4, 10, 3, 7
-        self.fail_at, self.threads = fail_at, set()
-
-    def __next__(self):
-        import threading
-
-        self.threads.add(threading.current_thread().name)
-        self.step += 1
-        if self.step == self.fail_at:
-            raise ValueError(f"bad batch {self.step}")
-        return [[np.int64(self.step)]]
-
-
-def test_read_ahead_yields_the_feeds_batches_in_order_and_its_error_in_place():
-    feed = _CountingFeed(fail_at=13)
-    ahead = ReadAhead(feed, depth=2)
-    assert (ahead.epoch, ahead.step, ahead.per_rank) == (3, 7, 4) and not feed.threads  # nothing read yet
-    assert [int(next(ahead)[0][0]) for _ in range(5)] == [8, 9, 10, 11, 12]
-    with pytest.raises(ValueError, match="bad batch 13"):
-        next(ahead)
-    assert feed.threads == {"feed-read-ahead"}
-    ahead.close()
-    assert not ahead._thread.is_alive()
-
-
-def test_read_ahead_thread_stops_when_the_feed_is_dropped():
-    import gc
-    import time
-
-    ahead = ReadAhead(_CountingFeed(fail_at=-1), depth=1)
-    next(ahead)
-    thread = ahead._thread
-    del ahead
-    gc.collect()
-    deadline = time.monotonic() + 5
-    while thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not thread.is_alive()

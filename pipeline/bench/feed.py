@@ -102,9 +102,6 @@ def _names_pipe(names: list[str], batch_size: int, threads: int, decode: bool) -
 def _shard_pipe(reader: Any, order: np.ndarray, batch_size: int, threads: int, decode: bool) -> Any:
     from nvidia.dali import Pipeline, fn
 
-    from pipeline.data.imagenet import ReadAhead
-    from pipeline.data.shard_feed import READ_AHEAD
-
     def feed():
         step = 0
         while True:
@@ -116,8 +113,7 @@ def _shard_pipe(reader: Any, order: np.ndarray, batch_size: int, threads: int, d
 
     pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=None, prefetch_queue_depth=2)
     with pipe:
-        # As the training loader runs it: the reads on their own thread, READ_AHEAD batches ahead.
-        jpegs = fn.external_source(source=ReadAhead(feed(), READ_AHEAD), batch=True)
+        jpegs = fn.external_source(source=feed(), batch=True)
         pipe.set_outputs(fn.decoders.image(jpegs, device="cpu") if decode else jpegs)
     return pipe
 

@@ -18,9 +18,6 @@ summing over ranks scores each image exactly once.
 
 from __future__ import annotations
 
-import queue
-import threading
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -183,72 +180,15 @@ class _TrainFeed:
         return batch
 
 
-class ReadAhead:
-    """A feed run ``depth`` batches ahead on a thread of its own (the sharded layout's reads and
-    CRC checks, which release the GIL, overlap DALI's work on the calling thread).
-
-    It yields what the feed yields, in the same order: the feed is a pure function of where it
-    started. The thread starts at the first batch asked for, so the feed's position is still
-    its start when the pipeline is built; an error is raised where its batch would have come.
-    """
-
-    def __init__(self, feed: Iterator[Any], depth: int):
-        self.feed = feed  # a _TrainFeed, or any iterator of batches (the feed benchmark's)
-        # A _TrainFeed's start, for building its pipeline (the thread moves the feed on).
-        self.per_rank, self.steps, self.epoch, self.step = (
-            getattr(feed, k, None) for k in ("per_rank", "steps", "epoch", "step")
-        )
-        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(max(1, depth))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def _run(feed: Iterator[Any], out: queue.Queue[tuple[bool, Any]], stop: threading.Event) -> None:
-        # Holds no reference to the ReadAhead: once the pipeline drops it, its finalizer stops this.
-        while not stop.is_set():
-            try:
-                item = (True, next(feed))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, in order
-                item = (False, e)
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if not item[0]:
-                return
-
-    def __iter__(self) -> ReadAhead:
-        return self
-
-    def __next__(self) -> list[list[np.ndarray]]:
-        if self._thread is None:
-            args = (self.feed, self._queue, self._stop)
-            self._thread = threading.Thread(target=self._run, args=args, name="feed-read-ahead", daemon=True)
-            weakref.finalize(self, self._stop.set)
-            self._thread.start()
-        ok, item = self._queue.get()
-        if not ok:
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the thread (the loader drops this feed for another)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-
 class _TrainLoader:
     """This rank's training batches; the pipeline is built once and rebuilt only to jump."""
 
-    def __init__(self, make_feed: Callable[[int, int], _TrainFeed | ReadAhead], build: Callable[[Any], Any], steps: int,
+    def __init__(self, make_feed: Callable[[int, int], _TrainFeed], build: Callable[[_TrainFeed], Any], steps: int,
                  device: torch.device, channels_last: bool):  # fmt: skip
         self._make_feed, self._build, self._steps = make_feed, build, steps
         self._device, self._channels_last = device, channels_last
         self._it: Any = None
-        self._feed: _TrainFeed | ReadAhead | None = None
+        self._feed: _TrainFeed | None = None
         self._next: tuple[int, int] | None = None  # the (epoch, step) the pipeline delivers next
 
     def __len__(self) -> int:
@@ -258,8 +198,6 @@ class _TrainLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self._it = None  # releases the old pipeline before the new one allocates
-        if isinstance(self._feed, ReadAhead):
-            self._feed.close()
         self._feed = self._make_feed(epoch, start)
         pipe = self._build(self._feed)
         try:
@@ -270,11 +208,10 @@ class _TrainLoader:
         self._next = (epoch, start)
 
     def _suspects(self) -> list[str]:
-        """The files that may not have decoded; none for encoded bytes (checked against the manifest)."""
-        feed = self._feed.feed if isinstance(self._feed, ReadAhead) else self._feed
-        if not isinstance(feed, _TrainFeed) or feed.read is not None:
+        """The files that may not have decoded; none for encoded bytes (each checked against its CRC-32)."""
+        if self._feed is None or self._feed.read is not None:
             return []
-        return [f for b in list(feed.recent) for f in b]
+        return [f for b in self._feed.recent for f in b]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from step ``start`` on (earlier steps are skipped unread)."""
@@ -306,7 +243,6 @@ def build_train_loader(
     half: bool = False,
     order: Callable[[int], np.ndarray] | None = None,
     read: Callable[[np.ndarray, int, int], list[np.ndarray]] | None = None,
-    read_ahead: int = 0,
 ) -> Loader:
     """The training loader: ``N // global_batch`` batches of this rank's ``rank_slice`` per epoch.
 
@@ -321,7 +257,6 @@ def build_train_loader(
         channels_last: deliver NCHW tensors with channels_last memory.
         half: deliver float16 images.
         order, read: the sharded layout's epoch order and byte reader (``pipeline.data.shard_feed``).
-        read_ahead: run the feed this many batches ahead on a thread of its own (0: on DALI's calls).
 
     Returns:
         A Loader; ``epoch(e, start=0)`` yields ``(images [B, 3, crop, crop], labels int64 [B])``.
@@ -337,14 +272,13 @@ def build_train_loader(
 
     channel_mean, _ = pipeline_means(cfg, cfg.augment, channels_last, IMAGENET_MEAN)
 
-    def make_feed(epoch: int, step: int) -> _TrainFeed | ReadAhead:
-        feed = _TrainFeed(
+    def make_feed(epoch: int, step: int) -> _TrainFeed:
+        return _TrainFeed(
             files, labels, cfg, global_batch=global_batch, shard_id=shard_id, num_shards=num_shards,
             seed=seed, epoch=epoch, step=step, channel_mean=channel_mean, order=order, read=read,
         )  # fmt: skip
-        return ReadAhead(feed, read_ahead) if read_ahead > 0 else feed
 
-    def build(feed: _TrainFeed | ReadAhead) -> Any:
+    def build(feed: _TrainFeed) -> Any:
         return build_train_pipeline(
             cfg.augment,
             feed,

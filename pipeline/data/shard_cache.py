@@ -20,12 +20,6 @@ each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) a
 - every sample read is checked against its CRC-32 from the manifest; a mismatch drops the
   shard (under its lock) and fetches it again; a second mismatch is an error.
 
-Reads are zero-copy: each shard in use is memory-mapped once per process (read only), and a
-sample is a view of the mapping, checked, then copied once into DALI's buffer (as DALI's
-own file reader copies a file once from the page cache). Files in the cache are only ever
-replaced whole (a temporary name, then a rename), never rewritten in place, so a mapping
-never sees a shard change under it.
-
 So a worker restarted on the same node, or a second rank, reuses what is there; a crash
 mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again. The cache
 holds whole datasets (no eviction): ``check_capacity`` says at start how much room is missing.
@@ -39,7 +33,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import tempfile
@@ -77,7 +70,7 @@ class ShardCache:
         self.fetchers = max(1, int(fetchers))
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
-        self._views: dict[int, memoryview] = {}  # shard id -> its read-only mapping
+        self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self._fs: Any = None
         self._root_path = ""
@@ -225,31 +218,31 @@ class ShardCache:
                 if i not in self._futures:
                     self._futures[i] = self._pool.submit(self.ensure, i, False, False)
 
-    def _view(self, i: int, drop: bool = False) -> memoryview:
-        """Shard ``i`` mapped read-only (checked when it was fetched or found; each sample has its CRC)."""
+    def _fd(self, i: int, drop: bool = False) -> int:
         with self._lock:
-            if not drop and i in self._views:
-                return self._views[i]
+            if not drop and i in self._fds:  # checked when it was opened; each sample has its CRC
+                return self._fds[i]
             future = self._futures.get(i)
         if future is not None and not drop:
             future.result()  # raises the fetch's error here, in the reading thread
         path = self.ensure(i, drop=drop)
-        with open(path, "rb") as f:
-            view = memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
         with self._lock:
-            if drop or i not in self._views:
-                self._views[i] = view  # a dropped shard's old mapping lives on in the views it gave out
-            return self._views[i]
+            old = self._fds.pop(i, None) if drop else None
+            if i not in self._fds:
+                self._fds[i] = os.open(path, os.O_RDONLY)
+            fd = self._fds[i]
+        if old is not None:
+            os.close(old)
+        return fd
 
-    def read(self, i: int, offset: int, size: int, crc32: int) -> memoryview:
-        """One sample's bytes from shard ``i`` (a view, no copy), checked against its CRC-32 (a bad
-        shard is fetched again)."""
-        data = self._view(i)[offset : offset + size]
+    def read(self, i: int, offset: int, size: int, crc32: int) -> bytes:
+        """One sample's bytes from shard ``i``, checked against its CRC-32 (a bad shard is fetched again)."""
+        data = os.pread(self._fd(i), size, offset)
         if len(data) == size and zlib.crc32(data) == crc32:
             return data
         shard = self.manifest.shards[i]
         if self.remote:
-            data = self._view(i, drop=True)[offset : offset + size]
+            data = os.pread(self._fd(i, drop=True), size, offset)
             if len(data) == size and zlib.crc32(data) == crc32:
                 return data
         raise ShardError(
@@ -261,10 +254,12 @@ class ShardCache:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
-            self._views = {}  # each mapping closes with the last view of it
+            fds, self._fds = self._fds, {}
             self._futures = {}
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
 
     def __del__(self) -> None:  # the feed's cache lives as long as its loader
         try:

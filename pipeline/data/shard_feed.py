@@ -21,10 +21,8 @@ is the order and where the bytes come from:
   the whole dataset.
 - **The bytes**: the feed asks the node's shard cache (``pipeline.data.shard_cache``) for the
   shards in the order of the epoch from the current step on, ``data.cache_fetchers`` at once,
-  and reads each sample at its (offset, size) of the shard's mapping, checked against its
-  CRC-32, on a thread of its own two batches ahead of DALI (``ReadAhead``), so the rank's
-  main thread only hands DALI the checked bytes; DALI decodes them as for the folder layout
-  (mixed on a GPU).
+  and reads each sample at its (offset, size), checked against its CRC-32; DALI gets the
+  encoded JPEGs and decodes them as for the folder layout (mixed on a GPU).
 
 Validation: each rank's contiguous slice of the val samples (as for the folder layout), read
 the same way, the last batch padded and the padding cut before it leaves this module.
@@ -47,7 +45,6 @@ from pipeline.data.shards import Manifest, check_shards, load_manifest
 from pipeline.host import usable_cpus
 
 ORDER_KEY = 0x5A4D  # keeps the window shuffle's stream apart from the folder layout's
-READ_AHEAD = 2  # batches the reads run ahead of DALI (each ~64 x 110 KB of views: no copies held)
 
 
 def epoch_order(manifest: Manifest, seed: int, epoch: int, window: int) -> np.ndarray:
@@ -159,9 +156,8 @@ class ShardedSource:
 
         reader = _Reader(self.manifest, cache, "train", order, global_batch)
         train = build_train_loader(
-            self.index, cfg, global_batch=global_batch, seed=seed, order=order, read=reader,
-            read_ahead=READ_AHEAD, **common,
-        )  # fmt: skip
+            self.index, cfg, global_batch=global_batch, seed=seed, order=order, read=reader, **common
+        )
         train.cache = cache  # the feed benchmark reads its counters
         return train
 
