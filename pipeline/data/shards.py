@@ -417,7 +417,6 @@ def write_shards(
     Returns:
         A summary: images, shards written / kept, bytes, seconds, images per second.
     """
-
     from pipeline.host import pool_context, usable_cpus
 
     if shard_size_mb <= 0:
