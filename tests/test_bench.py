@@ -231,3 +231,34 @@ def test_markdown_of_a_ray_result_and_bad_input() -> None:
     assert "| scaling efficiency 1 -> 2 workers (gloo) | 0.75 |" in markdown([r])
     with pytest.raises(ValueError, match="not a bench result"):
         markdown([{"bench": "nope"}])
+
+
+# ---------------------------------------------------------------- bench feed
+
+
+def test_bench_feed_counts_requests_per_source(tiny_imagenet: Path, capsys, monkeypatch) -> None:
+    # --data relative to the working directory, as the docs' command gives it.
+    monkeypatch.chdir(tiny_imagenet.parent)
+    r = run_bench(
+        ["feed", "--data", tiny_imagenet.name]
+        + "--latency-ms 1 --threads 1 --batch-size 8 --fetchers 2 --shard-size-mb 0.05 --shuffle-window 2 "
+        "--per-image-limit 16 --passes 2".split(),
+        capsys,
+    )
+    s, t = r["sources"], r["targets"]
+    assert r["images"] == 128 and 1 < r["images_per_shard"] < 64
+    for tag in ("read", "read_decode"):
+        assert s[f"s3_per_image_{tag}"]["gets_per_image"] >= 1  # one object per image
+        first, second = s[f"sharded_epoch1_{tag}"], s[f"sharded_epoch2_{tag}"]
+        assert first["gets_per_image"] * r["images_per_shard"] <= 1.1 and first["bytes_per_image"] > 0
+        assert second["gets_per_image"] == 0 and second["bytes_per_image"] == 0
+        # The sources on this machine's disk alternate their passes; the median pass counts.
+        for name in (f"local_{tag}", f"sharded_epoch2_{tag}"):
+            passes = s[name]["images_per_s_each_pass"]
+            assert len(passes) == s[name]["passes"] == 2 and all(positive(x) for x in passes)
+            assert s[name]["images_per_s"] == pytest.approx(median(passes))
+    assert t["epoch2_data_gets"] == 0
+    assert t["epoch2_vs_local (>= 0.9)"] == pytest.approx(
+        s["sharded_epoch2_read"]["images_per_s"] / s["local_read"]["images_per_s"]
+    )
+    assert positive(s["server_ceiling"]["images_per_s"])

@@ -297,6 +297,42 @@ def test_cache_fetches_each_shard_once_per_node_and_nothing_after(s3, s3_sharded
     assert s3.counts()["GET"] == len(m.shard_ids("val"))
 
 
+@pytest.mark.parametrize("where", ["local plain reads", "local mapped", "cached from s3"])
+def test_each_sample_is_read_exactly_and_checked_once_per_process(
+    where, src, sharded, request, tmp_path, monkeypatch
+):
+    """The feed's bytes are the source JPEGs from every kind of shard file; each sample's CRC-32
+    is computed the first time a process reads it, and not again from the same open file."""
+    import zlib
+
+    from pipeline.data import shard_cache
+    from pipeline.data.shard_feed import _Reader
+
+    root = request.getfixturevalue("s3_sharded") if where == "cached from s3" else str(sharded)
+    m = load_manifest(root)
+    cache = ShardCache(m, str(tmp_path / "cache"), 2, mmap=where == "local mapped")
+    assert cache.mapped == (where != "local plain reads")  # the node's cache is always mapped
+    crcs = []
+    crc32 = zlib.crc32
+    monkeypatch.setattr(shard_cache.zlib, "crc32", lambda data: crcs.append(1) or crc32(data))
+    train = m.split("train")
+    ids = np.arange(len(train))[::-1]
+    half = ids[: len(ids) // 2]
+    reader = _Reader(m, cache, "train", None)
+    for i, got in zip(half, reader.read(half), strict=True):
+        assert got.dtype == np.uint8 and got.tobytes() == (src / train.name[i]).read_bytes()
+    assert len(crcs) == len(half)
+    got = reader.read(ids)  # half of them seen before: only the others are checked
+    assert len(crcs) == len(ids) and [g.tobytes() for g in got] == [
+        (src / train.name[i]).read_bytes() for i in ids
+    ]
+    reader.read(ids)
+    assert len(crcs) == len(ids)
+    _Reader(m, cache, "train", None).read(half)  # another process (a restarted worker) checks again
+    assert len(crcs) == len(ids) + len(half)
+    cache.close()
+
+
 @pytest.mark.parametrize("mode", ["center", "tencrop", "multiscale"])
 def test_sharded_val_matches_the_folder_layout(src, sharded, tmp_path, mode):
     from pipeline.data.source import ImageNetSource
@@ -353,7 +389,7 @@ def test_altered_shard_on_s3_is_fetched_again_then_named(s3, s3_sharded, sharded
     s3.reset()
     t = m.split("train")
     assert (
-        cache.read(0, int(t.offset[0]), int(t.size[0]), int(t.crc32[0]))
+        cache.read(0, int(t.offset[0]), int(t.size[0]), int(t.crc32[0])).tobytes()
         == (sharded / m.shards[0].name).read_bytes()[offset : offset + int(t.size[0])]
     )
     assert s3.counts()["GET"] == 1
@@ -369,13 +405,14 @@ def test_altered_shard_on_s3_is_fetched_again_then_named(s3, s3_sharded, sharded
         locations.write_bytes(f"{s3_sharded}/{m.shards[1].name}", (sharded / m.shards[1].name).read_bytes())
 
 
-def test_manifest_that_does_not_match_its_shards(sharded, tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_manifest_that_does_not_match_its_shards(sharded, tmp_path, mmap):
     broken = tmp_path / "broken"
     shutil.copytree(sharded, broken)
     doc = json.loads(gzip.decompress((broken / MANIFEST_NAME).read_bytes()))
     doc["splits"]["train"]["crc32"][0] ^= 1
     (broken / MANIFEST_NAME).write_bytes(gzip.compress(json.dumps(doc).encode()))
-    cfg = _cfg(broken)
+    cfg = _cfg(broken, None, f"data.mmap={str(mmap).lower()}")
     source = open_sharded(cfg.data)
     data = source.loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), num_threads=1, eval_batch=8)
     with pytest.raises(ShardError, match=r"train-000000\.tar: the sample at byte .*CRC-32.*data shard"):

@@ -3,7 +3,7 @@
     cache = ShardCache(manifest, cache_dir="/local/nvme/shards", fetchers=4)
     cache.check_capacity(["train", "val"])        # a clear error at start when the disk is too small
     cache.prefetch([12, 3, 40, ...])              # shard ids in the order the feed will need them
-    jpeg = cache.read(shard_id, offset, size, crc32)
+    jpeg = cache.read(shard_id, offset, size, crc32)   # uint8 array; crc32=None: checked before
 
 Layout on disk: ``CACHE_DIR/<first 16 hex of the manifest's SHA-256>/<shard>.tar`` with, beside
 each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) and
@@ -17,15 +17,23 @@ each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) a
   request S3 serves at full speed), writes it under a temporary name, checks its size and
   SHA-256 against the manifest, renames it into place and writes ``.ok``; a bad download is
   fetched once more, then is an error naming the shard;
-- every sample read is checked against its CRC-32 from the manifest; a mismatch drops the
-  shard (under its lock) and fetches it again; a second mismatch is an error.
+- every sample is checked against its CRC-32 from the manifest the first time this process
+  reads it (the feed keeps a bit per sample); a mismatch drops the shard (under its lock) and
+  fetches it again (whole, its SHA-256 checked); a second mismatch is an error. Later reads
+  of the sample come through the same open file, so from the same bytes, and skip the CRC:
+  at ~10 us per 59 KB image it was the largest cost of a cached epoch (docs/benchmarks.md).
 
 So a worker restarted on the same node, or a second rank, reuses what is there; a crash
 mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again. The cache
 holds whole datasets (no eviction): ``check_capacity`` says at start how much room is missing.
 
-A local ``data.root`` (a disk or a shared filesystem mount) is read in place, not copied:
-its shard sizes are checked when the dataset is opened and every sample against its CRC-32.
+Cached shards are memory-mapped (the cache is on the node's local disk; a sample is then a
+view of the page cache that DALI copies once, as DALI's own file reader does by default). A
+local ``data.root`` (a disk or a shared filesystem mount) is read in place, not copied, with
+plain reads unless ``data.mmap`` (mapping hurts network filesystems); its shard sizes are
+checked when the dataset is opened and each sample against its CRC-32 as above. Nothing here
+truncates a shard in place (fetches and ``data shard`` rename whole files into place), so a
+mapping never loses its pages.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -41,6 +50,8 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.data.shards import Manifest, ShardError, repair_hint
 from pipeline.store import locations
@@ -60,17 +71,19 @@ class ShardCache:
         manifest: the dataset.
         cache_dir: the node's cache folder ("" for ``default_cache_dir()``); unused for a local root.
         fetchers: shards fetched at once by this process.
+        mmap: map a local root's shards into memory (``data.mmap``); cached shards always are.
     """
 
-    def __init__(self, manifest: Manifest, cache_dir: str = "", fetchers: int = 4):
+    def __init__(self, manifest: Manifest, cache_dir: str = "", fetchers: int = 4, mmap: bool = False):
         self.manifest = manifest
         self.remote = locations.is_uri(manifest.root)
+        self.mapped = self.remote or mmap
         self.setting = cache_dir or default_cache_dir()
         self.dir = Path(self.setting).expanduser() / manifest.digest[:16]
         self.fetchers = max(1, int(fetchers))
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
-        self._fds: dict[int, int] = {}
+        self._files: dict[int, int | np.ndarray] = {}  # shard -> open fd, or its mapping
         self._lock = threading.Lock()
         self._fs: Any = None
         self._root_path = ""
@@ -218,31 +231,64 @@ class ShardCache:
                 if i not in self._futures:
                     self._futures[i] = self._pool.submit(self.ensure, i, False, False)
 
-    def _fd(self, i: int, drop: bool = False) -> int:
+    def _file(self, i: int, drop: bool = False) -> int | np.ndarray:
+        """Shard ``i`` opened for reads: its mapping, or an fd (checked when opened)."""
         with self._lock:
-            if not drop and i in self._fds:  # checked when it was opened; each sample has its CRC
-                return self._fds[i]
+            if not drop and i in self._files:
+                return self._files[i]
             future = self._futures.get(i)
         if future is not None and not drop:
             future.result()  # raises the fetch's error here, in the reading thread
         path = self.ensure(i, drop=drop)
         with self._lock:
-            old = self._fds.pop(i, None) if drop else None
-            if i not in self._fds:
-                self._fds[i] = os.open(path, os.O_RDONLY)
-            fd = self._fds[i]
-        if old is not None:
-            os.close(old)
-        return fd
+            old = self._files.pop(i, None) if drop else None
+            if i not in self._files:
+                self._files[i] = self._open(path)
+            f = self._files[i]
+        if isinstance(old, int):
+            os.close(old)  # a dropped mapping is unmapped when its last view is gone
+        return f
 
-    def read(self, i: int, offset: int, size: int, crc32: int) -> bytes:
-        """One sample's bytes from shard ``i``, checked against its CRC-32 (a bad shard is fetched again)."""
-        data = os.pread(self._fd(i), size, offset)
-        if len(data) == size and zlib.crc32(data) == crc32:
-            return data
+    def _open(self, path: Path) -> int | np.ndarray:
+        fd = os.open(path, os.O_RDONLY)
+        if not self.mapped:
+            return fd
+        try:
+            return np.frombuffer(mmap.mmap(fd, 0, prot=mmap.PROT_READ), np.uint8)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    def read(self, i: int, offset: int, size: int, crc32: int | None) -> np.ndarray:
+        """One sample's bytes from shard ``i`` (uint8), checked against ``crc32`` unless it is None."""
+        return self.read_samples([i], [offset], [size], [crc32])[0]
+
+    def read_samples(self, shards: list[int], offsets: list[int], sizes: list[int],
+                     crc32s: list[int | None]) -> list[np.ndarray]:  # fmt: skip
+        """Samples' bytes (uint8 arrays), each checked against its CRC-32 unless that is None.
+
+        A mismatch fetches a remote shard again and reads once more; then it is an error. The
+        loop is the feed's per-image cost: it does nothing a sample does not need.
+        """
+        files, mapped, out = self._files, self.mapped, []
+        for i, offset, size, crc in zip(shards, offsets, sizes, crc32s, strict=True):
+            f = files.get(i)
+            if f is None:
+                f = self._file(i)
+            data = f[offset : offset + size] if mapped else np.frombuffer(os.pread(f, size, offset), np.uint8)
+            if crc is not None and (len(data) != size or zlib.crc32(data) != crc):
+                data = self._read_again(i, offset, size, crc)
+            out.append(data)
+        return out
+
+    def _read_again(self, i: int, offset: int, size: int, crc32: int) -> np.ndarray:
         shard = self.manifest.shards[i]
         if self.remote:
-            data = os.pread(self._fd(i, drop=True), size, offset)
+            f = self._file(i, drop=True)
+            data = (
+                f[offset : offset + size]
+                if self.mapped
+                else np.frombuffer(os.pread(f, size, offset), np.uint8)
+            )
             if len(data) == size and zlib.crc32(data) == crc32:
                 return data
         raise ShardError(
@@ -254,12 +300,13 @@ class ShardCache:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
-            fds, self._fds = self._fds, {}
+            files, self._files = self._files, {}
             self._futures = {}
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        for fd in fds.values():
-            os.close(fd)
+        for f in files.values():
+            if isinstance(f, int):
+                os.close(f)
 
     def __del__(self) -> None:  # the feed's cache lives as long as its loader
         try:

@@ -21,8 +21,9 @@ is the order and where the bytes come from:
   the whole dataset.
 - **The bytes**: the feed asks the node's shard cache (``pipeline.data.shard_cache``) for the
   shards in the order of the epoch from the current step on, ``data.cache_fetchers`` at once,
-  and reads each sample at its (offset, size), checked against its CRC-32; DALI gets the
-  encoded JPEGs and decodes them as for the folder layout (mixed on a GPU).
+  and reads each sample at its (offset, size), checked against its CRC-32 the first time this
+  process reads it; DALI gets the encoded JPEGs and decodes them as for the folder layout
+  (mixed on a GPU).
 
 Validation: each rank's contiguous slice of the val samples (as for the folder layout), read
 the same way, the last batch padded and the padding cut before it leaves this module.
@@ -88,6 +89,7 @@ class _Reader:
             global_batch,
         )
         self.samples = manifest.split(split)
+        self.checked = np.zeros(len(self.samples), bool)  # CRC-32 verified by this process
         self._planned: tuple[int, int] | None = None
 
     def plan(self, epoch: int, step: int) -> None:
@@ -103,9 +105,14 @@ class _Reader:
         return self.read(ids)
 
     def read(self, ids: Any) -> list[np.ndarray]:
-        s, read = self.samples, self.cache.read
-        where = zip(*(a[ids].tolist() for a in (s.shard, s.offset, s.size, s.crc32)), strict=True)
-        return [np.frombuffer(read(*w), np.uint8) for w in where]
+        s = self.samples
+        seen = self.checked[ids].tolist()
+        crcs = [None if known else crc for crc, known in zip(s.crc32[ids].tolist(), seen, strict=True)]
+        out = self.cache.read_samples(
+            s.shard[ids].tolist(), s.offset[ids].tolist(), s.size[ids].tolist(), crcs
+        )
+        self.checked[ids] = True
+        return out
 
 
 class ShardedSource:
@@ -137,7 +144,7 @@ class ShardedSource:
 
     def cache(self, cfg: DataConfig) -> ShardCache:
         """The node's cache, checked: writable, and room for every shard still to fetch."""
-        cache = ShardCache(self.manifest, cfg.cache_dir, cfg.cache_fetchers)
+        cache = ShardCache(self.manifest, cfg.cache_dir, cfg.cache_fetchers, mmap=cfg.mmap)
         cache.check_capacity(["train", "val"])
         return cache
 
