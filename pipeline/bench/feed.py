@@ -15,8 +15,9 @@ encoded bytes are the output) and read + decode (``fn.decoders.image`` on the CP
 - ``server_ceiling``: what the server itself delivers for the same shard bytes with
   ``--fetchers`` parallel whole-object GETs (no DALI), as images/s.
 
-Per source: images/s (the median of ``--passes`` passes where the bytes are on disk), GETs and bytes fetched per image (the server's own counters), per-batch
-wait p50/p99 and the time to the first batch. ``s3_per_image`` reads at most
+Per source: images/s (the median of ``--passes`` alternating passes where the bytes are on
+disk), GETs and bytes fetched per image (the server's own counters), per-batch wait p50/p99
+and the time to the first batch. ``s3_per_image`` reads at most
 ``--per-image-limit`` images (at 30 ms a GET it is slow by design).
 """
 
@@ -146,9 +147,14 @@ def _shard_pipe(reader: Any, order: np.ndarray, batch_size: int, threads: int, d
     return pipe
 
 
-def _gets(server: Any, ext: str) -> tuple[int, int]:
+def _with_gets(r: dict[str, Any], server: Any, ext: str) -> dict[str, Any]:
+    """``r`` with the GETs and bytes per image of ``ext`` objects the server counted since its reset."""
     c = server.counts()
-    return c.get("GET" + ext, 0), c["get_bytes"]
+    return {
+        **r,
+        "gets_per_image": c.get("GET" + ext, 0) / r["images"],
+        "bytes_per_image": c["get_bytes"] / r["images"],
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,23 +213,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ]
                 server.reset()
                 r = _timed(_names_pipe(remote, bs, args.threads, decode), limit, bs)
-                g, b = _gets(server, os.path.splitext(files[0])[1])
-                per[f"s3_per_image_{tag}"] = {
-                    **r,
-                    "gets_per_image": g / r["images"],
-                    "bytes_per_image": b / r["images"],
-                }
+                per[f"s3_per_image_{tag}"] = _with_gets(r, server, os.path.splitext(files[0])[1])
                 # One cache and one reader for both epochs, as a training process keeps them.
                 cache = ShardCache(m, str(work / f"cache-{tag}"), args.fetchers)
                 reader = _Reader(m, cache, "train", lambda e: order, bs)
                 server.reset()
                 r = _timed(_shard_pipe(reader, order, bs, args.threads, decode), batches, bs)
-                g, b = _gets(server, ".tar")
-                per[f"sharded_epoch1_{tag}"] = {
-                    **r,
-                    "gets_per_image": g / r["images"],
-                    "bytes_per_image": b / r["images"],
-                }
+                per[f"sharded_epoch1_{tag}"] = _with_gets(r, server, ".tar")
                 # The two sources read from this machine's disk: their passes alternate.
                 server.reset()
                 local = _Timed(_names_pipe(files, bs, args.threads, decode), batches, bs)
@@ -231,14 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(args.passes):
                     local.one_pass()
                     epoch2.one_pass()
-                r = epoch2.result()
-                g, b = _gets(server, ".tar")
                 per[f"local_{tag}"] = local.result()
-                per[f"sharded_epoch2_{tag}"] = {
-                    **r,
-                    "gets_per_image": g / r["images"],
-                    "bytes_per_image": b / r["images"],
-                }
+                per[f"sharded_epoch2_{tag}"] = _with_gets(epoch2.result(), server, ".tar")
                 cache.close()
             # The server's own ceiling: the same shard bytes, --fetchers parallel whole-object GETs.
             server.reset()

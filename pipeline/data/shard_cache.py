@@ -64,6 +64,15 @@ def default_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), DEFAULT_DIR_NAME)
 
 
+def _sample(f: int | np.ndarray, offset: int, size: int) -> np.ndarray:
+    """``size`` bytes at ``offset`` of an open shard: a view of its mapping, or read from its fd."""
+    return (
+        f[offset : offset + size]
+        if isinstance(f, np.ndarray)
+        else np.frombuffer(os.pread(f, size, offset), np.uint8)
+    )
+
+
 class ShardCache:
     """This process's handle on the node's shard cache for one manifest.
 
@@ -269,12 +278,12 @@ class ShardCache:
         A mismatch fetches a remote shard again and reads once more; then it is an error. The
         loop is the feed's per-image cost: it does nothing a sample does not need.
         """
-        files, mapped, out = self._files, self.mapped, []
+        files, out = self._files, []
         for i, offset, size, crc in zip(shards, offsets, sizes, crc32s, strict=True):
             f = files.get(i)
             if f is None:
                 f = self._file(i)
-            data = f[offset : offset + size] if mapped else np.frombuffer(os.pread(f, size, offset), np.uint8)
+            data = _sample(f, offset, size)
             if crc is not None and (len(data) != size or zlib.crc32(data) != crc):
                 data = self._read_again(i, offset, size, crc)
             out.append(data)
@@ -283,12 +292,7 @@ class ShardCache:
     def _read_again(self, i: int, offset: int, size: int, crc32: int) -> np.ndarray:
         shard = self.manifest.shards[i]
         if self.remote:
-            f = self._file(i, drop=True)
-            data = (
-                f[offset : offset + size]
-                if self.mapped
-                else np.frombuffer(os.pread(f, size, offset), np.uint8)
-            )
+            data = _sample(self._file(i, drop=True), offset, size)
             if len(data) == size and zlib.crc32(data) == crc32:
                 return data
         raise ShardError(
