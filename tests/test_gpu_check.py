@@ -65,8 +65,10 @@ def test_make_gpu_check_without_gpu_exits_3_and_lists_skipped_parts(tmp_path, da
         ["make", "-o", ".venv/.installed", "gpu-check", f"GPU_PY={sys.executable}", f"GPU_CHECK_ARGS={args}"],
         cwd=REPO, env=_env(blocked), capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
-    # make turns the script's exit 3 into its own 2 and says "Error 3"; the report holds the 3.
+    # make turns the script's exit 3 into its own 2 and says "Error 3"; the recipe names the 3
+    # and what it means last, and the report holds the 3.
     assert proc.returncode == 2 and "Error 3" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu-check: exit 3, no GPU here" in proc.stderr, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     by_name = {p["name"]: p for p in report["parts"]}
     assert set(by_name) == set(PART_NAMES)
