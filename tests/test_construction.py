@@ -362,9 +362,8 @@ def test_make_construction_end_to_end_on_generated_cifar(tmp_path, request):
 def test_construction_dashboard_names_only_logged_keys_and_one_runset_per_role():
     pytest.importorskip("wandb_workspaces")
     from pipeline.tracking import dashboard
-    from pipeline.tracking.dashboard_views import build
 
-    data = dashboard.payload(build("construction", "me", "resnet-pipeline"))
+    data = dashboard.payload(dashboard.build_view("construction", "me", "resnet-pipeline"))
     assert dashboard.unknown_keys(data["spec"]) == []
     assert dashboard.view_keys(data["spec"]).history == {"train_eval/top1_err"}
     grids = [b for b in data["spec"]["blocks"] if b["type"] == "panel-grid"]
