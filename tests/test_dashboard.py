@@ -90,9 +90,7 @@ def test_engine_logs_exactly_the_metrics_tracking_lists(tiny_imagenet, tmp_path,
 
 
 def _view(kind: str, group: str | None = None) -> dict[str, Any]:
-    from pipeline.tracking.dashboard_views import build
-
-    return dashboard.payload(build(kind, "my-team", "resnet-pipeline", group))
+    return dashboard.payload(dashboard.build_view(kind, "my-team", "resnet-pipeline", group))
 
 
 @needs_workspaces
@@ -317,9 +315,7 @@ def test_save_sends_what_dry_run_prints(kind, tmp_path):
     assert f"saved the {kind} " in result.stdout and f"http://127.0.0.1:{port}/e/" in result.stdout
     (sent,) = [r["variables"] for r in requests if "upsertView" in r["query"]]
 
-    from pipeline.tracking.dashboard_views import build
-
-    expected = dashboard.payload(build(kind, "e", "resnet-pipeline", "g1"))
+    expected = dashboard.payload(dashboard.build_view(kind, "e", "resnet-pipeline", "g1"))
     for field in ("entityName", "projectName", "displayName", "type", "description"):
         assert sent[field] == expected[field], field
     assert _without_ids(json.loads(sent["spec"])) == _without_ids(expected["spec"])

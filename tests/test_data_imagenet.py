@@ -33,6 +33,22 @@ def _index(files: list[str], labels: list[int] | None = None) -> ImageFolderInde
     return ImageFolderIndex(("c",), tuple(files), tuple(labels), tuple(files), tuple(labels))
 
 
+def _val_loader(index, mode="center", scales=(), batch_size=2, shard_id=0, num_shards=1):
+    """A validation loader on the CPU with one DALI thread; rank ``shard_id`` of ``num_shards``."""
+    return build_val_loader(
+        index, CFG, mode=mode, scales=scales, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+        device_id=None, num_threads=1,
+    )  # fmt: skip
+
+
+def _train_loader(index, cfg=CFG, *, global_batch, seed=0, num_threads=1, **options):
+    """A training loader on the CPU for a single process (rank 0 of 1); ``options`` as the builder's."""
+    return build_train_loader(
+        index, cfg, global_batch=global_batch, shard_id=0, num_shards=1, device_id=None, seed=seed,
+        num_threads=num_threads, **options,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def ref_images(tmp_path_factory) -> list[str]:
     d = tmp_path_factory.mktemp("ref")
@@ -75,17 +91,7 @@ def _torchvision_reference(files: list[str], mode: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["center", "tencrop"])
 def test_val_matches_torchvision(ref_images, mode):
-    loader = build_val_loader(
-        _index(ref_images),
-        CFG,
-        mode=mode,
-        scales=(),
-        batch_size=2,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        num_threads=1,
-    )
+    loader = _val_loader(_index(ref_images), mode)
     batches = list(loader.epoch(0))
     assert len(batches) == len(loader) == 3
     images = torch.cat([x for x, _ in batches])
@@ -107,17 +113,7 @@ def test_val_matches_torchvision(ref_images, mode):
 
 
 def test_tencrop_order_is_sample_major_with_flips(ref_images):
-    loader = build_val_loader(
-        _index(ref_images[:1]),
-        CFG,
-        mode="tencrop",
-        scales=(),
-        batch_size=1,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        num_threads=1,
-    )
+    loader = _val_loader(_index(ref_images[:1]), "tencrop", batch_size=1)
     ((crops, labels),) = list(loader.epoch(0))
     assert crops.shape[0] == 10 and labels.tolist() == [0]
     # The second five are the mirrors of the first five's windows on the flipped image:
@@ -128,17 +124,7 @@ def test_tencrop_order_is_sample_major_with_flips(ref_images):
 
 def test_multiscale_whole_image_per_scale(ref_images):
     scales = (48, 64)
-    loader = build_val_loader(
-        _index(ref_images),
-        CFG,
-        mode="multiscale",
-        scales=scales,
-        batch_size=2,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        num_threads=1,
-    )
+    loader = _val_loader(_index(ref_images), "multiscale", scales)
     seen = 0
     for batch, labels in loader.epoch(0):
         assert isinstance(batch, list) and len(batch) == len(labels)
@@ -153,55 +139,50 @@ def test_multiscale_whole_image_per_scale(ref_images):
     assert seen == len(ref_images)
 
 
-@pytest.mark.parametrize("mode", ["center", "tencrop", "multiscale"])
-def test_val_every_image_exactly_once(train_images, mode):
-    files = train_images[:7]  # 7 images over batch 2: uneven shards and partial last batches
-    index = _index(files)
-    # 8 ranks over 7 images: one rank has nothing and must yield nothing (not a padded sample).
-    for world in (1, 2, 3) if mode != "center" else (1, 2, 3, 8):
-        labels = []
-        for rank in range(world):
-            loader = build_val_loader(
-                index,
-                CFG,
-                mode=mode,
-                scales=(48,),
-                batch_size=2,
-                shard_id=rank,
-                num_shards=world,
-                device_id=None,
-                num_threads=1,
-            )
-            got = [y for _, y in loader.epoch(0)]
-            assert len(got) == len(loader)
-            labels += [label for y in got for label in y.tolist()]
-        assert sorted(labels) == list(range(7)), (world, labels)
+# 7 images over batch 2: uneven shards and partial last batches. 8 ranks over 7 images: one rank
+# has nothing and must yield nothing (not a padded sample).
+@pytest.mark.parametrize(
+    "mode, world", [(m, w) for m in ("center", "tencrop", "multiscale") for w in (1, 2, 3)] + [("center", 8)]
+)
+def test_val_every_image_exactly_once(train_images, mode, world):
+    index = _index(train_images[:7])
+    labels = []
+    for rank in range(world):
+        loader = _val_loader(index, mode, (48,), shard_id=rank, num_shards=world)
+        got = [y for _, y in loader.epoch(0)]
+        assert len(got) == len(loader)
+        labels += [label for y in got for label in y.tolist()]
+    assert sorted(labels) == list(range(7)), (world, labels)
 
 
-def test_val_shard_partitions():
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_val_shard_partitions(world):
     for n in (0, 1, 7, 50_000):
-        for world in (1, 2, 3, 8):
-            parts = [val_shard(n, shard_id=r, num_shards=world) for r in range(world)]
-            assert sum(len(p) for p in parts) == n
-            assert [i for p in parts for i in p] == list(range(n))
+        parts = [val_shard(n, shard_id=r, num_shards=world) for r in range(world)]
+        assert sum(len(p) for p in parts) == n
+        assert [i for p in parts for i in p] == list(range(n))
 
 
-def test_train_shards_equal_steps_and_disjoint():
+@pytest.mark.parametrize("world", [1, 2, 3, 5])  # 5 does not divide 12: ranks take 2, 2, 3, 2, 3 per step
+def test_train_shards_equal_steps_and_disjoint(world):
     n, batch = 103, 12
-    for world in (1, 2, 3, 5):  # 5 does not divide 12: ranks take 2, 2, 3, 2, 3 per step
-        shards = [
-            train_shard(n, global_batch=batch, shard_id=r, num_shards=world, seed=5, epoch=2)
-            for r in range(world)
-        ]
-        sizes = [batch * (r + 1) // world - batch * r // world for r in range(world)]
-        assert [len(s) for s in shards] == [(n // batch) * k for k in sizes]  # the same steps everywhere
-        flat = np.concatenate(shards)
-        assert len(set(flat.tolist())) == len(flat)  # disjoint, no repeats
-        # The global batch at step k is the same set whatever the world size.
-        step0 = sorted(np.concatenate([s[:k] for s, k in zip(shards, sizes, strict=True)]).tolist())
-        assert step0 == sorted(
-            train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=2)[:batch].tolist()
-        )
+    shards = [
+        train_shard(n, global_batch=batch, shard_id=r, num_shards=world, seed=5, epoch=2)
+        for r in range(world)
+    ]
+    sizes = [batch * (r + 1) // world - batch * r // world for r in range(world)]
+    assert [len(s) for s in shards] == [(n // batch) * k for k in sizes]  # the same steps everywhere
+    flat = np.concatenate(shards)
+    assert len(set(flat.tolist())) == len(flat)  # disjoint, no repeats
+    # The global batch at step k is the same set whatever the world size.
+    step0 = sorted(np.concatenate([s[:k] for s, k in zip(shards, sizes, strict=True)]).tolist())
+    assert step0 == sorted(
+        train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=2)[:batch].tolist()
+    )
+
+
+def test_train_shards_change_with_the_epoch_and_need_a_sample_per_worker():
+    n, batch = 103, 12
     assert not np.array_equal(
         train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=0),
         train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=1),
@@ -250,8 +231,8 @@ def _collect(loader, epoch):
 
 def test_train_paper_shapes_ranges_and_determinism(train_images):
     index = _index(train_images)
-    kwargs = dict(global_batch=8, shard_id=0, num_shards=1, device_id=None, seed=3, num_threads=2)
-    loader = build_train_loader(index, CFG, **kwargs)
+    kwargs = dict(global_batch=8, seed=3, num_threads=2)
+    loader = _train_loader(index, **kwargs)
     assert len(loader) == 3
     x0, y0 = _collect(loader, 0)
     assert x0.shape == (24, 3, 56, 56) and x0.dtype == torch.float32
@@ -260,7 +241,7 @@ def test_train_paper_shapes_ranges_and_determinism(train_images):
     lo = ((0 - MEAN) / STD).min() - 0.5
     hi = ((255 - MEAN) / STD).max() + 0.5
     assert lo < x0.min() and x0.max() < hi and x0.std() > 0.3
-    x0b, y0b = _collect(build_train_loader(index, CFG, **kwargs), 0)  # a fresh loader: resume replays
+    x0b, y0b = _collect(_train_loader(index, **kwargs), 0)  # a fresh loader: resume replays
     assert torch.equal(x0, x0b) and torch.equal(y0, y0b)
     x1, y1 = _collect(loader, 1)
     assert not torch.equal(y0, y1)  # new order
@@ -269,61 +250,38 @@ def test_train_paper_shapes_ranges_and_determinism(train_images):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_train_ranks_equal_steps_disjoint_labels(train_images, layouts, layout):
+@pytest.mark.parametrize("world", [2, 3])
+def test_train_ranks_equal_steps_disjoint_labels(train_images, layouts, layout, world):
     files = train_images[:22]  # 22 // 6 = 3 steps, 4 images dropped this epoch
-    for world in (2, 3):
-        seen = []
-        for rank in range(world):
-            loader = layouts(
-                layout,
-                files,
-                replace(CFG, augment="none"),
-                global_batch=6,
-                shard_id=rank,
-                num_shards=world,
-                device_id=None,
-                seed=0,
-                num_threads=1,
-            )
-            batches = list(loader.epoch(4))
-            assert len(batches) == len(loader) == 3
-            assert all(y.shape == (6 // world,) for _, y in batches)
-            seen += torch.cat([y for _, y in batches]).tolist()
-        assert len(seen) == len(set(seen)) == 18
+    seen = []
+    for rank in range(world):
+        loader = layouts(
+            layout, files, replace(CFG, augment="none"), global_batch=6, shard_id=rank, num_shards=world,
+            device_id=None, seed=0, num_threads=1,
+        )  # fmt: skip
+        batches = list(loader.epoch(4))
+        assert len(batches) == len(loader) == 3
+        assert all(y.shape == (6 // world,) for _, y in batches)
+        seen += torch.cat([y for _, y in batches]).tolist()
+    assert len(seen) == len(set(seen)) == 18
 
 
-@pytest.mark.parametrize("augment", ["inception", "none"])
-def test_train_other_augments(train_images, augment):
-    loader = build_train_loader(
-        _index(train_images[:8]),
-        replace(CFG, augment=augment),
-        global_batch=4,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        seed=0,
-        num_threads=1,
-    )
+# The other augmentations, and the paper's in channels_last fp16 (what a GPU run asks for).
+@pytest.mark.parametrize(
+    "augment, memory, dtype",
+    [
+        ("inception", {}, torch.float32),
+        ("none", {}, torch.float32),
+        ("paper", dict(channels_last=True, half=True), torch.float16),
+    ],
+    ids=["inception", "none", "paper-channels-last-half"],
+)
+def test_train_augments_and_memory_layouts(train_images, augment, memory, dtype):
+    loader = _train_loader(_index(train_images[:8]), replace(CFG, augment=augment), global_batch=4, **memory)
     for x, y in loader.epoch(0):
-        assert x.shape == (4, 3, 56, 56) and y.shape == (4,)
-
-
-def test_train_channels_last_and_half(train_images):
-    loader = build_train_loader(
-        _index(train_images[:8]),
-        CFG,
-        global_batch=4,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        seed=0,
-        num_threads=1,
-        channels_last=True,
-        half=True,
-    )
-    x, _ = next(iter(loader.epoch(0)))
-    assert x.shape == (4, 3, 56, 56) and x.dtype == torch.float16
-    assert x.is_contiguous(memory_format=torch.channels_last)
+        assert x.shape == (4, 3, 56, 56) and y.shape == (4,) and x.dtype == dtype
+        if memory:
+            assert x.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.fixture(scope="module")
@@ -349,16 +307,7 @@ def test_pca_lighting_is_alexnet_noise(grey_file, mean_root):
     must be eigvec @ (alpha * eigval) * 255 with alpha ~ N(0, pca_std)."""
     n, pca_std = 96, 0.1
     cfg = replace(CFG, normalize="mean", pca_std=pca_std, root=mean_root)
-    loader = build_train_loader(
-        _index([grey_file] * n, [0] * n),
-        cfg,
-        global_batch=32,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        seed=1,
-        num_threads=2,
-    )
+    loader = _train_loader(_index([grey_file] * n, [0] * n), cfg, global_batch=32, seed=1, num_threads=2)
     x, _ = _collect(loader, 0)
     assert x.std(dim=(2, 3)).max() < 1e-3  # one constant offset per image and channel
     offsets = x.mean(dim=(2, 3)) - (128 - torch.tensor(IMAGENET_MEAN))  # [n, 3]
@@ -367,16 +316,7 @@ def test_pca_lighting_is_alexnet_noise(grey_file, mean_root):
     assert alphas.abs().max() < 6 * pca_std
     assert 0.7 * pca_std < alphas.std() < 1.3 * pca_std
 
-    plain = build_train_loader(
-        _index([grey_file] * 8, [0] * 8),
-        replace(cfg, pca_std=0.0),
-        global_batch=8,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        seed=1,
-        num_threads=1,
-    )
+    plain = _train_loader(_index([grey_file] * 8, [0] * 8), replace(cfg, pca_std=0.0), global_batch=8, seed=1)
     xp, _ = _collect(plain, 0)
     torch.testing.assert_close(
         xp, torch.full_like(xp, 0) + (128 - torch.tensor(IMAGENET_MEAN)).view(1, 3, 1, 1)
@@ -390,21 +330,9 @@ def test_synthetic_dataset_end_to_end(tmp_path: Path):
 
     write_synthetic_imagenet(tmp_path / "d", classes=3, train_per_class=4, val_per_class=2, seed=0, workers=1)
     index = scan_imagenet(tmp_path / "d")
-    train = build_train_loader(
-        index, CFG, global_batch=4, shard_id=0, num_shards=1, device_id=None, seed=0, num_threads=1
-    )
+    train = _train_loader(index, global_batch=4)
     assert sum(y.numel() for _, y in train.epoch(0)) == 12
-    val = build_val_loader(
-        index,
-        CFG,
-        mode="center",
-        scales=(),
-        batch_size=4,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        num_threads=1,
-    )
+    val = _val_loader(index, "center", batch_size=4)
     assert sorted(torch.cat([y for _, y in val.epoch(0)]).tolist()) == [0, 0, 1, 1, 2, 2]
 
 
@@ -417,16 +345,7 @@ def test_paper_crop_covers_the_scaled_window(tmp_path, mean_root):
     path = tmp_path / "ramp.png"
     Image.fromarray(ramp.round().astype(np.uint8)).save(path)
     cfg = replace(CFG, normalize="mean", pca_std=0.0, root=mean_root)
-    loader = build_train_loader(
-        _index([str(path)] * 32, [0] * 32),
-        cfg,
-        global_batch=32,
-        shard_id=0,
-        num_shards=1,
-        device_id=None,
-        seed=0,
-        num_threads=2,
-    )
+    loader = _train_loader(_index([str(path)] * 32, [0] * 32), cfg, global_batch=32, num_threads=2)
     x, _ = _collect(loader, 0)
     red = x[:, 0] + IMAGENET_MEAN[0]  # back to 0-255
     span = (red[:, :, -1] - red[:, :, 0]).abs().mean(1)  # levels across the crop's width, per sample
@@ -446,14 +365,9 @@ def test_decode_failure_names_the_file(train_images, tmp_path, split):
     files = train_images[:5] + [str(bad)] + train_images[5:10]
     index = _index(files)
     if split == "train":
-        loader = build_train_loader(
-            index, CFG, global_batch=4, shard_id=0, num_shards=1, device_id=None, seed=0, num_threads=1
-        )
+        loader = _train_loader(index, global_batch=4)
     else:
-        loader = build_val_loader(
-            index, CFG, mode="center", scales=(64,), batch_size=4, shard_id=0, num_shards=1, device_id=None,
-            num_threads=1,
-        )  # fmt: skip
+        loader = _val_loader(index, "center", (64,), batch_size=4)
     with pytest.raises(RuntimeError, match=r"cannot decode .*bad\.JPEG .*data verify"):
         for _ in loader.epoch(0):
             pass

@@ -30,8 +30,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.report.runs import DPI, PANEL_SIZE_IN, RunData, load_run
 from pipeline.report.seeds import Spread, final_test_err, final_train_err, mean_curve
-from pipeline.report.single import DPI, PANEL_SIZE_IN, RunData, load_run
 from pipeline.store.rundir import RunDir
 
 ROLES = ("shallow", "constructed", "scratch", "continued")

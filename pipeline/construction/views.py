@@ -14,13 +14,13 @@ import wandb_workspaces.reports.v2 as wr
 
 from pipeline.construction.experiment import GROUP
 from pipeline.construction.report import ROLE_LABELS
-from pipeline.tracking.dashboard_views import (
+from pipeline.tracking.view_parts import (
     FULL_WIDTH,
-    _and,
-    _final_columns,
-    _group_filter,
-    _line,
-    _model_filter,
+    all_of,
+    final_columns,
+    group_filter,
+    line_plot,
+    model_filter,
     plain_and_residual_report,
 )
 
@@ -41,20 +41,20 @@ def construction_report(entity: str, project: str, group: str | None = None) -> 
                 entity=entity,
                 project=project,
                 name=f"{family}: {ROLE_LABELS[role]}",
-                filters=_and(
-                    _group_filter(group), _model_filter(plain), f"Tags() in ['construction-{role}']"
+                filters=all_of(
+                    group_filter(group), model_filter(plain), f"Tags() in ['construction-{role}']"
                 ),
                 groupby=["config.model.name"],
                 pinned_columns=[
                     "run:displayName",
                     "config:model.value.name",
                     "config:model.value.init_from",
-                    *_final_columns(("center", "test")),
+                    *final_columns(("center", "test")),
                 ],
             )  # fmt: skip
             for role in ("constructed", "scratch", "continued", "shallow")
         ]
-        plot = _line(
+        plot = line_plot(
             f"{family} networks: training error in eval mode (%)",
             ["train_eval/top1_err"],
             title_x="iterations (each run from step 0)",

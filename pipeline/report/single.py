@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.construction.report import build_construction_report
 from pipeline.report.paper import paper_eval, paper_result
 from pipeline.report.runs import DPI, PANEL_SIZE_IN, RunData, fetch_wandb_runs, load_run, number
 
@@ -210,9 +211,9 @@ def main(argv: list[str]) -> int:
     if not run_dirs:
         parser.error("give --runs RUN_DIR... and/or --wandb ENTITY/PROJECT")
     try:
+        # The command picks the kind: construction/ owns its report and reads runs through
+        # pipeline.report.runs, so this module is the only one that knows both.
         if args.kind == "construction":
-            from pipeline.construction.report import build_construction_report
-
             text = build_construction_report(run_dirs, args.out)
         else:
             text = build_report(run_dirs, args.out, x=args.x)

@@ -4,8 +4,10 @@
     python -m pipeline dashboard --entity my-team --project resnet-pipeline --kind training
     python -m pipeline dashboard --entity my-team --kind imagenet-tables --dry-run > report.json
 
-Kinds (``pipeline.tracking.dashboard_views``): ``training`` (a workspace view), ``degradation`` (the
-paper's Figure 6 as a report) and ``imagenet-tables`` (final errors vs the paper, a report).
+Kinds (``build_view``): ``training`` (a workspace view), ``degradation`` (the paper's Figure 6
+as a report) and ``imagenet-tables`` (final errors vs the paper, a report), all three from
+``pipeline.tracking.dashboard_views``; ``construction`` (the constructed solution's runs, a
+report) from ``pipeline.construction.views``.
 
 Online, the view is saved with ``wandb-workspaces``' own ``Workspace.save()`` /
 ``Report.save()`` (each call adds a new saved view or report) and its URL printed. With
@@ -45,6 +47,37 @@ _ENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _PROJECT = re.compile(r"[^/\\#?%:]+")
 # A group may hold anything tracking.group does, except quotes and backslashes.
 _GROUP = re.compile(r"[^'\"\\]+")
+
+
+# ---------------------------------------------------------------- the view of each kind
+
+
+def build_view(kind: str, entity: str, project: str, group: str | None = None) -> Any:
+    """The workspace or report of one of ``KINDS``, built without network.
+
+    Args:
+        kind: one of ``KINDS``.
+        entity: W&B user or team.
+        project: W&B project.
+        group: only runs of this W&B group; None: the kind's default.
+    """
+    # Imported here, not at the top: wandb-workspaces is an optional extra, and `main` says how
+    # to install it before anything needs it. The command owns this table, so the generic views
+    # and the construction's views need not import each other.
+    from pipeline.construction.views import construction_report
+    from pipeline.tracking.dashboard_views import (
+        degradation_report,
+        imagenet_tables_report,
+        training_workspace,
+    )
+
+    builders = {
+        "training": training_workspace,
+        "degradation": degradation_report,
+        "imagenet-tables": imagenet_tables_report,
+        "construction": construction_report,
+    }
+    return builders[kind](entity, project, group)
 
 
 # ---------------------------------------------------------------- keys a view names
@@ -273,9 +306,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
 
-    from pipeline.tracking.dashboard_views import build
-
-    view = build(args.kind, args.entity, args.project, args.group)
+    view = build_view(args.kind, args.entity, args.project, args.group)
     what = f"{args.kind} {'workspace' if args.kind == 'training' else 'report'}"
     data = payload(view)
     problems = unknown_keys(data["spec"])

@@ -1,6 +1,6 @@
 """The W&B dashboards of ``python -m pipeline dashboard``, as ``wandb-workspaces`` objects.
 
-    view = build("degradation", entity="my-team", project="resnet-pipeline", group="degradation-cifar10")
+    view = degradation_report(entity="my-team", project="resnet-pipeline", group="degradation-cifar10")
 
 - ``training``: a workspace (the project page's saved view) with error, loss, lr, throughput,
   data wait, epoch time, GPU memory, world size and global batch; runs grouped by W&B group
@@ -11,49 +11,30 @@
 - ``imagenet-tables``: a report with the runs' final 10-crop / multi-scale top-1 and top-5
   errors in the runs table, next to the paper's numbers (``pipeline.report.paper.PAPER_RESULTS``).
 
-Building needs no network; ``pipeline.tracking.dashboard`` serialises, checks every key against
-``pipeline.tracking.tracker``'s metric lists, and saves.
+The construction's report is built by ``pipeline.construction.views`` from the same parts
+(``pipeline.tracking.view_parts``). Building needs no network; ``pipeline.tracking.dashboard``
+picks the kind, serialises, checks every key against ``pipeline.tracking.tracker``'s metric
+lists, and saves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
-from pipeline.models.registry import REGISTRY
 from pipeline.report.paper import PAPER_RESULTS
-from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS
+from pipeline.tracking.view_parts import (
+    FULL_WIDTH,
+    STEP,
+    all_of,
+    final_columns,
+    group_filter,
+    line_plot,
+    model_filter,
+    plain_and_residual_report,
+)
 
 DEGRADATION_GROUP = "degradation-cifar10"  # what `make degradation` sets (mk/experiments.mk)
-STEP = "Step"  # W&B's step: the engine logs every row at the global iteration
-FULL_WIDTH = wr.Layout(x=0, y=0, w=24, h=10)
-
-
-def _m(name: str) -> str:
-    """A logged metric name; fails at build time on a name tracking does not know."""
-    if name not in LOGGED_METRICS:
-        raise KeyError(f"{name!r} is not a metric pipeline.tracking.tracker logs")
-    return name
-
-
-def _line(title: str, y: list[str], x: str = STEP, **options) -> wr.LinePlot:
-    return wr.LinePlot(title=title, x=x if x == STEP else _m(x), y=[_m(k) for k in y], **options)
-
-
-def _final_columns(modes: tuple[str, ...]) -> list[str]:
-    return [f"summary:{k}" for k in FINAL_SUMMARY_METRICS if k.split("/")[1] in modes]
-
-
-def _group_filter(group: str | None) -> str:
-    # The W&B group is tracking.group (pipeline.tracking.tracker passes it to wandb.init).
-    return "" if group is None else f"Metric('Group') in ['{group}']"
-
-
-def _and(*filters: str) -> str:
-    return " and ".join(f for f in filters if f)
 
 
 def training_workspace(entity: str, project: str, group: str | None = None) -> ws.Workspace:
@@ -70,10 +51,10 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
             name="Error (%)",
             is_open=True,
             panels=[
-                _line("top-1 error: train and val", ["train/top1_err", "val/top1_err"], x=epoch),
-                _line("top-5 error: train and val", ["train/top5_err", "val/top5_err"], x=epoch),
+                line_plot("top-1 error: train and val", ["train/top1_err", "val/top1_err"], x=epoch),
+                line_plot("top-5 error: train and val", ["train/top5_err", "val/top5_err"], x=epoch),
                 # The training images in eval mode (eval.train_eval; CIFAR-10 runs by default).
-                _line(
+                line_plot(
                     "training error in eval mode: top-1, top-5",
                     ["train_eval/top1_err", "train_eval/top5_err"],
                     x=epoch,
@@ -84,8 +65,8 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
             name="Loss",
             is_open=True,
             panels=[
-                _line("training loss (every logged step)", ["train/step_loss"]),
-                _line(
+                line_plot("training loss (every logged step)", ["train/step_loss"]),
+                line_plot(
                     "loss per epoch: train and val", ["train/loss", "train_eval/loss", "val/loss"], x=epoch
                 ),
             ],
@@ -94,20 +75,20 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
             name="Schedule and throughput",
             is_open=True,
             panels=[
-                _line("learning rate", ["lr"], log_y=True),
-                _line("images/s (global)", ["img_per_s"]),
+                line_plot("learning rate", ["lr"], log_y=True),
+                line_plot("images/s (global)", ["img_per_s"]),
                 # Above ~0.1 the input pipeline is the bottleneck (docs/wandb.md).
-                _line("data-wait fraction of the epoch", ["data_wait_frac"], x=epoch, range_y=(0, 1)),
-                _line("epoch time (s)", ["epoch_time_s"], x=epoch),
+                line_plot("data-wait fraction of the epoch", ["data_wait_frac"], x=epoch, range_y=(0, 1)),
+                line_plot("epoch time (s)", ["epoch_time_s"], x=epoch),
             ],
         ),
         ws.Section(
             name="Memory and scale",
             is_open=True,
             panels=[
-                _line("GPU memory, peak allocated (GiB; GPU runs)", ["gpu_mem_gb"], x=epoch),
-                _line("world size (runs that log it)", ["world_size"], x=epoch),
-                _line("global batch (runs that log it)", ["global_batch"], x=epoch),
+                line_plot("GPU memory, peak allocated (GiB; GPU runs)", ["gpu_mem_gb"], x=epoch),
+                line_plot("world size (runs that log it)", ["world_size"], x=epoch),
+                line_plot("global batch (runs that log it)", ["global_batch"], x=epoch),
             ],
         ),
     ]
@@ -117,7 +98,7 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
         "config:tracking.value.group",
         "config:derived.value.world_size",
         "config:optim.value.batch_size",
-        *_final_columns(("center", "tencrop", "multiscale", "test")),
+        *final_columns(("center", "tencrop", "multiscale", "test")),
     ]
     return ws.Workspace(
         entity=entity,
@@ -126,16 +107,11 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
         sections=sections,
         settings=ws.WorkspaceSettings(x_axis=STEP, max_runs=20),
         runset_settings=ws.RunsetSettings(
-            filters=_group_filter(group),
+            filters=group_filter(group),
             groupby=[] if group else [ws.Metric("Group")],
             pinned_columns=columns,
         ),
     )
-
-
-def _model_filter(plain: bool) -> str:
-    names = sorted(name for name, spec in REGISTRY.items() if spec.plain == plain)
-    return f"Config('model.value.name') in {names!r}"
 
 
 def degradation_report(entity: str, project: str, group: str | None = None) -> wr.Report:
@@ -153,16 +129,16 @@ def degradation_report(entity: str, project: str, group: str | None = None) -> w
             entity=entity,
             project=project,
             name=f"{family} networks",
-            filters=_and(_group_filter(group), _model_filter(plain)),
+            filters=all_of(group_filter(group), model_filter(plain)),
             # One line (and colour) per network; several seeds of it become their mean and band.
             groupby=["config.model.name"],
             pinned_columns=[
                 "run:displayName",
                 "config:model.value.name",
-                *_final_columns(("center", "test")),
+                *final_columns(("center", "test")),
             ],
         )
-        plot = _line(
+        plot = line_plot(
             f"{family} networks: training and test error (%)",
             ["train/top1_err", "val/top1_err"],
             range_y=(0, 20),  # the paper's y-range
@@ -187,27 +163,6 @@ def degradation_report(entity: str, project: str, group: str | None = None) -> w
         entity, project, f"Degradation: plain vs residual ({group})", "The paper's Figure 6 from this project's runs.",
         intro, grid,
     )  # fmt: skip
-
-
-def plain_and_residual_report(
-    entity: str, project: str, title: str, description: str, intro: str, grid: Callable[..., Any]
-) -> wr.Report:
-    """A report of the intro, then ``grid("plain", plain=True)`` and ``grid("residual", plain=False)``
-    under their headings: the paper's figures put plain and residual networks side by side."""
-    return wr.Report(
-        entity=entity,
-        project=project,
-        title=title,
-        description=description,
-        width="fluid",
-        blocks=[
-            wr.MarkdownBlock(text=intro),
-            wr.H2(text="Plain networks"),
-            grid("plain", plain=True),
-            wr.H2(text="Residual networks"),
-            grid("residual", plain=False),
-        ],
-    )
 
 
 def paper_table() -> str:
@@ -235,12 +190,12 @@ def imagenet_tables_report(entity: str, project: str, group: str | None = None) 
         entity=entity,
         project=project,
         name=f"ImageNet runs ({group})" if group else "ImageNet runs",
-        filters=_and(_group_filter(group), "Config('data.value.dataset') in ['imagenet']"),
+        filters=all_of(group_filter(group), "Config('data.value.dataset') in ['imagenet']"),
         pinned_columns=[
             "run:displayName",
             "config:model.value.name",
             "config:model.value.shortcut",
-            *_final_columns(("tencrop", "multiscale")),
+            *final_columns(("tencrop", "multiscale")),
         ],
         lock_columns=True,
     )
@@ -264,17 +219,3 @@ def imagenet_tables_report(entity: str, project: str, group: str | None = None) 
             wr.MarkdownBlock(text=paper_table()),
         ],
     )
-
-
-def build(kind: str, entity: str, project: str, group: str | None = None) -> ws.Workspace | wr.Report:
-    """The dashboard of one kind (``pipeline.tracking.dashboard.KINDS``)."""
-    builders = {
-        "training": training_workspace,
-        "degradation": degradation_report,
-        "imagenet-tables": imagenet_tables_report,
-    }
-    if kind == "construction":  # make construction's report, beside the degradation one
-        from pipeline.construction.views import construction_report
-
-        return construction_report(entity, project, group)
-    return builders[kind](entity, project, group)

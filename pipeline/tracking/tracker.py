@@ -41,7 +41,7 @@ INIT_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 
 # ---- Every metric name the pipeline logs, in one place: `define_metrics` declares them to W&B,
-# the dashboards (pipeline/tracking/dashboard_views.py) chart only these, and tests/test_dashboard.py checks
+# the dashboards (pipeline/tracking/view_parts.py) chart only these, and tests/test_dashboard.py checks
 # the keys a real engine run logs against them, so a renamed metric cannot leave an empty panel.
 
 # The x-axes in the engine's rows: `epoch` (fractional in step rows) and `step` (= wandb's step).

@@ -1,0 +1,112 @@
+"""The cluster launcher templates (cluster/aws, cluster/gcp) hold what they promise, checked
+without a cloud.
+
+- They validate against the cluster-config schema Ray 2.60 ships (``ray/autoscaler/ray-schema.json``)
+  and Ray's own ``validate_config``.
+- GPU nodes run the project's image at pyproject's version, with a large /dev/shm and shared
+  storage; they scale to zero when idle.
+- Security: token auth, the dashboard on loopback only, no secret in a file.
+- AWS GPU nodes get EFA interfaces in a form Ray's own AWS bootstrap accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from cluster_files import CLUSTER, LAUNCHER_YAMLS, PROJECT_IMAGE, pyproject, rel
+from ray.autoscaler._private.util import validate_config
+
+
+def test_there_are_launcher_templates_for_aws_and_gcp():
+    assert {p.parent.name for p in LAUNCHER_YAMLS} == {"aws", "gcp"}
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_launcher_yaml_validates_against_rays_schema(path):
+    config = yaml.safe_load(path.read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(config)  # Ray's extra checks: head type listed, min_workers within max_workers
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_launcher_yaml_gpu_nodes_storage_and_pins(path):
+    config = yaml.safe_load(path.read_text())
+    docker = config["docker"]
+    # Head and workers run the project's image at this version: nothing to install at setup.
+    version = pyproject()["project"]["version"]
+    for image in (docker["image"], docker["head_image"]):
+        match = PROJECT_IMAGE.match(image)
+        assert match and match["tag"] == version, image
+    assert not config["setup_commands"], config["setup_commands"]
+    # The nodes log in to the image's registry before Docker pulls it.
+    registry = PROJECT_IMAGE.match(docker["image"])["registry"].split("/")[0]
+    assert any(registry in c for c in config["initialization_commands"]), registry
+    gpu_types = {k: v for k, v in config["available_node_types"].items() if v["resources"].get("GPU")}
+    assert gpu_types and all(v["resources"]["GPU"] == 8 for v in gpu_types.values())
+    assert config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert 1 <= max(v.get("max_workers", 0) for v in gpu_types.values()) <= config["max_workers"]
+    assert all(v.get("min_workers", 0) == 0 for v in gpu_types.values())  # scale to zero when idle
+    # A large /dev/shm for DALI and NCCL on the GPU nodes (Docker's default is 64 MB).
+    shm = [o for o in docker["worker_run_options"] if o.startswith("--shm-size=")]
+    assert shm and int(re.match(r"--shm-size=(\d+)g", shm[0]).group(1)) >= 64
+    # Shared storage mounted on the host and handed to the containers.
+    host_mounts = " ".join(config["initialization_commands"])
+    assert "mount -t lustre" in host_mounts or "mount -t nfs" in host_mounts
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_launcher_yaml_keeps_token_auth_and_a_loopback_dashboard(path):
+    config = yaml.safe_load(path.read_text())
+    text = path.read_text()
+    run_options = config["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in run_options
+    assert any(o.startswith("-e RAY_AUTH_TOKEN_PATH=") for o in run_options)
+    token_path = next(o for o in run_options if o.startswith("-e RAY_AUTH_TOKEN_PATH=")).split("=", 1)[1]
+    assert any(o.endswith(":ro") and Path(token_path).parent.as_posix() in o for o in run_options)
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in text
+    # No firewall rules in the templates (AWS's security group, which you create per
+    # cluster/README.md, opens SSH only to the outside); nothing here adds dashboard/GCS rules.
+    assert "security_group" not in config["provider"]
+    # Secrets are fetched into files at boot, never written into the template.
+    init = " ".join(config["initialization_commands"])
+    assert "ray_auth_token" in init and "umask 077" in init
+    assert not re.search(r"WANDB_API_KEY\s*[:=]\s*['\"]?[0-9a-f]{20,}", text)
+    assert "RAY_AUTH_TOKEN=" not in text  # the token travels as a file, not in a command line
+
+
+def test_aws_gpu_nodes_get_efa_in_a_form_rays_bootstrap_accepts():
+    from ray.autoscaler._private.aws.config import _configure_subnets_and_groups_from_network_interfaces
+
+    config = yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
+    efa_devices = {"p4d.24xlarge": 4, "p5.48xlarge": 32}  # one per network card
+    for node_type in config["available_node_types"].values():
+        node = node_type["node_config"]
+        if node["InstanceType"] not in efa_devices:
+            continue
+        nics = node["NetworkInterfaces"]
+        efa = [n for n in nics if n["InterfaceType"] in ("efa", "efa-only")]
+        assert len(efa) == efa_devices[node["InstanceType"]], node["InstanceType"]
+        assert len({(n["NetworkCardIndex"], n["DeviceIndex"]) for n in nics}) == len(nics)
+        # The primary interface carries IP traffic; an EFA-only one cannot be primary.
+        (primary,) = [n for n in nics if (n["NetworkCardIndex"], n["DeviceIndex"]) == (0, 0)]
+        assert primary["InterfaceType"] in ("interface", "efa")
+        assert node["Placement"]["GroupName"]  # a cluster placement group
+        # Ray moves subnets and groups from the interfaces to the node (and refuses duplicates).
+        done = _configure_subnets_and_groups_from_network_interfaces(node)
+        assert done["SubnetIds"] and done["SecurityGroupIds"]
+    # The head shares the workers' security group and subnet, so it reaches them.
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    assert head["SecurityGroupIds"] and head["SubnetIds"]
+    # In the container: the EFA devices and libfabric told to use them.
+    worker_options = config["docker"]["worker_run_options"]
+    assert "--device=/dev/infiniband" in worker_options
+    assert "-e FI_PROVIDER=efa" in worker_options
