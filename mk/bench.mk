@@ -1,4 +1,4 @@
-# Throughput benchmarks (issue 9). Included by the top Makefile (which defines PY and STAMP).
+# Throughput benchmarks. Included by the top Makefile (which defines PY and STAMP).
 #
 #   make bench                  # loader, model, ray and engine benches on generated data -> bench-results/
 #   make bench-loader           # one of them (bench-model, bench-ray likewise), then `make bench-table`
@@ -11,16 +11,16 @@
 
 BENCH_DATA := data/synth-bench
 BENCH_OUT ?= bench-results
-# The GPU count decides the model bench's default: the issue's ResNet-50 bf16 channels_last run at
-# batch 256 on CUDA; on CPU a batch small enough for two cores, fp32 only (this CPU has no native
-# bf16: `--variants bf16-cl` runs, emulated, about 10x slower).
+# The GPU count decides the model bench's default: on CUDA the ResNet-50 bf16 channels_last run at
+# batch 256 whose figure docs/benchmarks.md asks for; on CPU a batch small enough for two cores,
+# fp32 only (this CPU has no native bf16: `--variants bf16-cl` runs, emulated, about 10x slower).
 BENCH_GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 BENCH_LOADER_ARGS ?=
 BENCH_MODEL_ARGS ?= $(if $(filter-out 0,$(BENCH_GPUS)),\
 	--model resnet50_v1_5 --batch-size 256 --steps 30 --warmup 10 --variants bf16-cl$(comma)bf16-cl-compile$(comma)fp32-cl,\
 	--model resnet50_v1_5 --batch-size 8 --steps 20 --warmup 2 --variants fp32$(comma)fp32-cl)
 BENCH_RAY_ARGS ?= --global-batch 48 --max-worker-batch 8
-# The training loop against the commit before the GPU-step changes (issue 16): it must not be slower.
+# The training loop against the commit before the GPU-step changes: it must not be slower.
 BENCH_ENGINE_ARGS ?= --baseline b9c611b
 comma := ,
 

@@ -1,4 +1,4 @@
-# The node-loss drill (issue 13): a cluster with no shared filesystem on this one machine.
+# The node-loss drill: a cluster with no shared filesystem on this one machine.
 # Included by the top Makefile (which defines PY and STAMP). Needs root (a mount namespace per node).
 #
 #   make drill                      # the demo config, cifar_resnet20, 20 epochs on 128 images: ~4 min on 2 cores

@@ -1,4 +1,4 @@
-"""Config loading, overrides, bases, and every error the issue names."""
+"""Config loading, overrides, bases, and the error each kind of bad config gets."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Elastic runs shrink quickly after a node loss: ``cluster.restart_timeout_s`` and
-``pipeline.driver.elastic`` (issue 27 item 7), without a cluster.
+``pipeline.driver.elastic``, without a cluster.
 
 The key is checked at load; ``BoundedRestart`` lowers the start timeout once a worker group has
 run; ``ElasticFailurePolicy`` does not charge a start that timed out asking for more than

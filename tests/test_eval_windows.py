@@ -43,7 +43,7 @@ def test_reference_arithmetic_is_torchvisions():
     """The integer rules, checked against torchvision's own transforms on index-tagged tensors."""
     from torchvision import transforms as T
 
-    assert resized_size(375, 500, 256) == (256, 341) and center_offset(117) == 58  # the issue's case
+    assert resized_size(375, 500, 256) == (256, 341) and center_offset(117) == 58  # a 500 x 375 image
     assert resized_size(427, 640, 256) == (256, 383)  # 383.6: truncated, where rounding gives 384
     for h, w in [(375, 500), (500, 375), (427, 640), (333, 500), (256, 256), (300, 301), (299, 257)]:
         resized = T.Resize(256)(torch.zeros(1, h, w))

@@ -1,4 +1,4 @@
-"""``make gpu-check`` and ``make gpu-bundle`` on a machine without a GPU (issue 29).
+"""``make gpu-check`` and ``make gpu-bundle`` on a machine without a GPU.
 
 The real command runs its CPU parts and skips the GPU ones with exit 3; a failing check makes
 it exit 1; the bundle's split, reassembly and checksums are checked on a small payload; and the

@@ -66,7 +66,7 @@ def blocks_of(model: nn.Module) -> list[BasicBlock | Bottleneck]:
 # ---------------------------------------------------------------- registry and options
 
 
-def test_registry_holds_the_issue_names_in_order() -> None:
+def test_registry_holds_every_model_name_in_order() -> None:
     expected = (
         "resnet18 resnet34 resnet50 resnet101 resnet152 resnet18_a resnet34_a resnet34_c resnet50_v1_5 "
         "plain18 plain34 cifar_resnet20 cifar_resnet32 cifar_resnet44 cifar_resnet56 cifar_resnet110 "
