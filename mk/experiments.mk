@@ -36,7 +36,7 @@ DEGRADATION_REPORT ?= runs/degradation-report
 # Group first so that DEGRADATION_ARGS / ARGS can still rename it.
 DEGRADATION_OVERRIDES = data.root=$(DEGRADATION_DATA) tracking.group=degradation-cifar10 $(DEGRADATION_ARGS) $(ARGS)
 
-# Prints each config's run folder exactly as the engine resolves it (name, storage path and
+# Prints each config's run folder exactly as training resolves it (name, storage path and
 # overrides included), so the report finds the runs wherever they went.
 define _DEGRADATION_RUN_DIRS_PY
 import sys

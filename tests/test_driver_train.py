@@ -21,7 +21,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_single_process_engine_writes_run_dir(tiny_imagenet, tmp_path):
+def test_single_process_training_writes_run_dir(tiny_imagenet, tmp_path):
     from pipeline.train.loop import train_worker
 
     cfg = load_config(

@@ -15,7 +15,7 @@ import wandb_workspaces.reports.v2 as wr
 from pipeline.models.registry import REGISTRY
 from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS
 
-STEP = "Step"  # W&B's step: the engine logs every row at the global iteration
+STEP = "Step"  # W&B's step: the training loop logs every row at the global iteration
 FULL_WIDTH = wr.Layout(x=0, y=0, w=24, h=10)
 
 
