@@ -16,9 +16,9 @@ unless the config says ``disabled``, so ``WANDB_MODE=online make demo`` needs no
   ``wandb sync`` (docs/wandb.md).
 - ``disabled``: wandb is not imported and nothing is written.
 
-Every rank other than 0 gets a no-op tracker that never imports wandb. The run id is kept in
-the checkpoint by the engine and passed back on restart, so a resumed run (``resume="allow"``)
-continues the same W&B run.
+Every rank other than 0 gets a no-op tracker that never imports wandb. The training loop keeps
+the run id in the checkpoint and passes it back on restart, so a resumed run
+(``resume="allow"``) continues the same W&B run.
 
 The API key is only ever read by wandb itself from the environment or netrc; it is never
 passed in, logged, or written to the run config.
@@ -42,13 +42,13 @@ FINISH_TIMEOUT_S = 120.0
 
 # ---- Every metric name the pipeline logs, in one place: `define_metrics` declares them to W&B,
 # the dashboards (pipeline/tracking/view_parts.py) chart only these, and tests/test_dashboard.py checks
-# the keys a real engine run logs against them, so a renamed metric cannot leave an empty panel.
+# the keys a real training run logs against them, so a renamed metric cannot leave an empty panel.
 
-# The x-axes in the engine's rows: `epoch` (fractional in step rows) and `step` (= wandb's step).
+# The x-axes in the training loop's rows: `epoch` (fractional in step rows) and `step` (= wandb's step).
 AXIS_METRICS = ("epoch", "step")
 # Logged every tracking.log_every_n_steps iterations (epoch rows carry lr and img_per_s too) and
-# charted against wandb's step, which the engine sets to the global iteration (the x-axis of the
-# paper's Figures 4 and 6).
+# charted against wandb's step, which the training loop sets to the global iteration (the x-axis
+# of the paper's Figures 4 and 6).
 STEP_METRICS = ("train/step_loss", "lr", "img_per_s")
 # Logged once per epoch and charted against `epoch` (val/ ones only in epochs that validate).
 EPOCH_METRICS = (
@@ -58,7 +58,7 @@ EPOCH_METRICS = (
     "val/loss",
     "val/top1_err",
     "val/top5_err",
-    "train_eval/loss",  # the training images in eval mode (eval.train_eval; pipeline.train_error)
+    "train_eval/loss",  # the training images in eval mode: the train-eval pass (eval.train_eval)
     "train_eval/top1_err",
     "train_eval/top5_err",
     "epoch_time_s",
@@ -67,8 +67,9 @@ EPOCH_METRICS = (
     "world_size",
     "global_batch",
 )
-# Not in every run: gpu_mem_gb on GPU workers only; world_size and global_batch once the engine
-# records them in its epoch rows (until then the dashboards' panels for them stay empty).
+# Not in every run: gpu_mem_gb on GPU workers only; train_eval/* only with eval.train_eval on;
+# world_size and global_batch are in every epoch row of today's runs, but not in runs logged by
+# older versions (the dashboards' panels for them say "runs that log it").
 OPTIONAL_METRICS = (
     "gpu_mem_gb", "world_size", "global_batch", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
 )  # fmt: skip
@@ -335,7 +336,7 @@ def _quiet_teardown(wandb: Any) -> None:
 
 def define_metrics(run: Any) -> None:
     run.define_metric("epoch")
-    # The engine logs `step` in epoch rows too; it equals wandb's own step, so hide its chart.
+    # The training loop logs `step` in epoch rows too; it equals wandb's own step, so hide its chart.
     run.define_metric("step", hidden=True)
     # One call per metric with all its options: later calls for the same name are separate
     # records in the run file, so keep each definition whole.
