@@ -30,10 +30,11 @@ from pipeline.config import Config, config_from_dict, requested_gpu
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import all_reduce_sum, broadcast_buffers, finish, init_context
 from pipeline.train.evaluate import evaluate, topk_correct
+from pipeline.train.init_from import load_initial_weights
 from pipeline.train.outputs import RunOutputs
 from pipeline.train.precision import autocast
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
-from pipeline.train.setup import Run, setup_run
+from pipeline.train.setup import Run, TrainingProgress, setup_run
 from pipeline.train.train_eval import train_set_metrics
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
@@ -147,8 +148,8 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 
 def train_one_epoch(
-    run: Run, epoch: int, progress: ckpt.TrainingProgress, out: RunOutputs
-) -> tuple[dict[str, float], ckpt.TrainingProgress]:
+    run: Run, epoch: int, progress: TrainingProgress, out: RunOutputs
+) -> tuple[dict[str, float], TrainingProgress]:
     """One pass over this rank's shard (the rest of it, when ``progress.step`` lies inside
     ``epoch``); logs step metrics to ``out`` and saves the mid-epoch checkpoints on the way.
 
@@ -230,8 +231,8 @@ def validate(run: Run, batches: Any, mode: str) -> dict[str, float]:
 
 
 def validate_epoch(
-    run: Run, epoch: int, progress: ckpt.TrainingProgress
-) -> tuple[dict[str, float], ckpt.TrainingProgress]:
+    run: Run, epoch: int, progress: TrainingProgress
+) -> tuple[dict[str, float], TrainingProgress]:
     """The epoch's validation and what it decides: the plateau schedule's next step, the best error."""
     cfg = run.cfg
     val = validate(run, run.data.make_val(cfg.eval.mode).epoch(epoch), cfg.eval.mode)
@@ -259,6 +260,9 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     run = setup_run(cfg, ctx)
     d = run.derived
     progress = ckpt.restore(run)
+    if progress is None:  # a fresh run: step 0, from model.init_from's weights when it is set
+        load_initial_weights(run.network, cfg, is_main=ctx.is_main)
+        progress = TrainingProgress()
     out = RunOutputs.open(run, progress)
     progress = dataclasses.replace(progress, wandb_run_id=out.tracker.run_id)
     img_per_s, last_checkpoint = [], None

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import Config, Derived, to_dict
 from pipeline.store.locations import copy_folder_to, is_uri, join
 from pipeline.store.rundir import RunDir
-from pipeline.train.checkpoint import TrainingProgress
 
 if TYPE_CHECKING:
-    from pipeline.train.setup import Run
+    from pipeline.train.setup import Run, TrainingProgress
 
 
 def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) -> str:

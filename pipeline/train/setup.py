@@ -21,6 +21,7 @@ from pipeline.data.source import Data, check_num_classes, open_dataset
 from pipeline.host import usable_cpus
 from pipeline.store.rundir import run_location
 from pipeline.train.distributed import DistContext, wrap_model
+from pipeline.train.schedule import ScheduleState
 
 
 @dataclass
@@ -36,6 +37,21 @@ class Run:
     model: nn.Module  # what trains: DDP-wrapped, channels_last, compiled as configured
     optimizer: torch.optim.SGD
     scaler: torch.amp.GradScaler
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where the run stands: what the loop carries from step to step, restored from and written
+    into every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_val_top1_err: float = float("inf")
+    schedule: ScheduleState = ScheduleState()
+    wandb_run_id: str | None = None
+    # Mid-epoch only: (loss x n, top-1 hits, top-5 hits, n) of the epoch so far, summed over ranks,
+    # so a resumed epoch reports the same training metrics as an uninterrupted one.
+    epoch_sums: tuple[float, ...] = ()
 
 
 def seed_everything(seed: int) -> None:
