@@ -36,7 +36,8 @@ from pipeline.data.dali_pipeline import (
     lighting_means,
 )
 from pipeline.data.layout import ImageFolderIndex
-from pipeline.data.sharding import Loader, augmentation_seed, rank_slice, train_shard, val_shard
+from pipeline.data.loaders import Loader
+from pipeline.data.sharding import augmentation_seed, rank_slice, train_shard, val_shard
 from pipeline.data.stats import pipeline_means
 from pipeline.host import usable_cpus
 

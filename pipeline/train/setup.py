@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, Derived, derive
-from pipeline.data.source import Data, check_num_classes, open_dataset
+from pipeline.data.loaders import Data
+from pipeline.data.source import check_num_classes, open_dataset
 from pipeline.host import usable_cpus
 from pipeline.store.rundir import run_location
 from pipeline.train.distributed import DistContext, wrap_model
