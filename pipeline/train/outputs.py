@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, Derived, to_dict
+from pipeline.config import Config, to_dict
 from pipeline.store.locations import copy_folder_to, is_uri, join
 from pipeline.store.rundir import RunDir
+from pipeline.train.derived import Derived
 
 if TYPE_CHECKING:
     from pipeline.train.setup import Run, TrainingProgress

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import Config, Derived, derive
+from pipeline.config import Config
 from pipeline.data.loaders import Data
 from pipeline.data.source import check_num_classes, open_dataset
 from pipeline.host import usable_cpus
 from pipeline.store.rundir import run_location
+from pipeline.train.derived import Derived, derive
 from pipeline.train.distributed import DistContext, wrap_model
 from pipeline.train.schedule import ScheduleState
 
