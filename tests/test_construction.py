@@ -253,7 +253,7 @@ def test_init_from_that_is_missing_or_does_not_fit_stops_before_training(tmp_pat
 
 
 def test_train_eval_is_on_for_cifar_and_off_for_imagenet_unless_set():
-    from pipeline.train.train_eval import train_eval_on
+    from pipeline.train.evaluate import train_eval_on
 
     assert train_eval_on(load_config("configs/cifar10/resnet20.yaml"))
     assert not train_eval_on(load_config("configs/cifar10/resnet20.yaml", ["eval.train_eval=false"]))

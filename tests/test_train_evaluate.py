@@ -118,3 +118,37 @@ def test_eval_command_writes_json(trained, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "no checkpoint state here" in bad.stderr
+
+
+def test_eval_loaders_are_built_once_per_run_and_mode(tiny_imagenet, tmp_path, monkeypatch):
+    """Three validated epochs, each also scoring the training images in eval mode, and a final
+    evaluation in the same mode: one validation pipeline and one train-eval pipeline in all, each
+    scoring every image of its set at every pass."""
+    import pipeline.data.dali_pipeline
+    import pipeline.data.imagenet
+    from pipeline.train.loop import train_worker
+
+    builds: list[str] = []
+    original = pipeline.data.dali_pipeline.build_val_pipeline
+
+    def counted(mode, files, *args, **kwargs):
+        builds.append(mode)
+        return original(mode, files, *args, **kwargs)
+
+    # imagenet.py holds its own reference to the builder; the sharded feed imports it when called.
+    monkeypatch.setattr(pipeline.data.imagenet, "build_val_pipeline", counted)
+    monkeypatch.setattr(pipeline.data.dali_pipeline, "build_val_pipeline", counted)
+    overrides = tiny_overrides(tiny_imagenet, tmp_path, "builds") + [
+        "cluster.num_workers=1",
+        "model.name=cifar_resnet20",
+        "optim.batch_size=64",  # 2 steps per epoch
+        "schedule.epochs=3",
+        "eval.final_mode=center",
+        "eval.train_eval=true",
+        "tracking.mode=disabled",
+    ]
+    summary = train_worker(to_dict(load_config(None, overrides)))
+    assert builds == ["center", "center"], f"{len(builds)} builds"  # validation, then the training images
+    assert summary["val_images"] == 16
+    records = [json.loads(line) for line in (tmp_path / "builds" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all("val/top1_err" in r and "train_eval/top1_err" in r for r in records)

@@ -11,9 +11,10 @@ Training: one pipeline per run, fed by ``_TrainFeed``, which walks epoch after e
 this rank's slice of each global batch (``pipeline.data.sharding``) with the augmentation
 parameters of each sample drawn from (seed, epoch, step) for the whole global batch. A resumed
 run (any step, any world size) asks for ``epoch(e, start=k)`` and gets what an uninterrupted
-run would have seen. Validation: one pipeline per mode, built at the first pass and reused;
+run would have seen. Validation: a loader builds its pipeline at its first pass and reuses it for
+every later pass (the training loop keeps one loader per set and mode for the whole run);
 padded samples (the reader repeats one to fill the last batch) never leave this module, so
-summing over ranks scores each image exactly once.
+summing over ranks scores each image exactly once, in every pass.
 """
 
 from __future__ import annotations
@@ -404,7 +405,9 @@ class _ValLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if self._it is None:
-            # The iterator prefetches on construction; auto_reset readies it for the next pass.
+            # The iterator prefetches on construction. At the end of a pass, auto_reset calls its
+            # reset(), and with the reader's padded last batch (cut here by PARTIAL) the next pass
+            # starts again at the shard's first image.
             self._it = DALIGenericIterator(
                 self._pipe,
                 ["images", "labels"],
