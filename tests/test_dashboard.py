@@ -1,6 +1,6 @@
-"""``python -m pipeline dashboard``: every view names only keys the engine really logs, and saving.
+"""``python -m pipeline dashboard``: every view names only keys the training loop really logs, and saving.
 
-The engine's logged keys are read back from a real one-epoch run's offline ``.wandb`` file.
+The training loop's logged keys are read back from a real one-epoch run's offline ``.wandb`` file.
 Saving runs against a local stand-in for the W&B GraphQL server (no network here), which
 records the ``upsertView`` request so that it can be compared with the ``--dry-run`` output.
 """
@@ -50,7 +50,7 @@ def _isolated_wandb_env(home: Path) -> dict[str, str]:
     return env
 
 
-# ---------------------------------------------------------------- the engine logs the list
+# ---------------------------------------------------------------- the training loop logs the list
 
 
 @pytest.mark.slow

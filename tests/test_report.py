@@ -27,7 +27,7 @@ def write_run(
     shortcut: str | None = None,
     val_split: int = 0,
 ) -> Path:
-    """A run directory as the engine writes it: config.yaml, metrics.jsonl, summary.json."""
+    """A run directory as the training loop writes it: config.yaml, metrics.jsonl, summary.json."""
     run = root / name
     run.mkdir(parents=True)
     config = {

@@ -26,7 +26,7 @@ def seed_run(
     val_split: int = 0,
     seed: int = 0,
 ) -> Path:
-    """A run folder as the engine writes it, with the given per-epoch training and validation errors."""
+    """A run folder as the training loop writes it, with the given training and validation errors."""
     run = root / name
     run.mkdir(parents=True)
     config = {

@@ -5,7 +5,7 @@
     python -m pipeline bench model --model cifar_resnet20 --input-size 32 --batch-size 4 --steps 2 --json
 
 A training step is forward, cross-entropy, backward and an SGD step (momentum 0.9, weight
-decay 1e-4, as the engine runs it) on a fixed random batch already on the device, so the
+decay 1e-4, as the training loop runs it) on a fixed random batch already on the device, so the
 figure is the network's speed with no data loading. An eval step is the paper's 10-crop test:
 ``eval-batch-size`` images x 10 crops forward, softmax, averaged over the crops.
 

@@ -19,7 +19,7 @@ throughput(1 worker)): weak scaling, the per-worker batch stays fixed, each work
 CPU and one torch thread, so on a 2-core machine 1.0 means the all-reduce is free.
 
 With ``--global-batch G`` it also runs the recipe's case, strong scaling: the global batch
-stays G over 1, 2 and 3 workers (split as the engine splits it, each rank's loss weighted by
+stays G over 1, 2 and 3 workers (split as the training loop splits it, each rank's loss weighted by
 its share), once as it comes and once with ``--max-worker-batch`` (gradient accumulation over
 micro-batches, DDP's ``no_sync`` before the last). Each worker still has one CPU, so on a
 2-core machine 3 workers share 2 cores.
@@ -93,7 +93,7 @@ def loop_config(
 
 
 def _step_run(model: Any, optimizer: Any, micro: int, world: int, global_batch: int) -> Any:
-    """What the engine's ``train_step`` reads of a ``Run``, for a bare model and optimizer."""
+    """What the training loop's ``train_step`` reads of a ``Run``, for a bare model and optimizer."""
     from types import SimpleNamespace
 
     import torch
@@ -127,12 +127,12 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     model = create_model(config["model"], num_classes=config["num_classes"])
-    ctx = init_context(under_ray, use_gpu=False)  # the engine's context: rank and world from Ray Train
+    ctx = init_context(under_ray, use_gpu=False)  # the training loop's context: rank and world from Ray Train
     world = ctx.world_size
     model = wrap_model(model, ctx)  # DDP (Ray's prepare_model under Ray) when world > 1
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     global_batch = config.get("global_batch") or 0
-    if global_batch:  # the engine's split: this rank's share, in micro-batches weighted by their size
+    if global_batch:  # the training loop's split: this rank's share, in micro-batches weighted by their size
         from pipeline.data.sharding import rank_slice
         from pipeline.train.derived import accumulation
 
@@ -150,7 +150,7 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
     for i in range(config["warmup"] + config["steps"]):
         if i == config["warmup"]:
             timed_start = time.perf_counter()
-        train_step(run, x, y)  # the engine's step: micro-batches, each rank's share weighted
+        train_step(run, x, y)  # the training loop's step: micro-batches, each rank's share weighted
         if i == 0:
             first_step_time = time.time()
     timed = time.perf_counter() - timed_start

@@ -1,7 +1,7 @@
 """The steps ``bench model`` times: one training step, one 10-crop evaluation step, on fixed batches.
 
 The batch is random and already on the device, so the figure is the network's speed with no
-data loading; the optimizer is the engine's (SGD, momentum 0.9, weight decay 1e-4).
+data loading; the optimizer is the training loop's (SGD, momentum 0.9, weight decay 1e-4).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def make_train_step(
     )
     y = torch.randint(num_classes, (batch_size,), generator=gen).to(device)
     # A small lr keeps weights finite on random labels (the arithmetic is the same for any lr);
-    # momentum and weight decay as the paper, so the optimizer does the engine's work.
+    # momentum and weight decay as the paper, so the optimizer does the training loop's work.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
     def step() -> None:

@@ -6,14 +6,14 @@
 
 Each (config, seed) is one trial, named ``<config name>-seed<k>``: that is its ``name`` (so its
 run folder ``<checkpoint.storage_path>/<name>/`` and its W&B run), and it runs with ``seed=k``.
-All trials share the configs' W&B group. A trial is the engine's ``train_worker`` in the trial's
+All trials share the configs' W&B group. A trial is the training loop's ``train_worker`` in the trial's
 own process (``under_ray=False``: one process, one GPU or the CPUs Tune gave it), so Tune only
 schedules: as many trials at once as the cluster's resources allow (``--max-concurrent`` caps
 it). Without GPUs a trial asks for every CPU of this machine by default, so on a laptop the
 trials run one after another, each with the whole machine (``--cpus-per-trial`` to share).
 
 Resuming: a trial whose run folder holds ``summary.json`` is finished and is not started again;
-any other trial starts, and the engine resumes a run of the same name and storage path from
+any other trial starts, and the training loop resumes a run of the same name and storage path from
 its newest checkpoint, so re-running the same command after an interruption finishes only
 what is missing. A failed trial is retried ``cluster.max_failures`` times, from its checkpoint.
 """
@@ -30,7 +30,7 @@ from pipeline.config import Config, ConfigError, load_config, to_dict
 from pipeline.store.locations import join
 from pipeline.store.rundir import RunDir, run_location
 
-# What a finished trial reports to Tune (from the engine's summary), for Tune's own table.
+# What a finished trial reports to Tune (from the training loop's summary), for Tune's own table.
 REPORTED = ("val_top1_err", "test_top1_err", "epochs", "steps", "wall_s")
 
 
@@ -117,7 +117,7 @@ def trial_resources(cfg: Config, use_gpu: bool, cpus: float | None) -> dict[str,
 
 
 def run_trial(params: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
-    """A Tune trial: the engine in this process, with as many torch threads as CPUs Tune gave it.
+    """A Tune trial: the training loop in this process, with as many torch threads as CPUs Tune gave it.
 
     Args:
         params: Tune's config for the trial, ``{"trial": <run name>}``.

@@ -32,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--config", required=True, help="YAML experiment file, e.g. configs/imagenet/resnet50.yaml"
     )
     parser.add_argument(
-        "--no-ray", action="store_true", help="run the engine in this process (or under torchrun)"
+        "--no-ray", action="store_true", help="run the training loop in this process (or under torchrun)"
     )
     parser.add_argument(
         "--dry-run",

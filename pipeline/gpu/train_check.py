@@ -1,4 +1,4 @@
-"""The training parts of the GPU check: the engine in one process, DDP with the bf16 hook, throughput.
+"""The training parts of the GPU check: the training loop in one process, DDP with the bf16 hook, throughput.
 
 Training runs ``pipeline.train.loop.train_worker`` itself (what ``pipeline train --no-ray`` runs),
 so the loop, the DALI loaders, validation and the checkpoint files are the project's. The DDP
@@ -192,7 +192,7 @@ def model_throughput(device: torch.device, *, batch: int, input_size: int, steps
 
 def end_to_end(root: str, runs: str, *, name: str, gpu: bool, batch: int, crop: int, epochs: int,
                threads: int, amp: str, compile: bool, model: str = "resnet50_v1_5") -> dict[str, Any]:  # fmt: skip
-    """The engine on the ImageNet recipe (the paper's augmentation, DALI ``mixed`` decode on a GPU):
+    """The training loop on the ImageNet recipe (the paper's augmentation, DALI ``mixed`` decode on a GPU):
     images/s and the share of each epoch spent waiting for data, the first epoch left out."""
     from pipeline.train.loop import train_worker
 

@@ -1,7 +1,7 @@
 """Reading runs for the reports: a run directory (local or a URI) or W&B runs, as ``RunData``.
 
 ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per epoch) and
-``summary.json`` (the final evaluation) are what the engine writes on rank 0.
+``summary.json`` (the final evaluation) are what the training loop writes on rank 0.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def fetch_wandb_runs(project_path: str, dest: Path, group: str | None = None) ->
         }
         run_dir.write_config(config)
         # Epoch rows only (the every-N-steps rows carry no error rates); wandb's own `_step`
-        # is the global iteration when the engine's `step` key is missing.
+        # is the global iteration when the training loop's `step` key is missing.
         rows = [
             {"step": row.get("_step"), **{k: row[k] for k in keys if row.get(k) is not None}}
             for row in run.scan_history()
@@ -125,7 +125,7 @@ def fetch_wandb_runs(project_path: str, dest: Path, group: str | None = None) ->
         run_dir.write_metrics(rows)
         finals = {k: v for k, v in run.summary_metrics.items() if k.startswith("final/")}
         modes = [k.split("/")[1] for k in finals if k.split("/")[1] != "test"]
-        if modes:  # the engine's "final/<eval mode>/top1_err" summary keys (and "final/test/...")
+        if modes:  # the training loop's "final/<eval mode>/top1_err" summary keys (and "final/test/...")
             mode = modes[0]
             summary = {
                 "model": (config.get("model") or {}).get("name"),

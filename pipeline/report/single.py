@@ -4,7 +4,7 @@
     python -m pipeline report --runs runs/resnet50 --out runs/report --x epoch
     python -m pipeline report --wandb my-team/resnet-pipeline --group degradation-cifar10 --out runs/report
 
-Each run directory holds what the engine writes on rank 0: ``config.yaml`` (the resolved
+Each run directory holds what the training loop writes on rank 0: ``config.yaml`` (the resolved
 config), ``metrics.jsonl`` (one JSON object per epoch) and ``summary.json`` (the final
 evaluation). Writes into ``--out``:
 

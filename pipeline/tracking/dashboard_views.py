@@ -28,7 +28,7 @@ from pipeline.report.paper import PAPER_RESULTS
 from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS
 
 DEGRADATION_GROUP = "degradation-cifar10"  # what `make degradation` sets (mk/experiments.mk)
-STEP = "Step"  # W&B's step: the engine logs every row at the global iteration
+STEP = "Step"  # W&B's step: the training loop logs every row at the global iteration
 FULL_WIDTH = wr.Layout(x=0, y=0, w=24, h=10)
 
 

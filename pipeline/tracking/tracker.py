@@ -17,7 +17,7 @@ unless the config says ``disabled``, so ``WANDB_MODE=online make demo`` needs no
 - ``disabled``: wandb is not imported and nothing is written.
 
 Every rank other than 0 gets a no-op tracker that never imports wandb. The run id is kept in
-the checkpoint by the engine and passed back on restart, so a resumed run (``resume="allow"``)
+the checkpoint by the training loop and passed back on restart, so a resumed run (``resume="allow"``)
 continues the same W&B run.
 
 The API key is only ever read by wandb itself from the environment or netrc; it is never
@@ -42,12 +42,12 @@ FINISH_TIMEOUT_S = 120.0
 
 # ---- Every metric name the pipeline logs, in one place: `define_metrics` declares them to W&B,
 # the dashboards (pipeline/tracking/dashboard_views.py) chart only these, and tests/test_dashboard.py checks
-# the keys a real engine run logs against them, so a renamed metric cannot leave an empty panel.
+# the keys a real training run logs against them, so a renamed metric cannot leave an empty panel.
 
-# The x-axes in the engine's rows: `epoch` (fractional in step rows) and `step` (= wandb's step).
+# The x-axes in the training loop's rows: `epoch` (fractional in step rows) and `step` (= wandb's step).
 AXIS_METRICS = ("epoch", "step")
 # Logged every tracking.log_every_n_steps iterations (epoch rows carry lr and img_per_s too) and
-# charted against wandb's step, which the engine sets to the global iteration (the x-axis of the
+# charted against wandb's step, which the training loop sets to the global iteration (the x-axis of the
 # paper's Figures 4 and 6).
 STEP_METRICS = ("train/step_loss", "lr", "img_per_s")
 # Logged once per epoch and charted against `epoch` (val/ ones only in epochs that validate).
@@ -67,7 +67,7 @@ EPOCH_METRICS = (
     "world_size",
     "global_batch",
 )
-# Not in every run: gpu_mem_gb on GPU workers only; world_size and global_batch once the engine
+# Not in every run: gpu_mem_gb on GPU workers only; world_size and global_batch once the training loop
 # records them in its epoch rows (until then the dashboards' panels for them stay empty).
 OPTIONAL_METRICS = (
     "gpu_mem_gb", "world_size", "global_batch", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
@@ -335,7 +335,7 @@ def _quiet_teardown(wandb: Any) -> None:
 
 def define_metrics(run: Any) -> None:
     run.define_metric("epoch")
-    # The engine logs `step` in epoch rows too; it equals wandb's own step, so hide its chart.
+    # The training loop logs `step` in epoch rows too; it equals wandb's own step, so hide its chart.
     run.define_metric("step", hidden=True)
     # One call per metric with all its options: later calls for the same name are separate
     # records in the run file, so keep each definition whole.

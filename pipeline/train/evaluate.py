@@ -1,8 +1,8 @@
 """The network scored in eval mode: the validation set as the paper scores it, and the training
 images the same way.
 
-    metrics = score(run, "val", "tencrop")    # every rank: {"val/top1_err", "val/top5_err", "val/loss", "val/images"}
-    metrics = score(run, "train", "center")   # the training images: {"train_eval/top1_err", ...}
+    metrics = score(run, "val", "tencrop")    # every rank: val/top1_err, val/top5_err, val/loss, val/images
+    metrics = score(run, "train", "center")   # the training images: train_eval/top1_err, ...
     metrics = evaluate(model, batches, mode="center", device=device)   # any batches (the eval command)
 
 ``score`` is the one way the training loop evaluates: validation every few epochs, the training
