@@ -252,15 +252,6 @@ def test_init_from_that_is_missing_or_does_not_fit_stops_before_training(tmp_pat
     assert wrong.returncode == 2 and "holds weights of 'cifar_resnet20' that do not fit" in wrong.stderr
 
 
-def test_train_eval_is_on_for_cifar_and_off_for_imagenet_unless_set():
-    from pipeline.train.evaluate import train_eval_on
-
-    assert train_eval_on(load_config("configs/cifar10/resnet20.yaml"))
-    assert not train_eval_on(load_config("configs/cifar10/resnet20.yaml", ["eval.train_eval=false"]))
-    assert not train_eval_on(load_config("configs/imagenet/resnet34.yaml"))
-    assert train_eval_on(load_config("configs/imagenet/resnet34.yaml", ["eval.train_eval=true"]))
-
-
 def test_sweep_fills_in_the_seed_of_each_trial():
     from pipeline.driver.sweep import plan
 
@@ -440,19 +431,3 @@ def test_construction_report_roles_from_the_configs_and_the_verdict_from_the_num
         in markdown
     )
     assert (out / "construction-cifar-plain.png").is_file()
-
-
-def test_imagenet_training_images_in_eval_mode_are_every_training_file_once(tiny_imagenet, tmp_path):
-    from conftest import tiny_overrides
-
-    from pipeline.data.source import open_dataset
-
-    cfg = load_config(None, [*tiny_overrides(tiny_imagenet, tmp_path), "eval.train_eval=true"])
-    source = open_dataset(cfg.data)
-    labels = []
-    for rank in (0, 1):
-        data = source.loaders(cfg, rank=rank, world_size=2, device=CPU, num_threads=1, eval_batch=24)
-        for images, y in data.make_train_eval().epoch(0):
-            assert images.shape[1:] == (3, 48, 48)  # the centre crop of validation, no augmentation
-            labels += y.tolist()
-    assert labels == list(source.index.train_labels)

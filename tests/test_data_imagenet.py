@@ -178,23 +178,6 @@ def test_val_every_image_exactly_once(train_images, mode):
         assert sorted(labels) == list(range(7)), (world, labels)
 
 
-@pytest.mark.parametrize("mode", ["center", "tencrop", "multiscale"])
-def test_val_loader_kept_for_the_run_scores_every_image_once_per_pass(train_images, mode):
-    """The training loop keeps one val loader per mode for the whole run: every pass over it (the
-    DALI iterator reset, the reader's padded last batch cut) gives each image of the shard once,
-    in order, whatever the world size."""
-    index = _index(train_images[:7])  # 7 images over batch 2: padded last batches
-    for world in (1, 3):
-        loaders = [
-            build_val_loader(index, CFG, mode=mode, scales=(48,), batch_size=2, shard_id=rank,
-                             num_shards=world, device_id=None, num_threads=1)
-            for rank in range(world)
-        ]  # fmt: skip
-        for _ in range(3):
-            labels = [label for loader in loaders for _, y in loader.epoch(0) for label in y.tolist()]
-            assert labels == list(range(7)), (world, labels)
-
-
 def test_val_shard_partitions():
     for n in (0, 1, 7, 50_000):
         for world in (1, 2, 3, 8):

@@ -359,23 +359,6 @@ def test_sharded_val_matches_the_folder_layout(src, sharded, tmp_path, mode):
                 assert torch.equal(xa, xb)
 
 
-@pytest.mark.parametrize("mode", ["center", "multiscale"])
-def test_sharded_val_loader_kept_for_the_run_scores_every_image_once_per_pass(sharded, mode):
-    """The training loop keeps one val loader per mode for the run: each pass over it (the feed
-    cycling, its padded last batch cut) scores the 24 val images once, the same in every pass."""
-    cfg = _cfg(sharded, None, f"eval.mode={mode}", "eval.scales=[48,64]")
-    for world in (1, 3):
-        loaders = [
-            open_sharded(cfg.data).loaders(cfg, rank=rank, world_size=world, device=torch.device("cpu"),
-                                           num_threads=1, eval_batch=5).make_val(mode)
-            for rank in range(world)
-        ]  # fmt: skip
-        passes = [
-            [y for loader in loaders for _, ys in loader.epoch(0) for y in ys.tolist()] for _ in range(3)
-        ]
-        assert len(passes[0]) == 24 and passes[1] == passes[0] and passes[2] == passes[0], (world, passes)
-
-
 # ---------------------------------------------------------------- bad input
 
 

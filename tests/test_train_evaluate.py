@@ -1,4 +1,5 @@
-"""Evaluation: top-k counts, 10-crop averaging, exact across world sizes, the eval command."""
+"""Evaluation: top-k counts, 10-crop averaging, exact across world sizes, the eval command, the
+training images in eval mode."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conftest import run_pipeline, tiny_overrides
 from pipeline.config import load_config, to_dict
 from pipeline.train.evaluate import evaluate, topk_correct
 
+CPU = torch.device("cpu")
 MODES = {
     "center": [],
     "tencrop": [],
@@ -120,35 +122,26 @@ def test_eval_command_writes_json(trained, tmp_path):
     assert bad.returncode == 2 and "no checkpoint state here" in bad.stderr
 
 
-def test_eval_loaders_are_built_once_per_run_and_mode(tiny_imagenet, tmp_path, monkeypatch):
-    """Three validated epochs, each also scoring the training images in eval mode, and a final
-    evaluation in the same mode: one validation pipeline and one train-eval pipeline in all, each
-    scoring every image of its set at every pass."""
-    import pipeline.data.dali_pipeline
-    import pipeline.data.imagenet
-    from pipeline.train.loop import train_worker
+def test_train_eval_is_on_for_cifar_and_off_for_imagenet_unless_set():
+    from pipeline.train.evaluate import train_eval_on
 
-    builds: list[str] = []
-    original = pipeline.data.dali_pipeline.build_val_pipeline
+    assert train_eval_on(load_config("configs/cifar10/resnet20.yaml"))
+    assert not train_eval_on(load_config("configs/cifar10/resnet20.yaml", ["eval.train_eval=false"]))
+    assert not train_eval_on(load_config("configs/imagenet/resnet34.yaml"))
+    assert train_eval_on(load_config("configs/imagenet/resnet34.yaml", ["eval.train_eval=true"]))
 
-    def counted(mode, files, *args, **kwargs):
-        builds.append(mode)
-        return original(mode, files, *args, **kwargs)
 
-    # imagenet.py holds its own reference to the builder; the sharded feed imports it when called.
-    monkeypatch.setattr(pipeline.data.imagenet, "build_val_pipeline", counted)
-    monkeypatch.setattr(pipeline.data.dali_pipeline, "build_val_pipeline", counted)
-    overrides = tiny_overrides(tiny_imagenet, tmp_path, "builds") + [
-        "cluster.num_workers=1",
-        "model.name=cifar_resnet20",
-        "optim.batch_size=64",  # 2 steps per epoch
-        "schedule.epochs=3",
-        "eval.final_mode=center",
-        "eval.train_eval=true",
-        "tracking.mode=disabled",
-    ]
-    summary = train_worker(to_dict(load_config(None, overrides)))
-    assert builds == ["center", "center"], f"{len(builds)} builds"  # validation, then the training images
-    assert summary["val_images"] == 16
-    records = [json.loads(line) for line in (tmp_path / "builds" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 3 and all("val/top1_err" in r and "train_eval/top1_err" in r for r in records)
+def test_imagenet_training_images_in_eval_mode_are_every_training_file_once(tiny_imagenet, tmp_path):
+    from conftest import tiny_overrides
+
+    from pipeline.data.source import open_dataset
+
+    cfg = load_config(None, [*tiny_overrides(tiny_imagenet, tmp_path), "eval.train_eval=true"])
+    source = open_dataset(cfg.data)
+    labels = []
+    for rank in (0, 1):
+        data = source.loaders(cfg, rank=rank, world_size=2, device=CPU, num_threads=1, eval_batch=24)
+        for images, y in data.make_train_eval().epoch(0):
+            assert images.shape[1:] == (3, 48, 48)  # the centre crop of validation, no augmentation
+            labels += y.tolist()
+    assert labels == list(source.index.train_labels)

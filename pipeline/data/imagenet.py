@@ -11,10 +11,9 @@ Training: one pipeline per run, fed by ``_TrainFeed``, which walks epoch after e
 this rank's slice of each global batch (``pipeline.data.sharding``) with the augmentation
 parameters of each sample drawn from (seed, epoch, step) for the whole global batch. A resumed
 run (any step, any world size) asks for ``epoch(e, start=k)`` and gets what an uninterrupted
-run would have seen. Validation: a loader builds its pipeline at its first pass and reuses it for
-every later pass (the training loop keeps one loader per set and mode for the whole run);
-padded samples (the reader repeats one to fill the last batch) never leave this module, so
-summing over ranks scores each image exactly once, in every pass.
+run would have seen. Validation: a loader builds its pipeline at the first pass and reuses it
+(the training loop keeps one loader per set and mode); padded samples (the reader repeats one to
+fill the last batch) never leave this module, so summing over ranks scores each image once.
 """
 
 from __future__ import annotations
@@ -405,9 +404,8 @@ class _ValLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if self._it is None:
-            # The iterator prefetches on construction. At the end of a pass, auto_reset calls its
-            # reset(), and with the reader's padded last batch (cut here by PARTIAL) the next pass
-            # starts again at the shard's first image.
+            # Prefetches on construction. At a pass's end auto_reset calls reset(); the reader pads
+            # its last batch (PARTIAL cuts it), so the next pass starts at the shard's first image.
             self._it = DALIGenericIterator(
                 self._pipe,
                 ["images", "labels"],
@@ -435,9 +433,7 @@ class _ValLoader:
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         while seen < len(self.files):
             *scaled, labels = self._pipe.run()
-            n = min(
-                self.batch_size, len(self.files) - seen
-            )  # the reader pads the last batch; drop the padding
+            n = min(self.batch_size, len(self.files) - seen)  # the reader pads the last batch: cut it
             batch: list[list[torch.Tensor]] = []
             for i in range(n):
                 per_scale = []
