@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import run_pipeline
 
-from pipeline.config import ConfigError, derive, dump_yaml, load_config, parse_overrides, to_dict
+from pipeline.config import ConfigError, dump_yaml, load_config, parse_overrides, to_dict
+from pipeline.train.derived import derive
 
 
 def write(path: Path, text: str) -> Path:

@@ -12,41 +12,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import run_pipeline, tune_make_env
 
-from pipeline.config import load_config
-
 ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
 
 
 # ---------------------------------------------------------------- what the runs measure, how they are seeded
-
-
-def test_train_eval_is_on_for_cifar_and_off_for_imagenet_unless_set():
-    from pipeline.train.train_eval import train_eval_on
-
-    assert train_eval_on(load_config("configs/cifar10/resnet20.yaml"))
-    assert not train_eval_on(load_config("configs/cifar10/resnet20.yaml", ["eval.train_eval=false"]))
-    assert not train_eval_on(load_config("configs/imagenet/resnet34.yaml"))
-    assert train_eval_on(load_config("configs/imagenet/resnet34.yaml", ["eval.train_eval=true"]))
-
-
-def test_imagenet_training_images_in_eval_mode_are_every_training_file_once(tiny_imagenet, tmp_path):
-    from conftest import tiny_overrides
-
-    from pipeline.data.source import open_dataset
-
-    cfg = load_config(None, [*tiny_overrides(tiny_imagenet, tmp_path), "eval.train_eval=true"])
-    source = open_dataset(cfg.data)
-    labels = []
-    for rank in (0, 1):
-        data = source.loaders(cfg, rank=rank, world_size=2, device=CPU, num_threads=1, eval_batch=24)
-        for images, y in data.make_train_eval().epoch(0):
-            assert images.shape[1:] == (3, 48, 48)  # the centre crop of validation, no augmentation
-            labels += y.tolist()
-    assert labels == list(source.index.train_labels)
 
 
 def test_sweep_fills_in_the_seed_of_each_trial():

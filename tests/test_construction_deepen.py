@@ -16,6 +16,7 @@ from pipeline.config import load_config, to_dict
 from pipeline.construction.deepen import ConstructionError, deepen_into, max_logit_difference
 from pipeline.models import create_model
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.setup import TrainingProgress
 
 CPU = torch.device("cpu")
 
@@ -123,7 +124,7 @@ def _shallow_checkpoint(tmp_path: Path, cifar: Path, model: str = "cifar_resnet2
     cfg = load_config("configs/cifar10/resnet20.yaml", [*_overrides(cifar, tmp_path), f"model.name={model}"])
     net = trained_like(create_model(model))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    progress = ckpt.TrainingProgress(epoch=7, step=21)
+    progress = TrainingProgress(epoch=7, step=21)
     out = tmp_path / "shallow" / "checkpoint_epoch0007"
     ckpt.save(out, model=net, optimizer=opt, scaler=None, progress=progress, config=to_dict(cfg))
     return out

@@ -24,7 +24,7 @@ def test_cifar_step_schedule_matches_the_paper():
 
 
 def test_cifar_training_ends_at_64k():
-    from pipeline.config import derive
+    from pipeline.train.derived import derive
 
     cfg = load_config(
         None,
@@ -99,7 +99,7 @@ def test_resnet110_warmup_rule():
 def test_goyal_large_batch_config_follows_their_recipe():
     """configs/imagenet/resnet50_8k.yaml: lr 0.1 x 8192/256 = 3.2, linear warm-up from 0.1 over
     5 epochs, /10 at 30, 60, 80 of 90, zero-init last BN gamma (Goyal et al. 2017)."""
-    from pipeline.config import derive
+    from pipeline.train.derived import derive
     from pipeline.train.schedule import ScheduleState, learning_rate
 
     cfg = load_config(

@@ -1,4 +1,5 @@
-"""Evaluation: top-k counts, 10-crop averaging, exact across world sizes, the eval command."""
+"""Evaluation: top-k counts, 10-crop averaging, exact across world sizes, the eval command, the
+training images in eval mode."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conftest import run_pipeline, tiny_overrides
 from pipeline.config import load_config, to_dict
 from pipeline.train.evaluate import evaluate, topk_correct
 
+CPU = torch.device("cpu")
 MODES = {
     "center": [],
     "tencrop": [],
@@ -118,3 +120,28 @@ def test_eval_command_writes_json(trained, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "no checkpoint state here" in bad.stderr
+
+
+def test_train_eval_is_on_for_cifar_and_off_for_imagenet_unless_set():
+    from pipeline.train.evaluate import train_eval_on
+
+    assert train_eval_on(load_config("configs/cifar10/resnet20.yaml"))
+    assert not train_eval_on(load_config("configs/cifar10/resnet20.yaml", ["eval.train_eval=false"]))
+    assert not train_eval_on(load_config("configs/imagenet/resnet34.yaml"))
+    assert train_eval_on(load_config("configs/imagenet/resnet34.yaml", ["eval.train_eval=true"]))
+
+
+def test_imagenet_training_images_in_eval_mode_are_every_training_file_once(tiny_imagenet, tmp_path):
+    from conftest import tiny_overrides
+
+    from pipeline.data.source import open_dataset
+
+    cfg = load_config(None, [*tiny_overrides(tiny_imagenet, tmp_path), "eval.train_eval=true"])
+    source = open_dataset(cfg.data)
+    labels = []
+    for rank in (0, 1):
+        data = source.loaders(cfg, rank=rank, world_size=2, device=CPU, num_threads=1, eval_batch=24)
+        for images, y in data.make_train_eval().epoch(0):
+            assert images.shape[1:] == (3, 48, 48)  # the centre crop of validation, no augmentation
+            labels += y.tolist()
+    assert labels == list(source.index.train_labels)

@@ -19,11 +19,10 @@ import torch
 from conftest import run_pipeline, tiny_overrides
 
 from pipeline.config import load_config, to_dict
-from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import init_context
 from pipeline.train.evaluate import evaluate
 from pipeline.train.loop import train_one_epoch
-from pipeline.train.setup import setup_run
+from pipeline.train.setup import TrainingProgress, setup_run
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
@@ -63,9 +62,9 @@ def test_steps_and_evaluation_batches_make_no_host_sync(tiny_imagenet, tmp_path,
 
     quiet = Quiet()
 
-    whole = syncs_of(lambda: train_one_epoch(run, 0, ckpt.TrainingProgress(), quiet))
+    whole = syncs_of(lambda: train_one_epoch(run, 0, TrainingProgress(), quiet))
     half = syncs_of(
-        lambda: train_one_epoch(run, 1, ckpt.TrainingProgress(epoch=1, step=steps + steps // 2), quiet)
+        lambda: train_one_epoch(run, 1, TrainingProgress(epoch=1, step=steps + steps // 2), quiet)
     )
     assert sum(whole.values()) > 0  # the epoch's end reads its sums: the counting works
     assert whole == half, (whole, half)  # 8 steps or 4: the same reads, none per step

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.config import load_config
-from pipeline.config.derived import accumulation
 from pipeline.data.sharding import rank_slice
+from pipeline.train.derived import accumulation, derive
 from pipeline.train.loop import train_step
 
 GLOBAL = 8
@@ -53,8 +53,6 @@ def test_accumulation_splits():
     assert accumulation(256, 64) == (64, 4)
     assert accumulation(256, 100) == (86, 3)  # 86 + 86 + 84: each weighted by its size
     cfg = load_config(None, ["optim.batch_size=256", "optim.max_worker_batch=64", "cluster.num_workers=2"])
-    from pipeline.config import derive
-
     d = derive(cfg, 10_000, 2)
     assert (d.per_worker_batch, d.micro_batch, d.accum_steps) == (128, 64, 2)
 

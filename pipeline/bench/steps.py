@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.constants import NUM_TEN_CROPS as NUM_CROPS
-from pipeline.train.precision import autocast
+from pipeline.train.evaluate import autocast
 
 
 def make_train_step(

@@ -1,17 +1,20 @@
 """One typed, frozen, validated configuration for a run.
 
     cfg = load_config("configs/imagenet/resnet50.yaml", ["optim.lr=0.2", "cluster.num_workers=8"])
-    derived = derive(cfg, num_train_images, world_size)
 
-- ``schema``: the sections as frozen dataclasses, every key typed and documented;
+- ``schema``: the sections as frozen dataclasses, every key typed and documented, and the GPU
+  decision ``cluster.use_gpu`` stands for;
 - ``loading``: YAML with ``base:`` chains, dotted overrides, type coercion, validation that
-  names the key;
-- ``derived``: what follows from the config and the world size (per-worker batch, scaled lr,
-  iterations), the GPU decision, and the diff of two configs (warned about at resume).
+  names the key (the batch check among them), and the diff of two configs (warned about at
+  resume).
+
+What follows from a config and the world size (per-worker batch, scaled lr, iterations) is
+``pipeline.train.derived``.
 """
 
-from pipeline.config.derived import Derived, config_changes, derive, requested_gpu
 from pipeline.config.loading import (
+    check_batches,
+    config_changes,
     config_from_dict,
     dump_yaml,
     load_config,
@@ -31,6 +34,7 @@ from pipeline.config.schema import (
     PrecisionConfig,
     ScheduleConfig,
     TrackingConfig,
+    requested_gpu,
 )
 
 __all__ = [
@@ -39,16 +43,15 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
-    "Derived",
     "EvalConfig",
     "ModelConfig",
     "OptimConfig",
     "PrecisionConfig",
     "ScheduleConfig",
     "TrackingConfig",
+    "check_batches",
     "config_changes",
     "config_from_dict",
-    "derive",
     "dump_yaml",
     "load_config",
     "parse_overrides",

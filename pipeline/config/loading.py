@@ -6,7 +6,8 @@ holds only what differs. Dotted ``key=value`` overrides come last and are parsed
 scalars (``1e-4``, ``true``, ``[30, 60, 90]``, ``null``).
 
 Every error is a ``ConfigError`` that names the key: unknown keys suggest the closest valid
-one, wrong types name the expected type, bad choices list the choices.
+one, wrong types name the expected type, bad choices list the choices. ``config_changes`` lists
+what differs between two resolved configs (a resumed run warns about it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.derived import check_batches
 from pipeline.config.schema import Config, ConfigError
 
 # ---------------------------------------------------------------- loading and merging
@@ -198,6 +198,21 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def check_batches(cfg: Config, world: int) -> None:
+    """Each global batch (training and evaluation) is split as evenly as it goes over ``world``
+    workers, so any world size works as long as no rank is empty. Checked at load for the most
+    workers the config allows, and by ``pipeline.train.derived.derive`` for the world a run gets."""
+    for key, batch in (
+        ("optim.batch_size", cfg.optim.batch_size),
+        ("eval.batch_size", cfg.global_eval_batch),
+    ):
+        if batch < world:
+            raise ConfigError(
+                f"{key} ({batch}) is the global batch and is smaller than the {world} workers "
+                "(cluster.num_workers): every worker needs at least one image"
+            )
+
+
 def _check(cfg: Config) -> None:
     """Value checks that types cannot express."""
     positive = {
@@ -297,3 +312,15 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes

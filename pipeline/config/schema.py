@@ -1,7 +1,7 @@
 """The config's sections: typed, frozen dataclasses with the defaults of the paper's ImageNet protocol.
 
 Each key is documented where it is declared; ``pipeline.config.loading`` builds these from YAML
-and ``pipeline.config.derived`` computes what follows from them and the world size.
+and ``pipeline.train.derived`` computes what follows from them and the world size.
 """
 
 from __future__ import annotations
@@ -162,6 +162,11 @@ class ClusterConfig:
     @property
     def elastic(self) -> bool:
         return self.min_workers != self.max_workers
+
+
+def requested_gpu(cluster: ClusterConfig) -> bool | None:
+    """``cluster.use_gpu`` as a decision: True or False when the config says, None for ``auto``."""
+    return None if cluster.use_gpu == "auto" else cluster.use_gpu == "true"
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ def main(argv: list[str]) -> int:
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.checkpoint import fetched
     from pipeline.train.init_from import resolve
-    from pipeline.train.setup import param_groups
+    from pipeline.train.setup import TrainingProgress, param_groups
 
     parser = argparse.ArgumentParser(prog="python -m pipeline deepen", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -401,7 +401,7 @@ def main(argv: list[str]) -> int:
         model=deep,
         optimizer=optimizer,
         scaler=None,
-        progress=ckpt.TrainingProgress(),
+        progress=TrainingProgress(),
         config=to_dict(cfg),
     )
     print(f"wrote {args.out / ckpt.STATE_FILE} (train with model.init_from={args.out})", flush=True)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from pipeline.config import DataConfig
 from pipeline.data.constants import CIFAR_DIRNAME, CIFAR_IMAGE_SIZE, CIFAR_PAD, CIFAR_SPLIT_SEED
 from pipeline.data.layout import DataLayoutError
-from pipeline.data.sharding import Loader, batch_seed, rank_slice, train_shard, val_shard
+from pipeline.data.loaders import Loader
+from pipeline.data.sharding import batch_seed, rank_slice, train_shard, val_shard
 
 
 def _read_split(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,9 @@ Training: one pipeline per run, fed by ``_TrainFeed``, which walks epoch after e
 this rank's slice of each global batch (``pipeline.data.sharding``) with the augmentation
 parameters of each sample drawn from (seed, epoch, step) for the whole global batch. A resumed
 run (any step, any world size) asks for ``epoch(e, start=k)`` and gets what an uninterrupted
-run would have seen. Validation: one pipeline per mode, built at the first pass and reused;
-padded samples (the reader repeats one to fill the last batch) never leave this module, so
-summing over ranks scores each image exactly once.
+run would have seen. Validation: a loader builds its pipeline at the first pass and reuses it
+(the training loop keeps one loader per set and mode); padded samples (the reader repeats one to
+fill the last batch) never leave this module, so summing over ranks scores each image once.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from pipeline.data.dali_pipeline import (
     lighting_means,
 )
 from pipeline.data.layout import ImageFolderIndex
-from pipeline.data.sharding import Loader, augmentation_seed, rank_slice, train_shard, val_shard
+from pipeline.data.loaders import Loader
+from pipeline.data.sharding import augmentation_seed, rank_slice, train_shard, val_shard
 from pipeline.data.stats import pipeline_means
 from pipeline.host import usable_cpus
 
@@ -403,7 +404,8 @@ class _ValLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if self._it is None:
-            # The iterator prefetches on construction; auto_reset readies it for the next pass.
+            # Prefetches on construction. At a pass's end auto_reset calls reset(); the reader pads
+            # its last batch (PARTIAL cuts it), so the next pass starts at the shard's first image.
             self._it = DALIGenericIterator(
                 self._pipe,
                 ["images", "labels"],
@@ -431,9 +433,7 @@ class _ValLoader:
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         while seen < len(self.files):
             *scaled, labels = self._pipe.run()
-            n = min(
-                self.batch_size, len(self.files) - seen
-            )  # the reader pads the last batch; drop the padding
+            n = min(self.batch_size, len(self.files) - seen)  # the reader pads the last batch: cut it
             batch: list[list[torch.Tensor]] = []
             for i in range(n):
                 per_scale = []

@@ -41,6 +41,7 @@ from pipeline.config import Config, ConfigError, DataConfig
 from pipeline.data.constants import NUM_TEN_CROPS
 from pipeline.data.imagenet import _labels, _nchw, _torch_device, _ValLoader, build_train_loader
 from pipeline.data.layout import ImageFolderIndex
+from pipeline.data.loaders import Data
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shards import Manifest, check_shards, load_manifest
 from pipeline.host import usable_cpus
@@ -177,9 +178,7 @@ class ShardedSource:
         device: torch.device,
         num_threads: int,
         eval_batch: int,
-    ) -> Any:
-        from pipeline.data.source import Data
-
+    ) -> Data:
         cache = self.cache(cfg.data)
         common: dict[str, Any] = dict(
             shard_id=rank,

@@ -9,27 +9,13 @@ summing counts over ranks scores each image exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Protocol
-
 import numpy as np
-import torch
-
-
-class Loader(Protocol):
-    """What the engine iterates: a fixed number of batches per epoch on this rank."""
-
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
-        """The batches of ``epoch`` from step ``start`` on (validation loaders ignore both)."""
-        ...
 
 
 def rank_slice(global_batch: int, shard_id: int, num_shards: int) -> slice:
     """Rank ``shard_id``'s part of a global batch: contiguous, sizes differing by at most one.
 
-    The engine weights each rank's loss by its share, so an uneven split (a global batch of 256
+    The training step weights each rank's loss by its share, so an uneven split (a global batch of 256
     over 3 workers: 85, 85, 86) still gives exactly the global batch's gradient.
     """
     _check_shard(shard_id, num_shards)

@@ -1,4 +1,5 @@
-"""The one place that tells ImageNet from CIFAR-10: dataset sizes for the preflight, loaders for a worker.
+"""The dataset a config names (ImageNet in the folder or sharded layout, or CIFAR-10): its sizes
+for the preflight, its loaders for a worker.
 
     source = open_dataset(cfg.data)              # checks the layout; cheap (no decoding)
     check_num_classes(cfg.model.num_classes, source)
@@ -12,31 +13,13 @@ code 2); each worker opens it again on its own node and builds its shard's loade
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.config import Config, ConfigError, DataConfig
-from pipeline.data.sharding import Loader
-
-
-@dataclass
-class Data:
-    """This rank's loaders and what the run needs to know about the dataset."""
-
-    train: Loader
-    num_train: int
-    num_classes: int
-    make_val: Callable[[str], Loader]  # eval mode -> a Loader over this rank's validation shard
-    # A held-out test set scored once at the end, besides validation: CIFAR-10 with
-    # data.val_split > 0 (validation is then held-out training images). None for ImageNet (its
-    # test labels are not public) and for CIFAR-10 without a split (validation is the test set).
-    make_test: Callable[[], Loader] | None = None
-    # The training images as validation sees them (no augmentation, this rank's disjoint share):
-    # the training error the paper's argument is about, measured in eval mode.
-    make_train_eval: Callable[[], Loader] | None = None
+from pipeline.data.loaders import Data, Loader
+from pipeline.data.shard_feed import ShardedSource, open_sharded
 
 
 class ImageNetSource:
@@ -145,7 +128,7 @@ class CifarSource:
         )
 
 
-DataSource = ImageNetSource | CifarSource
+DataSource = ImageNetSource | CifarSource | ShardedSource
 
 
 def open_dataset(cfg: DataConfig) -> DataSource:
@@ -155,8 +138,6 @@ def open_dataset(cfg: DataConfig) -> DataSource:
     """
     if cfg.dataset == "cifar10":
         return CifarSource(cfg)
-    from pipeline.data.shard_feed import open_sharded
-
     return open_sharded(cfg) or ImageNetSource(cfg)
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from pipeline.config import Config, ConfigError, derive
+from pipeline.config import Config, ConfigError
 from pipeline.driver.cluster_check import plan_workers
 from pipeline.driver.cluster_state import ClusterView, inspect_cluster
 from pipeline.driver.node_probe import Answer, shared_path_problems
 from pipeline.store.locations import is_uri
+from pipeline.train.derived import derive
 from pipeline.train.distributed import backend_for
 
 
@@ -118,7 +119,9 @@ def dry_run(cfg: Config) -> int:
         warnings += plan.warnings
     except ConfigError as e:
         problems.append(str(e))
-    for world in sorted({cfg.cluster.min_workers, cfg.cluster.max_workers}):  # pipeline.config.derive's split
+    for world in sorted(
+        {cfg.cluster.min_workers, cfg.cluster.max_workers}
+    ):  # pipeline.train.derived.derive's split
         d = derive(cfg, max(cfg.optim.batch_size, 1), world)
         micro = f" (micro-batch {d.micro_batch} x {d.accum_steps})" if d.accum_steps > 1 else ""
         lines.append(

@@ -18,10 +18,11 @@ import dataclasses
 import sys
 from typing import Any
 
-from pipeline.config import Config, ConfigError, derive, dump_yaml, load_config, to_dict
+from pipeline.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from pipeline.data.source import check_num_classes, open_dataset
 from pipeline.driver.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
 from pipeline.store.rundir import RunDir, run_location
+from pipeline.train.derived import derive
 from pipeline.train.distributed import launched_rank
 
 

@@ -31,8 +31,9 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.config import Config, Derived, TrackingConfig, to_dict
+from pipeline.config import Config, TrackingConfig, to_dict
 from pipeline.tracking.tracker import FINAL_SUMMARY_METRICS, LOGGED_METRICS
+from pipeline.train.derived import Derived
 
 KINDS = ("training", "degradation", "imagenet-tables", "construction")
 INSTALL = "pip install -e '.[dashboards]'"

@@ -1,14 +1,16 @@
-"""Checkpoints, written and resumed: the one module for what a checkpoint holds, where it goes,
-which one a run resumes from and how many are kept.
+"""Checkpoints, written and resumed: what a checkpoint holds, where it goes, which one a run
+resumes from and how many are kept.
 
     progress = restore(run)                          # rank 0 picks the newest readable one, all load it
+                                                     # (None for a fresh run)
     save_checkpoint(run, progress, metrics)          # every rank; rank 0 writes state.pt, Ray uploads it
     state = read(folder); restore_model(state, model)    # evaluation: the weights only
 
-What: the full training state in ``state.pt`` (model unwrapped from DDP, optimizer, schedule
-state, grad scaler, epoch, global step, the epoch's partial sums when mid-epoch, best
-validation error, RNG states, the W&B run id, the resolved config), read back with
-``torch.load(weights_only=True)``, so only tensors and plain containers go in.
+What: the full training state in ``state.pt`` (the model unwrapped from DDP, the optimizer, the
+grad scaler, the RNG states, the resolved config, and the run's ``TrainingProgress``: epoch,
+global step, schedule state, best validation error, the W&B run id, the epoch's partial sums when
+mid-epoch), read back with ``torch.load(weights_only=True)``, so only tensors and plain containers
+go in.
 
 Where: folders ``checkpoint_*`` under the run's location (``pipeline.store.rundir.run_location``),
 beside the run's files, named so that sorting by name is sorting by time
@@ -32,7 +34,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -40,9 +42,7 @@ from pipeline.config import config_changes, to_dict
 from pipeline.store.locations import copy_folder_to, filesystem, is_uri, join, remove_tree
 from pipeline.train.distributed import DistContext, barrier, broadcast_object
 from pipeline.train.schedule import ScheduleState
-
-if TYPE_CHECKING:
-    from pipeline.train.setup import Run
+from pipeline.train.setup import Run, TrainingProgress
 
 CHECKPOINT_PREFIX = "checkpoint_"
 STATE_FILE = "state.pt"
@@ -67,20 +67,6 @@ OPTIONAL_KEYS = frozenset({"epoch_sums"})
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a message naming the file and the problem."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingProgress:
-    """Where the run is: restored from, and written into, every checkpoint."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
-    best_val_top1_err: float = float("inf")
-    schedule: ScheduleState = ScheduleState()
-    wandb_run_id: str | None = None
-    # Mid-epoch only: (loss x n, top-1 hits, top-5 hits, n) of the epoch so far, summed over ranks,
-    # so a resumed epoch reports the same training metrics as an uninterrupted one.
-    epoch_sums: tuple[float, ...] = ()
 
 
 def rng_state() -> dict[str, Any]:
@@ -319,10 +305,10 @@ def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] 
     return None, None, warnings, real
 
 
-def restore(run: Run) -> TrainingProgress:
-    """The progress to start from: rank 0 picks the newest readable checkpoint in the run's folder
-    (else the one before it, else ``resume_from``); every rank then loads that one. Copies fetched
-    from object storage are removed once loaded."""
+def restore(run: Run) -> TrainingProgress | None:
+    """The progress to resume from, None for a fresh run: rank 0 picks the newest readable
+    checkpoint in the run's folder (else the one before it, else ``resume_from``); every rank then
+    loads that one. Copies fetched from object storage are removed once loaded."""
     ctx, location = run.ctx, run.location
     decision: tuple[str, str | None] = ("none", None)
     state = None
@@ -342,11 +328,8 @@ def restore(run: Run) -> TrainingProgress:
     kind, value = broadcast_object(decision)
     if kind == "error":
         raise CheckpointError(value)
-    if kind == "none":  # a fresh run: model.init_from's weights, if set, and step 0
-        from pipeline.train.init_from import load_initial_weights
-
-        load_initial_weights(run.network, run.cfg, is_main=ctx.is_main)
-        return TrainingProgress()
+    if kind == "none":
+        return None
     if state is None:
         with fetched(value) as folder:
             state = read(folder)

@@ -1,6 +1,7 @@
-"""Who am I, where do I run, and how do ranks agree: the one place that reads Ray Train's context.
+"""Who am I, where do I run, and how do ranks agree: the only module that asks Ray Train or the
+launcher for ranks and devices.
 
-The engine asks this module for a ``DistContext`` and never reads rank environment
+The training loop asks this module for a ``DistContext`` and never reads rank environment
 variables itself. Three ways to run, one code path:
 
 - inside a Ray Train worker: ranks and devices from ``ray.train.get_context()``, process

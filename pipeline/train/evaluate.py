@@ -1,27 +1,62 @@
-"""Validation as the paper scores it: centre crop, 10-crop, or fully-convolutional multi-scale.
+"""The network scored in eval mode: the validation set as the paper scores it, and the training
+images the same way.
 
-``evaluate`` returns exact top-1/top-5 error over the whole validation set: each rank
-counts only the real images of its shard (the loaders drop DALI's padding), and the counts
-are summed across ranks, so any world size gives the same numbers.
+    metrics = score(run, "val", "tencrop")    # every rank: val/top1_err, val/top5_err, val/loss, val/images
+    metrics = score(run, "train", "center")   # the training images: train_eval/top1_err, ...
+    metrics = evaluate(model, batches, mode="center", device=device)   # any batches (the eval command)
+
+``score`` is the one way the training loop evaluates: validation every few epochs, the training
+images in eval mode beside it, the final evaluation and CIFAR-10's held-out test set. It takes
+the set's loader from the run, where it is built once per set and mode and reused.
+
+``evaluate`` returns exact top-1/top-5 error over the whole set: each rank counts only the real
+images of its shard (the loaders drop DALI's padding), and the counts are summed across ranks, so
+any world size gives the same numbers.
 
 - ``center``: one 224 crop of the image resized to shorter side 256.
 - ``tencrop``: four corners and centre, and their flips; softmax scores averaged over the
   10 crops (the paper averages scores).
 - ``multiscale``: the whole image at each shorter side in ``eval.scales``, run fully
   convolutionally (global average pooling takes any size); softmax scores averaged.
+
+The training error as the paper means it: ``train/top1_err`` is the running error over an epoch's
+augmented batches with BN in training mode (the dashed curves of the paper's figures, as most
+code logs them). The constructed solution's claim, "a deeper model should produce no higher
+training error than its shallower counterpart", is about the function the network computes: the
+training images as they are (no augmentation, centre view), BN in eval mode. ``score(run,
+"train", "center")`` measures exactly that, every image once over the ranks, as
+``train_eval/*``. ``eval.train_eval`` switches it (None: on for CIFAR-10, where it costs about a
+validation pass of 5x the images; off for ImageNet, a pass over 1.28M images per epoch).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.data.constants import NUM_TEN_CROPS
-from pipeline.train.distributed import all_reduce_sum
-from pipeline.train.precision import autocast
+from pipeline.train.distributed import all_reduce_sum, broadcast_buffers
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.train.setup import Run
+
+# The metrics' prefix for each set ``score`` takes: the training images are "train_eval/", since
+# "train/" is the running error of the augmented batches.
+PREFIXES = {"val": "val/", "test": "test/", "train": "train_eval/"}
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision as ``precision.amp`` says (``none`` | ``bf16`` | ``fp16``), for the training
+    step and evaluation alike."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def topk_correct(
@@ -105,3 +140,36 @@ def evaluate(
         "val/loss": nll / n,
         "val/images": int(n),
     }
+
+
+def train_eval_on(cfg: Config) -> bool:
+    """Whether runs of this config score the training set in eval mode (``eval.train_eval``)."""
+    return cfg.eval.train_eval if cfg.eval.train_eval is not None else cfg.data.dataset == "cifar10"
+
+
+def score(run: Run, split: str, mode: str) -> dict[str, float]:
+    """One set scored by the run's network in eval mode, every image once over the ranks.
+
+    Every rank uses rank 0's BN statistics (they drift apart when BN is per worker), so every rank
+    scores the same function.
+
+    Args:
+        run: the worker's run; its loader for (``split``, ``mode``) is built at the first call.
+        split: ``val``, ``test`` (CIFAR-10's held-out test set) or ``train`` (the training images,
+            no augmentation).
+        mode: ``center`` | ``tencrop`` | ``multiscale``.
+
+    Returns:
+        ``top1_err``, ``top5_err`` (percent), ``loss`` and ``images``, prefixed ``val/``,
+        ``test/`` or ``train_eval/``.
+    """
+    broadcast_buffers(run.network)
+    result = evaluate(
+        run.network,
+        run.eval_loader(split, mode).epoch(0),
+        mode=mode,
+        device=run.ctx.device,
+        amp=run.cfg.precision.amp,
+        channels_last=run.cfg.precision.channels_last,
+    )
+    return {PREFIXES[split] + key.removeprefix("val/"): value for key, value in result.items()}

@@ -13,35 +13,30 @@ or a run folder, whose newest checkpoint is taken; local or a URI.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.store.locations import is_uri
 from pipeline.train import checkpoint as ckpt
 
 
 def resolve(source: str) -> str:
     """The checkpoint folder ``source`` names: itself, or a run folder's newest checkpoint."""
-    from pathlib import Path
-
-    from pipeline.store.locations import is_uri
-    from pipeline.train.checkpoint import list_checkpoints
-
     if not is_uri(source) and (Path(source) / ckpt.STATE_FILE).is_file():
         return source
-    found = list_checkpoints(source)
+    found = ckpt.list_checkpoints(source)
     return found[0] if found else source
 
 
 def read_initial_state(cfg: Config) -> tuple[str, dict[str, Any]]:
     """(the checkpoint folder, its state) for ``model.init_from``; ``ConfigError`` naming the key."""
-    from pipeline.train.checkpoint import fetched
-
     source = resolve(cfg.model.init_from)
     try:
-        with fetched(source) as folder:
+        with ckpt.fetched(source) as folder:
             return source, ckpt.read(folder)
     except (ckpt.CheckpointError, OSError) as e:
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None

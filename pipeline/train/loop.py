@@ -4,9 +4,14 @@
     train_worker(to_dict(load_config("configs/demo.yaml")))      # one process, no Ray
 
 ``pipeline.driver.train_cmd`` runs the same function on every Ray Train worker
-(``under_ray=True``); under ``torchrun`` it forms its own process group. Setup (data, model,
-optimizer) is ``pipeline.train.setup``'s, checkpoints ``pipeline.train.checkpoint``'s, the
-metrics' destinations ``pipeline.train.outputs``'. ``train_one_epoch`` and ``evaluate`` return
+(``under_ray=True``); under ``torchrun`` it forms its own process group.
+
+One step reads top to bottom here (``train_one_epoch``, ``train_step``) with three other modules
+of ``pipeline.train``: ``setup`` (``Run``, what the run holds, and ``TrainingProgress``, where it
+stands), ``derived`` (``Derived``: the batch split, the lr, the iterations) and ``outputs``
+(``RunOutputs``: where the metrics go). What else it calls says what it does by its name:
+``checkpoint.restore`` and ``save_checkpoint``, ``evaluate.score`` (every evaluation), the
+``schedule``'s pure functions of the step. ``train_one_epoch`` and ``validate_epoch`` return
 metric dicts.
 
 Nothing in a step waits for the device: the loss and the counts stay on it (``EpochSums``) and
@@ -19,41 +24,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config, config_from_dict, requested_gpu
+from pipeline.config import config_from_dict, requested_gpu
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.distributed import all_reduce_sum, broadcast_buffers, finish, init_context
-from pipeline.train.evaluate import evaluate, topk_correct
+from pipeline.train.distributed import all_reduce_sum, finish, init_context
+from pipeline.train.evaluate import autocast, score, topk_correct, train_eval_on
+from pipeline.train.init_from import load_initial_weights
 from pipeline.train.outputs import RunOutputs
-from pipeline.train.precision import autocast
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
-from pipeline.train.setup import Run, setup_run
-from pipeline.train.train_eval import train_set_metrics
+from pipeline.train.setup import Run, TrainingProgress, setup_run
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
-
-
-@dataclass(frozen=True)
-class LogDue:
-    """What a step's metrics go to: the console line, the tracker, or both."""
-
-    console: bool
-    tracker: bool
-
-
-def log_due(cfg: Config, step: int, last_of_epoch: bool) -> LogDue | None:
-    """Whether step ``step`` (just completed) is logged, and where; None when it is not."""
-    due = LogDue(
-        console=step % cfg.log_every_n_steps == 0 or last_of_epoch,
-        tracker=step % cfg.tracking.log_every_n_steps == 0,
-    )
-    return due if due.console or due.tracker else None
 
 
 class EpochSums:
@@ -147,8 +133,8 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 
 def train_one_epoch(
-    run: Run, epoch: int, progress: ckpt.TrainingProgress, out: RunOutputs
-) -> tuple[dict[str, float], ckpt.TrainingProgress]:
+    run: Run, epoch: int, progress: TrainingProgress, out: RunOutputs
+) -> tuple[dict[str, float], TrainingProgress]:
     """One pass over this rank's shard (the rest of it, when ``progress.step`` lies inside
     ``epoch``); logs step metrics to ``out`` and saves the mid-epoch checkpoints on the way.
 
@@ -176,8 +162,11 @@ def train_one_epoch(
         warming = cfg.schedule.warmup_until_train_err is not None and not state.warmup_done
         if warming and step % WARMUP_CHECK_EVERY == 0:  # a host sync every 10 steps, only while warming
             state = warmup_update(cfg.schedule, state, acc.window_train_err())
-        due = log_due(cfg, step, last_of_epoch=i == end - 1)
-        if due is not None:
+        # The console line every log_every_n_steps (and at the epoch's end), the tracker's row every
+        # tracking.log_every_n_steps: reading the loss waits for the device, so only then.
+        to_console = step % cfg.log_every_n_steps == 0 or i == end - 1
+        to_tracker = step % cfg.tracking.log_every_n_steps == 0
+        if to_console or to_tracker:
             acc.raise_if_non_finite(run, epoch, state)
             images_done = (i + 1 - first) * d.global_batch
             step_metrics = {
@@ -186,7 +175,7 @@ def train_one_epoch(
                 "img_per_s": images_done / max(time.perf_counter() - start, 1e-9),
                 "epoch": epoch + (i + 1) / end,
             }
-            out.steps(step_metrics, step, console=due.console, track=due.tracker)
+            out.steps(step_metrics, step, console=to_console, track=to_tracker)
         every = cfg.checkpoint.every_n_steps
         if every and step % every == 0 and i + 1 < end:
             acc.raise_if_non_finite(run, epoch, state)
@@ -216,33 +205,22 @@ def epoch_metrics(run: Run, acc: EpochSums, *, lr: float, steps: int, wall: floa
     return metrics
 
 
-def validate(run: Run, batches: Any, mode: str) -> dict[str, float]:
-    """``evaluate`` with the run's device and precision settings, every rank using rank 0's BN statistics."""
-    broadcast_buffers(run.network)
-    return evaluate(
-        run.network,
-        batches,
-        mode=mode,
-        device=run.ctx.device,
-        amp=run.cfg.precision.amp,
-        channels_last=run.cfg.precision.channels_last,
-    )
-
-
 def validate_epoch(
-    run: Run, epoch: int, progress: ckpt.TrainingProgress
-) -> tuple[dict[str, float], ckpt.TrainingProgress]:
-    """The epoch's validation and what it decides: the plateau schedule's next step, the best error."""
+    run: Run, epoch: int, progress: TrainingProgress
+) -> tuple[dict[str, float], TrainingProgress]:
+    """The epoch's validation and what it decides: the plateau schedule's next step, the best error.
+    The training images are scored beside it in eval mode when ``eval.train_eval`` says so."""
     cfg = run.cfg
-    val = validate(run, run.data.make_val(cfg.eval.mode).epoch(epoch), cfg.eval.mode)
+    metrics = score(run, "val", cfg.eval.mode)
     # Patience counts epochs, not evaluations: the epochs since the previous one.
     since = (epoch + 1) % cfg.eval.every_n_epochs or cfg.eval.every_n_epochs
     schedule = plateau_update(
-        cfg.schedule, progress.schedule, val["val/top1_err"], base_lr=run.derived.lr, epochs=since
+        cfg.schedule, progress.schedule, metrics["val/top1_err"], base_lr=run.derived.lr, epochs=since
     )
-    best = min(progress.best_val_top1_err, val["val/top1_err"])
-    metrics = {k: v for k, v in val.items() if k != "val/images"}
-    metrics.update(train_set_metrics(run))  # train_eval/*: the training images in eval mode
+    best = min(progress.best_val_top1_err, metrics["val/top1_err"])
+    if train_eval_on(cfg) and run.data.make_train_eval is not None:
+        metrics.update(score(run, "train", "center"))
+    metrics = {k: v for k, v in metrics.items() if not k.endswith("/images")}  # the same every epoch
     return metrics, dataclasses.replace(progress, schedule=schedule, best_val_top1_err=best)
 
 
@@ -259,8 +237,11 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     run = setup_run(cfg, ctx)
     d = run.derived
     progress = ckpt.restore(run)
+    if progress is None:  # a fresh run: step 0, from model.init_from's weights when it is set
+        load_initial_weights(run.network, cfg, is_main=ctx.is_main)
+        progress = TrainingProgress()
     out = RunOutputs.open(run, progress)
-    progress = dataclasses.replace(progress, wandb_run_id=out.tracker.run_id)
+    progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
     img_per_s, last_checkpoint = [], None
     for epoch in range(progress.epoch, d.epochs):
         train_metrics, progress = train_one_epoch(run, epoch, progress, out)
@@ -274,9 +255,9 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         last_checkpoint = ckpt.save_checkpoint(run, progress, metrics)
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
-    final = validate(run, run.data.make_val(final_mode).epoch(0), final_mode)
+    final = score(run, "val", final_mode)  # the epochs' loader when final_mode is eval.mode
     # CIFAR-10 with a held-out split: the test set is scored too, once, at the end.
-    test = validate(run, run.data.make_test().epoch(0), final_mode) if run.data.make_test else None
+    test = score(run, "test", final_mode) if run.data.make_test else None
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,
@@ -285,7 +266,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "val_top5_err": final["val/top5_err"],
         "val_images": final["val/images"],
         # test_top1_err, test_top5_err, test_images (only when a test set was scored)
-        **{k.replace("val/", "test_"): v for k, v in (test or {}).items() if k != "val/loss"},
+        **{k.replace("test/", "test_"): v for k, v in (test or {}).items() if k != "test/loss"},
         "best_val_top1_err": progress.best_val_top1_err,
         "epochs": progress.epoch,
         "steps": progress.step,
@@ -294,8 +275,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "wall_s": time.perf_counter() - wall_start,
         "img_per_s": float(np.mean(img_per_s)) if img_per_s else None,
         "checkpoint": last_checkpoint,
-        "wandb_dir": out.tracker.wandb_dir,
-        "wandb_mode": out.tracker.mode,
+        **out.wandb_location(),  # wandb_dir, wandb_mode
         "run_dir": run.location,
     }
     out.close(summary, final_mode, test)

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, Derived, to_dict
+from pipeline.config import Config, to_dict
 from pipeline.store.locations import copy_folder_to, is_uri, join
 from pipeline.store.rundir import RunDir
-from pipeline.train.checkpoint import TrainingProgress
+from pipeline.train.derived import Derived
 
 if TYPE_CHECKING:
-    from pipeline.train.setup import Run
+    from pipeline.train.setup import Run, TrainingProgress
 
 
 def describe(cfg: Config, derived: Derived, num_train: int, num_classes: int) -> str:
@@ -83,6 +83,15 @@ class RunOutputs:
     def is_main(self) -> bool:
         return self.rundir is not None
 
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The W&B run's id, saved in every checkpoint so that a restarted run logs into the same run."""
+        return self.tracker.run_id
+
+    def wandb_location(self) -> dict[str, str | None]:
+        """Where the W&B run's files are and how it logs, for the run's summary."""
+        return {"wandb_dir": self.tracker.wandb_dir, "wandb_mode": self.tracker.mode}
+
     def steps(self, metrics: dict[str, float], step: int, console: bool, track: bool) -> None:
         """A step line on the console and/or a step row in W&B."""
         if not self.is_main:
@@ -128,7 +137,7 @@ class RunOutputs:
     def close(self, summary: dict[str, Any], final_mode: str, test: dict[str, float] | None = None) -> None:
         """The final lines, ``summary.json``, W&B's summary; W&B closed and its files in storage.
 
-        ``test``: CIFAR-10's test-set scores when validation used a held-out split.
+        ``test``: CIFAR-10's test-set scores (``test/*``) when validation used a held-out split.
         """
         if not self.is_main:
             return
@@ -140,8 +149,8 @@ class RunOutputs:
         )
         if test:
             print(
-                f"test set ({test['val/images']} images): top-1 err {test['val/top1_err']:.2f}% "
-                f"top-5 err {test['val/top5_err']:.2f}%",
+                f"test set ({test['test/images']} images): top-1 err {test['test/top1_err']:.2f}% "
+                f"top-5 err {test['test/top5_err']:.2f}%",
                 flush=True,
             )
         self.rundir.write_summary(summary)
@@ -150,7 +159,9 @@ class RunOutputs:
                 f"final/{final_mode}/top1_err": summary["val_top1_err"],
                 f"final/{final_mode}/top5_err": summary["val_top5_err"],
                 **{
-                    k.replace("val/", "final/test/"): v for k, v in (test or {}).items() if k.endswith("_err")
+                    k.replace("test/", "final/test/"): v
+                    for k, v in (test or {}).items()
+                    if k.endswith("_err")
                 },
             }
         )

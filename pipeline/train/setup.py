@@ -1,4 +1,6 @@
-"""A worker's setup before its first step: seeds, threads, data, model, optimizer.
+"""A worker's setup before its first step: seeds, threads, data, model, optimizer; and the two
+things the training loop carries, ``Run`` (what the run holds) and ``TrainingProgress`` (where it
+stands).
 
     ctx = init_context(under_ray, requested_gpu(cfg.cluster), cfg.cluster.collective_timeout_s)
     run = setup_run(cfg, ctx)          # data -> derived values -> model (DDP, compile) -> SGD
@@ -9,18 +11,21 @@ The loop (``pipeline.train.loop``) takes the ``Run`` from here and only steps th
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import Config, Derived, derive
-from pipeline.data.source import Data, check_num_classes, open_dataset
+from pipeline.config import Config
+from pipeline.data.loaders import Data, Loader
+from pipeline.data.source import check_num_classes, open_dataset
 from pipeline.host import usable_cpus
 from pipeline.store.rundir import run_location
+from pipeline.train.derived import Derived, derive
 from pipeline.train.distributed import DistContext, wrap_model
+from pipeline.train.schedule import ScheduleState
 
 
 @dataclass
@@ -36,6 +41,41 @@ class Run:
     model: nn.Module  # what trains: DDP-wrapped, channels_last, compiled as configured
     optimizer: torch.optim.SGD
     scaler: torch.amp.GradScaler
+    # The evaluation loaders by (set, eval mode), each built at its first use and kept for the run:
+    # a DALI pipeline takes seconds to build, and the sharded layout's starts fetching shards.
+    eval_loaders: dict[tuple[str, str], Loader] = field(default_factory=dict)
+
+    def eval_loader(self, split: str, mode: str) -> Loader:
+        """This rank's loader over ``split`` (``val``, ``test``, or ``train``: the training images
+        unaugmented) in eval ``mode``; the same loader at every call (its passes restart from the
+        set's first image)."""
+        key = (split, mode)
+        if key not in self.eval_loaders:
+            builders = {
+                "val": lambda: self.data.make_val(mode),
+                "test": self.data.make_test,
+                "train": self.data.make_train_eval,
+            }
+            build = builders[split]
+            if build is None:
+                raise ValueError(f"this dataset has no {split!r} set to score in eval mode")
+            self.eval_loaders[key] = build()
+        return self.eval_loaders[key]
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where the run stands: what the loop carries from step to step, restored from and written
+    into every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_val_top1_err: float = float("inf")
+    schedule: ScheduleState = ScheduleState()
+    wandb_run_id: str | None = None
+    # Mid-epoch only: (loss x n, top-1 hits, top-5 hits, n) of the epoch so far, summed over ranks,
+    # so a resumed epoch reports the same training metrics as an uninterrupted one.
+    epoch_sums: tuple[float, ...] = ()
 
 
 def seed_everything(seed: int) -> None:

@@ -1,15 +1,19 @@
-"""Values that follow from the config and the world size: computed once, printed, saved.
+"""Values that follow from the config, the dataset's size and the world size: computed once,
+printed at start, saved in the run's ``config.yaml`` and W&B config under ``derived``.
 
-derived = derive(cfg, num_train_images=1_281_167, world_size=8)
+    derived = derive(cfg, num_train_images=1_281_167, world_size=8)
+
+The training step reads ``micro_batch``, ``world_size`` and ``global_batch`` (each micro-batch's
+loss is weighted by its share of the global batch), the loop ``iters_per_epoch``,
+``total_iters``, ``epochs`` and ``lr``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from pipeline.config.schema import ClusterConfig, Config, ConfigError
+from pipeline.config import Config, ConfigError, check_batches
 
 
 @dataclass(frozen=True)
@@ -33,20 +37,6 @@ class Derived:
         (ranks differ by one image at most; each rank's loss is weighted by its share)."""
         smallest = self.global_batch // self.world_size
         return f"{smallest}-{self.per_worker_batch}" if smallest != self.per_worker_batch else f"{smallest}"
-
-
-def check_batches(cfg: Config, world: int) -> None:
-    """The one batch-size check: each global batch (training and evaluation) is split as evenly
-    as it goes over ``world`` workers, so any world size works as long as no rank is empty."""
-    for key, batch in (
-        ("optim.batch_size", cfg.optim.batch_size),
-        ("eval.batch_size", cfg.global_eval_batch),
-    ):
-        if batch < world:
-            raise ConfigError(
-                f"{key} ({batch}) is the global batch and is smaller than the {world} workers "
-                "(cluster.num_workers): every worker needs at least one image"
-            )
 
 
 def accumulation(per_worker_batch: int, max_worker_batch: int) -> tuple[int, int]:
@@ -93,20 +83,3 @@ def derive(cfg: Config, num_train_images: int, world_size: int | None = None) ->
         total_iters=total,
         epochs=epochs,
     )
-
-
-def requested_gpu(cluster: ClusterConfig) -> bool | None:
-    """``cluster.use_gpu`` as a decision: True or False when the config says, None for ``auto``."""
-    return None if cluster.use_gpu == "auto" else cluster.use_gpu == "true"
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two config dicts."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changes
