@@ -175,8 +175,9 @@ class Drill:
             # grows it back (Ray Train checks for room every resize_check_s).
             f"cluster.num_workers=[{a.workers - 1},{a.workers}]", f"cluster.resize_check_s={a.resize_check}",
             # The first start waits this long; after a node loss Ray Train first asks again for all
-            # workers (its view lags), and cluster.restart_timeout_s (60 s) bounds that wait.
-            f"cluster.start_timeout_s={a.start_timeout}", f"cluster.max_failures={a.max_failures}",
+            # workers (its view lags), and cluster.restart_timeout_s bounds that wait.
+            f"cluster.start_timeout_s={a.start_timeout}", f"cluster.restart_timeout_s={a.restart_timeout}",
+            f"cluster.max_failures={a.max_failures}",
             "cluster.cpus_per_worker=1", "cluster.use_gpu=false", "tracking.mode=offline",
             "log_every_n_steps=1",  # a step line each step: the drill times the first resumed one
             *(sizes if a.crop != 64 else []),
@@ -556,6 +557,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--workers", 3, "worker nodes (1 CPU each); the run is elastic on [N-1, N]"),
         ("--resize-check", 5.0, "cluster.resize_check_s (Ray's default is 60)"),
         ("--start-timeout", 900.0, "cluster.start_timeout_s"),
+        ("--restart-timeout", 60.0, "cluster.restart_timeout_s: the wait for the lost node's place before shrinking"),
         ("--model", "cifar_resnet20", "model.name (small checkpoints; resnet18 is the demo's)"),
         ("--crop", 32, "training crop; the scales follow the demo's ratios"),
         ("--max-failures", 3, "cluster.max_failures"),

@@ -29,12 +29,21 @@ sys.path.insert(0, str(ROOT / "cluster"))  # cluster/localnodes.py: the drill's 
 CLUSTER_FILES = {"test_cluster_e2e.py", "test_cluster_paths.py", "test_drill.py"}
 
 
+# The upper bound of a slow or multi-node test that sets none itself (`pytest.mark.timeout`);
+# the rest have pyproject's `timeout` (300 s). A hang then fails that test by name instead of
+# spending CI's whole budget; the bound is about 3x such a test's time on an idle machine.
+SLOW_TIMEOUT_S = 900
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in CLUSTER_FILES:
             item.add_marker(pytest.mark.cluster)
         if "local_ray" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+        slow = item.get_closest_marker("slow") or item.get_closest_marker("cluster")
+        if slow and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def run_pipeline(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

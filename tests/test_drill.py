@@ -46,6 +46,7 @@ CHECKS = {
     reason="the drill needs root, unshare and nsenter (a mount namespace per node)",
 )
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # above the drill's own 1200 s limit, which reports its checks
 def test_drill_survives_losing_rank_0s_node():
     proc = subprocess.run(
         [
@@ -65,6 +66,10 @@ def test_drill_survives_losing_rank_0s_node():
             "32",
             "--batch",
             "16",
+            # After the kill Ray Train first asks for all 3 workers again; 15 s (not the default 60)
+            # bounds that wait before it shrinks to 2: every check holds, a minute sooner.
+            "--restart-timeout",
+            "15",
         ],  # fmt: skip
         cwd=ROOT,
         capture_output=True,
@@ -101,6 +106,7 @@ RESUBMISSION_CHECKS = {
     reason="the drill needs root, unshare and nsenter (a mount namespace per node)",
 )
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # above the drill's own 1200 s limit, which reports its checks
 def test_drill_resumes_a_stopped_job_and_one_whose_head_was_lost():
     """``make drill DRILL_ARGS="--kill stop,head ..."`` as cluster/README writes it: the job
     stopped with ``ray job stop`` mid-epoch and submitted again; then the head killed whole
