@@ -557,7 +557,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--workers", 3, "worker nodes (1 CPU each); the run is elastic on [N-1, N]"),
         ("--resize-check", 5.0, "cluster.resize_check_s (Ray's default is 60)"),
         ("--start-timeout", 900.0, "cluster.start_timeout_s"),
-        ("--restart-timeout", 60.0, "cluster.restart_timeout_s: the wait for the lost node's place before shrinking"),
+        (
+            "--restart-timeout",
+            60.0,
+            "cluster.restart_timeout_s: the wait for the lost node's place before shrinking",
+        ),
         ("--model", "cifar_resnet20", "model.name (small checkpoints; resnet18 is the demo's)"),
         ("--crop", 32, "training crop; the scales follow the demo's ratios"),
         ("--max-failures", 3, "cluster.max_failures"),
