@@ -13,7 +13,8 @@ port for every Ray port (so it runs beside any other Ray here), its own ``--temp
 100 MB object store, token auth on (the token in a file named by ``RAY_AUTH_TOKEN_PATH``), and a
 custom resource ``<tag>_<name>`` naming it; its output goes to ``<root>/<name>.log`` and
 ``start`` returns once it says "Ray runtime started". The head serves the dashboard on
-127.0.0.1 (the Jobs API, and the state API this harness asks which nodes are alive). The venv's
+127.0.0.1 (the Jobs API, and the state API this harness asks which nodes are alive: those
+questions live in cluster/dashboard_client.py, which ``LocalNodes`` inherits). The venv's
 ``bin`` is NOT on the nodes' PATH unless ``venv_on_path=True``: a job's bare ``python`` is then
 the system's, as on nodes started with ``.venv/bin/ray start`` from a plain shell (``make
 submit`` runs ``cluster/scripts/job_python.sh``, which finds the raylet's Python).
@@ -47,7 +48,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+
+# Beside this module in cluster/; JOB_ENDED is re-exported for the harness's callers.
+from dashboard_client import JOB_ENDED as JOB_ENDED
+from dashboard_client import DashboardClient
 
 VENV_BIN = Path(sys.executable).parent
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -55,7 +59,6 @@ RAY = str(VENV_BIN / "ray")
 MARKER = "RESNET_LOCALNODES"
 NODE_MARKER = "RESNET_LOCALNODES_NODE"
 OBJECT_STORE_BYTES = 100 * 1024**2
-JOB_ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 # Runs inside the node's new mount namespace, then becomes `ray start`. A checkout (or venv)
 # that itself lives under /tmp must stay visible under the private /tmp: hold it elsewhere,
@@ -142,8 +145,9 @@ def can_unshare_mounts() -> bool:
     return probe.returncode == 0
 
 
-class LocalNodes:
-    """A head and joined nodes, each a ``ray start --block`` child of this process.
+class LocalNodes(DashboardClient):
+    """A head and joined nodes, each a ``ray start --block`` child of this process; what its
+    dashboard says about them (the Jobs, state and Ray Train APIs) comes from ``DashboardClient``.
 
     Args:
         tag: names the temp dir (``/tmp/<tag>-*``) and the nodes' custom resources (``<tag>_<name>``).
@@ -152,17 +156,15 @@ class LocalNodes:
     """
 
     def __init__(self, tag: str, *, venv_on_path: bool = False, env: dict[str, str] | None = None):
-        self.tag = tag
+        self._ports = free_ports(64)
+        self.gcs_port = self._ports.pop()
+        super().__init__(tag, dashboard_port=self._ports.pop(), token=secrets.token_hex(32))
         # Short path: Ray puts unix sockets under a node's temp dir (108-byte limit).
         self.root = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir="/tmp"))
-        self.token = secrets.token_hex(32)
         self.token_path = self.root / "auth_token"
         self.token_path.write_text(self.token)
         self.token_path.chmod(0o600)
-        self._ports = free_ports(64)
-        self.gcs_port, self.dashboard_port = self._ports.pop(), self._ports.pop()
         self.gcs = f"127.0.0.1:{self.gcs_port}"
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.hold: Path | None = None  # outside /tmp: where a private-/tmp node holds the checkout
         path = os.environ.get("PATH", "")
         scrub = ("RAY_", "WANDB_", "AWS_")
@@ -198,9 +200,6 @@ class LocalNodes:
     def port(self) -> str:
         """A port that was free when this cluster was made and that no node of it uses."""
         return str(self._ports.pop())
-
-    def resource(self, name: str) -> str:
-        return f"{self.tag}_{name}"
 
     # ------------------------------------------------------------ object storage
 
@@ -429,99 +428,3 @@ class LocalNodes:
     def leftover_pids(self) -> list[int]:
         """Processes still carrying this cluster's marker."""
         return pids_with_env(f"{MARKER}={self.root}")
-
-    # ------------------------------------------------------------ the dashboard's HTTP API
-
-    def http(self, path: str, token: str | None = "own", host: str = "127.0.0.1") -> tuple[int, bytes]:
-        """(status, body) of a GET on the dashboard; ``token``: "own", another one, or None for none."""
-        request = urllib.request.Request(f"http://{host}:{self.dashboard_port}{path}")
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {self.token if token == 'own' else token}")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def api(self, path: str) -> Any:
-        """The JSON of a GET on the dashboard; an OSError unless it answers 200."""
-        status, body = self.http(path)
-        if status != 200:
-            raise OSError(f"GET {path}: HTTP {status}: {body[:500]!r}")
-        return json.loads(body)
-
-    def alive_nodes(self) -> list[dict]:
-        """The state API's records of the nodes alive now (empty while the dashboard is not up)."""
-        try:
-            nodes = self.api("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
-        except OSError:
-            return []
-        return [n for n in nodes if n["state"] == "ALIVE"]
-
-    def alive(self) -> dict[str, str]:
-        """This harness's name -> node id, for every node of it alive now."""
-        names = {}
-        for node in self.alive_nodes():
-            mine = [k for k in node.get("resources_total", {}) if k.startswith(f"{self.tag}_")]
-            if mine:
-                names[mine[0].removeprefix(f"{self.tag}_")] = node["node_id"]
-        return names
-
-    def wait_alive(self, names: set[str], timeout: float = 120) -> dict[str, str]:
-        """Wait until exactly ``names`` are alive; returns name -> node id."""
-        deadline = time.monotonic() + timeout
-        while set(alive := self.alive()) != names:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nodes alive: {sorted(alive)}, expected {sorted(names)}")
-            time.sleep(1)
-        return alive
-
-    def actor_nodes(self, class_name: str) -> list[str]:
-        """Node ids of every actor of ``class_name`` this cluster has run (dead ones included)."""
-        query = (
-            "/api/v0/actors?limit=1000&detail=1&filter_keys=class_name&filter_predicates=%3D"
-            f"&filter_values={class_name}"
-        )
-        return [a["node_id"] for a in self.api(query)["data"]["result"]["result"]]
-
-    # ------------------------------------------------------------ jobs and Ray Train runs
-
-    def job_status(self, job_id: str) -> str:
-        return self.api(f"/api/jobs/{job_id}")["status"]
-
-    def job_logs(self, job_id: str) -> str:
-        """The job's log so far ("" when the dashboard does not give it)."""
-        try:
-            return self.api(f"/api/jobs/{job_id}/logs")["logs"]
-        except OSError:
-            return ""
-
-    def wait_job(self, job_id: str, timeout: float) -> str:
-        """The job's final status, or "<status> after <timeout> s"."""
-        deadline = time.monotonic() + timeout
-        while (status := self.job_status(job_id)) not in JOB_ENDED:
-            if time.monotonic() > deadline:
-                return f"{status} after {timeout:.0f} s"
-            time.sleep(2)
-        return status
-
-    def worker_groups(self) -> list[dict]:
-        """Ray Train's worker groups that started (its run attempts, with each worker's
-        ``world_rank``, ``pid`` and ``node_id``), oldest first. Needs the job's driver to run
-        with ``RAY_TRAIN_ENABLE_STATE_TRACKING=1``."""
-        try:
-            runs = self.api("/api/train/v2/runs/v1")["train_runs"]
-        except OSError:  # no run registered yet
-            return []
-        started = (a for r in runs for a in r["attempts"] if a["workers"])
-        return sorted(started, key=lambda a: a["start_time_ns"])
-
-    def train_rank0(self) -> tuple[str, int] | None:
-        """(node name, pid) of rank 0 in Ray Train's running worker group, if one runs on a node
-        of this harness that is alive."""
-        running = [g for g in self.worker_groups() if g["status"] == "RUNNING"]
-        names = {node_id: name for name, node_id in self.alive().items()}
-        for w in running[-1]["workers"] if running else []:
-            if w["world_rank"] == 0 and w["node_id"] in names:
-                return names[w["node_id"]], w["pid"]
-        return None
