@@ -3,14 +3,15 @@
 Runs ``cluster/drill.py`` as a user would: a moto S3 server, a Ray head and three worker nodes
 (cluster/localnodes.py) in their own mount namespaces, rank 0's node killed mid-epoch and
 replaced. About 4-8 minutes on 2 cores. Needs root (one mount namespace per node). The other
-tests here run the drill's checks on records written the way a run writes them.
+tests here run the drill's checks (cluster/drill_checks.py) on records written the way a run
+writes them.
 
     .venv/bin/python -m pytest -q tests/test_drill.py
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -137,11 +138,10 @@ def test_drill_resumes_a_stopped_job_and_one_whose_head_was_lost():
 # ---------------------------------------------------------------- the drill's checks, on a fake run
 
 
-def _load_drill():
-    spec = importlib.util.spec_from_file_location("drill", ROOT / "cluster" / "drill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_checks():
+    """cluster/drill_checks.py (conftest puts cluster/ on sys.path); imported in the tests, not at
+    collection, since it brings in the pipeline's storage and the node harness."""
+    return importlib.import_module("drill_checks")
 
 
 @pytest.fixture
@@ -238,11 +238,11 @@ def test_wandb_sync_merges_a_runs_segments_in_the_bucket(bucket, tmp_path):
 def test_drill_checks_say_what_is_missing(bucket, tmp_path):
     from pipeline.store.rundir import RunDir
 
-    drill = _load_drill()
+    checks = _load_checks()
     uri = "s3://drill/runs/none"
     empty = SimpleNamespace(run_uri=uri, run=RunDir(uri), args=SimpleNamespace(epochs=3), root=tmp_path)
-    check = drill.Check()
-    assert drill.check_metrics(empty, check) == [] and drill.check_summary(empty, check) is None
+    check = checks.Check()
+    assert checks.check_metrics(empty, check) == [] and checks.check_summary(empty, check) is None
     assert [ok for ok, _, _ in check.lines] == [False, False] and "does not exist" in check.lines[0][2]
 
 
@@ -250,13 +250,13 @@ def test_resumed_check_reads_which_records_survived():
     """A worker group that restored epoch k keeps metrics.jsonl's records of epochs 1..k: after a
     kill in epoch 4 of a group of 3, epochs 1-3 stay the group of 3's and epoch 4 is the group of
     2's. A fresh start (all records redone) or a resume from an older checkpoint fails."""
-    drill = _load_drill()
+    checks = _load_checks()
     fake = SimpleNamespace(args=SimpleNamespace(workers=3))
 
     def verdict(sizes: list[int]) -> tuple[bool, str]:
-        check = drill.Check()
+        check = checks.Check()
         records = [{"epoch": i + 1, "world_size": size} for i, size in enumerate(sizes)]
-        drill.check_resumed(fake, check, {"epoch": 4}, records)
+        checks.check_resumed(fake, check, {"epoch": 4}, records)
         ((ok, what, detail),) = check.lines
         assert what == "resumed from a checkpoint"
         return ok, detail
@@ -266,21 +266,21 @@ def test_resumed_check_reads_which_records_survived():
     assert not verdict([2, 2, 2, 2, 2, 3, 3])[0]  # the group of 2 started from scratch
     assert not verdict([3, 3, 2, 2, 2, 3, 3])[0]  # ... from the checkpoint of epoch 2
     assert not verdict([3, 3, 3, 3, 3, 3, 3])[0]  # no group of 2 recorded the kill's epoch
-    check = drill.Check()
-    drill.check_resumed(fake, check, None, [])  # nothing killed: nothing resumed
+    check = checks.Check()
+    checks.check_resumed(fake, check, None, [])  # nothing killed: nothing resumed
     assert check.lines[0][0] is False
 
 
 def test_shard_gets_check_bounds_the_gets_by_shards_and_nodes():
     """--layout sharded: every shard came from the bucket at least once, no node fetched one twice
     (GETs of .tar objects <= shards x nodes), and the replacement filled its own cache."""
-    drill = _load_drill()
+    checks = _load_checks()
     cached = {"head": 1, "worker1": 9, "worker3": 10, "worker4": 7}  # live nodes (worker2 killed)
 
     def ok(gets: int, cached: dict = cached) -> bool:
-        return drill.shard_gets(gets, 10, 5, 148, cached, "worker4")[0]
+        return checks.shard_gets(gets, 10, 5, 148, cached, "worker4")[0]
 
-    passed, detail = drill.shard_gets(45, 10, 5, 148, cached, "worker4")
+    passed, detail = checks.shard_gets(45, 10, 5, 148, cached, "worker4")
     assert passed and "45 GETs of .tar objects for 10 shards x 5 nodes (at most 50)" in detail, detail
     assert "0.304 GETs per image (148 images)" in detail and "worker4 7" in detail, detail
     assert ok(10) and ok(50)  # once in all; every node fetched every shard once
@@ -295,7 +295,7 @@ def test_resubmitted_check_wants_the_records_before_each_event_kept():
     """A job submitted again after a stop in epoch 3 and a head loss in epoch 5 restores epochs 2
     and 4 and keeps the records of the epochs before as they were. A job that started again
     (other times in the records) or restored an older checkpoint fails."""
-    drill = _load_drill()
+    checks = _load_checks()
     records = [{"epoch": e, "epoch_time_s": 1.0 + e / 10} for e in range(1, 7)]
     events = [
         {"kind": "stop", "records": records[:2], "restored": 2},
@@ -303,8 +303,8 @@ def test_resubmitted_check_wants_the_records_before_each_event_kept():
     ]
 
     def verdict(records: list[dict], events: list[dict] = events) -> tuple[bool, str]:
-        check = drill.Check()
-        drill.check_resubmitted(None, check, events, records)
+        check = checks.Check()
+        checks.check_resubmitted(None, check, events, records)
         ((ok, what, detail),) = check.lines
         assert what == "resumed from a checkpoint"
         return ok, detail
@@ -327,7 +327,7 @@ def test_one_wandb_run_check_wants_one_id_over_every_job(bucket, tmp_path):
 
     from pipeline.store import locations
 
-    drill = _load_drill()
+    checks = _load_checks()
     run_uri, local = "s3://drill/runs/one-run", tmp_path / "run"  # moto keeps the other tests' objects
     fake = SimpleNamespace(run_uri=run_uri)
     run_id = _segment(local, None, _epochs([1, 2]))
@@ -336,8 +336,8 @@ def test_one_wandb_run_check_wants_one_id_over_every_job(bucket, tmp_path):
     pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
 
     def verdict(events: int) -> tuple[bool, str]:
-        check = drill.Check()
-        drill.check_one_wandb_run(fake, check, [{}] * events)
+        check = checks.Check()
+        checks.check_one_wandb_run(fake, check, [{}] * events)
         ((ok, what, detail),) = check.lines
         assert what == "one W&B run"
         return ok, detail

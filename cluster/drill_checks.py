@@ -1,0 +1,251 @@
+"""The drill's checks: one PASS/FAIL line each, read from a record, not from the console (Ray's
+job, Train and actor state APIs; the bucket's ``metrics.jsonl``, ``summary.json`` and W&B
+segments; the merged W&B history; the JSON of ``pipeline eval``; the S3 server's request counts).
+Each takes the ``Drill`` (cluster/drill_cluster.py) and the report, ``Check``; ``run_checks``
+(rank 0's node lost) and ``run_resubmission_checks`` (stops and head losses) run a drill's set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from drill_cluster import BUCKET, Drill
+
+from pipeline.store import locations
+
+GRACEFUL_ABORT = "Run aborted due to user interrupt (SIGINT)."  # Ray Train's state API, after abort()
+
+
+class Check:
+    """The report: one PASS/FAIL line per check."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[bool, str, str]] = []
+
+    def __call__(self, ok: bool, what: str, detail: str) -> None:
+        self.lines.append((bool(ok), what, detail))
+        print(f"{'PASS' if ok else 'FAIL'}  {what}: {detail}", flush=True)
+
+    @property
+    def failed(self) -> int:
+        return sum(not ok for ok, _, _ in self.lines)
+
+
+def check_kill(drill: Drill, check: Check, kill: dict | None, replaced_after: float | None) -> None:
+    what = "rank 0 killed mid-epoch"
+    if kill is None:
+        return check(False, what, "no epoch after the first was seen under way (metrics.jsonl, checkpoints)")
+    e, n, names = kill["epoch"], drill.args.epochs, ", ".join(kill["processes"])
+    check(
+        True,
+        what,
+        f"node {kill['node']} (rank 0, RayTrainWorker pid {kill['pid']}) in epoch {e}/{n}, {kill['after']:.1f} s "
+        f"after checkpoint_epoch{e - 1:04d} was whole (epoch {e - 1} took {kill['took']:.1f} s), before "
+        f"metrics.jsonl held epoch {e}; {len(kill['processes'])} processes SIGKILLed ({names}); "
+        f"a new node up {replaced_after:.1f} s later",
+    )
+
+
+def check_resumed(drill: Drill, check: Check, kill: dict | None, records: list[dict]) -> None:
+    """A worker group that restores epoch k keeps ``metrics.jsonl``'s records of epochs 1..k and
+    records k+1 on; one that starts from scratch drops them all. So the records of the epochs
+    before the kill stay those of the killed group of N, and the kill's epoch is the group of N-1's."""
+    n, sizes = drill.args.workers, [r.get("world_size") for r in records]
+    e = kill["epoch"] if kill else 0
+    ok = e > 1 and sizes[: e - 1] == [n] * (e - 1) and sizes[e - 1 : e] == [n - 1]
+    check(
+        ok,
+        "resumed from a checkpoint",
+        f"metrics.jsonl's epochs 1-{e - 1} recorded by groups of {sorted(set(sizes[: e - 1]), key=str)} "
+        f"(the killed group: {n}), epoch {e} by {sizes[e - 1 : e]} (the next: {n - 1}); world sizes {sizes}",
+    )
+
+
+def check_metrics(drill: Drill, check: Check) -> list[dict]:
+    want, uri = list(range(1, drill.args.epochs + 1)), locations.join(drill.run_uri, "metrics.jsonl")
+    records = drill.run.read_metrics()
+    got = [r.get("epoch") for r in records]
+    detail = f"{got} in {uri} (want {want})" if locations.kind(uri) == "file" else f"{uri} does not exist"
+    check(got == want, "metrics.jsonl epochs", detail)
+    return records
+
+
+def check_wandb(drill: Drill, check: Check, records: list[dict]) -> None:
+    """What a user gets from ``pipeline wandb-sync RUN``: the run's offline segments in the bucket
+    merged (on this machine, from the bucket alone; uploaded nowhere), read back."""
+    from pipeline.tracking.offline import read_wandb_history
+    from pipeline.tracking.sync import find_segments
+
+    out, want = drill.root / "wandb-merged", list(range(1, drill.args.epochs + 1))
+    drill.pipeline("wandb-sync", drill.run_uri, "--dry-run", "--out", str(out))
+    (merged,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    rows = [row for row in read_wandb_history(merged) if "train/loss" in row]  # epoch rows, not step rows
+    got, segments = [r.get("epoch") for r in rows], len(find_segments(drill.run_uri))
+    where = f"{segments} segments in the bucket merged by `pipeline wandb-sync` into {merged.parent}"
+    check(bool(rows) and got == want, "W&B history epochs", f"{got} (want {want}); {where}")
+    by_epoch = {r.get("epoch"): r for r in records}
+    diffs = [
+        f"epoch {r['epoch']} {k}: W&B {r[k]} vs metrics.jsonl {by_epoch[r['epoch']].get(k)}"
+        for r in rows
+        for k in ("train/loss", "val/top1_err")
+        if r.get("epoch") in by_epoch and k in r and r[k] != by_epoch[r["epoch"]].get(k)
+    ]
+    compared = f"train/loss and val/top1_err of {len(rows)} epoch rows" if rows else "no epoch rows"
+    check(bool(rows) and not diffs, "W&B values = metrics.jsonl", "; ".join(diffs[:4]) or compared)
+
+
+def check_summary(drill: Drill, check: Check) -> dict | None:
+    uri, s = locations.join(drill.run_uri, "summary.json"), drill.run.read_summary()
+    if s is None:
+        return check(False, "summary.json", f"{uri} does not exist")
+    got = f"{uri}: epochs {s.get('epochs')}, {s.get('eval_mode')} top-1 err {s.get('val_top1_err')}"
+    check(s.get("epochs") == drill.args.epochs, "summary.json", f"{got}, checkpoint {s.get('checkpoint')}")
+    return s
+
+
+def check_eval(drill: Drill, check: Check, summary: dict | None) -> None:
+    """``pipeline eval --no-ray`` of the final checkpoint in the head's namespace (it sees only the
+    bucket), its JSON written to the bucket."""
+    what = "eval of the final checkpoint"
+    if not summary or not summary.get("checkpoint"):
+        return check(False, what, "no final checkpoint named in summary.json")
+    ckpt, out = summary["checkpoint"], f"s3://{BUCKET}/eval/{drill.job_id}.json"
+    in_bucket = ckpt.startswith(drill.run_uri + "/") and locations.kind(ckpt) == "dir"
+    mode = f"eval.mode={summary['eval_mode']}"
+    drill.pipeline("eval", "--config", drill.args.config, "--no-ray", "--checkpoint", ckpt, "--out", out,
+                   *drill.overrides(), mode, in_head=True)  # fmt: skip
+    got = json.loads(locations.read_bytes(out) or b"null")
+    same = abs(got["top1_err"] - summary["val_top1_err"]) < 1e-9 and got["images"] == summary["val_images"]
+    check(
+        in_bucket and same,
+        what,
+        f"{ckpt} {'in' if in_bucket else 'NOT in'} the bucket; {out}: top-1 err {got['top1_err']} on "
+        f"{got['images']} images vs summary {summary['val_top1_err']} on {summary['val_images']}",
+    )
+
+
+def check_placement(drill: Drill, check: Check) -> None:
+    head = [n["node_id"] for n in drill.nodes.alive_nodes() if n.get("is_head_node")]
+    workers = drill.nodes.actor_nodes("RayTrainWorker")
+    on_head, used = sum(w in head for w in workers), len(set(workers))
+    detail = f"{len(workers)} RayTrainWorker actors on {used} worker nodes, {on_head} on the head"
+    check(bool(workers) and bool(head) and on_head == 0, "training placement", detail)
+
+
+def check_elastic(drill: Drill, check: Check, records: list[dict]) -> None:
+    """Ray Train ran a group of N, then of N-1 (which trained: epochs recorded by it), then of N."""
+    n, sizes = drill.args.workers, [len(g["workers"]) for g in drill.nodes.worker_groups()]
+    shrank = [i for i, size in enumerate(sizes) if size == n - 1]
+    grew = bool(shrank) and n in sizes[shrank[0] + 1 :]
+    trained, batches = [r.get("world_size") for r in records], {r.get("global_batch") for r in records}
+    ok = sizes[:1] == [n] and grew and n - 1 in trained and batches == {drill.args.batch}
+    detail = f"worker groups of {sizes} (Ray Train's state API); epoch records' world sizes {trained}"
+    check(ok, "elastic shrink and growth", f"{detail}, global batch {sorted(batches, key=str)}")
+
+
+def shard_gets(gets: int, shards: int, nodes: int, images: int, cached: dict, new: str) -> tuple[bool, str]:
+    """Each shard fetched at least once, at most once per node; the replacement ``new`` filled its own cache."""
+    ok = shards <= gets <= shards * nodes and cached.get(new, 0) > 0 and max(cached.values()) <= shards
+    return ok, (f"{gets} GETs of .tar objects for {shards} shards x {nodes} nodes (at most {shards * nodes}): "
+                f"{gets / images:.3f} GETs per image ({images} images); shards in each live node's cache: "
+                f"{', '.join(f'{name} {k}' for name, k in cached.items())}")  # fmt: skip
+
+
+def check_shard_gets(drill: Drill, check: Check) -> None:
+    from pipeline.data.shard_cache import DEFAULT_DIR_NAME
+    from pipeline.data.shards import load_manifest
+
+    m, live = load_manifest(drill.data_uri), [k for k, p in drill.nodes.nodes.items() if p.poll() is None]
+    cache = f"tmp/{DEFAULT_DIR_NAME}/{m.digest[:16]}/*.ok"  # a whole, checked shard in a node's /tmp
+    cached = {k: len(list(drill.nodes.view(k).glob(cache))) for k in live}
+    images, gets = len(m.split("train")) + len(m.split("val")), drill.nodes.s3_counts().get("GET.tar", 0)
+    new = f"worker{drill.args.workers + 1}"  # the replacement
+    ok, detail = shard_gets(gets, len(m.shards), len(drill.nodes.nodes), images, cached, new)
+    check(ok, "shard GETs", detail)
+
+
+def check_events(drill: Drill, check: Check, events: list[dict]) -> None:
+    """One line per stop or head loss: when it came, what went, how soon the run trained again."""
+    n, ids = drill.args.epochs, drill.job_ids
+    for i, e in enumerate(events):
+        when = (f"in epoch {e['epoch']}/{n}, {e['after']:.1f} s after checkpoint_epoch{e['epoch'] - 1:04d} "
+                f"was whole (epoch {e['epoch'] - 1} took {e['took']:.1f} s)")  # fmt: skip
+        again = (f"job {ids[i + 1]} submitted again: restored epoch {e['restored']}, its first step "
+                 + (f"{e['to_step']:.1f} s after the {e['kind']}" if e["to_step"] is not None else "never came"))  # fmt: skip
+        if e["kind"] == "stop":  # aborted as on Ctrl-C: its workers stopped, its resources given back
+            run, graceful = e["run"], e["run"].get("status_detail") == GRACEFUL_ABORT
+            check(e["status"] == "STOPPED" and graceful and e["to_step"] is not None, "job stopped mid-epoch",
+                  f"`ray job stop {ids[i]}` {when}: {e['status']}, Ray Train's run {run['status']} "
+                  f"({run.get('status_detail')}); {again}")  # fmt: skip
+        else:
+            gone = {"gcs_server", "raylet"} <= set(e["processes"])
+            fresh = "sees" if e["session_seen"] else "has none of"
+            check(gone and not e["session_seen"] and e["to_step"] is not None, "head lost mid-epoch",
+                  f"node {e['old']} {when}: {len(e['processes'])} processes SIGKILLed with its workers "
+                  f"{', '.join(e['old_workers'])} ({', '.join(sorted(set(e['processes'])))}); new nodes "
+                  f"{', '.join(e['nodes'])}, whose head {fresh} the old head's {e['session']}; {again}")  # fmt: skip
+
+
+def check_resubmitted(drill: Drill, check: Check, events: list[dict], records: list[dict]) -> None:
+    """A job that restores epoch k keeps ``metrics.jsonl``'s records of epochs 1..k as they were
+    (their times would differ had it started again) and says so: for each job submitted again."""
+    problems = []
+    for e in events:
+        k = len(e["records"])
+        if records[:k] != e["records"]:
+            problems.append(f"epochs 1-{k} differ from the records in the bucket at the {e['kind']}")
+        if e["restored"] is None or e["restored"] < k:  # more: the old workers ended epoch k + 1 first
+            problems.append(
+                f"after the {e['kind']} in epoch {k + 1} the job restored epoch {e['restored']}, not {k} or later"
+            )
+    kept = ", ".join(f"1-{len(e['records'])} kept over the {e['kind']}" for e in events)
+    check(bool(events) and not problems, "resumed from a checkpoint", "; ".join(problems) or f"epochs {kept}")
+
+
+def check_one_wandb_run(drill: Drill, check: Check, events: list[dict]) -> None:
+    """Every job's W&B segment in the bucket is of one run id (the checkpoint carries it)."""
+    from pipeline.tracking.sync import SEGMENT, find_segments
+
+    segments = find_segments(drill.run_uri)
+    ids = [SEGMENT.match(Path(s).parent.name)[2] for s in segments]
+    want = len(events) + 1
+    check(len(set(ids)) == 1 and len(ids) == want, "one W&B run",
+          f"{len(ids)} segments (want {want}, one per job) of run ids {sorted(set(ids))}")  # fmt: skip
+
+
+def run_common_checks(drill: Drill, check: Check) -> list[dict]:
+    """The checks of every drill: the run's records, W&B, summary, eval, placement; returns the records."""
+    records = guarded(drill, check, "metrics.jsonl epochs", check_metrics) or []
+    guarded(drill, check, "W&B history epochs", check_wandb, records)
+    summary = guarded(drill, check, "summary.json", check_summary)
+    guarded(drill, check, "eval of the final checkpoint", check_eval, summary)
+    guarded(drill, check, "training placement", check_placement)
+    return records
+
+
+def guarded(drill: Drill, check: Check, what: str, fn: Any, *args: Any) -> Any:
+    """``fn``'s check on its own: one that cannot even run is a FAIL with its error."""
+    try:
+        return fn(drill, check, *args)
+    except Exception as e:  # a check that crashes is a miss, reported like the others
+        check(False, what, f"the check failed: {type(e).__name__}: {e}")
+
+
+def run_resubmission_checks(drill: Drill, check: Check, status: str, events: list[dict]) -> None:
+    check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id}, the last of {len(drill.job_ids)})")
+    guarded(drill, check, "stops and head losses", check_events, events)
+    records = run_common_checks(drill, check)
+    guarded(drill, check, "resumed from a checkpoint", check_resubmitted, events, records)
+    guarded(drill, check, "one W&B run", check_one_wandb_run, events)
+
+
+def run_checks(drill: Drill, check: Check, status: str, kill: dict | None, replaced: float | None) -> None:
+    check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id})")
+    guarded(drill, check, "rank 0 killed mid-epoch", check_kill, kill, replaced)
+    records = run_common_checks(drill, check)
+    guarded(drill, check, "resumed from a checkpoint", check_resumed, kill, records)
+    guarded(drill, check, "elastic shrink and growth", check_elastic, records)
+    if drill.sharded:
+        guarded(drill, check, "shard GETs", check_shard_gets)
