@@ -10,7 +10,8 @@
 #
 # A local S3 server, a Ray head and three worker nodes (cluster/localnodes.py; each in its own
 # mount namespace with a private /tmp), the demo submitted as `make submit` does, rank 0's node
-# killed mid-epoch and replaced; then one PASS/FAIL line per check. Exit 0 when all pass.
+# killed mid-epoch and replaced (cluster/drill_cluster.py); then one PASS/FAIL line per check
+# (cluster/drill_checks.py). Exit 0 when all pass.
 
 DRILL_ARGS ?=
 

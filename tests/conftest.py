@@ -20,7 +20,8 @@ os.environ.pop("RAY_ADDRESS", None)
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "cluster"))  # cluster/localnodes.py: the drill's and the cluster tests' helpers
+# cluster/localnodes.py (the cluster tests' and the drill's harness), cluster/drill_checks.py, ...
+sys.path.insert(0, str(ROOT / "cluster"))
 
 
 # The test tiers (pyproject's markers; `make test-fast` runs what has none of them). Files whose
