@@ -34,6 +34,7 @@ process titles, so the marker alone misses them), nothing else; never ``ray stop
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -58,6 +59,18 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 RAY = str(VENV_BIN / "ray")
 MARKER = "RESNET_LOCALNODES"
 NODE_MARKER = "RESNET_LOCALNODES_NODE"
+
+
+def ends_with_its_starter() -> None:
+    """In a child before exec: SIGTERM it when the process that started it dies (Linux's
+    PR_SET_PDEATHSIG). Without it a drill or test killed by a timeout leaves its whole cluster
+    running on the machine (``ray start --block`` stops its raylet and GCS on SIGTERM, not when
+    its parent goes), and every later test runs beside it. The node's ``unshare`` and ``sh``
+    exec into ``ray start``, so the signal reaches it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 OBJECT_STORE_BYTES = 100 * 1024**2
 
 # Runs inside the node's new mount namespace, then becomes `ray start`. A checkout (or venv)
@@ -223,8 +236,9 @@ class LocalNodes(DashboardClient):
             if counted:  # `python -m pipeline...` of this checkout (its root is the cwd)
                 cmd = [sys.executable, "-m", "pipeline.bench.s3_latency", "--latency-ms", "0", "--port", port]
             self.s3 = subprocess.Popen(
-                cmd, env=self.client_env, cwd=CHECKOUT, stdout=log, stderr=subprocess.STDOUT
-            )
+                cmd, env=self.client_env, cwd=CHECKOUT, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=ends_with_its_starter,
+            )  # fmt: skip
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -302,8 +316,9 @@ class LocalNodes(DashboardClient):
             cmd = [*namespace, name, *cmd]
         with open(self.root / f"{name}.log", "w") as log:
             proc = subprocess.Popen(
-                cmd, env=env, cwd="/" if private_tmp else self.root, stdout=log, stderr=subprocess.STDOUT
-            )
+                cmd, env=env, cwd="/" if private_tmp else self.root, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=ends_with_its_starter,
+            )  # fmt: skip
         self.nodes[name] = proc
         deadline = time.monotonic() + timeout
         while "Ray runtime started" not in self.log(name):

@@ -1,4 +1,4 @@
-"""cluster/localnodes.py without starting Ray: the nodes' environment and teardown by marker.
+"""cluster/localnodes.py: the nodes' environment, teardown by marker, and nodes that stop when their starter dies.
 
 .venv/bin/python -m pytest -q tests/test_localnodes.py
 """
@@ -6,10 +6,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
-from localnodes import MARKER, VENV_BIN, LocalNodes, free_ports
+import pytest
+from localnodes import MARKER, VENV_BIN, LocalNodes, free_ports, kill_all, pids_with_env
 
 
 def _on_path(env: dict[str, str]) -> bool:
@@ -77,3 +82,30 @@ def test_counted_s3_server_counts_the_gets_of_tar_objects(monkeypatch):
     finally:
         nodes.stop()
     assert nodes.s3 is not None and nodes.s3.poll() is not None
+
+
+@pytest.mark.ray
+def test_a_killed_starter_leaves_no_node_or_s3_server_running(tmp_path):
+    """A drill or test ended by SIGKILL (a timeout, CI's end) runs no ``finally``: its Ray node and
+    S3 server still stop, since each is told to when the process that started it dies."""
+    script = tmp_path / "starter.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'cluster')!r})\n"
+        "from localnodes import LocalNodes\n"
+        "nodes = LocalNodes('lnk')\n"
+        "nodes.start_s3('killed')\n"
+        "nodes.start('head', head=True)\n"
+        "print(nodes.root, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-3000:]
+    root = proc.stdout.strip().splitlines()[-1]  # printed once the server and the node were up
+    deadline = time.monotonic() + 60
+    while pids_with_env(f"{MARKER}={root}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = pids_with_env(f"{MARKER}={root}")
+    kill_all(left)  # never leave them to the next test
+    shutil.rmtree(root, ignore_errors=True)
+    assert not left, f"still running after their starter was killed: {left}"
