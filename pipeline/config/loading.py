@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.schema import Config, ConfigError
+from pipeline.config.schema import Config, ConfigError, is_cifar
 
 # ---------------------------------------------------------------- loading and merging
 
@@ -254,14 +254,14 @@ def _check(cfg: Config) -> None:
         )
     if (
         cfg.data.augment == "paper"
-        and cfg.data.dataset == "imagenet"
+        and not is_cifar(cfg.data.dataset)
         and cfg.data.scale_min < cfg.data.crop_size
     ):
         raise ConfigError(
             f"data.scale_min ({cfg.data.scale_min}) must be at least data.crop_size ({cfg.data.crop_size}) "
             "for the paper's random crop"
         )
-    if cfg.data.dataset == "imagenet" and cfg.data.val_resize < cfg.data.crop_size:
+    if not is_cifar(cfg.data.dataset) and cfg.data.val_resize < cfg.data.crop_size:
         raise ConfigError(
             f"data.val_resize ({cfg.data.val_resize}) must be at least data.crop_size ({cfg.data.crop_size}): "
             "the test crops are cut from the image resized to shorter side val_resize"
@@ -274,7 +274,7 @@ def _check(cfg: Config) -> None:
             f"cluster.num_workers: give a number or [min, max] with min <= max, got {list(workers)}"
         )
     check_batches(cfg, cfg.cluster.max_workers)
-    if cfg.data.dataset == "cifar10":
+    if is_cifar(cfg.data.dataset):
         for key, mode in (("eval.mode", cfg.eval.mode), ("eval.final_mode", cfg.eval.final_mode)):
             if mode not in (None, "center"):
                 raise ConfigError(
