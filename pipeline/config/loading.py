@@ -266,6 +266,16 @@ def _check(cfg: Config) -> None:
             f"data.val_resize ({cfg.data.val_resize}) must be at least data.crop_size ({cfg.data.crop_size}): "
             "the test crops are cut from the image resized to shorter side val_resize"
         )
+    if cfg.data.cache_fetchers < 1:
+        raise ConfigError(
+            "data.cache_fetchers: must be at least 1 (the shards each rank fetches at once), "
+            f"got {cfg.data.cache_fetchers}"
+        )
+    if cfg.data.shuffle_window < 0:
+        raise ConfigError(
+            "data.shuffle_window: must be 0 (one window: a full shuffle) or more shards, "
+            f"got {cfg.data.shuffle_window}"
+        )
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones must be increasing, got {list(cfg.schedule.milestones)}")
     workers = cfg.cluster.num_workers
@@ -275,6 +285,11 @@ def _check(cfg: Config) -> None:
         )
     check_batches(cfg, cfg.cluster.max_workers)
     if is_cifar(cfg.data.dataset):
+        if cfg.data.augment not in ("paper", "none"):
+            raise ConfigError(
+                f"data.augment: {cfg.data.augment!r} is for ImageNet; CIFAR-10 takes 'paper' (4-pixel pad, "
+                "random 32 crop, flip) or 'none' (the images as they are)"
+            )
         for key, mode in (("eval.mode", cfg.eval.mode), ("eval.final_mode", cfg.eval.final_mode)):
             if mode not in (None, "center"):
                 raise ConfigError(
