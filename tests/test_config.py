@@ -173,3 +173,42 @@ def test_val_resize_below_crop_size_is_an_error():
     load_config(
         None, ["data.dataset=cifar10", "data.crop_size=32", "data.val_resize=0", "eval.final_mode=center"]
     )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.cache_fetchers=0", r"data.cache_fetchers: must be at least 1 .*, got 0"),
+        ("data.shuffle_window=-1", r"data.shuffle_window: must be 0 .* or more shards, got -1"),
+    ],
+)
+def test_shard_feed_settings_are_refused_at_load(override, message):
+    """Checked for every config, not only when the sharded layout is opened: data.root may be a
+    folder today and a manifest tomorrow."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    load_config(None, ["data.cache_fetchers=1", "data.shuffle_window=0"])
+
+
+def test_imagenet_augment_refused_for_cifar_at_load():
+    cifar = ["data.dataset=cifar10", "eval.final_mode=center"]
+    with pytest.raises(
+        ConfigError, match=r"data.augment: 'inception' is for ImageNet; CIFAR-10 takes 'paper'"
+    ):
+        load_config(None, [*cifar, "data.augment=inception"])
+    for augment in ("paper", "none"):
+        assert load_config(None, [*cifar, f"data.augment={augment}"]).data.augment == augment
+    assert load_config(None, ["data.augment=inception"]).data.augment == "inception"  # ImageNet's own
+
+
+def test_cli_refuses_a_bad_data_setting_before_opening_the_data(tmp_path):
+    """The config error comes first: the missing data folder is never looked at, Ray never starts."""
+    missing = tmp_path / "missing"
+    proc = run_pipeline(
+        "train", "--config", "configs/demo.yaml", f"data.root={missing}", "data.cache_fetchers=0"
+    )
+    assert proc.returncode == 2
+    assert "data.cache_fetchers: must be at least 1" in proc.stderr
+    assert str(missing) not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Ray" not in proc.stdout

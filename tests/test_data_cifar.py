@@ -175,16 +175,6 @@ def test_augment_none_gives_the_images_as_they_are(cifar_root):
     assert not torch.equal(images, torch.cat([x for x, _ in augmented.epoch(2)]))
 
 
-def test_imagenet_augment_refused_for_cifar(cifar_root):
-    from pipeline.config import ConfigError
-    from pipeline.data.source import open_dataset
-
-    with pytest.raises(ValueError, match="'inception' is for ImageNet"):
-        _loaders(cifar_root, replace(CFG, augment="inception"))
-    with pytest.raises(ConfigError, match="CIFAR-10 takes 'paper'"):
-        open_dataset(replace(CFG, root=str(cifar_root), augment="inception"))
-
-
 @pytest.mark.slow
 def test_held_out_split_run_scores_val_and_test(cifar_root, tmp_path):
     """data.val_split > 0: each epoch validates on the held-out images, and the end scores the

@@ -2,8 +2,8 @@
 
     cfg = load_config("configs/imagenet/resnet50.yaml", ["optim.lr=0.2", "cluster.num_workers=8"])
 
-- ``schema``: the sections as frozen dataclasses, every key typed and documented, and the GPU
-  decision ``cluster.use_gpu`` stands for;
+- ``schema``: the sections as frozen dataclasses, every key typed and documented, the GPU
+  decision ``cluster.use_gpu`` stands for, and ``is_cifar``, the ImageNet-or-CIFAR-10 decision;
 - ``loading``: YAML with ``base:`` chains, dotted overrides, type coercion, validation that
   names the key (the batch check among them), and the diff of two configs (warned about at
   resume).
@@ -34,6 +34,7 @@ from pipeline.config.schema import (
     PrecisionConfig,
     ScheduleConfig,
     TrackingConfig,
+    is_cifar,
     requested_gpu,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "config_changes",
     "config_from_dict",
     "dump_yaml",
+    "is_cifar",
     "load_config",
     "parse_overrides",
     "read_config_tree",

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.schema import Config, ConfigError
+from pipeline.config.schema import Config, ConfigError, is_cifar
 
 # ---------------------------------------------------------------- loading and merging
 
@@ -254,17 +254,27 @@ def _check(cfg: Config) -> None:
         )
     if (
         cfg.data.augment == "paper"
-        and cfg.data.dataset == "imagenet"
+        and not is_cifar(cfg.data.dataset)
         and cfg.data.scale_min < cfg.data.crop_size
     ):
         raise ConfigError(
             f"data.scale_min ({cfg.data.scale_min}) must be at least data.crop_size ({cfg.data.crop_size}) "
             "for the paper's random crop"
         )
-    if cfg.data.dataset == "imagenet" and cfg.data.val_resize < cfg.data.crop_size:
+    if not is_cifar(cfg.data.dataset) and cfg.data.val_resize < cfg.data.crop_size:
         raise ConfigError(
             f"data.val_resize ({cfg.data.val_resize}) must be at least data.crop_size ({cfg.data.crop_size}): "
             "the test crops are cut from the image resized to shorter side val_resize"
+        )
+    if cfg.data.cache_fetchers < 1:
+        raise ConfigError(
+            "data.cache_fetchers: must be at least 1 (the shards each rank fetches at once), "
+            f"got {cfg.data.cache_fetchers}"
+        )
+    if cfg.data.shuffle_window < 0:
+        raise ConfigError(
+            "data.shuffle_window: must be 0 (one window: a full shuffle) or more shards, "
+            f"got {cfg.data.shuffle_window}"
         )
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones must be increasing, got {list(cfg.schedule.milestones)}")
@@ -274,7 +284,12 @@ def _check(cfg: Config) -> None:
             f"cluster.num_workers: give a number or [min, max] with min <= max, got {list(workers)}"
         )
     check_batches(cfg, cfg.cluster.max_workers)
-    if cfg.data.dataset == "cifar10":
+    if is_cifar(cfg.data.dataset):
+        if cfg.data.augment not in ("paper", "none"):
+            raise ConfigError(
+                f"data.augment: {cfg.data.augment!r} is for ImageNet; CIFAR-10 takes 'paper' (4-pixel pad, "
+                "random 32 crop, flip) or 'none' (the images as they are)"
+            )
         for key, mode in (("eval.mode", cfg.eval.mode), ("eval.final_mode", cfg.eval.final_mode)):
             if mode not in (None, "center"):
                 raise ConfigError(

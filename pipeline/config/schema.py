@@ -55,6 +55,13 @@ class DataConfig:
     shuffle_window: int = 16
 
 
+def is_cifar(dataset: str) -> bool:
+    """Whether ``data.dataset`` names CIFAR-10 rather than ImageNet: every branch on the dataset
+    asks here. It takes the name, not the section, so a run's saved config (a plain dict, for the
+    report) is answered the same way as a loaded one."""
+    return dataset == "cifar10"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet50"

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config import is_cifar
 from pipeline.models.resnet import BasicBlock, Bottleneck, ZeroPadShortcut
 
 DEEPENED_FILE = "deepened.json"
@@ -295,7 +296,7 @@ def _sample_batches(cfg: Any, inputs: str, sample: int, device: torch.device) ->
         one, rank=0, world_size=1, device=torch.device("cpu"), num_threads=usable_cpus(), eval_batch=64
     )
     test = data.make_test() if data.make_test else data.make_val("center")
-    test_name = "test" if data.make_test or cfg.data.dataset == "cifar10" else "validation"
+    test_name = "test" if data.make_test or is_cifar(cfg.data.dataset) else "validation"
     return [
         ("training images (no augmentation)", _first_images(data.make_train_eval(), sample)),
         (f"{test_name} images", _first_images(test, sample)),

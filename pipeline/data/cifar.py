@@ -202,7 +202,7 @@ def build_cifar_loaders(
         root: folder holding ``cifar-10-batches-py/``.
         cfg: ``normalize`` ("mean": the paper's per-pixel mean image; "meanstd": per channel),
             ``augment`` ("paper": 4-pixel pad, random 32 crop, random flip; "none": the images as
-            they are) and ``val_split`` (> 0: hold out that many training images as validation,
+            they are; ImageNet's modes are refused when the config loads) and ``val_split`` (> 0: hold out that many training images as validation,
             the paper's 5000, and score test_batch as a separate test set; 0: validate on test_batch).
         global_batch: training batch over all ranks (split as evenly as it goes: ``rank_slice``).
         shard_id, num_shards: world rank and size.
@@ -217,7 +217,6 @@ def build_cifar_loaders(
         cover a disjoint slice, so the ranks together score each image once. ``test`` is None
         without a split (``val`` is the test set then).
     """
-    check_cifar_augment(cfg.augment)
     root = Path(root).expanduser()
     train_np, train_y = _read_split(root, train=True, download=download)
     test_np, test_y = _read_split(root, train=False, download=False)
@@ -254,18 +253,6 @@ def build_cifar_loaders(
     if cfg.val_split > 0:
         test = _CifarEval(*to_device(test_np, test_y), normalize, **sharding)
     return CifarLoaders(train, val, len(train_t), test)
-
-
-CIFAR_AUGMENTS = ("paper", "none")
-
-
-def check_cifar_augment(augment: str) -> None:
-    """CIFAR-10 knows the paper's pad-crop-flip and no augmentation; ImageNet's modes make no sense here."""
-    if augment not in CIFAR_AUGMENTS:
-        raise ValueError(
-            f"data.augment={augment!r} is for ImageNet; CIFAR-10 takes 'paper' (4-pixel pad, random 32 "
-            "crop, flip) or 'none' (the images as they are)"
-        )
 
 
 def cifar_num_train(root: str | Path, val_split: int = 0) -> int:

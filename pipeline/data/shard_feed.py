@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config, ConfigError, DataConfig
+from pipeline.config import Config, DataConfig
 from pipeline.data.constants import NUM_TEN_CROPS
 from pipeline.data.imagenet import _labels, _nchw, _torch_device, _ValLoader, build_train_loader
 from pipeline.data.layout import ImageFolderIndex
@@ -125,10 +125,6 @@ class ShardedSource:
             from pipeline.data.stats import load_mean
 
             load_mean(cfg.root, cfg.crop_size)
-        if cfg.cache_fetchers < 1:
-            raise ConfigError(f"data.cache_fetchers={cfg.cache_fetchers}: must be at least 1")
-        if cfg.shuffle_window < 0:
-            raise ConfigError(f"data.shuffle_window={cfg.shuffle_window}: must be 0 (a full shuffle) or more")
         self.manifest = manifest
         self.root = manifest.root
         self.num_train = len(manifest.split("train"))

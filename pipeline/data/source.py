@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config, ConfigError, DataConfig
+from pipeline.config import Config, ConfigError, DataConfig, is_cifar
 from pipeline.data.loaders import Data, Loader
 from pipeline.data.shard_feed import ShardedSource, open_sharded
 
@@ -86,12 +86,8 @@ class CifarSource:
     num_classes = 10
 
     def __init__(self, cfg: DataConfig):
-        from pipeline.data.cifar import check_cifar_augment, cifar_num_train
+        from pipeline.data.cifar import cifar_num_train
 
-        try:
-            check_cifar_augment(cfg.augment)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         self.root = cfg.root
         self.num_train = cifar_num_train(cfg.root, cfg.val_split)
 
@@ -136,7 +132,7 @@ def open_dataset(cfg: DataConfig) -> DataSource:
 
     An ImageNet root holding ``manifest.json.gz`` is the sharded layout (``data shard``).
     """
-    if cfg.dataset == "cifar10":
+    if is_cifar(cfg.dataset):
         return CifarSource(cfg)
     return open_sharded(cfg) or ImageNetSource(cfg)
 
@@ -154,7 +150,7 @@ def data_probe_path(dataset: str, root: str) -> str:
     """What must exist under a local ``data.root`` on every node: ImageNet's ``train/``, CIFAR's archive."""
     from pathlib import Path
 
-    if dataset == "cifar10":
+    if is_cifar(dataset):
         from pipeline.data.cifar import CIFAR_DIRNAME
 
         return str(Path(root) / CIFAR_DIRNAME)

@@ -25,7 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError, config_from_dict, load_config, requested_gpu, to_dict
+from pipeline.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    is_cifar,
+    load_config,
+    requested_gpu,
+    to_dict,
+)
 from pipeline.driver.ray_runner import quiet_worker_logs, run_on_ray, with_absolute_paths
 
 
@@ -115,7 +123,7 @@ def _check_weights(cfg: Config, weights: Path) -> None:
     """torchvision's weights mean torchvision's input: ImageNet images normalised per channel."""
     from pipeline.models.pretrained import read_torchvision_weights
 
-    if cfg.data.dataset != "imagenet":
+    if is_cifar(cfg.data.dataset):
         raise ConfigError(f"--weights: torchvision's ResNet weights are for ImageNet, not {cfg.data.dataset}")
     if cfg.data.normalize != "meanstd":
         raise ConfigError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import is_cifar
+
 
 @dataclass(frozen=True)
 class PaperResult:
@@ -86,7 +88,7 @@ def paper_eval(dataset: str, eval_mode: str | None) -> str | None:
         dataset: ``data.dataset`` ("imagenet" or "cifar10").
         eval_mode: the final evaluation's mode ("center", "tencrop", "multiscale").
     """
-    if dataset == "cifar10":
+    if is_cifar(dataset):
         return "test"  # one view of the 32x32 image, whatever the mode is called
     return {"tencrop": "tencrop", "multiscale": "multiscale"}.get(eval_mode or "")
 

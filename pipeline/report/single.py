@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import is_cifar
 from pipeline.construction.report import build_construction_report
 from pipeline.report.paper import paper_eval, paper_result
 from pipeline.report.runs import DPI, PANEL_SIZE_IN, RunData, fetch_wandb_runs, load_run, number
@@ -65,7 +66,7 @@ def results_table(runs: list[RunData]) -> str:
                 run.test_top1,
                 run.test_top5,
             )
-        elif run.dataset == "cifar10":
+        elif is_cifar(run.dataset):
             evaluation += f", {run.held_out} held out" if run.held_out else ", test"
         if not run.final:
             evaluation += " (last epoch)"

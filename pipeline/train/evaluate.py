@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import is_cifar
 from pipeline.data.constants import NUM_TEN_CROPS
 from pipeline.train.distributed import all_reduce_sum, broadcast_buffers
 
@@ -144,7 +145,7 @@ def evaluate(
 
 def train_eval_on(cfg: Config) -> bool:
     """Whether runs of this config score the training set in eval mode (``eval.train_eval``)."""
-    return cfg.eval.train_eval if cfg.eval.train_eval is not None else cfg.data.dataset == "cifar10"
+    return cfg.eval.train_eval if cfg.eval.train_eval is not None else is_cifar(cfg.data.dataset)
 
 
 def score(run: Run, split: str, mode: str) -> dict[str, float]:
