@@ -179,3 +179,32 @@ def tune_make_env(ray_tmp: str) -> dict[str, str]:
     for key in ("WANDB_API_KEY", "RAY_ADDRESS"):
         env.pop(key, None)
     return env
+
+
+# ---------------------------------------------------------------- the sharded layout's data (tests/shard_data.py)
+# Module-scoped: test_data_shards (writing) and test_data_shard_feed (reading) each build their own.
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A small synthetic ImageNet in the folder layout, the source of the shards."""
+    from shard_data import write_source
+
+    return write_source(tmp_path_factory.mktemp("shards") / "src")
+
+
+@pytest.fixture(scope="module")
+def sharded(src, tmp_path_factory) -> Path:
+    """``src`` written as shards (``data shard``) with its manifest."""
+    from shard_data import write_sharded
+
+    return write_sharded(src, tmp_path_factory.mktemp("shards") / "out")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The S3 latency server (moto behind ``pipeline.bench.s3_latency``); a module may define its own."""
+    from shard_data import latency_s3
+
+    with latency_s3() as server:
+        yield server

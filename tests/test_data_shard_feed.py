@@ -19,29 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_data import ROOT, latency_s3, small_config, upload_sharded, write_sharded, write_source
+from shard_data import ROOT, small_config, upload_sharded
 
 from pipeline.config import DataConfig
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shard_feed import epoch_order, open_sharded
 from pipeline.data.shards import MANIFEST_NAME, ShardError, load_manifest
 from pipeline.store import locations
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return write_source(tmp_path_factory.mktemp("shards") / "src")
-
-
-@pytest.fixture(scope="module")
-def sharded(src, tmp_path_factory) -> Path:
-    return write_sharded(src, tmp_path_factory.mktemp("shards") / "out")
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with latency_s3() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -19,27 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shard_data import ROOT, SHARD_MB, latency_s3, write_sharded, write_source
+from shard_data import ROOT, SHARD_MB
 
 from pipeline.bench.s3_latency import LatencyS3, request_kind
 from pipeline.data.shards import MANIFEST_NAME, load_manifest, write_shards
 from pipeline.store import locations
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return write_source(tmp_path_factory.mktemp("shards") / "src")
-
-
-@pytest.fixture(scope="module")
-def sharded(src, tmp_path_factory) -> Path:
-    return write_sharded(src, tmp_path_factory.mktemp("shards") / "out")
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with latency_s3() as server:
-        yield server
 
 
 def _files(tar_path: Path) -> dict[str, bytes]:
