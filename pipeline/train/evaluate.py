@@ -96,6 +96,7 @@ def evaluate(
     device: torch.device,
     amp: str = "none",
     channels_last: bool = False,
+    prefix: str = "val/",
 ) -> dict[str, float]:
     """Score every validation image once and return errors in percent, summed over ranks.
 
@@ -106,9 +107,10 @@ def evaluate(
         device: where the counts live (the model's device).
         amp: ``precision.amp``.
         channels_last: run convolutions in NHWC.
+        prefix: the metrics' prefix (``score`` names the set: ``val/``, ``test/``, ``train_eval/``).
 
     Returns:
-        ``{"val/top1_err", "val/top5_err", "val/loss", "val/images"}``; errors in percent.
+        ``{"val/top1_err", "val/top5_err", "val/loss", "val/images"}`` (with ``prefix``); errors in percent.
     """
     was_training = model.training
     model.eval()
@@ -136,10 +138,10 @@ def evaluate(
     if n == 0:
         raise RuntimeError("evaluation saw no images: the validation set or this world's shards are empty")
     return {
-        "val/top1_err": 100.0 * (1 - top1 / n),
-        "val/top5_err": 100.0 * (1 - top5 / n),
-        "val/loss": nll / n,
-        "val/images": int(n),
+        f"{prefix}top1_err": 100.0 * (1 - top1 / n),
+        f"{prefix}top5_err": 100.0 * (1 - top5 / n),
+        f"{prefix}loss": nll / n,
+        f"{prefix}images": int(n),
     }
 
 
@@ -165,12 +167,12 @@ def score(run: Run, split: str, mode: str) -> dict[str, float]:
         ``test/`` or ``train_eval/``.
     """
     broadcast_buffers(run.network)
-    result = evaluate(
+    return evaluate(
         run.network,
         run.eval_loader(split, mode).epoch(0),
         mode=mode,
         device=run.ctx.device,
         amp=run.cfg.precision.amp,
         channels_last=run.cfg.precision.channels_last,
+        prefix=PREFIXES[split],
     )
-    return {PREFIXES[split] + key.removeprefix("val/"): value for key, value in result.items()}
