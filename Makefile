@@ -36,12 +36,16 @@ demo: $(STAMP) $(DEMO_DATA)/.complete
 	rm -rf runs/demo
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pipeline train --config configs/demo.yaml data.root=$(DEMO_DATA) $(ARGS)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist). `make test` keeps each file's tests in one
+# process and the multi-node files in one group (tests/conftest.py), so two clusters of Ray nodes
+# never run at once; `make test-fast` hands out single tests. TEST_WORKERS=0: no extra process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-# The inner loop: the unit tiers only (under 3 minutes here); `make test` is the whole suite CI runs.
+# The inner loop: the unit tiers only (under 2 minutes here); `make test` is the whole suite CI runs.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not ray and not cluster" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not ray and not cluster" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests cluster
