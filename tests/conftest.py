@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.ray)
         # Under pytest-xdist (`make test` runs two processes): a file's tests stay in one process
         # (its module fixtures are built once), and the files that start Ray nodes share one
-        # group, so two clusters of nodes (4-5 GiB for a drill's) never run at once.
+        # group, so two clusters of nodes (a drill starts five) never run at once.
         group = "nodes" if item.path.name in NODE_FILES else item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
         slow = item.get_closest_marker("slow") or item.get_closest_marker("cluster")
