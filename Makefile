@@ -21,10 +21,12 @@ export RAY_DEDUP_LOGS := 0
 install: $(STAMP)
 	@$(PY) -m pipeline.build_info
 
-# Re-installs only when pyproject.toml changes; a re-run is instant.
+# Re-installs only when pyproject.toml changes; a re-run is instant. --no-compile: Python compiles
+# each module when first imported instead of pip compiling every file of torch and Ray up front
+# (a fresh install here: 69 s instead of 108 s).
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	@touch $(STAMP)
 
 $(DEMO_DATA)/.complete: | $(STAMP)
@@ -36,12 +38,16 @@ demo: $(STAMP) $(DEMO_DATA)/.complete
 	rm -rf runs/demo
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pipeline train --config configs/demo.yaml data.root=$(DEMO_DATA) $(ARGS)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist). `make test` keeps each file's tests in one
+# process and the multi-node files in one group (tests/conftest.py), so two clusters of Ray nodes
+# never run at once; `make test-fast` hands out single tests. TEST_WORKERS=0: no extra process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-# The inner loop: the unit tiers only (under 3 minutes here); `make test` is the whole suite CI runs.
+# The inner loop: the unit tiers only (under 2 minutes here); `make test` is the whole suite CI runs.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not ray and not cluster" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not ray and not cluster" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests cluster

@@ -413,13 +413,15 @@ class LocalNodes(DashboardClient):
         proc.wait(timeout=10)
         del self.nodes[name]
 
-    def stop(self, keep: bool = False) -> None:
-        """Stop every node (all at once: one by one, each takes up to ~30 s), then kill whatever
-        still carries this cluster's marker. ``keep``: leave the temp dir (the logs) in place."""
+    def stop(self, keep: bool = False, grace: float = 5) -> None:
+        """SIGTERM every node at once, then after ``grace`` seconds kill whatever still carries
+        this cluster's marker. An idle node exits in about 2 s; a head that ran a job can spend
+        more than 30 s on its graceful shutdown, which nothing here needs (its logs are written
+        as it goes). ``keep``: leave the temp dir (the logs) in place."""
         live = [proc for proc in self.nodes.values() if proc.poll() is None]
         for proc in live:
             proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + grace
         for proc in live:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "cluster"))
 # every test starts several Ray nodes or a cluster job are `cluster`; a test that takes the
 # session's Ray is `ray`; `slow` is marked on the tests themselves.
 CLUSTER_FILES = {"test_cluster_e2e.py", "test_cluster_paths.py", "test_drill.py"}
+NODE_FILES = CLUSTER_FILES | {"test_localnodes.py"}  # these start nodes with cluster/localnodes.py
 
 
 # The upper bound of a slow or multi-node test that sets none itself (`pytest.mark.timeout`);
@@ -42,6 +43,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.cluster)
         if "local_ray" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+        # Under pytest-xdist (`make test` runs two processes): a file's tests stay in one process
+        # (its module fixtures are built once), and the files that start Ray nodes share one
+        # group, so two clusters of nodes (a drill starts five) never run at once.
+        group = "nodes" if item.path.name in NODE_FILES else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
         slow = item.get_closest_marker("slow") or item.get_closest_marker("cluster")
         if slow and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))

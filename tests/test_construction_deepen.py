@@ -130,6 +130,7 @@ def _shallow_checkpoint(tmp_path: Path, cifar: Path, model: str = "cifar_resnet2
     return out
 
 
+@pytest.mark.slow  # six commands, one after the other
 def test_deepen_command_checks_the_logits_and_writes_a_checkpoint_at_step_0(tmp_path, cifar):
     shallow = _shallow_checkpoint(tmp_path, cifar)
     out = tmp_path / "deep"

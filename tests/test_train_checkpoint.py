@@ -183,12 +183,9 @@ def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_image
         assert row["val/top1_err"] == pytest.approx(record["val/top1_err"])
     steps = [r["_step"] for r in history]
     assert steps == sorted(set(steps))  # one row per step, in order: nothing replayed twice
-
-    # Starting the same run (same name and storage) again continues from its latest checkpoint.
-    again = train(*overrides[:-4], "schedule.epochs=6", env=env_with_marker(marker))
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "restored from checkpoint" in again.stdout and "epoch 5, step 40" in again.stdout
-    assert epochs_in(run_dir / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+    # The same run started again continues from its latest checkpoint: with more epochs by
+    # test_uri_storage_holds_run_files_and_resumes; under Ray by make degradation's re-run
+    # (tests/test_degradation.py) and the drill's job submitted again (tests/test_drill.py).
 
 
 def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -214,7 +211,7 @@ def test_stopped_mid_epoch_resumes_at_that_step_and_matches_uninterrupted(
     root = tiny_imagenet if layout == "folder" else request.getfixturevalue("tiny_sharded")
     common = tiny_overrides(root, tmp_path, "x")[1:] + [
         "data.shuffle_window=2",
-        "schedule.epochs=4",
+        "schedule.epochs=3",  # the lr steps down after epoch 2
         "cluster.num_workers=1",
         "schedule.kind=step",
         "schedule.milestones=[2]",
@@ -254,7 +251,7 @@ def test_stopped_mid_epoch_resumes_at_that_step_and_matches_uninterrupted(
         json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     ]
     after = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in after] == [1, 2, 3, 4]  # each epoch exactly once
+    assert [r["epoch"] for r in after] == [1, 2, 3]  # each epoch exactly once
     assert [(r["step"], r["lr"]) for r in after] == [(r["step"], r["lr"]) for r in straight]
     for a, b in zip(after, straight, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-5)
