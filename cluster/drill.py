@@ -82,7 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--crop", 32, "training crop; the scales follow the demo's ratios"),
         ("--max-failures", 3, "cluster.max_failures"),
         ("--kill-at", 40.0, "kill this %% into an epoch (by the time the epoch before took)"),
-        ("--replace-after", 5.0, "seconds from the group of N-1 running to the new node"),
+        ("--replace-after", 5.0, "seconds from the group of N-1's first epoch record to the new node"),
         ("--timeout", 1200.0, "seconds the job may take"),
     ]:
         p.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
@@ -115,6 +115,14 @@ def lose_rank0(drill: Drill, check: Check, say: Any) -> None:
         killed_at = time.monotonic()
         shrunk = drill.wait_for_group(n - 1, after=kill["groups"], timeout=180)
         say(f"a group of {n - 1} runs" if shrunk else f"no group of {n - 1} within 180 s")
+        # Ray Train grows a running group as soon as a node joins, so a node that came while the
+        # group of N-1 was still restoring would replace it before it trained: wait for its epoch.
+        trained = shrunk and drill.wait_for_epoch_by(n - 1, kill["epoch"], timeout=180)
+        say(
+            f"the group of {n - 1} recorded epoch {kill['epoch']}"
+            if trained
+            else f"no epoch by a group of {n - 1}"
+        )
         time.sleep(drill.args.replace_after)
         drill.start_node(drill.next_worker())
         replaced_after = time.monotonic() - killed_at

@@ -258,6 +258,15 @@ class Drill:
             time.sleep(1)
         return False
 
+    def wait_for_epoch_by(self, size: int, epoch: int, timeout: float) -> bool:
+        """Until ``metrics.jsonl`` holds epoch ``epoch`` or later as recorded by a group of ``size``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.running():
+            if any(r["epoch"] >= epoch and r.get("world_size") == size for r in self.run.read_metrics()):
+                return True
+            time.sleep(0.5)
+        return False
+
     def save_job_log(self, job_id: str) -> None:
         """``<root>/<job id>.log``: the job's log as the dashboard has it now (a lost head's goes with it)."""
         if log := self.nodes.job_logs(job_id):
