@@ -21,14 +21,12 @@ export RAY_DEDUP_LOGS := 0
 install: $(STAMP)
 	@$(PY) -m pipeline.build_info
 
-# Re-installs only when pyproject.toml changes; a re-run is instant. The dependencies are compiled
-# here, once, on every core (compileall -j 0; pip's own compile takes one): where
-# PYTHONDONTWRITEBYTECODE is set (as on CI), Python would otherwise compile torch and Ray again in
-# every process, about 6 s per Ray worker or CLI run. A file that does not compile is skipped.
+# Re-installs only when pyproject.toml changes; a re-run is instant. pip compiles the dependencies
+# here, once: where PYTHONDONTWRITEBYTECODE is set (as on CI), Python would otherwise compile torch
+# and Ray again in every process, about 6 s per Ray worker or CLI run.
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
-	@$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null || true
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
 $(DEMO_DATA)/.complete: | $(STAMP)
