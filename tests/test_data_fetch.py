@@ -1,7 +1,15 @@
-"""The S3 test server's faults (``pipeline.bench.s3_latency.Faults``), each counted."""
+"""The fetch engine against an S3 server that misbehaves as S3 does: isolated 503 SlowDown, bodies
+cut mid-way, a stalled GET, a storm of refusals; the bytes come back identical and every retry is
+counted (the server's counts of faults equal the engine's retries: counts, never times). A budget
+shorter than the storm is an error that says "throttled"; a 403 and a 404 say what to do.
+
+The server is ``pipeline.bench.s3_latency.LatencyS3`` with ``Faults``; the engine is
+``pipeline.data.fetch``. Small parts (64 KiB) make several ranged GETs per object.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -11,10 +19,14 @@ import pytest
 from shard_data import BUCKET
 
 from pipeline.bench.s3_latency import Faults
+from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, stored_sha256
 from pipeline.store import locations
 
 PART = 64 * 1024
-BLOB = os.urandom(10 * PART + 1234)
+# Quick backoff (the waits are not what is tested) and a client timeout well under the stall.
+QUICK = FetchPolicy(part_bytes=PART, parts_in_flight=3, request_timeout_s=1, backoff_s=0.01, backoff_max_s=0.1,
+                    retry_s=60)  # fmt: skip
+BLOB = os.urandom(10 * PART + 1234)  # 11 parts, the last one short
 KEY = f"s3://{BUCKET}/fetch/blob.bin"
 
 
@@ -69,3 +81,65 @@ def test_server_faults_are_counted(s3, blob, faults):
     # Other keys are not touched by faults limited to a suffix.
     faults(Faults(slowdown_every=1, suffix=".tar"))
     assert _get(s3, path) == (200, BLOB)
+
+
+# ---------------------------------------------------------------- the engine against each fault
+
+
+@pytest.mark.parametrize(
+    "fault, counted",
+    [
+        (Faults(slowdown_every=3), "refused"),
+        (Faults(cut_every=4), "cut"),
+        (Faults(stall_every=5, stall_s=3), "stalled"),
+        (Faults(storm_from=2, storm_s=1.0), "refused"),
+    ],
+    ids=["isolated 503s", "cut bodies", "a stall", "a storm"],
+)
+def test_engine_rides_out_each_fault(s3, blob, faults, fault, counted, tmp_path):
+    faults(fault)
+    with Fetcher(QUICK, gets_in_flight=3) as fetcher, open(tmp_path / "got", "wb") as out:
+        sha = fetcher.fetch(blob, len(BLOB), out)
+        stats = fetcher.stats.snapshot()
+    assert (tmp_path / "got").read_bytes() == BLOB and sha == hashlib.sha256(BLOB).hexdigest()
+    c = s3.counts()
+    assert c[counted] >= 1
+    # Every refused, cut or stalled GET was retried once, and only those; one HEAD for the size.
+    assert stats["retries"] == c["refused"] + c["cut"] + c["stalled"] == c[counted]
+    assert stats["throttled"] == c["refused"]
+    assert stats["gets"] == c["GET"] == 11 + stats["retries"] and c["HEAD"] == 1
+    assert stats["bytes"] == len(BLOB)
+
+
+def test_a_budget_shorter_than_the_storm_says_throttled(s3, blob, faults):
+    faults(Faults(storm_s=60))
+    with Fetcher(FetchPolicy(part_bytes=PART, backoff_s=0.01, backoff_max_s=0.05, retry_s=0.3)) as fetcher:
+        with pytest.raises(
+            FetchError, match=r"blob.bin: throttled: S3 answered 503 SlowDown for \d+ tries"
+        ) as e:
+            fetcher.fetch(blob, len(BLOB))
+        assert e.value.status == 503 and "raise data.fetch_retry_s or lower data.cache_fetchers" in str(
+            e.value
+        )
+        assert fetcher.stats.snapshot()["retries"] >= 1
+
+
+def test_forbidden_and_missing_objects_are_named_at_once(s3, blob, faults):
+    faults(Faults(deny=".bin"))
+    with Fetcher(QUICK) as fetcher:
+        with pytest.raises(FetchError, match=r"blob.bin: access denied \(403.*credentials") as e:
+            fetcher.fetch(blob, len(BLOB))
+        assert e.value.status == 403
+        with pytest.raises(
+            FetchError, match=r"gone.bin: not found \(404.*re-run `python -m pipeline data shard"
+        ):
+            fetcher.fetch(f"s3://{BUCKET}/fetch/gone.bin", 100)
+        assert fetcher.stats.snapshot()["retries"] == 0  # no retry can help these
+
+
+def test_read_back_waits_out_a_storm(s3, blob, faults):
+    faults(Faults(storm_from=1, storm_s=0.5))
+    assert stored_sha256(blob, len(BLOB), QUICK) == hashlib.sha256(BLOB).hexdigest()
+    assert s3.counts()["refused"] >= 1
+    assert stored_sha256(blob, len(BLOB) - 1, QUICK) is None  # another size: not the shard written
+    assert stored_sha256(f"s3://{BUCKET}/fetch/gone.bin", 10, QUICK) is None
