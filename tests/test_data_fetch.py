@@ -1,7 +1,9 @@
 """The fetch engine against an S3 server that misbehaves as S3 does: isolated 503 SlowDown, bodies
 cut mid-way, a stalled GET, a storm of refusals; the bytes come back identical and every retry is
 counted (the server's counts of faults equal the engine's retries: counts, never times). A budget
-shorter than the storm is an error that says "throttled"; a 403 and a 404 say what to do.
+shorter than the storm is an error that says "throttled"; a 403 and a 404 say what to do. The
+node's shard cache fills through a storm, a failed prefetch is not final, and `data shard` writes
+to a bucket through a storm (its read-back waits it out instead of calling it a mismatch).
 
 The server is ``pipeline.bench.s3_latency.LatencyS3`` with ``Faults``; the engine is
 ``pipeline.data.fetch``. Small parts (64 KiB) make several ranged GETs per object.
@@ -11,15 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from http.client import IncompleteRead
 
 import pytest
-from shard_data import BUCKET
+from shard_data import BUCKET, ROOT, SHARD_MB, upload_sharded
 
 from pipeline.bench.s3_latency import Faults
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, stored_sha256
+from pipeline.data.shard_cache import ShardCache
+from pipeline.data.shards import load_manifest
 from pipeline.store import locations
 
 PART = 64 * 1024
@@ -143,3 +150,61 @@ def test_read_back_waits_out_a_storm(s3, blob, faults):
     assert s3.counts()["refused"] >= 1
     assert stored_sha256(blob, len(BLOB) - 1, QUICK) is None  # another size: not the shard written
     assert stored_sha256(f"s3://{BUCKET}/fetch/gone.bin", 10, QUICK) is None
+
+
+# ---------------------------------------------------------------- the shard cache and `data shard`
+
+
+@pytest.fixture(scope="module")
+def s3_sharded(s3, sharded) -> str:
+    return upload_sharded(sharded)
+
+
+def test_shard_cache_fills_through_a_storm(s3, s3_sharded, sharded, faults, tmp_path):
+    m = load_manifest(s3_sharded)
+    faults(Faults(storm_from=3, storm_s=1.0, suffix=".tar"))
+    cache = ShardCache(m, str(tmp_path / "cache"), fetchers=2, policy=QUICK)
+    ids = m.shard_ids("train")
+    cache.prefetch(ids)
+    train = m.split("train")
+    got = cache.read_samples(
+        train.shard.tolist(), train.offset.tolist(), train.size.tolist(), train.crc32.tolist()
+    )
+    for k, data in enumerate(got):
+        shard = (sharded / m.shards[train.shard[k]].name).read_bytes()
+        assert data.tobytes() == shard[train.offset[k] : train.offset[k] + train.size[k]]
+    stats, c = cache.fetch_stats.snapshot(), s3.counts()
+    cache.close()
+    assert c["refused"] >= 1 and stats["retries"] == c["refused"]
+    parts = sum(-(-m.shards[i].size // PART) for i in ids)
+    assert c["GET.tar"] == parts + c["refused"]  # each shard's parts fetched once, plus the retries
+
+
+def test_a_failed_prefetch_is_fetched_again_by_the_reader(s3, s3_sharded, faults, tmp_path):
+    m = load_manifest(s3_sharded)
+    no_retries = FetchPolicy(retry_s=0)
+    cache = ShardCache(m, str(tmp_path / "cache"), fetchers=1, policy=no_retries)
+    faults(Faults(storm_s=60, suffix=".tar"))
+    cache.prefetch([0])
+    deadline = time.monotonic() + 30
+    while s3.counts()["refused"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    faults(Faults())  # the storm is over; the prefetch failed (no retries) and keeps its error
+    t = m.split("train")
+    first = cache.read(0, int(t.offset[0]), int(t.size[0]), int(t.crc32[0]))
+    assert len(first) == t.size[0] and s3.counts()["GET.tar"] == 2  # the refused prefetch, then the read
+    cache.close()
+
+
+def test_shard_command_writes_to_a_bucket_through_a_storm(s3, src, faults):
+    """The read-back of every shard meets the storm: it is retried, and the run succeeds."""
+    faults(Faults(storm_from=2, storm_s=1.0, suffix=".tar"))
+    out = f"s3://{BUCKET}/stormy"
+    r = subprocess.run([sys.executable, "-m", "pipeline", "data", "shard", str(src), out, "--shard-size-mb",
+                        str(SHARD_MB), "--seed", "1", "--workers", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, **s3.env})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "differs" not in r.stderr
+    m = load_manifest(out)
+    assert s3.counts()["refused"] >= 1
+    assert f"wrote {len(m.shards)} of {len(m.shards)} shards" in r.stdout
