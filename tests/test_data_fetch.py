@@ -30,8 +30,9 @@ from pipeline.data.shards import load_manifest
 from pipeline.store import locations
 
 PART = 64 * 1024
-# Quick backoff (the waits are not what is tested) and a client timeout well under the stall.
-QUICK = FetchPolicy(part_bytes=PART, parts_in_flight=3, request_timeout_s=1, backoff_s=0.01, backoff_max_s=0.1,
+# Quick backoff (the waits are not what is tested); a client timeout well under the stall, and
+# long enough that no GET of a busy CI machine is mistaken for one.
+QUICK = FetchPolicy(part_bytes=PART, parts_in_flight=3, request_timeout_s=2, backoff_s=0.01, backoff_max_s=0.1,
                     retry_s=60)  # fmt: skip
 BLOB = os.urandom(10 * PART + 1234)  # 11 parts, the last one short
 KEY = f"s3://{BUCKET}/fetch/blob.bin"
@@ -98,7 +99,7 @@ def test_server_faults_are_counted(s3, blob, faults):
     [
         (Faults(slowdown_every=3), "refused"),
         (Faults(cut_every=4), "cut"),
-        (Faults(stall_every=5, stall_s=3), "stalled"),
+        (Faults(stall_every=8, stall_s=5), "stalled"),
         (Faults(storm_from=2, storm_s=1.0), "refused"),
     ],
     ids=["isolated 503s", "cut bodies", "a stall", "a storm"],
@@ -197,8 +198,9 @@ def test_a_failed_prefetch_is_fetched_again_by_the_reader(s3, s3_sharded, faults
 
 
 def test_shard_command_writes_to_a_bucket_through_a_storm(s3, src, faults):
-    """The read-back of every shard meets the storm: it is retried, and the run succeeds."""
-    faults(Faults(storm_from=2, storm_s=1.0, suffix=".tar"))
+    """The read-back of the second shard meets a storm longer than the AWS SDK's own retries
+    (about 6 s): it is retried until the storm ends, and the run succeeds."""
+    faults(Faults(storm_from=2, storm_s=8.0, suffix=".tar"))
     out = f"s3://{BUCKET}/stormy"
     r = subprocess.run([sys.executable, "-m", "pipeline", "data", "shard", str(src), out, "--shard-size-mb",
                         str(SHARD_MB), "--seed", "1", "--workers", "1"], cwd=ROOT, capture_output=True, text=True,
