@@ -180,6 +180,7 @@ def test_val_resize_below_crop_size_is_an_error():
     [
         ("data.cache_fetchers=0", r"data.cache_fetchers: must be at least 1 .*, got 0"),
         ("data.shuffle_window=-1", r"data.shuffle_window: must be 0 .* or more shards, got -1"),
+        ("data.fetch_retry_s=-5", r"data.fetch_retry_s: must be 0 .* or more seconds .*, got -5"),
     ],
 )
 def test_shard_feed_settings_are_refused_at_load(override, message):
@@ -187,7 +188,7 @@ def test_shard_feed_settings_are_refused_at_load(override, message):
     folder today and a manifest tomorrow."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
-    load_config(None, ["data.cache_fetchers=1", "data.shuffle_window=0"])
+    load_config(None, ["data.cache_fetchers=1", "data.shuffle_window=0", "data.fetch_retry_s=0"])
 
 
 def test_imagenet_augment_refused_for_cifar_at_load():

@@ -1,9 +1,10 @@
-"""An S3 server with latency, for tests and ``bench feed``: moto behind a WSGI wrapper.
+"""An S3 server with latency and faults, for tests and ``bench feed``: moto behind a WSGI wrapper.
 
     with LatencyS3(latency_ms=30) as s3:          # 127.0.0.1, a free port, one thread per request
         os.environ.update(s3.env)                 # AWS_ENDPOINT_URL and test credentials
         ...                                       # any S3 client (pyarrow, DALI, boto3)
         s3.counts()                               # {"GET": 12, "HEAD": 3, "PUT": 0, "LIST": 1, ...}
+        s3.set_faults(Faults(slowdown_every=5, cut_every=7, suffix=".tar"))
 
 Each GET of an object (a whole object or a ``Range``) waits ``latency_ms`` before moto answers,
 as S3 Standard's time to first byte does for small objects; other requests are answered at
@@ -13,7 +14,15 @@ counted by kind: ``GET`` (object reads), ``HEAD``, ``PUT`` (object writes and mu
 ``GET.JPEG``, ``GET.gz``: data GETs apart from the manifest's); and the bytes the GETs
 returned (``get_bytes``).
 
-    python -m pipeline.bench.s3_latency --latency-ms 30 --port 5123    # the same, as its own process
+Faults (``Faults``; none by default) make the server behave as S3 does under load, on the
+object GETs whose key ends with ``suffix``, numbered 1, 2, ... in the order they arrive: every
+Nth answered ``503 SlowDown`` (S3's XML error body), every Nth cut mid-body (half the body
+sent, then the connection closed), every Nth stalled (no byte for ``stall_s``, then answered),
+a storm (every GET refused with 503 SlowDown for ``storm_s`` seconds from the ``storm_from``-th
+on: a prefix that S3 is scaling), keys answered ``403 AccessDenied``, and a bandwidth cap per
+connection. Each is counted: ``refused``, ``cut``, ``stalled``, ``denied``.
+
+    python -m pipeline.bench.s3_latency --latency-ms 30 --port 5123 [--slowdown-every 10 ...]
 
 ``LatencyS3(..., own_process=True)`` runs it so (what ``bench feed`` does: moto answering in
 the measured process would compete with it for the GIL); the counters are then read over HTTP
@@ -22,6 +31,7 @@ at ``/__latency/counts`` (and zeroed at ``/__latency/reset``), paths no S3 clien
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +40,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 BUCKET_ENV = {
@@ -37,6 +48,31 @@ BUCKET_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_REGION": "us-east-1",
 }
+SEND_CHUNK = 64 * 1024  # what a capped connection sends between its pauses
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """What goes wrong with the object GETs whose key ends with ``suffix`` (0: never)."""
+
+    slowdown_every: int = 0  # every Nth GET answered 503 SlowDown
+    cut_every: int = 0  # every Nth GET cut after half its body
+    stall_every: int = 0  # every Nth GET sends nothing for stall_s, then answers
+    stall_s: float = 5.0
+    storm_from: int = 1  # the storm starts at this GET...
+    storm_s: float = 0.0  # ...and refuses every GET for this many seconds
+    deny: str = ""  # keys ending with this are answered 403 AccessDenied
+    bandwidth_mbps: float = 0.0  # megabits per second per connection
+    suffix: str = ""  # "" : every object GET
+
+    def to_args(self) -> list[str]:
+        """The command-line flags of ``main`` that give these faults."""
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                out += [f"--{f.name.replace('_', '-')}", str(value)]
+        return out
 
 
 def request_kind(method: str, path: str, query: str) -> str:
@@ -51,14 +87,31 @@ def request_kind(method: str, path: str, query: str) -> str:
     return "OTHER"
 
 
-class LatencyApp:
-    """A WSGI app that sleeps before each object GET, counts requests, then calls ``inner``."""
+def _s3_error(start_response: Any, status: str, code: str, message: str, key: str) -> list[bytes]:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message><Resource>{key}</Resource>"
+        "<RequestId>faulty-latency-s3</RequestId></Error>"
+    ).encode()
+    start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+    return [body]
 
-    def __init__(self, inner: Any, latency_ms: float):
+
+class LatencyApp:
+    """A WSGI app that sleeps before each object GET, counts requests, then calls ``inner``;
+    the GETs that ``faults`` name are refused, cut, stalled or slowed instead."""
+
+    def __init__(self, inner: Any, latency_ms: float, faults: Faults | None = None):
         self.inner, self.latency_s = inner, latency_ms / 1000.0
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self.get_bytes = 0
+        self.set_faults(faults or Faults())
+
+    def set_faults(self, faults: Faults) -> None:
+        """Use ``faults`` from now on, numbering the GETs from 1 again (a storm starts anew)."""
+        with self._lock:
+            self.faults, self._numbered, self._storm_until = faults, 0, None
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
@@ -67,22 +120,68 @@ class LatencyApp:
                 self.reset()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [json.dumps(self.counts()).encode()]
-        kind = request_kind(
-            environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
-        )
+        kind = request_kind(environ["REQUEST_METHOD"], path, environ.get("QUERY_STRING", ""))
         with self._lock:
             self._counts[kind] += 1
             if kind == "GET":
-                self._counts["GET" + os.path.splitext(environ.get("PATH_INFO", ""))[1]] += 1
+                self._counts["GET" + os.path.splitext(path)[1]] += 1
+            fault = self._fault(path) if kind == "GET" else None
         if kind == "GET" and self.latency_s > 0:
             time.sleep(self.latency_s)
+        if fault == "refused":
+            return _s3_error(
+                start_response, "503 Slow Down", "SlowDown", "Please reduce your request rate.", path
+            )
+        if fault == "denied":
+            return _s3_error(start_response, "403 Forbidden", "AccessDenied", "Access Denied", path)
+        if fault == "stalled":
+            time.sleep(self.faults.stall_s)  # the client has given up by now; what follows goes nowhere
         body = self.inner(environ, start_response)
         if kind != "GET":
             return body
         chunks = list(body)
-        with self._lock:
-            self.get_bytes += sum(len(c) for c in chunks)
-        return chunks
+        if hasattr(body, "close"):
+            body.close()
+        return self._send(b"".join(chunks), cut=fault == "cut")
+
+    def _fault(self, path: str) -> str | None:
+        """What happens to this GET (the caller holds the lock): a fault's name, counted, or None."""
+        f = self.faults
+        if not path.endswith(f.suffix):
+            return None
+        self._numbered += 1
+        n, now = self._numbered, time.monotonic()
+        if f.storm_s > 0 and self._storm_until is None and n >= f.storm_from:
+            self._storm_until = now + f.storm_s
+        fault = None
+        if f.deny and path.endswith(f.deny):
+            fault = "denied"
+        elif (self._storm_until is not None and now < self._storm_until) or (
+            f.slowdown_every and n % f.slowdown_every == 0
+        ):
+            fault = "refused"
+        elif f.cut_every and n % f.cut_every == 0:
+            fault = "cut"
+        elif f.stall_every and n % f.stall_every == 0:
+            fault = "stalled"
+        if fault:
+            self._counts[fault] += 1
+        return fault
+
+    def _send(self, data: bytes, cut: bool) -> Iterator[bytes]:
+        """The body, paced to the bandwidth cap; a cut one stops at half (werkzeug then closes the
+        connection: it sends ``Connection: close`` on every response)."""
+        end = len(data) // 2 if cut else len(data)
+        rate = self.faults.bandwidth_mbps * 1e6 / 8  # bytes per second
+        step = SEND_CHUNK if rate else max(end, 1)
+        start = time.monotonic()
+        for at in range(0, end, step):
+            piece = data[at : min(at + step, end)]
+            if rate:
+                time.sleep(max(0.0, start + at / rate - time.monotonic()))
+            with self._lock:
+                self.get_bytes += len(piece)
+            yield piece
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -92,6 +191,10 @@ class LatencyApp:
                 "PUT": 0,
                 "LIST": 0,
                 "OTHER": 0,
+                "refused": 0,
+                "cut": 0,
+                "stalled": 0,
+                "denied": 0,
                 **self._counts,
                 "get_bytes": self.get_bytes,
             }
@@ -109,17 +212,20 @@ class LatencyS3:
         latency_ms: the wait before each object GET is answered.
         port: 0 picks a free port.
         own_process: serve from a child process (counters read over HTTP).
+        faults: what goes wrong (``Faults``); ``set_faults`` changes it in this process.
     """
 
-    def __init__(self, latency_ms: float = 30.0, port: int = 0, own_process: bool = False):
-        self.latency_ms, self.own_process = latency_ms, own_process
+    def __init__(
+        self, latency_ms: float = 30.0, port: int = 0, own_process: bool = False, faults: Faults | None = None
+    ):
+        self.latency_ms, self.own_process, self.faults = latency_ms, own_process, faults or Faults()
         self._proc: subprocess.Popen | None = None
         if own_process:
             port = port or _free_port()
             self.app = None
             self.endpoint = f"http://127.0.0.1:{port}"
         else:
-            self.app, self._server = _make_server(latency_ms, port)
+            self.app, self._server = _make_server(latency_ms, port, self.faults)
             self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
             host, port = self._server.server_address[:2]
             self.endpoint = f"http://{host}:{port}"
@@ -131,7 +237,7 @@ class LatencyS3:
             self._thread.start()
             return self
         cmd = [sys.executable, "-m", "pipeline.bench.s3_latency", "--latency-ms", str(self.latency_ms),
-               "--port", str(self.port)]  # fmt: skip
+               "--port", str(self.port), *self.faults.to_args()]  # fmt: skip
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
@@ -177,6 +283,12 @@ class LatencyS3:
         else:
             self.app.reset()
 
+    def set_faults(self, faults: Faults) -> None:
+        """Serve with ``faults`` from now on (a server in this process only)."""
+        if self.own_process:
+            raise RuntimeError("a server in its own process takes its faults when it starts")
+        self.app.set_faults(faults)
+
     def create_bucket(self, bucket: str) -> str:
         """Make ``bucket`` (through pyarrow, as the pipeline itself would) and return ``s3://bucket``."""
         import pyarrow.fs
@@ -205,7 +317,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_server(latency_ms: float, port: int) -> tuple[LatencyApp, Any]:
+def _make_server(latency_ms: float, port: int, faults: Faults) -> tuple[LatencyApp, Any]:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         MotoRequestHandler,
@@ -214,7 +326,7 @@ def _make_server(latency_ms: float, port: int) -> tuple[LatencyApp, Any]:
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    app = LatencyApp(DomainDispatcherApplication(create_backend_app), latency_ms)
+    app = LatencyApp(DomainDispatcherApplication(create_backend_app), latency_ms, faults)
     return app, make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
 
 
@@ -226,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--latency-ms", type=float, default=30.0)
     p.add_argument("--port", type=int, required=True)
+    for f in dataclasses.fields(Faults):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = p.parse_args(argv)
-    _, server = _make_server(args.latency_ms, args.port)
+    faults = Faults(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Faults)})
+    _, server = _make_server(args.latency_ms, args.port, faults)
     print(f"S3 with {args.latency_ms:g} ms per GET at http://127.0.0.1:{args.port}", flush=True)
     server.serve_forever()
     return 0

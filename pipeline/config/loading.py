@@ -271,6 +271,11 @@ def _check(cfg: Config) -> None:
             "data.cache_fetchers: must be at least 1 (the shards each rank fetches at once), "
             f"got {cfg.data.cache_fetchers}"
         )
+    if cfg.data.fetch_retry_s < 0:
+        raise ConfigError(
+            "data.fetch_retry_s: must be 0 (no retries) or more seconds (how long a shard's fetch rides out "
+            f"throttling and network failures), got {cfg.data.fetch_retry_s:g}"
+        )
     if cfg.data.shuffle_window < 0:
         raise ConfigError(
             "data.shuffle_window: must be 0 (one window: a full shuffle) or more shards, "

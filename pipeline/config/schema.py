@@ -47,8 +47,13 @@ class DataConfig:
     # when data.root is a URI. "": <system temp dir>/resnet-pipeline-shards, node-local disk on
     # every cloud image; point it at a bigger local disk (NVMe) for ImageNet (about 147 GB).
     cache_dir: str = ""
-    # Shards each rank fetches at once ahead of the sample order (one GET per shard).
+    # Shards each rank fetches at once ahead of the sample order (each as ranged GETs of 8 MiB,
+    # 4 at once).
     cache_fetchers: int = 4
+    # Seconds a shard's fetch keeps retrying (503 SlowDown, 5xx, resets, cut or stalled GETs,
+    # with jittered exponential backoff) before it is an error: S3 answers 503 SlowDown for
+    # minutes while it scales a prefix. 0: the first failure is an error.
+    fetch_retry_s: float = 600.0
     # The sharded layout's training order: each epoch permutes the shards by (seed, epoch), cuts
     # them into windows of this many shards, and permutes the samples within each window. So
     # the first batch waits for one window, not the whole dataset. 0: one window (a full shuffle).

@@ -13,10 +13,11 @@ each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) a
   and mtime are still those recorded (a truncated or rewritten file is not used);
 - to fetch, a process takes an exclusive ``flock`` on ``.lock`` (a prefetch that finds it held
   skips to the next shard: another rank is fetching this one), looks again (another rank may
-  have fetched it meanwhile), GETs the whole object (one request: a shard of 128 MB is a
-  request S3 serves at full speed), writes it under a temporary name, checks its size and
-  SHA-256 against the manifest, renames it into place and writes ``.ok``; a bad download is
-  fetched once more, then is an error naming the shard;
+  have fetched it meanwhile), streams the object into a temporary file beside it through the
+  fetch engine (``pipeline.data.fetch``: ranged GETs of 8 MiB, several at once, hashed as they
+  arrive, retried through throttling and resets for ``data.fetch_retry_s``), checks its size
+  and SHA-256 against the manifest, renames it into place and writes ``.ok``; a bad download
+  is fetched once more, then is an error naming the shard;
 - every sample is checked against its CRC-32 from the manifest the first time this process
   reads it (the feed keeps a bit per sample); a mismatch drops the shard (under its lock) and
   fetches it again (whole, its SHA-256 checked); a second mismatch is an error. Later reads
@@ -24,8 +25,10 @@ each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) a
   at ~10 us per 59 KB image it was the largest cost of a cached epoch (docs/benchmarks.md).
 
 So a worker restarted on the same node, or a second rank, reuses what is there; a crash
-mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again. The cache
-holds whole datasets (no eviction): ``check_capacity`` says at start how much room is missing.
+mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again. A prefetch
+that failed is not final: the reader that needs the shard fetches it again, with a fresh retry
+budget. The cache holds whole datasets (no eviction): ``check_capacity`` says at start how much
+room is missing.
 
 Cached shards are memory-mapped (the cache is on the node's local disk; a sample is then a
 view of the page cache that DALI copies once, as DALI's own file reader does by default). A
@@ -39,7 +42,6 @@ mapping never loses its pages.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import mmap
 import os
@@ -47,12 +49,12 @@ import shutil
 import tempfile
 import threading
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
 from pipeline.data.shards import Manifest, ShardError, repair_hint
 from pipeline.store import locations
 
@@ -79,11 +81,13 @@ class ShardCache:
     Args:
         manifest: the dataset.
         cache_dir: the node's cache folder ("" for ``default_cache_dir()``); unused for a local root.
-        fetchers: shards fetched at once by this process.
+        fetchers: shards fetched at once by this process (each ``policy.parts_in_flight`` GETs at once).
         mmap: map a local root's shards into memory (``data.mmap``); cached shards always are.
+        policy: the fetch engine's retries and part size (``data.fetch_retry_s``).
     """
 
-    def __init__(self, manifest: Manifest, cache_dir: str = "", fetchers: int = 4, mmap: bool = False):
+    def __init__(self, manifest: Manifest, cache_dir: str = "", fetchers: int = 4, mmap: bool = False,
+                 policy: FetchPolicy | None = None):  # fmt: skip
         self.manifest = manifest
         self.remote = locations.is_uri(manifest.root)
         self.mapped = self.remote or mmap
@@ -94,10 +98,9 @@ class ShardCache:
         self._futures: dict[int, Future] = {}
         self._files: dict[int, int | np.ndarray] = {}  # shard -> open fd, or its mapping
         self._lock = threading.Lock()
-        self._fs: Any = None
-        self._root_path = ""
-        self.gets = 0  # object GETs this process made for shards
-        self.bytes_fetched = 0
+        self.policy = policy or FetchPolicy()
+        self._fetcher: Fetcher | None = None
+        self.fetch_stats = FetchStats()  # GETs, retries, seconds waited, bytes: this handle's
         if self.remote:
             self._check_writable()
 
@@ -150,45 +153,43 @@ class ShardCache:
             and mark.get("mtime_ns") == st.st_mtime_ns
         )
 
-    def _filesystem(self, where: str) -> tuple[Any, str]:
-        """One S3 client for every fetch of this process (building one costs more than a GET)."""
+    def _engine(self) -> Fetcher:
+        """This process's fetch engine (its client is built once: that costs more than a GET)."""
         with self._lock:
-            if self._fs is None:
-                self._fs, root_path = locations.filesystem(self.manifest.root)
-                self._root_path = root_path.rstrip("/")
-        return self._fs, f"{self._root_path}/{where.rsplit('/', 1)[1]}"
+            if self._fetcher is None:
+                in_flight = self.fetchers * self.policy.parts_in_flight
+                self._fetcher = Fetcher(self.policy, gets_in_flight=in_flight, stats=self.fetch_stats)
+            return self._fetcher
 
     def _fetch_locked(self, i: int) -> None:
         """Download shard ``i`` into place; the caller holds its lock."""
         shard = self.manifest.shards[i]
         path, ok, _ = self._paths(i)
         where = locations.join(self.manifest.root, shard.name)
-        fs, remote_path = self._filesystem(where)
         for attempt in (1, 2):
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.")
             try:
-                with fs.open_input_file(remote_path) as f:  # a HEAD, then one GET of the whole object
-                    data = f.read_at(shard.size, 0)
-            except OSError as e:
-                raise ShardError(f"{where}: cannot be read ({e}); {locations.access_hint(where)}") from None
-            with self._lock:
-                self.gets += 1
-                self.bytes_fetched += len(data)
-            if len(data) == shard.size and hashlib.sha256(data).hexdigest() == shard.sha256:
-                break
+                with os.fdopen(fd, "wb") as out:  # the engine gets exactly shard.size bytes, or raises
+                    sha = self._engine().fetch(where, shard.size, out)
+                if sha == shard.sha256:
+                    os.replace(tmp, path)
+                    break
+            except FetchError as e:
+                if e.status in (404, 416):
+                    raise ShardError(
+                        f"{where}: {'not found' if e.status == 404 else 'of another size'} ({e.status}), though the "
+                        "manifest lists it; "
+                        f"{repair_hint(self.manifest.source, self.manifest.root)}"
+                    ) from None
+                raise ShardError(str(e)) from None
+            finally:
+                Path(tmp).unlink(missing_ok=True)
             if attempt == 2:
                 raise ShardError(
-                    f"{where}: {len(data)} bytes with SHA-256 {hashlib.sha256(data).hexdigest()[:16]}..., the manifest "
-                    f"says {shard.size} bytes with {shard.sha256[:16]}... (the shard or the manifest was changed); "
+                    f"{where}: its first {shard.size} bytes have SHA-256 {sha[:16]}..., the manifest says "
+                    f"{shard.sha256[:16]}... (the shard or the manifest was changed); "
                     f"{repair_hint(self.manifest.source, self.manifest.root)}"
                 )
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         st = path.stat()
         mark = {"size": shard.size, "sha256": shard.sha256, "mtime_ns": st.st_mtime_ns}
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.ok.")
@@ -237,7 +238,8 @@ class ShardCache:
                 self._pool = ThreadPoolExecutor(self.fetchers, thread_name_prefix="shard-fetch")
             for i in shard_ids:
                 i = int(i)
-                if i not in self._futures:
+                known = self._futures.get(i)
+                if known is None or (known.done() and known.exception() is not None):
                     self._futures[i] = self._pool.submit(self.ensure, i, False, False)
 
     def _file(self, i: int, drop: bool = False) -> int | np.ndarray:
@@ -247,7 +249,7 @@ class ShardCache:
                 return self._files[i]
             future = self._futures.get(i)
         if future is not None and not drop:
-            future.result()  # raises the fetch's error here, in the reading thread
+            wait([future])  # its error is not final: ensure() below fetches again, with a fresh budget
         path = self.ensure(i, drop=drop)
         with self._lock:
             old = self._files.pop(i, None) if drop else None
@@ -306,6 +308,9 @@ class ShardCache:
             pool, self._pool = self._pool, None
             files, self._files = self._files, {}
             self._futures = {}
+            fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            fetcher.close()  # fetches retrying through a storm give up now
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         for f in files.values():

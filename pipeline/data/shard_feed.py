@@ -39,6 +39,7 @@ import torch
 
 from pipeline.config import Config, DataConfig
 from pipeline.data.constants import NUM_TEN_CROPS
+from pipeline.data.fetch import FetchPolicy
 from pipeline.data.imagenet import _labels, _nchw, _torch_device, _ValLoader, build_train_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Data
@@ -141,7 +142,8 @@ class ShardedSource:
 
     def cache(self, cfg: DataConfig) -> ShardCache:
         """The node's cache, checked: writable, and room for every shard still to fetch."""
-        cache = ShardCache(self.manifest, cfg.cache_dir, cfg.cache_fetchers, mmap=cfg.mmap)
+        cache = ShardCache(self.manifest, cfg.cache_dir, cfg.cache_fetchers, mmap=cfg.mmap,
+                           policy=FetchPolicy(retry_s=cfg.fetch_retry_s))  # fmt: skip
         cache.check_capacity(["train", "val"])
         return cache
 

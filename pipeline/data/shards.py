@@ -16,8 +16,9 @@ every shard's size and SHA-256; the seed, the shard size and the tool's version.
 reads the manifest and nothing else to know the dataset (``pipeline.data.shard_feed``).
 
 Writing: one process per usable CPU, one shard per task; a shard is assembled in memory,
-written under a temporary name (an object store's PUT is atomic), read back and checked
-(size + SHA-256), and only then recorded in ``OUT/.parts/<shard>.json``. A second run
+written under a temporary name (an object store's PUT is atomic), read back through the fetch
+engine and checked (size + SHA-256; a throttled store is waited out, not taken for a mismatch),
+and only then recorded in ``OUT/.parts/<shard>.json``. A second run
 re-plans (the plan is a pure function of the source listing and the settings), checks the
 shards already there against their records (size and SHA-256) and writes only those missing
 or bad, so running it again after an interruption, or after a shard was damaged, repairs.
@@ -41,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.fetch import stored_sha256
 from pipeline.store import locations
 
 MANIFEST_NAME = "manifest.json.gz"
@@ -336,23 +338,14 @@ def build_tar(task: ShardTask) -> tuple[bytes, list[dict[str, int]]]:
     return out, records
 
 
-def _read_back(location: str) -> bytes | None:
-    try:
-        fs, path = locations.filesystem(location)
-        with fs.open_input_file(path) as f:
-            return f.read_at(f.size(), 0)
-    except (OSError, FileNotFoundError):
-        return None
-
-
 def _write_shard(args: tuple[ShardTask, str, str]) -> dict[str, Any]:
     task, out, plan = args
     data, records = build_tar(task)
     sha = hashlib.sha256(data).hexdigest()
     target = locations.join(out, task.name)
     locations.write_bytes(target, data)  # local: a temporary name, then renamed; S3: one atomic PUT
-    back = _read_back(target)
-    if back is None or len(back) != len(data) or hashlib.sha256(back).hexdigest() != sha:
+    # Through the fetch engine: a throttled read-back is retried, or named as throttled (FetchError).
+    if stored_sha256(target, len(data)) != sha:
         raise OSError(f"{target}: what was read back differs from what was written; run the command again")
     part = {"plan": plan, "name": task.name, "size": len(data), "sha256": sha, "samples": records}
     locations.write_bytes(locations.join(out, PARTS_DIR, task.name + ".json"), json.dumps(part).encode())
@@ -370,8 +363,7 @@ def _existing_part(task: ShardTask, out: str, plan: str) -> dict[str, Any] | Non
         return None
     if part.get("plan") != plan or len(part.get("samples", ())) != len(task.files):
         return None
-    back = _read_back(locations.join(out, task.name))
-    if back is None or len(back) != part["size"] or hashlib.sha256(back).hexdigest() != part["sha256"]:
+    if stored_sha256(locations.join(out, task.name), part["size"]) != part["sha256"]:
         return None
     return part
 
