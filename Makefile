@@ -45,7 +45,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-# The inner loop: the unit tiers only (under 2 minutes here); `make test` is the whole suite CI runs.
+# The inner loop: the unit tiers only (about 2 minutes on two cores); `make test` is the whole suite CI runs.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not ray and not cluster" $(PYTEST_ARGS)
 

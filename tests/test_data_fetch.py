@@ -197,6 +197,7 @@ def test_a_failed_prefetch_is_fetched_again_by_the_reader(s3, s3_sharded, faults
     cache.close()
 
 
+@pytest.mark.slow  # waits out an 8 s storm: `make test`, not the inner loop
 def test_shard_command_writes_to_a_bucket_through_a_storm(s3, src, faults):
     """The read-back of the second shard meets a storm longer than the AWS SDK's own retries
     (about 6 s): it is retried until the storm ends, and the run succeeds."""
