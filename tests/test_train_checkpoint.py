@@ -331,6 +331,14 @@ def test_uri_storage_holds_run_files_and_resumes(tiny_imagenet, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 2, step 16" in again.stdout
     assert epochs_in(run / "metrics.jsonl") == [1, 2, 3]
+    final = json.loads((run / "summary.json").read_text())["checkpoint"]
+    assert final.endswith("checkpoint_epoch0003"), final
+    # Restarted after its last epoch (Ray Train grows a group when a node joins, even during the
+    # final evaluation): nothing to train, and the summary still names the final checkpoint.
+    done = train(*common, "schedule.epochs=3", no_ray=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert epochs_in(run / "metrics.jsonl") == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["checkpoint"] == final
 
 
 @pytest.mark.parametrize("where", ["local", "uri"])

@@ -1,8 +1,7 @@
 """Checkpoints, written and resumed: what a checkpoint holds, where it goes, which one a run
 resumes from and how many are kept.
 
-    progress = restore(run)                          # rank 0 picks the newest readable one, all load it
-                                                     # (None for a fresh run)
+    restored = restore(run)   # (progress, its checkpoint) or None; rank 0 picks the newest readable one
     save_checkpoint(run, progress, metrics)          # every rank; rank 0 writes state.pt, Ray uploads it
     state = read(folder); restore_model(state, model)    # evaluation: the weights only
 
@@ -305,10 +304,11 @@ def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] 
     return None, None, warnings, real
 
 
-def restore(run: Run) -> TrainingProgress | None:
-    """The progress to resume from, None for a fresh run: rank 0 picks the newest readable
-    checkpoint in the run's folder (else the one before it, else ``resume_from``); every rank then
-    loads that one. Copies fetched from object storage are removed once loaded."""
+def restore(run: Run) -> tuple[TrainingProgress, str] | None:
+    """(the progress to resume from, the checkpoint it came from), None for a fresh run: rank 0
+    picks the newest readable checkpoint in the run's folder (else the one before it, else
+    ``resume_from``); every rank then loads that one. Copies fetched from object storage are
+    removed once loaded."""
     ctx, location = run.ctx, run.location
     decision: tuple[str, str | None] = ("none", None)
     state = None
@@ -339,7 +339,7 @@ def restore(run: Run) -> TrainingProgress | None:
         changed = config_changes(state["config"], to_dict(run.cfg))
         if changed:
             print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
-    return progress
+    return progress, value
 
 
 def save_checkpoint(run: Run, progress: TrainingProgress, metrics: dict[str, Any]) -> str:

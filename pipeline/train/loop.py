@@ -236,13 +236,15 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     ctx = init_context(under_ray, requested_gpu(cfg.cluster), cfg.cluster.collective_timeout_s)
     run = setup_run(cfg, ctx)
     d = run.derived
-    progress = ckpt.restore(run)
-    if progress is None:  # a fresh run: step 0, from model.init_from's weights when it is set
+    # A group restarted after the last epoch (a node that joined during the final evaluation)
+    # trains nothing: its summary names the checkpoint it restored.
+    restored = ckpt.restore(run)
+    progress, last_checkpoint = restored or (TrainingProgress(), None)
+    if restored is None:  # a fresh run: step 0, from model.init_from's weights when it is set
         load_initial_weights(run.network, cfg, is_main=ctx.is_main)
-        progress = TrainingProgress()
     out = RunOutputs.open(run, progress)
     progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
-    img_per_s, last_checkpoint = [], None
+    img_per_s = []
     for epoch in range(progress.epoch, d.epochs):
         train_metrics, progress = train_one_epoch(run, epoch, progress, out)
         img_per_s.append(train_metrics["img_per_s"])
