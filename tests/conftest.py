@@ -72,11 +72,15 @@ def tiny_imagenet(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One 2-CPU local Ray for the whole session (starting Ray costs seconds)."""
+    """One 2-CPU local Ray for the whole session (starting Ray costs seconds), with its dashboard
+    as the CLI's own local Ray has. Ray Train's placement group cleaner asks the state API (a
+    dashboard module) whether the run's controller lives; a Ray without a dashboard sends that
+    query to 127.0.0.1:8265, where another test's cluster may answer that it knows no such
+    actor, and the cleaner then removed a running group's placement group."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -130,10 +130,14 @@ def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_image
         "checkpoint.every_n_steps=2",  # epoch 3 is steps 17-24: mid-epoch checkpoints at 18, 20, 22
         "tracking.log_every_n_steps=2",
     ]
+    # The node's temp dir, where rank 0 stages checkpoints for Ray to upload (Ray's own files
+    # stay in /tmp/ray: its socket paths must be short).
+    node_tmp = tmp_path / "node-tmp"
+    node_tmp.mkdir()
     proc = subprocess.Popen(
         train_cmd(*overrides),
         cwd=ROOT,
-        env=env_with_marker(marker),
+        env={**env_with_marker(marker), "TMPDIR": str(node_tmp), "RAY_TMPDIR": "/tmp"},
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -168,6 +172,8 @@ def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_image
     assert resumed and int(resumed[1]) >= 18 and int(resumed[1]) % 8, out[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 5 and summary["steps"] == 5 * 8
+    # The killed rank 0's queued checkpoints are removed by its successor; Ray deleted the rest.
+    assert not list(node_tmp.rglob("checkpoint_*")), sorted(p.name for p in node_tmp.rglob("checkpoint_*"))
 
     merged = run_pipeline("wandb-sync", str(run_dir), "--dry-run", "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr[-3000:]

@@ -24,8 +24,9 @@ its share), once as it comes and once with ``--max-worker-batch`` (gradient accu
 micro-batches, DDP's ``no_sync`` before the last). Each worker still has one CPU, so on a
 2-core machine 3 workers share 2 cores.
 
-Ray runs locally (``ray.init(address="local", num_cpus=2, include_dashboard=False)``) unless
-it is already initialised in this process.
+Ray runs locally (``ray.init(address="local", num_cpus=2)``, with its dashboard: Ray Train asks its
+state API whether the controller lives, and a Ray without one asks whatever answers on port 8265)
+unless it is already initialised in this process.
 """
 
 from __future__ import annotations
@@ -292,12 +293,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import_s = time.time() - t0
     started = not ray.is_initialized()
     if started:
-        # log_to_driver=False: Ray's actors log state-API retries without a dashboard; a failing
-        # worker's traceback still comes back in the exception fit() raises.
+        # log_to_driver=False: a failing worker's traceback still comes back in the exception
+        # fit() raises.
         ray.init(
             address="local",
             num_cpus=args.num_cpus,
-            include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.WARNING,
         )

@@ -39,6 +39,7 @@ import torch
 
 from pipeline.config import config_changes, to_dict
 from pipeline.store.locations import copy_folder_to, filesystem, is_uri, join, remove_tree
+from pipeline.store.staging import stage_checkpoint
 from pipeline.train.distributed import DistContext, barrier, broadcast_object
 from pipeline.train.schedule import ScheduleState
 from pipeline.train.setup import Run, TrainingProgress
@@ -258,8 +259,8 @@ def report_checkpoint(
 
         checkpoint = None
         if ctx.is_main:
-            # A folder of our own (not a TemporaryDirectory): Ray deletes it once the upload is done.
-            folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+            # Not a TemporaryDirectory: Ray deletes it once uploaded (pipeline.store.staging).
+            folder = stage_checkpoint(name)
             save(folder)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(
