@@ -21,7 +21,7 @@ import pytest
 import torch
 from shard_data import ROOT, small_config, upload_sharded
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shard_feed import epoch_order, open_sharded
 from pipeline.data.shards import MANIFEST_NAME, ShardError, load_manifest
@@ -225,9 +225,11 @@ def test_cache_folder_not_writable_or_too_small(s3, s3_sharded, tmp_path, monkey
         ShardCache(m, str(blocked))
     import shutil as sh
 
+    # A disk too small for one window of shards: the default limit (its free space less headroom)
+    # is refused at start, naming the setting and the number to set.
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10, 10, 1000))
-    with pytest.raises(ShardError, match=r"data.cache_dir=.*GB free.*need .*point data.cache_dir"):
-        ShardCache(m, str(tmp_path / "small")).check_capacity(["train", "val"])
+    with pytest.raises(ConfigError, match=r"data.cache_dir=.*leaves 0.00 GB.*set data.cache_limit_gb=.*room"):
+        ShardCache(m, str(tmp_path / "small")).check_limit(window=4)
 
 
 # ---------------------------------------------------------------- training over the manifest

@@ -19,6 +19,12 @@ Per source: images/s (the median of ``--passes`` alternating passes where the by
 disk), GETs and bytes fetched per image (the server's own counters), per-batch wait p50/p99
 and the time to the first batch. ``s3_per_image`` reads at most
 ``--per-image-limit`` images (at 30 ms a GET it is slow by design).
+
+``--cache-limit-mb N`` adds ``bounded_cache``: the training reader over ``--epochs`` epochs of the
+real order (``epoch_order`` per epoch) through a cache limited to N MB, which evicts by next
+use; its GETs per epoch are the server's counts, LRU's are a simulation over the same sequence
+of shard reads with the same limit (said in the output), and every batch's bytes are compared
+with those read straight from the local shards.
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shuffle-window", type=int, default=4, help="data.shuffle_window")
     parser.add_argument("--per-image-limit", type=int, default=256, help="images read one GET each from S3")
+    parser.add_argument(
+        "--cache-limit-mb", type=float, default=0.0, help="also run a cache of this many MB (0: no)"
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the bounded cache run")
     parser.add_argument(
         "--passes",
         type=int,
@@ -157,6 +167,60 @@ def _with_gets(r: dict[str, Any], server: Any, ext: str) -> dict[str, Any]:
     }
 
 
+def lru_gets_per_epoch(m: Any, order: Any, batch: int, limit: int, epochs: int) -> list[int]:
+    """GETs per epoch of an LRU shard cache of ``limit`` bytes over the order's batches (a simulation)."""
+    shard_of = m.split("train").shard
+    held: dict[int, int] = {}  # shard -> bytes, least recently read first
+    out = []
+    for epoch in range(epochs):
+        ids = order(epoch)
+        gets = 0
+        for s in shard_of[ids[: len(ids) // batch * batch]].tolist():
+            if held.pop(s, None) is None:
+                gets += 1
+                while held and sum(held.values()) + m.shards[s].size > limit:
+                    held.pop(next(iter(held)))
+            held[s] = m.shards[s].size
+        out.append(gets)
+    return out
+
+
+def _bounded(args: argparse.Namespace, m: Any, local: Path, cache_dir: Path, server: Any) -> dict[str, Any]:
+    """The training reader through a cache of ``--cache-limit-mb`` over ``--epochs`` epochs."""
+    from pipeline.data.shard_cache import ShardCache
+    from pipeline.data.shard_feed import _Reader, epoch_order
+
+    limit, bs = int(args.cache_limit_mb * 1e6), args.batch_size
+    cache = ShardCache(m, str(cache_dir), args.fetchers, limit_bytes=limit)
+    cache.check_limit(args.shuffle_window, bs)
+
+    def order(e: int) -> np.ndarray:
+        return epoch_order(m, 0, e, args.shuffle_window)
+
+    reader = _Reader(m, cache, "train", order, bs)
+    t, files = m.split("train"), {}
+    gets, same = [], True
+    for epoch in range(args.epochs):
+        server.reset()
+        for step in range(len(t) // bs):
+            ids = order(epoch)[step * bs : (step + 1) * bs]
+            for i, got in zip(ids, reader(ids, epoch, step), strict=True):
+                name = m.shards[t.shard[i]].name
+                if name not in files:
+                    files[name] = (local / name).read_bytes()
+                same &= got.tobytes() == files[name][t.offset[i] : t.offset[i] + t.size[i]]
+        gets.append(server.counts().get("GET.tar", 0))
+    evictions = cache.room.evictions
+    cache.close()
+    lru = lru_gets_per_epoch(m, order, bs, limit, args.epochs)
+    return {"limit_mb": args.cache_limit_mb, "dataset_train_mb": m.bytes_of("train") / 1e6,
+            "train_shards": len(m.shard_ids("train")), "epochs": args.epochs,
+            "next_use_gets_per_epoch": gets, "lru_gets_per_epoch": lru, "lru": "simulated, same shard reads",
+            "evictions": evictions,
+            "ratio_after_epoch1": sum(gets[1:]) / max(1, sum(lru[1:])),
+            "same_bytes_as_the_shards": bool(same)}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.bench.s3_latency import LatencyS3
     from pipeline.data.layout import scan_imagenet
@@ -245,6 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per["server_ceiling"] = {"images_per_s": len(m.split("train")) / seconds, "seconds": seconds,
                                      "bytes_per_s": got / seconds}  # fmt: skip
             result["sources"] = per
+            if args.cache_limit_mb > 0:
+                result["bounded_cache"] = _bounded(args, m, shards, work / "cache-bounded", server)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -277,4 +343,14 @@ def format_text(result: dict[str, Any]) -> str:
             f"{r.get('batch_wait_p99_ms', float('nan')):>8.1f}{r.get('first_batch_s', float('nan')):>9.2f}"
         )
     lines += [f"{k}: {v:.3g}" for k, v in result["targets"].items()]
+    b = result.get("bounded_cache")
+    if b:
+        lines += [
+            f"cache of {b['limit_mb']:g} MB for {b['dataset_train_mb']:.1f} MB of training shards "
+            f"({b['train_shards']}), {b['epochs']} epochs, GETs per epoch:",
+            f"  next use (measured): {b['next_use_gets_per_epoch']}",
+            f"  LRU ({b['lru']}): {b['lru_gets_per_epoch']}",
+            f"  next use / LRU after epoch 1: {b['ratio_after_epoch1']:.2f}; same bytes as the shards: "
+            f"{b['same_bytes_as_the_shards']}",
+        ]
     return "\n".join(lines)

@@ -271,6 +271,11 @@ def _check(cfg: Config) -> None:
             "data.cache_fetchers: must be at least 1 (the shards each rank fetches at once), "
             f"got {cfg.data.cache_fetchers}"
         )
+    if cfg.data.cache_limit_gb < 0:
+        raise ConfigError(
+            "data.cache_limit_gb: must be 0 (the cache disk's free space less headroom) or more GB, "
+            f"got {cfg.data.cache_limit_gb:g}"
+        )
     if cfg.data.fetch_retry_s < 0:
         raise ConfigError(
             "data.fetch_retry_s: must be 0 (no retries) or more seconds (how long a shard's fetch rides out "

@@ -47,6 +47,12 @@ class DataConfig:
     # when data.root is a URI. "": <system temp dir>/resnet-pipeline-shards, node-local disk on
     # every cloud image; point it at a bigger local disk (NVMe) for ImageNet (about 147 GB).
     cache_dir: str = ""
+    # The most the cache folder may hold on each node, in GB (1e9 bytes), counting every job that
+    # shares the folder. 0: the disk's free space (plus what the cache holds) less a headroom of
+    # 10 % of the disk, at least 5 GB; the limit chosen is said at start. Below the dataset's size
+    # the cache evicts the shard read furthest in the future (the order is known); it cannot go
+    # below one window of shards plus data.cache_fetchers in flight (the start refuses, naming it).
+    cache_limit_gb: float = 0.0
     # Shards each rank fetches at once ahead of the sample order (each as ranged GETs of 8 MiB,
     # 4 at once).
     cache_fetchers: int = 4

@@ -1,34 +1,47 @@
-"""One shard cache per node: every rank on the node shares it, each shard is fetched once.
+"""One shard cache per node: every rank on the node shares it, each shard is fetched once per use.
 
-    cache = ShardCache(manifest, cache_dir="/local/nvme/shards", fetchers=4)
-    cache.check_capacity(["train", "val"])        # a clear error at start when the disk is too small
-    cache.prefetch([12, 3, 40, ...])              # shard ids in the order the feed will need them
+    cache = ShardCache(manifest, cache_dir="/local/nvme/shards", fetchers=4, limit_bytes=0)
+    cache.check_limit(global_batch=256)           # a clear error at start when the limit is too small
+    cache.follow(ReadPlan(manifest, order, 256))  # the training order: what eviction looks ahead at
+    cache.at(epoch, step)                         # where this process reads now
+    cache.prefetch(cache.ahead())                 # shard ids in the order the feed will need them
     jpeg = cache.read(shard_id, offset, size, crc32)   # uint8 array; crc32=None: checked before
 
 Layout on disk: ``CACHE_DIR/<first 16 hex of the manifest's SHA-256>/<shard>.tar`` with, beside
 each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) and
-``<shard>.tar.lock``. The protocol, the same in every process of the node:
+``<shard>.tar.lock``; ``CACHE_DIR/ledger.json`` (and its lock) accounts for every process using
+the folder (``pipeline.data.cache_ledger``). Files are readable by the group and others, the
+ledger group-writable, so two users of a node can share a cache. The protocol, the same in
+every process of the node:
 
 - a shard is usable when its ``.ok`` names the manifest's size and SHA-256 and the file's size
   and mtime are still those recorded (a truncated or rewritten file is not used);
 - to fetch, a process takes an exclusive ``flock`` on ``.lock`` (a prefetch that finds it held
   skips to the next shard: another rank is fetching this one), looks again (another rank may
-  have fetched it meanwhile), streams the object into a temporary file beside it through the
-  fetch engine (``pipeline.data.fetch``: ranged GETs of 8 MiB, several at once, hashed as they
-  arrive, retried through throttling and resets for ``data.fetch_retry_s``), checks its size
-  and SHA-256 against the manifest, renames it into place and writes ``.ok``; a bad download
-  is fetched once more, then is an error naming the shard;
+  have fetched it meanwhile), makes room for it under the ledger's lock (below), streams the
+  object into a temporary file beside it through the fetch engine (``pipeline.data.fetch``:
+  ranged GETs of 8 MiB, several at once, hashed as they arrive, retried through throttling and
+  resets for ``data.fetch_retry_s``), checks its size and SHA-256 against the manifest, renames
+  it into place and writes ``.ok``; a bad download is fetched once more, then is an error
+  naming the shard;
 - every sample is checked against its CRC-32 from the manifest the first time this process
   reads it (the feed keeps a bit per sample); a mismatch drops the shard (under its lock) and
   fetches it again (whole, its SHA-256 checked); a second mismatch is an error. Later reads
   of the sample come through the same open file, so from the same bytes, and skip the CRC:
   at ~10 us per 59 KB image it was the largest cost of a cached epoch (docs/benchmarks.md).
 
+**Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus every live
+process's fetches in flight stay under it; a fetch that would pass it first deletes the shards
+this job reads furthest ahead (Belady's policy: ``cache_room``, ``eviction``, ``next_use``),
+never one pinned in the ledger (held open, or read in some process's current windows). When
+the dataset does not fit, a process keeps open only its current windows' shards, so an evicted
+shard's bytes are freed.
+
 So a worker restarted on the same node, or a second rank, reuses what is there; a crash
-mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again. A prefetch
-that failed is not final: the reader that needs the shard fetches it again, with a fresh retry
-budget. The cache holds whole datasets (no eviction): ``check_capacity`` says at start how much
-room is missing.
+mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again, and the next
+cache handle on the folder deletes the temporary file (no process holds its shard's lock). A
+prefetch that failed is not final: the reader that needs the shard fetches it again, with a
+fresh retry budget.
 
 Cached shards are memory-mapped (the cache is on the node's local disk; a sample is then a
 view of the page cache that DALI copies once, as DALI's own file reader does by default). A
@@ -45,7 +58,6 @@ import fcntl
 import json
 import mmap
 import os
-import shutil
 import tempfile
 import threading
 import zlib
@@ -54,11 +66,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import cache_sizing
+from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
+from pipeline.data.next_use import ReadPlan
 from pipeline.data.shards import Manifest, ShardError, repair_hint
 from pipeline.store import locations
 
 DEFAULT_DIR_NAME = "resnet-pipeline-shards"
+DIR_MODE = 0o775  # folders this cache makes: the group may fetch into them too
 
 
 def default_cache_dir() -> str:
@@ -84,16 +100,22 @@ class ShardCache:
         fetchers: shards fetched at once by this process (each ``policy.parts_in_flight`` GETs at once).
         mmap: map a local root's shards into memory (``data.mmap``); cached shards always are.
         policy: the fetch engine's retries and part size (``data.fetch_retry_s``).
+        limit_bytes: the most the folder may hold (``data.cache_limit_gb``); 0: the disk's default.
     """
 
     def __init__(self, manifest: Manifest, cache_dir: str = "", fetchers: int = 4, mmap: bool = False,
-                 policy: FetchPolicy | None = None):  # fmt: skip
+                 policy: FetchPolicy | None = None, limit_bytes: int = 0):  # fmt: skip
         self.manifest = manifest
         self.remote = locations.is_uri(manifest.root)
         self.mapped = self.remote or mmap
         self.setting = cache_dir or default_cache_dir()
-        self.dir = Path(self.setting).expanduser() / manifest.digest[:16]
+        self.root = Path(self.setting).expanduser()
+        self.dataset = manifest.digest[:16]
+        self.dir = self.root / self.dataset
         self.fetchers = max(1, int(fetchers))
+        self.plan: ReadPlan | None = None
+        self._protected: set[int] = set()  # shards with reads left in the current windows
+        self._names = {s.name for s in manifest.shards}
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
         self._files: dict[int, int | np.ndarray] = {}  # shard -> open fd, or its mapping
@@ -101,14 +123,23 @@ class ShardCache:
         self.policy = policy or FetchPolicy()
         self._fetcher: Fetcher | None = None
         self.fetch_stats = FetchStats()  # GETs, retries, seconds waited, bytes: this handle's
+        self.dataset_bytes = sum(s.size for s in manifest.shards)
+        self.room: CacheRoom | None = None
         if self.remote:
             self._check_writable()
+            self._remove_dead_temp_files()
+            self.room = CacheRoom(self.root, manifest, limit_bytes, wait_s=max(60.0, self.policy.retry_s))
+        # The dataset does not fit: evict by next use, and keep open only what the windows read.
+        self.bounded = self.room is not None and self.room.limit < self.dataset_bytes
 
     # ------------------------------------------------------------ start-up checks
 
     def _check_writable(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.root, self.dir):
+                if not folder.is_dir():
+                    folder.mkdir(parents=True)
+                    os.chmod(folder, DIR_MODE)
             probe = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe.", delete=True)
             probe.close()
         except OSError as e:
@@ -117,21 +148,88 @@ class ShardCache:
                 "a writable folder on the node's local disk"
             ) from None
 
-    def check_capacity(self, splits: list[str]) -> None:
-        """Raise when the cache's disk cannot hold the shards of ``splits`` not yet cached."""
-        if not self.remote:
+    def _remove_dead_temp_files(self) -> None:
+        """Delete the temporary files of fetches whose process died (no one holds their shard's lock)."""
+        for f in os.scandir(self.dir):
+            if not f.name.startswith(".") or f.name.startswith(".probe."):
+                continue
+            name = f.name[1:].split(".tar", 1)[0] + ".tar"
+            if name not in self._names:
+                continue
+            fd = open_lock(self.dir / (name + ".lock"))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                Path(f.path).unlink(missing_ok=True)
+            except BlockingIOError:
+                pass  # a live fetch is writing it
+            finally:
+                os.close(fd)
+
+    def check_limit(self, window: int, global_batch: int | None = None) -> None:
+        """Raise ``ConfigError`` when the limit is below the least that works (``cache_sizing``):
+        ``window`` is ``data.shuffle_window``, ``global_batch`` the training batch."""
+        if self.room is None:
             return
-        missing = sum(
-            s.size for i, s in enumerate(self.manifest.shards) if s.split in splits and not self._valid(i)
-        )
-        free = shutil.disk_usage(self.dir).free
-        if missing > free:
-            total = sum(self.manifest.bytes_of(s) for s in splits)
-            raise ShardError(
-                f"data.cache_dir={self.setting}: {free / 1e9:.1f} GB free on its disk, the shards still to fetch need "
-                f"{missing / 1e9:.1f} GB (the dataset is {total / 1e9:.1f} GB; every node keeps one copy); point "
-                "data.cache_dir at a local disk with room"
-            )
+        need = cache_sizing.minimum_bytes(self.manifest, window, self.fetchers, global_batch)
+        cache_sizing.check_limit(self.room.limit, need, explicit=self.room.explicit, cache_dir=self.setting,
+                                 window=window, fetchers=self.fetchers)  # fmt: skip
+
+    def describe(self) -> str:
+        """The one line said at start: the limit and whether this dataset fits in it."""
+        if self.room is None:
+            return f"shards read in place from {self.manifest.root} (no cache)"
+        return cache_sizing.describe(self.room.limit, self.dataset_bytes, self.room.explicit, self.setting)
+
+    # ------------------------------------------------------------ the read plan and pins
+
+    def follow(self, plan: ReadPlan) -> None:
+        """Evict by ``plan``'s next reads, and pin its current windows' shards."""
+        self.plan = plan
+        if self.room is not None:
+            self.room.plan = plan
+
+    def at(self, epoch: int, step: int) -> bool:
+        """This process now reads global batch ``step`` of ``epoch``; True when its windows changed
+        (the feed then queues the shards ahead again)."""
+        if self.plan is None or self.room is None:
+            return False
+        self.plan.at(epoch, step)
+        protected = self.plan.protected()
+        if protected == self._protected:
+            return False
+        self._protected = protected
+        if self.bounded:
+            self._close_unneeded(protected)
+        self._publish()
+        return True
+
+    def ahead(self) -> list[int]:
+        """Training shards in the order of their next reads, as many as the limit holds."""
+        if self.plan is None:
+            return []
+        upcoming = self.plan.upcoming()
+        if not self.bounded:
+            return upcoming
+        out, total = [], 0
+        for i in upcoming:
+            total += self.manifest.shards[i].size
+            if total > self.room.limit:
+                break
+            out.append(i)
+        return out
+
+    def _close_unneeded(self, keep: set[int]) -> None:
+        with self._lock:
+            gone = [self._files.pop(i) for i in list(self._files) if i not in keep]
+        for f in gone:
+            if isinstance(f, int):
+                os.close(f)  # a mapping is unmapped when its last view is gone
+
+    def _publish(self, also: set[int] | frozenset = frozenset()) -> None:
+        """Tell the ledger what this handle pins: open shards and those its windows still read."""
+        with self._lock:
+            pinned = self._protected | set(self._files) | also
+        self.room.pin(pinned)
 
     # ------------------------------------------------------------ the protocol
 
@@ -172,6 +270,7 @@ class ShardCache:
                 with os.fdopen(fd, "wb") as out:  # the engine gets exactly shard.size bytes, or raises
                     sha = self._engine().fetch(where, shard.size, out)
                 if sha == shard.sha256:
+                    os.chmod(tmp, FILE_MODE)  # mkstemp made it private
                     os.replace(tmp, path)
                     break
             except FetchError as e:
@@ -195,6 +294,7 @@ class ShardCache:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.ok.")
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(mark))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, ok)
 
     def ensure(self, i: int, drop: bool = False, wait: bool = True) -> Path | None:
@@ -202,8 +302,9 @@ class ShardCache:
 
         ``drop``: the copy there is bad (a sample failed its CRC): remove it and fetch it again.
         ``wait=False`` (prefetching): when another process of the node holds the shard's lock
-        (it is fetching it), return None at once and go on to the next shard; so the node has
-        ranks x fetchers shards in flight, each fetched once.
+        (it is fetching it), or no room can be made without evicting a shard read sooner, return
+        None at once and go on to the next shard; so the node has ranks x fetchers shards in
+        flight, each fetched once.
         """
         if not self.remote:
             return Path(
@@ -212,19 +313,24 @@ class ShardCache:
         path, ok, lock = self._paths(i)
         if not drop and self._valid(i):
             return path
-        with open(lock, "a+") as lf:
+        fd = open_lock(lock)
+        try:
             try:
-                fcntl.flock(lf, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 return None
-            try:
-                if drop:
-                    ok.unlink(missing_ok=True)
-                    path.unlink(missing_ok=True)
-                if not self._valid(i):
+            if drop:
+                ok.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            if not self._valid(i):
+                if not self.room.reserve(i, ahead=not wait):
+                    return None
+                try:
                     self._fetch_locked(i)
-            finally:
-                fcntl.flock(lf, fcntl.LOCK_UN)
+                finally:
+                    self.room.unreserve(i)
+        finally:
+            os.close(fd)  # closing drops the flock
         return path
 
     # ------------------------------------------------------------ prefetch and reads
@@ -239,7 +345,10 @@ class ShardCache:
             for i in shard_ids:
                 i = int(i)
                 known = self._futures.get(i)
-                if known is None or (known.done() and known.exception() is not None):
+                # Again when it failed, or was skipped (being fetched elsewhere, or no room then).
+                if known is None or (
+                    known.done() and (known.exception() is not None or known.result() is None)
+                ):
                     self._futures[i] = self._pool.submit(self.ensure, i, False, False)
 
     def _file(self, i: int, drop: bool = False) -> int | np.ndarray:
@@ -250,6 +359,8 @@ class ShardCache:
             future = self._futures.get(i)
         if future is not None and not drop:
             wait([future])  # its error is not final: ensure() below fetches again, with a fresh budget
+        if self.room is not None and i not in self._protected:
+            self._publish({i})  # pinned before it is fetched or opened
         path = self.ensure(i, drop=drop)
         with self._lock:
             old = self._files.pop(i, None) if drop else None
@@ -289,7 +400,17 @@ class ShardCache:
             if crc is not None and (len(data) != size or zlib.crc32(data) != crc):
                 data = self._read_again(i, offset, size, crc)
             out.append(data)
+        if self.bounded and len(files) > len(self._protected):
+            self._drop_others(set(shards))  # validation: shards read past are let go
         return out
+
+    def _drop_others(self, reading: set[int]) -> None:
+        """Close and unpin shards neither in the current windows nor in this batch."""
+        keep = (self.plan.protected() if self.plan is not None else set()) | reading
+        with self._lock:
+            self._protected = keep
+        self._close_unneeded(keep)
+        self._publish()
 
     def _read_again(self, i: int, offset: int, size: int, crc32: int) -> np.ndarray:
         shard = self.manifest.shards[i]
@@ -316,6 +437,9 @@ class ShardCache:
         for f in files.values():
             if isinstance(f, int):
                 os.close(f)
+        room, self.room = getattr(self, "room", None), None
+        if room is not None:
+            room.leave()
 
     def __del__(self) -> None:  # the feed's cache lives as long as its loader
         try:

@@ -37,15 +37,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config, ConfigError, DataConfig
+from pipeline.data.cache_sizing import GB, check_limit, minimum_bytes
 from pipeline.data.constants import NUM_TEN_CROPS
 from pipeline.data.fetch import FetchPolicy
 from pipeline.data.imagenet import _labels, _nchw, _torch_device, _ValLoader, build_train_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Data
+from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shards import Manifest, check_shards, load_manifest
 from pipeline.host import usable_cpus
+from pipeline.store import locations
 
 ORDER_KEY = 0x5A4D  # keeps the window shuffle's stream apart from the folder layout's
 
@@ -79,7 +82,12 @@ def shards_in_order(manifest: Manifest, split: str, ids: np.ndarray) -> list[int
 
 
 class _Reader:
-    """What the feed calls per batch: encoded images of sample ids, prefetching ahead."""
+    """What the feed calls per batch: encoded images of sample ids, prefetching ahead.
+
+    With an order (training), the cache follows it (``next_use.ReadPlan``): it pins the shards
+    of the current windows, evicts by next read, and is asked to prefetch again at each epoch
+    and, when the dataset does not fit, each time the windows move on.
+    """
 
     def __init__(self, manifest: Manifest, cache: ShardCache, split: str, order: Callable[[int], np.ndarray] | None,
                  global_batch: int = 0):  # fmt: skip
@@ -92,18 +100,17 @@ class _Reader:
         )
         self.samples = manifest.split(split)
         self.checked = np.zeros(len(self.samples), bool)  # CRC-32 verified by this process
-        self._planned: tuple[int, int] | None = None
-
-    def plan(self, epoch: int, step: int) -> None:
-        """Queue this epoch's shards from ``step`` on, and the next epoch's (the feed runs on)."""
-        ids = self.order(epoch)[step * self.global_batch :]
-        self.cache.prefetch(shards_in_order(self.m, self.split, ids))
-        self.cache.prefetch(shards_in_order(self.m, self.split, self.order(epoch + 1)))
-        self._planned = (epoch, step)
+        self._planned: int | None = None  # the epoch whose shards were queued
+        if order is not None:
+            cache.follow(ReadPlan(manifest, order, global_batch))
 
     def __call__(self, ids: np.ndarray, epoch: int, step: int) -> list[np.ndarray]:
-        if self._planned is None or self._planned[0] != epoch:
-            self.plan(epoch, step)
+        moved = self.cache.at(epoch, step)
+        if self._planned != epoch or (moved and self.cache.bounded):
+            # This epoch's shards from here on, then the next epoch's (the feed runs on); as
+            # many as the limit holds when the dataset does not fit.
+            self.cache.prefetch(self.cache.ahead())
+            self._planned = epoch
         return self.read(ids)
 
     def read(self, ids: Any) -> list[np.ndarray]:
@@ -122,6 +129,12 @@ class ShardedSource:
 
     def __init__(self, cfg: DataConfig, manifest: Manifest):
         check_shards(manifest)
+        if cfg.cache_limit_gb > 0 and locations.is_uri(manifest.root):
+            # Refused before anything starts; the batch is not known here, so a batch is taken to
+            # read at most two windows (ImageNet's hold 18,000 images); the workers check exactly.
+            need = minimum_bytes(manifest, cfg.shuffle_window, cfg.cache_fetchers, None)
+            check_limit(int(cfg.cache_limit_gb * GB), need, explicit=True, cache_dir=cfg.cache_dir,
+                        window=cfg.shuffle_window, fetchers=cfg.cache_fetchers)  # fmt: skip
         if cfg.normalize == "mean":
             from pipeline.data.stats import load_mean
 
@@ -140,11 +153,18 @@ class ShardedSource:
             tuple(int(x) for x in val.label),
         )
 
-    def cache(self, cfg: DataConfig) -> ShardCache:
-        """The node's cache, checked: writable, and room for every shard still to fetch."""
+    def cache(self, cfg: DataConfig, global_batch: int | None = None) -> ShardCache:
+        """The node's cache, checked: writable, and a limit (said in one line) that can work."""
         cache = ShardCache(self.manifest, cfg.cache_dir, cfg.cache_fetchers, mmap=cfg.mmap,
-                           policy=FetchPolicy(retry_s=cfg.fetch_retry_s))  # fmt: skip
-        cache.check_capacity(["train", "val"])
+                           policy=FetchPolicy(retry_s=cfg.fetch_retry_s),
+                           limit_bytes=int(cfg.cache_limit_gb * GB))  # fmt: skip
+        try:
+            cache.check_limit(cfg.shuffle_window, global_batch)
+        except ConfigError:
+            cache.close()
+            raise
+        if cache.remote:
+            print(cache.describe(), flush=True)
         return cache
 
     def train_loader(
@@ -177,7 +197,7 @@ class ShardedSource:
         num_threads: int,
         eval_batch: int,
     ) -> Data:
-        cache = self.cache(cfg.data)
+        cache = self.cache(cfg.data, cfg.optim.batch_size)
         common: dict[str, Any] = dict(
             shard_id=rank,
             num_shards=world_size,
