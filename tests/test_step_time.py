@@ -1,5 +1,5 @@
-"""Where a step's time goes: the ``perf/*`` arithmetic, MFU, the summary's line, and the keys a
-real ``--no-ray`` run writes to metrics.jsonl and W&B.
+"""Where a step's time goes: the ``perf/*`` arithmetic, MFU, the summary's line, the stall note
+that names itself, and the keys a real ``--no-ray`` run writes to metrics.jsonl and W&B.
 
 Nothing here asserts speed: sleeps make the parts large enough to add up, and the checks are
 on sums, ranges and what is present.
@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import run_pipeline, tiny_overrides
 
+from pipeline.config import load_config
 from pipeline.tracking.tracker import OPTIONAL_METRICS, PERF_METRICS
 from pipeline.train.step_time import (
     StepClock,
@@ -116,6 +118,91 @@ def test_summary_line_says_where_the_time_went():
         "MFU n/a (no peak known for Tesla T4)"
     )
     assert describe_time({}) == "data stall -, checkpoint stall -, MFU n/a on CPU"  # an older summary.json
+
+
+# ---------------------------------------------------------------- the stall note
+
+
+def _fake_run(device: str = "cpu", **data: object) -> SimpleNamespace:
+    cfg = load_config(None, [f"data.{k}={v}" for k, v in data.items()])
+    return SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(device=torch.device(device), is_main=True))
+
+
+def test_the_likely_cause_names_the_setting_to_change():
+    from pipeline.train.stall import likely_cause
+
+    threads = likely_cause(_fake_run(num_threads=2), 2, None)
+    assert "2 thread(s)" in threads and "data.num_threads" in threads
+    derived = likely_cause(_fake_run(), 1, None)
+    assert "derived from cluster.cpus_per_worker" in derived
+    decoder = likely_cause(_fake_run("cuda", decoder="cpu"), 4, None)
+    assert "data.decoder=cpu" in decoder and "data.decoder=auto" in decoder
+    fetching = likely_cause(
+        _fake_run(), 4, {"gets": 12, "retries": 3, "throttled": 2, "wait_s": 1.0, "bytes": 9}
+    )
+    assert "12 GETs" in fetching and "2 refused with 503" in fetching and "data.cache_fetchers" in fetching
+    filled = likely_cause(
+        _fake_run(), 4, {"gets": 0, "retries": 0, "throttled": 0, "wait_s": 0.0, "bytes": 0}
+    )
+    assert "data.num_threads" in filled  # a full cache is not the cause
+
+
+class _Loader:
+    """Batches held in memory (next() costs nothing), or the same behind a sleep per batch."""
+
+    def __init__(self, batches: list, sleep_s: float = 0.0):
+        self.batches, self.sleep_s = batches, sleep_s
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, start: int = 0):
+        for batch in self.batches:  # all of them whatever ``start``: the test resumes mid-epoch
+            time.sleep(self.sleep_s)
+            yield batch
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tiny_imagenet, tmp_path_factory):
+    from pipeline.train.distributed import init_context
+    from pipeline.train.setup import setup_run
+
+    overrides = tiny_overrides(tiny_imagenet, tmp_path_factory.mktemp("stall"), "stall")
+    overrides += ["cluster.num_workers=1", "log_every_n_steps=1000", "tracking.log_every_n_steps=1000"]
+    run = setup_run(load_config(None, overrides), init_context(False, use_gpu=False))
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(16, 3, 48, 48, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(4)
+    ]
+    return run, batches
+
+
+@pytest.mark.parametrize("sleep_s, said", [(0.5, 1), (0.0, 0)])
+def test_a_data_stall_is_named_once_per_run_and_only_when_there_is_one(cpu_run, capsys, sleep_s, said):
+    import dataclasses
+
+    from pipeline.train.loop import train_one_epoch
+    from pipeline.train.setup import TrainingProgress
+    from pipeline.train.stall import StallNote
+
+    run, batches = cpu_run
+    run.data = dataclasses.replace(run.data, train=_Loader(batches, sleep_s))
+    quiet = SimpleNamespace(steps=lambda metrics, step, console, track: None)
+    clock, note = StepClock.for_run(run), StallNote.for_run(run)
+    progress, stalls = TrainingProgress(), []
+    for epoch in range(2):
+        # 4 of the 8 steps of the epoch: the run's config says 8, the loader holds 4.
+        progress = dataclasses.replace(progress, step=epoch * 8 + 4)
+        metrics, progress = train_one_epoch(run, epoch, progress, quiet, clock)
+        stalls.append(metrics["perf/data_stall_pct"])
+        note.check(epoch, metrics)
+    out = capsys.readouterr().out
+    assert out.count("warning: data stall") == said, (stalls, out)
+    if said:
+        assert all(s > 10 for s in stalls)  # over the threshold both times, said once
+        assert "data.num_threads" in out and "perf/data_stall_pct" in out
+    else:
+        assert all(s < 10 for s in stalls)
 
 
 # ---------------------------------------------------------------- a real run's keys

@@ -10,7 +10,8 @@ One step reads top to bottom here (``train_one_epoch``, ``train_step``) with thr
 of ``pipeline.train``: ``setup`` (``Run``, what the run holds, and ``TrainingProgress``, where it
 stands), ``derived`` (``Derived``: the batch split, the lr, the iterations) and ``outputs``
 (``RunOutputs``: where the metrics go), with ``step_time`` (``StepClock``: where a step's time
-goes, the ``perf/*`` metrics). What else it calls says what it does by its name:
+goes, the ``perf/*`` metrics) and ``stall`` (``StallNote``: a data stall named once per run).
+What else it calls says what it does by its name:
 ``checkpoint.restore`` and ``save_checkpoint``, ``evaluate.score`` (every evaluation), the
 ``schedule``'s pure functions of the step. ``train_one_epoch`` and ``validate_epoch`` return
 metric dicts.
@@ -39,6 +40,7 @@ from pipeline.train.init_from import load_initial_weights
 from pipeline.train.outputs import RunOutputs
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
 from pipeline.train.setup import Run, TrainingProgress, setup_run
+from pipeline.train.stall import StallNote
 from pipeline.train.step_time import StepClock
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
@@ -256,9 +258,10 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     out = RunOutputs.open(run, progress)
     progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
     img_per_s = []
-    clock = StepClock.for_run(run)
+    clock, stall = StepClock.for_run(run), StallNote.for_run(run)
     for epoch in range(progress.epoch, d.epochs):
         train_metrics, progress = train_one_epoch(run, epoch, progress, out, clock)
+        stall.check(epoch, train_metrics)
         img_per_s.append(train_metrics["img_per_s"])
         metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
         if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == d.epochs:
