@@ -24,6 +24,7 @@ from pipeline.driver.ray_runner import quiet_worker_logs, run_on_ray, with_absol
 from pipeline.store.rundir import RunDir, run_location
 from pipeline.train.derived import derive
 from pipeline.train.distributed import launched_rank
+from pipeline.train.step_time import describe_time
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -104,6 +105,7 @@ def print_summary(cfg: Config) -> dict[str, Any] | None:
         ),
         ("val top-5 err", f"{summary['val_top5_err']:.2f}%"),
         ("train img/s", f"{rate:.1f}" if rate is not None else "-"),
+        ("time", describe_time(summary)),
         ("epochs", f"{summary['epochs']} ({summary.get('steps')} steps)"),
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("checkpoint", summary["checkpoint"]),

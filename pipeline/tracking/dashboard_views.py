@@ -3,7 +3,8 @@
     view = degradation_report(entity="my-team", project="resnet-pipeline", group="degradation-cifar10")
 
 - ``training``: a workspace (the project page's saved view) with error, loss, lr, throughput,
-  data wait, epoch time, GPU memory, world size and global batch; runs grouped by W&B group
+  data wait, epoch time, where the step's time goes (stalls, step time, MFU), GPU memory, world
+  size and global batch; runs grouped by W&B group
   (= ``tracking.group``), or only the runs of ``group``, one line each.
 - ``degradation``: a report in the style of the paper's Figure 6: plain and residual networks in
   separate charts, training and test error against iterations, one colour per network, the
@@ -80,6 +81,26 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
                 # Above ~0.1 the input pipeline is the bottleneck (docs/wandb.md).
                 line_plot("data-wait fraction of the epoch", ["data_wait_frac"], x=epoch, range_y=(0, 1)),
                 line_plot("epoch time (s)", ["epoch_time_s"], x=epoch),
+            ],
+        ),
+        ws.Section(
+            name="Where the time goes",
+            is_open=True,
+            # Rank 0's own step timings (pipeline.train.step_time), per logged step and per epoch.
+            panels=[
+                line_plot(
+                    "stalls: data wait and checkpoint block (% of training time)",
+                    ["perf/data_stall_pct", "perf/checkpoint_stall_pct"],
+                    range_y=(0, 100),
+                ),
+                line_plot(
+                    "seconds since the previous row: data wait, step work, checkpoint block",
+                    ["perf/data_wait_s", "perf/compute_s", "perf/checkpoint_block_s"],
+                ),
+                line_plot("seconds per step", ["perf/step_s"]),
+                line_plot("images/s per worker", ["perf/img_per_s_per_worker"]),
+                line_plot("MFU (GPU runs on a known device)", ["perf/mfu"], range_y=(0, 1)),
+                line_plot("GPU memory, peak allocated (GiB; GPU runs)", ["perf/peak_mem_gb"]),
             ],
         ),
         ws.Section(

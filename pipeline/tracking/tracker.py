@@ -50,6 +50,19 @@ AXIS_METRICS = ("epoch", "step")
 # charted against wandb's step, which the training loop sets to the global iteration (the x-axis
 # of the paper's Figures 4 and 6).
 STEP_METRICS = ("train/step_loss", "lr", "img_per_s")
+# Where the time goes, rank 0's own (pipeline.train.step_time): in every step row (since the
+# previous one) and every epoch row (since the previous epoch's), charted against wandb's step.
+PERF_METRICS = (
+    "perf/step_s",
+    "perf/data_wait_s",
+    "perf/compute_s",
+    "perf/checkpoint_block_s",
+    "perf/data_stall_pct",
+    "perf/checkpoint_stall_pct",
+    "perf/img_per_s_per_worker",
+    "perf/mfu",
+    "perf/peak_mem_gb",
+)
 # Logged once per epoch and charted against `epoch` (val/ ones only in epochs that validate).
 EPOCH_METRICS = (
     "train/loss",
@@ -67,11 +80,13 @@ EPOCH_METRICS = (
     "world_size",
     "global_batch",
 )
-# Not in every run: gpu_mem_gb on GPU workers only; train_eval/* only with eval.train_eval on;
+# Not in every run: gpu_mem_gb and perf/peak_mem_gb on GPU workers only, perf/mfu only on a GPU
+# whose peak pipeline.train.step_time knows; train_eval/* only with eval.train_eval on;
 # world_size and global_batch are in every epoch row of today's runs, but not in runs logged by
 # older versions (the dashboards' panels for them say "runs that log it").
 OPTIONAL_METRICS = (
     "gpu_mem_gb", "world_size", "global_batch", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
+    "perf/mfu", "perf/peak_mem_gb",
 )  # fmt: skip
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
 MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
@@ -82,7 +97,7 @@ FINAL_SUMMARY_METRICS = tuple(
     for mode in (*get_args(get_type_hints(EvalConfig)["mode"]), "test")
     for err in ("top1_err", "top5_err")
 )
-LOGGED_METRICS = frozenset(AXIS_METRICS + STEP_METRICS + EPOCH_METRICS)
+LOGGED_METRICS = frozenset(AXIS_METRICS + STEP_METRICS + PERF_METRICS + EPOCH_METRICS)
 
 _MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
 

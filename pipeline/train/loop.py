@@ -9,7 +9,9 @@
 One step reads top to bottom here (``train_one_epoch``, ``train_step``) with three other modules
 of ``pipeline.train``: ``setup`` (``Run``, what the run holds, and ``TrainingProgress``, where it
 stands), ``derived`` (``Derived``: the batch split, the lr, the iterations) and ``outputs``
-(``RunOutputs``: where the metrics go). What else it calls says what it does by its name:
+(``RunOutputs``: where the metrics go), with ``step_time`` (``StepClock``: where a step's time
+goes, the ``perf/*`` metrics) and ``stall`` (``StallNote``: a data stall named once per run).
+What else it calls says what it does by its name:
 ``checkpoint.restore`` and ``save_checkpoint``, ``evaluate.score`` (every evaluation), the
 ``schedule``'s pure functions of the step. ``train_one_epoch`` and ``validate_epoch`` return
 metric dicts.
@@ -38,6 +40,8 @@ from pipeline.train.init_from import load_initial_weights
 from pipeline.train.outputs import RunOutputs
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
 from pipeline.train.setup import Run, TrainingProgress, setup_run
+from pipeline.train.stall import StallNote
+from pipeline.train.step_time import StepClock
 
 WARMUP_CHECK_EVERY = 10  # iterations between checks of the ResNet-110 warm-up rule
 
@@ -133,31 +137,34 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 
 def train_one_epoch(
-    run: Run, epoch: int, progress: TrainingProgress, out: RunOutputs
+    run: Run, epoch: int, progress: TrainingProgress, out: RunOutputs, clock: StepClock | None = None
 ) -> tuple[dict[str, float], TrainingProgress]:
     """One pass over this rank's shard (the rest of it, when ``progress.step`` lies inside
     ``epoch``); logs step metrics to ``out`` and saves the mid-epoch checkpoints on the way.
+    ``clock`` times the steps (``pipeline.train.step_time``; the run's, else one for this epoch).
 
     Returns the epoch's metrics (reduced over ranks) and the progress at its end.
     """
     cfg, d = run.cfg, run.derived
+    clock = clock or StepClock.for_run(run)
     run.model.train()
     first = progress.step - epoch * d.iters_per_epoch  # > 0: resumed mid-epoch
     end = min(d.iters_per_epoch, d.total_iters - epoch * d.iters_per_epoch)
     acc = EpochSums(run.ctx.device, progress.epoch_sums if first > 0 and run.ctx.is_main else ())
     step, state = progress.step, progress.schedule
-    data_wait, lr = 0.0, 0.0
+    lr = 0.0
     start = time.perf_counter()
+    clock.start()
     batches = iter(run.data.train.epoch(epoch, start=first))
     for i in range(first, end):
-        t0 = time.perf_counter()
-        images, labels = next(batches)
-        data_wait += time.perf_counter() - t0
+        images, labels = clock.next_batch(batches)
         lr = lr_at(run, step, state)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        clock.step_begins()
         loss, top1, top5 = train_step(run, images, labels)
         acc.add(step, loss, top1, top5, labels.shape[0])
+        clock.step_ends(labels.shape[0])
         step += 1
         warming = cfg.schedule.warmup_until_train_err is not None and not state.warmup_done
         if warming and step % WARMUP_CHECK_EVERY == 0:  # a host sync every 10 steps, only while warming
@@ -174,21 +181,26 @@ def train_one_epoch(
                 "lr": lr,
                 "img_per_s": images_done / max(time.perf_counter() - start, 1e-9),
                 "epoch": epoch + (i + 1) / end,
+                **clock.read("interval"),  # after the loss is read: the step's events are done
             }
             out.steps(step_metrics, step, console=to_console, track=to_tracker)
         every = cfg.checkpoint.every_n_steps
         if every and step % every == 0 and i + 1 < end:
             acc.raise_if_non_finite(run, epoch, state)
-            mid = dataclasses.replace(progress, step=step, schedule=state, epoch_sums=acc.reduced())
-            ckpt.save_checkpoint(run, mid, {"epoch": epoch, "step": step})
+            with clock.blocked():
+                mid = dataclasses.replace(progress, step=step, schedule=state, epoch_sums=acc.reduced())
+                ckpt.save_checkpoint(run, mid, {"epoch": epoch, "step": step})
+    clock.stop()
     wall = time.perf_counter() - start
-    metrics = epoch_metrics(run, acc, lr=lr, steps=end - first, wall=wall, data_wait=data_wait)
+    metrics = epoch_metrics(run, acc, clock, lr=lr, steps=end - first, wall=wall)
     return metrics, dataclasses.replace(progress, step=step, schedule=state, epoch_sums=())
 
 
-def epoch_metrics(run: Run, acc: EpochSums, *, lr: float, steps: int, wall: float, data_wait: float) -> dict:
-    """The epoch's record: its training loss and errors over all ranks, speed and data wait."""
+def epoch_metrics(run: Run, acc: EpochSums, clock: StepClock, *, lr: float, steps: int, wall: float) -> dict:
+    """The epoch's record: its training loss and errors over all ranks, speed, and this worker's
+    step timings (``perf/*``, read after the reduction has waited for the device)."""
     loss_sum, top1, top5, n = acc.reduced()
+    perf = clock.read("epoch")
     metrics = {
         "train/loss": loss_sum / max(n, 1),
         "train/top1_err": 100.0 * (1 - top1 / max(n, 1)),
@@ -196,9 +208,10 @@ def epoch_metrics(run: Run, acc: EpochSums, *, lr: float, steps: int, wall: floa
         "lr": lr,
         "img_per_s": steps * run.derived.global_batch / max(wall, 1e-9),
         "epoch_time_s": wall,
-        "data_wait_frac": data_wait / max(wall, 1e-9),
+        "data_wait_frac": perf["perf/data_wait_s"] / max(wall, 1e-9),
         "world_size": run.ctx.world_size,
         "global_batch": run.derived.global_batch,
+        **perf,
     }
     if run.ctx.device.type == "cuda":
         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.ctx.device) / 2**30
@@ -245,8 +258,10 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     out = RunOutputs.open(run, progress)
     progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
     img_per_s = []
+    clock, stall = StepClock.for_run(run), StallNote.for_run(run)
     for epoch in range(progress.epoch, d.epochs):
-        train_metrics, progress = train_one_epoch(run, epoch, progress, out)
+        train_metrics, progress = train_one_epoch(run, epoch, progress, out, clock)
+        stall.check(epoch, train_metrics)
         img_per_s.append(train_metrics["img_per_s"])
         metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
         if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == d.epochs:
@@ -254,7 +269,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
             metrics.update(val_metrics)
         progress = dataclasses.replace(progress, epoch=epoch + 1)
         out.epoch(metrics, progress.step)
-        last_checkpoint = ckpt.save_checkpoint(run, progress, metrics)
+        with clock.blocked():  # counted in the next epoch's perf/* and the run's
+            last_checkpoint = ckpt.save_checkpoint(run, progress, metrics)
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
     final = score(run, "val", final_mode)  # the epochs' loader when final_mode is eval.mode
@@ -276,6 +292,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "global_batch": d.global_batch,
         "wall_s": time.perf_counter() - wall_start,
         "img_per_s": float(np.mean(img_per_s)) if img_per_s else None,
+        **run_time_shares(clock),
         "checkpoint": last_checkpoint,
         **out.wandb_location(),  # wandb_dir, wandb_mode
         "run_dir": run.location,
@@ -283,3 +300,16 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     out.close(summary, final_mode, test)
     finish(ctx)
     return summary
+
+
+def run_time_shares(clock: StepClock) -> dict[str, Any]:
+    """Where this worker's training time went over the run, for ``summary.json``: the data and
+    checkpoint stalls (%), MFU (None without a known peak) and peak memory (None on CPUs)."""
+    perf = clock.read("run")
+    return {
+        "data_stall_pct": perf["perf/data_stall_pct"],
+        "checkpoint_stall_pct": perf["perf/checkpoint_stall_pct"],
+        "mfu": perf.get("perf/mfu"),
+        "peak_mem_gb": perf.get("perf/peak_mem_gb"),
+        "device_name": clock.device_name,
+    }
