@@ -1,6 +1,6 @@
 """The node-loss drill: a cluster without a shared filesystem on this one machine, rank 0 killed mid-epoch.
 
-    make drill                                      # 20 epochs of cifar_resnet20 on 128 images
+    make drill                                      # 20 epochs of cifar_resnet20 on 256 images
     make drill DRILL_ARGS="--kill head"             # the head lost, the job submitted again
     make drill DRILL_ARGS="--kill stop,head --epochs 8"   # `ray job stop`, then the head lost
     .venv/bin/python cluster/drill.py --help
@@ -67,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--name", "drill", "run name (the folder under s3://drill/runs/)"),
         ("--epochs", 20, "schedule.epochs (enough for the shrink and the growth back)"),
         ("--classes", 4, "synthetic classes"),
-        ("--train-per-class", 32, "synthetic training images per class"),
+        ("--train-per-class", 64, "synthetic training images per class (16 steps an epoch)"),
         ("--val-per-class", 4, "synthetic validation images per class"),
         ("--batch", 16, "global batch (split over the workers)"),
         ("--workers", 3, "worker nodes (1 CPU each); the run is elastic on [N-1, N]"),
