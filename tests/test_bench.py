@@ -38,15 +38,6 @@ def run_bench(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # As in test_models: intra-op threads on shared cores wait at barriers for descheduled threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- helpers
 
 

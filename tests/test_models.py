@@ -40,16 +40,6 @@ IMAGENET_NAMES = [n for n in MODEL_NAMES if native_input_size(n) == 224]
 CIFAR_NAMES = [n for n in MODEL_NAMES if native_input_size(n) == 32]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's cores are shared: with intra-op threads every small conv waits at a
-    # barrier for a descheduled thread, which made this file ~10x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Counting walks every model once; the CLI tests and the fidelity tests share the results.
 cached_summary = functools.cache(summarize)
 
