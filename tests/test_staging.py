@@ -78,3 +78,12 @@ def test_the_checkpoint_of_a_killed_writer_is_removed_by_the_next_stage(tmp_path
     monkeypatch.setattr(staging.tempfile, "tempdir", str(tmp_path))
     mine = staging.stage_checkpoint("checkpoint_epoch0002_step0000022")
     assert list(root.iterdir()) == [mine]
+
+
+def test_a_folder_that_never_goes_stops_holding_training_after_the_limit(tmp_path):
+    """Ray logs and goes on when it cannot delete an uploaded folder: the wait gives up, says so."""
+    for i in (1, 2):
+        (tmp_path / f"checkpoint_epoch000{i}.{os.getpid()}.x{i}").mkdir()
+    lines: list[str] = []
+    assert staging.wait_for_uploads(tmp_path, in_flight=1, say=lines.append, give_up_s=0.2) is False
+    assert len(lines) == 1 and "checkpoint_epoch0001" in lines[0] and "goes on" in lines[0]

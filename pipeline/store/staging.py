@@ -16,7 +16,8 @@ deletes the folder, while training goes on. Two things Ray leaves to the caller:
   frequent ``checkpoint.every_n_steps``) piles up folders on the disk and loses them all if the
   process dies. So a new stage first waits until this process's earlier ones are uploaded but
   the newest: at most two checkpoints on the disk, and training never runs more than one
-  checkpoint ahead of storage.
+  checkpoint ahead of storage (a folder Ray uploaded but could not delete stops holding it
+  after ``GIVE_UP_S``, with a warning).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 STAGING_DIR = "pipeline-checkpoints"  # W&B's offline folders are in pipeline-staging
 IN_FLIGHT = 1  # earlier checkpoints of this process that may still be uploading
 SLOW_UPLOAD_S = 60.0  # waiting longer than this is said once
+GIVE_UP_S = 1800.0  # an upload this slow is not coming: a folder Ray failed to delete
 
 
 def staging_root() -> Path:
@@ -76,19 +78,28 @@ def wait_for_uploads(
     in_flight: int = IN_FLIGHT,
     say: Callable[[str], None] = print,
     poll_s: float = 0.05,
-) -> None:
+    give_up_s: float = GIVE_UP_S,
+) -> bool:
     """Block until at most ``in_flight`` folders of this process remain (Ray deletes each once
-    uploaded). If an upload fails, Ray ends the worker group, and this wait with it."""
+    uploaded); True then. If an upload fails, Ray ends the worker group, and this wait with it;
+    a folder Ray uploaded but could not delete would hold it forever, so after ``give_up_s``
+    it says so and returns False (training goes on, the disk no longer bounded)."""
     start, said = time.monotonic(), False
     while True:
         mine = sorted(f for f in root.iterdir() if _writer_pid(f) == os.getpid())
         if len(mine) <= in_flight:
-            return
+            return True
         waited = time.monotonic() - start
+        oldest = mine[0].name.rsplit(".", 2)[0]
+        if waited > give_up_s:
+            say(
+                f"warning: {mine[0]} still here after {waited:.0f} s; training goes on without waiting for it"
+            )
+            return False
         if waited > SLOW_UPLOAD_S and not said:
             say(
-                f"checkpoint upload slow: {mine[0].name.rsplit('.', 2)[0]} not in storage after "
-                f"{waited:.0f} s; training waits for it (at most {in_flight + 1} checkpoints on this disk)"
+                f"checkpoint upload slow: {oldest} not in storage after {waited:.0f} s; training "
+                f"waits for it (at most {in_flight + 1} checkpoints on this disk)"
             )
             said = True
         time.sleep(poll_s)
