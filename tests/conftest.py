@@ -90,6 +90,15 @@ def local_ray():
     ray.shutdown()
 
 
+def train_one_process(data_root: Path, storage: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline train --config configs/demo.yaml --no-ray`` on one process, with
+    ``tiny_overrides`` and then ``extra``."""
+    return run_pipeline(
+        "train", "--config", "configs/demo.yaml", "--no-ray",
+        *tiny_overrides(data_root, storage, name), "cluster.num_workers=1", *extra,
+    )  # fmt: skip
+
+
 def tiny_overrides(data_root: Path, storage: Path, name: str = "tiny") -> list[str]:
     """A config small enough to train in seconds on two CPU cores."""
     return [

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_pipeline, tiny_overrides
+from conftest import tiny_overrides, train_one_process
 
 from pipeline.config import load_config
 from pipeline.tracking.tracker import OPTIONAL_METRICS, PERF_METRICS
@@ -212,13 +212,10 @@ def test_a_data_stall_is_named_once_per_run_and_only_when_there_is_one(cpu_run, 
 def test_a_no_ray_run_logs_perf_keys_to_metrics_wandb_and_the_summary(tiny_imagenet, tmp_path):
     from pipeline.tracking.offline import read_wandb_history
 
-    proc = run_pipeline(
-        "train",
-        "--config",
-        "configs/demo.yaml",
-        "--no-ray",
-        *tiny_overrides(tiny_imagenet, tmp_path, "perf"),
-        "cluster.num_workers=1",
+    proc = train_one_process(
+        tiny_imagenet,
+        tmp_path,
+        "perf",
         "schedule.epochs=1",
         "tracking.log_every_n_steps=2",
         "checkpoint.every_n_steps=4",  # a mid-epoch save: a checkpoint block inside the epoch

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import run_pipeline, tiny_overrides
+from conftest import tiny_overrides, train_one_process
 
 from pipeline.config import load_config, to_dict
 from pipeline.train.distributed import init_context
@@ -100,16 +100,8 @@ def test_bf16_autocast_training_on_cpu(tiny_imagenet, tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_lr(tiny_imagenet, tmp_path):
-    proc = run_pipeline(
-        "train",
-        "--config",
-        "configs/demo.yaml",
-        "--no-ray",
-        *tiny_overrides(tiny_imagenet, tmp_path, "nan"),
-        "cluster.num_workers=1",
-        "optim.lr=1e12",
-        "model.zero_init_residual=false",
-        "schedule.epochs=3",
+    proc = train_one_process(
+        tiny_imagenet, tmp_path, "nan", "optim.lr=1e12", "model.zero_init_residual=false", "schedule.epochs=3"
     )
     assert proc.returncode == 1
     assert re.search(r"non-finite loss \(nan\) at epoch 0 step \d+ with lr [0-9.]+e\+1[12]", proc.stderr), (
