@@ -35,3 +35,14 @@ def pool_context() -> BaseContext:
     if "fork" in multiprocessing.get_all_start_methods() and os_threads() == 1:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True

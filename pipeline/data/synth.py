@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.host import pool_context, usable_cpus
+from pipeline.host import pool_context, process_alive, usable_cpus
 
 MARKER = ".complete"
 PARAMS_FILE = ".synth.json"
@@ -264,13 +264,9 @@ def _prepare_out(out: Path, params: dict[str, Any], force: bool) -> bool:
 
 def _clean_stale_tmp(out: Path) -> None:
     for p in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # still running: leave it alone
-        except ProcessLookupError:
+        pid = p.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not process_alive(int(pid)):  # a live writer's is left alone
             shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
 
 
 def _commit(tmp: Path, out: Path, params: dict[str, Any]) -> None:

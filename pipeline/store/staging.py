@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.host import process_alive
+
 STAGING_DIR = "pipeline-checkpoints"  # W&B's offline folders are in pipeline-staging
 IN_FLIGHT = 1  # earlier checkpoints of this process that may still be uploading
 SLOW_UPLOAD_S = 60.0  # waiting longer than this is said once
@@ -52,22 +54,12 @@ def _writer_pid(folder: Path) -> int | None:
     return int(parts[1]) if ours else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_orphans(root: Path) -> list[Path]:
     """Remove the folders whose writer no longer runs; returns them."""
     removed = []
     for folder in root.iterdir():
         pid = _writer_pid(folder)
-        if pid is not None and pid != os.getpid() and not _alive(pid):
+        if pid is not None and pid != os.getpid() and not process_alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
