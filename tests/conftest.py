@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "cluster"))
 
 # The test tiers (pyproject's markers; `make test-fast` runs what has none of them). Files whose
 # every test starts several Ray nodes or a cluster job are `cluster`; a test that takes the
-# session's Ray is `ray`; `slow` is marked on the tests themselves.
+# test file's Ray (`local_ray`) is `ray`; `slow` is marked on the tests themselves.
 CLUSTER_FILES = {"test_cluster_e2e.py", "test_cluster_paths.py", "test_drill.py"}
 NODE_FILES = CLUSTER_FILES | {"test_localnodes.py"}  # these start nodes with cluster/localnodes.py
 
@@ -75,10 +75,12 @@ def tiny_imagenet(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """One 2-CPU local Ray for the whole session (starting Ray costs seconds), with its dashboard
-    as the CLI's own local Ray has. Ray Train's placement group cleaner asks the state API (a
+    """One 2-CPU local Ray for a test file's tests (starting Ray costs seconds), with its dashboard
+    as the CLI's own local Ray has. Per file, not per session: three files use it, and an idle Ray
+    with its dashboard takes about 4 CPU-seconds a minute (measured), which a session-long one
+    spent beside every later test of its process. Ray Train's placement group cleaner asks the state API (a
     dashboard module) whether the run's controller lives; a Ray without a dashboard sends that
     query to 127.0.0.1:8265, where another test's cluster may answer that it knows no such
     actor, and the cleaner then removed a running group's placement group."""

@@ -1,7 +1,7 @@
 """The cluster checks before training: ``cluster.use_gpu: auto``, worker placement, the dry run.
 
 Simulated clusters (the sources of node types stubbed, or fed the project's own cluster
-templates), then the real session Ray (``local_ray``): a local Ray decides from this machine,
+templates), then a real local Ray (``local_ray``): a local Ray decides from this machine,
 a GPU run that cannot be placed fails after ``cluster.start_timeout_s`` instead of waiting
 forever, and ``train --dry-run`` prints the plan.
 

@@ -79,7 +79,7 @@ def test_demo_console_is_quiet_it_learns_and_a_second_run_repeats_it_exactly(
     """What `make demo` prints to a file or pipe: our lines, Ray's warnings, no per-report INFO, no
     colour, no harmless Ray line marked as an error. The run on 2 Ray Train workers (gloo) learns
     and reports. And the demo's promise: on one machine a second run (here the same config on the
-    session's Ray, from this process) gives the same losses and errors to the last digit."""
+    test file's Ray, from this process) gives the same losses and errors to the last digit."""
     overrides = tiny_overrides(tiny_imagenet, tmp_path, "quiet") + ["schedule.epochs=6"]
     proc = run_pipeline("train", "--config", "configs/demo.yaml", *overrides)
     out = proc.stdout + proc.stderr
