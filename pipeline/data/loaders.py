@@ -47,3 +47,6 @@ class Data:
     # The training images as validation sees them (no augmentation, this rank's disjoint share):
     # the training error the paper's argument is about, measured in eval mode.
     make_train_eval: Callable[[], Loader] | None = None
+    # The sharded layout read from a bucket: this process's fetch and cache counters since its cache
+    # opened (``pipeline.data.shard_feed.fetch_counts``); None for layouts that fetch nothing.
+    fetch_counts: Callable[[], dict[str, float]] | None = None

@@ -221,7 +221,16 @@ class ShardedSource:
                 **common,
             )
 
-        return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val)
+        counts = (lambda: fetch_counts(cache)) if cache.remote else None  # a local root fetches nothing
+        return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val,
+                    fetch_counts=counts)  # fmt: skip
+
+
+def fetch_counts(cache: ShardCache) -> dict[str, float]:
+    """What ``cache`` fetched and what its reads found, since it opened: the fetch engine's GETs,
+    retries, 503s, seconds of backoff and bytes (``FetchStats.snapshot``), and the shard reads and
+    cache hits (``CacheReads.take``, which starts a new period of shard reads)."""
+    return {**cache.fetch_stats.snapshot(), **cache.reads.take()}
 
 
 def open_sharded(cfg: DataConfig) -> ShardedSource | None:
