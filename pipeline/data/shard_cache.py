@@ -69,7 +69,7 @@ from pipeline.data.cache_reads import CacheReads
 from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
 from pipeline.data.next_use import ReadPlan
-from pipeline.data.shards import Manifest, ShardError, repair_hint
+from pipeline.data.shard_manifest import Manifest, ShardError, repair_hint
 from pipeline.store import locations
 
 DEFAULT_DIR_NAME = "resnet-pipeline-shards"

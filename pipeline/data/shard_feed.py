@@ -46,7 +46,7 @@ from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Data
 from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shards import Manifest, check_shards, load_manifest
+from pipeline.data.shard_manifest import Manifest, check_shards, load_manifest
 from pipeline.host import usable_cpus
 from pipeline.store import locations
 
