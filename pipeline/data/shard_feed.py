@@ -222,8 +222,9 @@ class ShardedSource:
             )
 
         counts = (lambda: fetch_counts(cache)) if cache.remote else None  # a local root fetches nothing
+        pin = {"manifest_sha256": m.digest, "shuffle_window": cfg.data.shuffle_window}
         return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val,
-                    fetch_counts=counts)  # fmt: skip
+                    fetch_counts=counts, order_pin=pin)  # fmt: skip
 
 
 def fetch_counts(cache: ShardCache) -> dict[str, float]:
