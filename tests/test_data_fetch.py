@@ -26,7 +26,7 @@ from shard_data import BUCKET, ROOT, SHARD_MB, upload_sharded
 from pipeline.bench.s3_latency import Faults
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, stored_sha256
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shards import load_manifest
+from pipeline.data.shard_manifest import load_manifest
 from pipeline.store import locations
 
 PART = 64 * 1024

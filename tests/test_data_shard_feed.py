@@ -24,7 +24,7 @@ from shard_data import ROOT, small_config, upload_sharded
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shard_feed import epoch_order, open_sharded
-from pipeline.data.shards import MANIFEST_NAME, ShardError, load_manifest
+from pipeline.data.shard_manifest import MANIFEST_NAME, ShardError, load_manifest
 from pipeline.store import locations
 
 

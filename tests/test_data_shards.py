@@ -22,7 +22,8 @@ import pytest
 from shard_data import ROOT, SHARD_MB
 
 from pipeline.bench.s3_latency import LatencyS3, request_kind
-from pipeline.data.shards import MANIFEST_NAME, load_manifest, write_shards
+from pipeline.data.shard_manifest import MANIFEST_NAME, load_manifest
+from pipeline.data.shards import write_shards
 from pipeline.store import locations
 
 
@@ -180,3 +181,19 @@ def test_shard_command_bad_input(src, tmp_path):
         write_shards(str(src), str(out), shard_size_mb=SHARD_MB, seed=5, workers=1, progress=None)
     with pytest.raises(ValueError, match="inside SRC"):
         write_shards(str(src), str(src / "shards"), workers=1, progress=None)
+
+
+def test_training_reads_the_manifest_without_the_writer():
+    """The reader (``shard_manifest``) is what a worker needs; the ``data shard`` writer is never
+    among the modules training imports, even inside functions (read from the syntax trees)."""
+    from test_import_cycles import PACKAGE, imported_modules, module_files
+
+    files = module_files(PACKAGE)
+    graph = {name: imported_modules(name, path, set(files)) for name, path in files.items()}
+    reached, todo = set(), ["pipeline.train.loop", "pipeline.data.shard_feed"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += graph.get(name, ())
+    assert "pipeline.data.shard_manifest" in reached and "pipeline.data.shards" not in reached

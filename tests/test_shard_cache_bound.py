@@ -24,7 +24,7 @@ from pipeline.data.eviction import choose_victims
 from pipeline.data.next_use import NEVER, ReadPlan
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shard_feed import _Reader, epoch_order, open_sharded
-from pipeline.data.shards import load_manifest
+from pipeline.data.shard_manifest import load_manifest
 
 WINDOW, BATCH = 4, 8
 

@@ -226,7 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.data.layout import scan_imagenet
     from pipeline.data.shard_cache import ShardCache
     from pipeline.data.shard_feed import _Reader, epoch_order
-    from pipeline.data.shards import load_manifest, write_shards
+    from pipeline.data.shard_manifest import load_manifest
+    from pipeline.data.shards import write_shards
     from pipeline.store import locations
 
     if not (args.data / "train").is_dir():

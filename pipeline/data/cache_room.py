@@ -28,7 +28,7 @@ from pipeline.data import cache_sizing
 from pipeline.data.cache_ledger import Ledger, on_disk
 from pipeline.data.eviction import choose_victims
 from pipeline.data.next_use import NEVER, ReadPlan
-from pipeline.data.shards import Manifest, ShardError
+from pipeline.data.shard_manifest import Manifest, ShardError
 
 FILE_MODE = 0o644  # cached shards, their marks and locks: any user of the node may read them
 POLL_S = 0.2  # how often a read waiting for room looks again

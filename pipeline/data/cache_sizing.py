@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.data.next_use import window_bytes_bound
-from pipeline.data.shards import Manifest
+from pipeline.data.shard_manifest import Manifest
 
 GB = 1e9
 HEADROOM_FRACTION = 0.10

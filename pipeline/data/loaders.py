@@ -47,3 +47,10 @@ class Data:
     # The training images as validation sees them (no augmentation, this rank's disjoint share):
     # the training error the paper's argument is about, measured in eval mode.
     make_train_eval: Callable[[], Loader] | None = None
+    # The sharded layout read from a bucket: this process's fetch and cache counters since its cache
+    # opened (``pipeline.data.shard_feed.fetch_counts``); None for layouts that fetch nothing.
+    fetch_counts: Callable[[], dict[str, float]] | None = None
+    # What fixes the training order besides the seed, recorded in every checkpoint so that a resume
+    # in the middle of an epoch can refuse another order: the sharded layout's manifest SHA-256 and
+    # data.shuffle_window. None for the folder layout and CIFAR-10.
+    order_pin: dict[str, Any] | None = None

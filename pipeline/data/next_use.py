@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.data.shards import Manifest
+from pipeline.data.shard_manifest import Manifest
 
 NEVER = np.iinfo(np.int64).max  # the next use of a shard the plan does not read (a val shard)
 

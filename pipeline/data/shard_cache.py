@@ -9,10 +9,10 @@
 
 Layout on disk: ``CACHE_DIR/<first 16 hex of the manifest's SHA-256>/<shard>.tar`` with, beside
 each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) and
-``<shard>.tar.lock``; ``CACHE_DIR/ledger.json`` (and its lock) accounts for every process using
-the folder (``pipeline.data.cache_ledger``). Files are readable by the group and others, the
-ledger group-writable, so two users of a node can share a cache. The protocol, the same in
-every process of the node:
+``<shard>.tar.lock``; ``CACHE_DIR/ledger.json`` (and its lock) accounts for every process using the
+folder (``pipeline.data.cache_ledger``). Files are readable by the group and others, the ledger
+group-writable, so two users of a node can share a cache. The protocol, the same in every process of
+the node:
 
 - a shard is usable when its ``.ok`` names the manifest's size and SHA-256 and the file's size
   and mtime are still those recorded (a truncated or rewritten file is not used);
@@ -24,32 +24,30 @@ every process of the node:
   resets for ``data.fetch_retry_s``), checks its size and SHA-256 against the manifest, renames
   it into place and writes ``.ok``; a bad download is fetched once more, then is an error
   naming the shard;
-- every sample is checked against its CRC-32 from the manifest the first time this process
-  reads it (the feed keeps a bit per sample); a mismatch drops the shard (under its lock) and
-  fetches it again (whole, its SHA-256 checked); a second mismatch is an error. Later reads
-  of the sample come through the same open file, so from the same bytes, and skip the CRC:
-  at ~10 us per 59 KB image it was the largest cost of a cached epoch (docs/benchmarks.md).
+- every sample is checked against its CRC-32 from the manifest the first time this process reads it
+  (the feed keeps a bit per sample); a mismatch drops the shard (under its lock) and fetches it
+  again (whole, its SHA-256 checked); a second mismatch is an error. Later reads of the sample come
+  through the same open file, so from the same bytes, and skip the CRC: at ~10 us per 59 KB image it
+  was the largest cost of a cached epoch (docs/benchmarks.md).
 
-**Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus every live
-process's fetches in flight stay under it; a fetch that would pass it first deletes the shards
-this job reads furthest ahead (Belady's policy: ``cache_room``, ``eviction``, ``next_use``),
-never one pinned in the ledger (held open, or read in some process's current windows). When
-the dataset does not fit, a process keeps open only its current windows' shards, so an evicted
-shard's bytes are freed.
+**Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus every live process's
+fetches in flight stay under it; a fetch that would pass it first deletes the shards this job reads
+furthest ahead (Belady's policy: ``cache_room``, ``eviction``, ``next_use``), never one pinned in
+the ledger (held open, or read in some process's current windows). When the dataset does not fit, a
+process keeps open only its current windows' shards, so an evicted shard's bytes are freed.
 
-So a worker restarted on the same node, or a second rank, reuses what is there; a crash
-mid-fetch leaves a temporary file and no ``.ok``, so the shard is fetched again, and the next
-cache handle on the folder deletes the temporary file (no process holds its shard's lock). A
-prefetch that failed is not final: the reader that needs the shard fetches it again, with a
-fresh retry budget.
+So a worker restarted on the same node, or a second rank, reuses what is there; a crash mid-fetch
+leaves a temporary file and no ``.ok``, so the shard is fetched again, and the next cache handle on
+the folder deletes the temporary file (no process holds its shard's lock). A prefetch that failed is
+not final: the reader that needs the shard fetches it again, with a fresh retry budget.
 
-Cached shards are memory-mapped (the cache is on the node's local disk; a sample is then a
-view of the page cache that DALI copies once, as DALI's own file reader does by default). A
-local ``data.root`` (a disk or a shared filesystem mount) is read in place, not copied, with
-plain reads unless ``data.mmap`` (mapping hurts network filesystems); its shard sizes are
-checked when the dataset is opened and each sample against its CRC-32 as above. Nothing here
-truncates a shard in place (fetches and ``data shard`` rename whole files into place), so a
-mapping never loses its pages.
+Cached shards are memory-mapped (the cache is on the node's local disk; a sample is then a view of
+the page cache that DALI copies once, as DALI's own file reader does by default). A local
+``data.root`` (a disk or a shared filesystem mount) is read in place, not copied, with plain reads
+unless ``data.mmap`` (mapping hurts network filesystems); its shard sizes are checked when the
+dataset is opened and each sample against its CRC-32 as above. Nothing here truncates a shard in
+place (fetches and ``data shard`` rename whole files into place), so a mapping never loses its
+pages.
 """
 
 from __future__ import annotations
@@ -67,10 +65,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import cache_sizing
+from pipeline.data.cache_reads import CacheReads
 from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
 from pipeline.data.next_use import ReadPlan
-from pipeline.data.shards import Manifest, ShardError, repair_hint
+from pipeline.data.shard_manifest import Manifest, ShardError, repair_hint
 from pipeline.store import locations
 
 DEFAULT_DIR_NAME = "resnet-pipeline-shards"
@@ -123,6 +122,7 @@ class ShardCache:
         self.policy = policy or FetchPolicy()
         self._fetcher: Fetcher | None = None
         self.fetch_stats = FetchStats()  # GETs, retries, seconds waited, bytes: this handle's
+        self.reads = CacheReads()  # shard reads and cache hits: this handle's (cache_reads)
         self.dataset_bytes = sum(s.size for s in manifest.shards)
         self.room: CacheRoom | None = None
         if self.remote:
@@ -296,6 +296,7 @@ class ShardCache:
             out.write(json.dumps(mark))
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, ok)
+        self.reads.fetched(i)
 
     def ensure(self, i: int, drop: bool = False, wait: bool = True) -> Path | None:
         """Shard ``i`` on the local disk (fetched under its lock unless a valid copy is there).
@@ -400,6 +401,7 @@ class ShardCache:
             if crc is not None and (len(data) != size or zlib.crc32(data) != crc):
                 data = self._read_again(i, offset, size, crc)
             out.append(data)
+        self.reads.read(shards)  # after the reads: a shard fetched for them is a miss
         if self.bounded and len(files) > len(self._protected):
             self._drop_others(set(shards))  # validation: shards read past are let go
         return out

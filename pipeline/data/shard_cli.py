@@ -1,4 +1,4 @@
-"""``python -m pipeline data shard SRC OUT``: the argument parser and the command (pipeline.data.shards)."""
+"""``python -m pipeline data shard SRC OUT``: the argument parser and the command (pipeline.data.shards writes)."""
 
 from __future__ import annotations
 

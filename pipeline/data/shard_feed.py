@@ -46,7 +46,7 @@ from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Data
 from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shards import Manifest, check_shards, load_manifest
+from pipeline.data.shard_manifest import Manifest, check_shards, load_manifest
 from pipeline.host import usable_cpus
 from pipeline.store import locations
 
@@ -221,7 +221,17 @@ class ShardedSource:
                 **common,
             )
 
-        return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val)
+        counts = (lambda: fetch_counts(cache)) if cache.remote else None  # a local root fetches nothing
+        pin = {"manifest_sha256": m.digest, "shuffle_window": cfg.data.shuffle_window}
+        return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val,
+                    fetch_counts=counts, order_pin=pin)  # fmt: skip
+
+
+def fetch_counts(cache: ShardCache) -> dict[str, float]:
+    """What ``cache`` fetched and what its reads found, since it opened: the fetch engine's GETs,
+    retries, 503s, seconds of backoff and bytes (``FetchStats.snapshot``), and the shard reads and
+    cache hits (``CacheReads.take``, which starts a new period of shard reads)."""
+    return {**cache.fetch_stats.snapshot(), **cache.reads.take()}
 
 
 def open_sharded(cfg: DataConfig) -> ShardedSource | None:

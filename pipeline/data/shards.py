@@ -1,19 +1,15 @@
-"""The sharded layout: WebDataset tars plus one manifest, written once from an ImageNet tree.
+"""``data shard``: WebDataset tars plus one manifest, written once from an ImageNet tree.
 
     python -m pipeline data shard /data/imagenet s3://bucket/imagenet-shards [--shard-size-mb 128]
-    manifest = load_manifest("s3://bucket/imagenet-shards")     # None: not a sharded dataset
-    manifest.split("train").offset[i]                           # byte offset of sample i's JPEG
+    write_shards("/data/imagenet", "s3://bucket/imagenet-shards", shard_size_mb=128)
 
 ``OUT/train-000000.tar ...`` and ``OUT/val-000000.tar ...`` are plain tars in the WebDataset
 convention: per sample ``KEY.jpg`` (the image's bytes as they were) and ``KEY.cls`` (the class
 index as decimal text); ``KEY`` is the sample's 8-digit id within its split. Members have
 mtime 0 and no owner, so the same source and settings give byte-identical shards. Training
 samples are shuffled across shards with ``--seed``; validation samples keep the folder order.
-
-``OUT/manifest.json.gz`` (written last, atomically) lists every sample's split, shard, byte
-offset and size of its JPEG inside that shard, label, CRC-32 and source name; the class list;
-every shard's size and SHA-256; the seed, the shard size and the tool's version. Training
-reads the manifest and nothing else to know the dataset (``pipeline.data.shard_feed``).
+``OUT/manifest.json.gz`` is written last, atomically; what it holds, and its reader, are in
+``pipeline.data.shard_manifest``: what training needs at runtime, which never imports this module.
 
 Writing: one process per usable CPU, one shard per task; a shard is assembled in memory,
 written under a temporary name (an object store's PUT is atomic), read back through the fetch
@@ -30,7 +26,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
 import time
@@ -43,20 +38,21 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.fetch import stored_sha256
+from pipeline.data.shard_manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    SPLITS,
+    load_manifest,  # noqa: F401 - still imported from here (cluster drills)
+    manifest_location,
+    normal_root,
+)
 from pipeline.store import locations
 
-MANIFEST_NAME = "manifest.json.gz"
-MANIFEST_FORMAT = "resnet-pipeline/shards"
-MANIFEST_VERSION = 1
 PARTS_DIR = ".parts"
-SPLITS = ("train", "val")
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to a multiple of this
 SOURCE_READS_IN_FLIGHT = 16  # per process, from an object-store SRC
-
-
-class ShardError(ValueError):
-    """A sharded dataset that cannot be used; the message names the shard or file and the fix."""
 
 
 def tool_version() -> str:
@@ -70,153 +66,6 @@ def tool_version() -> str:
 
 def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
-
-
-def repair_hint(source: str, root: str) -> str:
-    return f"re-run `python -m pipeline data shard {source} {root}` to repair it"
-
-
-# ---------------------------------------------------------------- the manifest
-
-
-@dataclass(frozen=True)
-class SplitSamples:
-    """One split's samples in manifest order (numpy columns)."""
-
-    shard: np.ndarray  # int32: index into Manifest.shards
-    offset: np.ndarray  # int64: byte offset of the JPEG inside the shard
-    size: np.ndarray  # int64: its length
-    label: np.ndarray  # int64
-    crc32: np.ndarray  # uint32 of the JPEG bytes
-    name: tuple[str, ...]  # the source image, relative to the source root
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str
-    split: str
-    size: int
-    sha256: str
-    samples: int
-
-
-@dataclass(frozen=True)
-class Manifest:
-    root: str
-    classes: tuple[str, ...]
-    shards: tuple[ShardInfo, ...]
-    splits: dict[str, SplitSamples]
-    source: str
-    seed: int
-    digest: str  # SHA-256 of the manifest file: names the dataset in a node's cache
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def split(self, name: str) -> SplitSamples:
-        return self.splits[name]
-
-    def shard_ids(self, split: str) -> list[int]:
-        return [i for i, s in enumerate(self.shards) if s.split == split]
-
-    def bytes_of(self, split: str) -> int:
-        return sum(s.size for s in self.shards if s.split == split)
-
-
-def manifest_location(root: str) -> str:
-    return locations.join(root, MANIFEST_NAME)
-
-
-def _normal(root: str | os.PathLike[str]) -> str:
-    if locations.is_uri(root):
-        return str(root).rstrip("/")
-    return str(Path(root).expanduser().absolute())
-
-
-def load_manifest(root: str | os.PathLike[str]) -> Manifest | None:
-    """The manifest at ``ROOT/manifest.json.gz``, or None when ROOT holds none (not a sharded dataset).
-
-    Raises:
-        ShardError: a manifest that cannot be read or is not this tool's format.
-    """
-    root = _normal(root)
-    path = manifest_location(root)
-    try:
-        raw = locations.read_bytes(path)
-    except OSError as e:
-        raise ShardError(f"{path}: cannot be read ({e}); {locations.access_hint(path)}") from None
-    if raw is None:
-        return None
-    try:
-        doc = json.loads(gzip.decompress(raw))
-        if doc.get("format") != MANIFEST_FORMAT or doc.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"format {doc.get('format')!r} version {doc.get('version')!r}")
-        shards = tuple(ShardInfo(**s) for s in doc["shards"])
-        splits = {
-            split: SplitSamples(
-                shard=np.asarray(col["shard"], np.int32),
-                offset=np.asarray(col["offset"], np.int64),
-                size=np.asarray(col["size"], np.int64),
-                label=np.asarray(col["label"], np.int64),
-                crc32=np.asarray(col["crc32"], np.uint32),
-                name=tuple(col["name"]),
-            )
-            for split, col in doc["splits"].items()
-        }
-        manifest = Manifest(
-            root=root,
-            classes=tuple(doc["classes"]),
-            shards=shards,
-            splits=splits,
-            source=doc["source"],
-            seed=int(doc["seed"]),
-            digest=hashlib.sha256(raw).hexdigest(),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardError(
-            f"{path}: not a readable shard manifest ({e}); write it with `python -m pipeline data shard SRC {root}`"
-        ) from None
-    for split in SPLITS:
-        if split not in manifest.splits or not len(manifest.splits[split]):
-            raise ShardError(
-                f"{path}: no {split} samples; write it again with `python -m pipeline data shard SRC {root}`"
-            )
-    return manifest
-
-
-def check_shards(manifest: Manifest) -> None:
-    """Every shard the manifest names is in ROOT with its recorded size (one listing of ROOT).
-
-    Checksums are checked where the bytes are read (the node's shard cache), not here.
-
-    Raises:
-        ShardError: a shard missing or of another size, naming it and the repair.
-    """
-    import pyarrow.fs
-
-    fs, path = locations.filesystem(manifest.root)
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=False))
-    except OSError as e:
-        raise ShardError(
-            f"{manifest.root}: cannot be listed ({e}); {locations.access_hint(manifest.root)}"
-        ) from None
-    sizes = {info.base_name: info.size for info in infos if info.type == pyarrow.fs.FileType.File}
-    for shard in manifest.shards:
-        where = locations.join(manifest.root, shard.name)
-        if shard.name not in sizes:
-            raise ShardError(
-                f"{where}: missing (the manifest lists it); {repair_hint(manifest.source, manifest.root)}"
-            )
-        if sizes[shard.name] != shard.size:
-            raise ShardError(
-                f"{where}: {sizes[shard.name]} bytes, the manifest says {shard.size} (truncated or replaced); "
-                f"{repair_hint(manifest.source, manifest.root)}"
-            )
 
 
 # ---------------------------------------------------------------- planning
@@ -413,7 +262,7 @@ def write_shards(
 
     if shard_size_mb <= 0:
         raise ValueError(f"--shard-size-mb must be positive, got {shard_size_mb}")
-    src, out = _normal(src), _normal(out)
+    src, out = normal_root(src), normal_root(out)
     if out == src or out.startswith(src.rstrip("/") + "/"):
         raise ValueError(f"OUT {out} is inside SRC {src}; choose a folder outside the source tree")
     start = time.perf_counter()

@@ -8,8 +8,9 @@ resumes from and how many are kept.
 What: the full training state in ``state.pt`` (the model unwrapped from DDP, the optimizer, the
 grad scaler, the RNG states, the resolved config, and the run's ``TrainingProgress``: epoch,
 global step, schedule state, best validation error, the W&B run id, the epoch's partial sums when
-mid-epoch), read back with ``torch.load(weights_only=True)``, so only tensors and plain containers
-go in.
+mid-epoch), and what fixed the data order (``data``: the sharded layout's manifest SHA-256 and
+``data.shuffle_window``, ``Data.order_pin``), read back with ``torch.load(weights_only=True)``, so
+only tensors and plain containers go in.
 
 Where: folders ``checkpoint_*`` under the run's location (``pipeline.store.rundir.run_location``),
 beside the run's files, named so that sorting by name is sorting by time
@@ -17,7 +18,9 @@ beside the run's files, named so that sorting by name is sorting by time
 Under Ray, Ray Train uploads them on a background thread; without Ray rank 0 writes them.
 
 Which one a run resumes from: the newest readable one in the run's folder (the folder is the
-record: Ray's own latest can lag behind it while uploads run), else ``resume_from``.
+record: Ray's own latest can lag behind it while uploads run), else ``resume_from``. A mid-epoch
+one resumes only over the data order it was saved in (``order_pin_problem``): another manifest
+or window stops the run before training, saying how to change the data at an epoch boundary.
 
 How many are kept, the one retention policy: the newest ``checkpoint.num_to_keep``, mid-epoch
 ones included, with or without Ray (Ray's ``CheckpointConfig(num_to_keep)`` without a score
@@ -46,7 +49,8 @@ from pipeline.train.setup import Run, TrainingProgress
 
 CHECKPOINT_PREFIX = "checkpoint_"
 STATE_FILE = "state.pt"
-FORMAT_VERSION = 2  # 2 added epoch_sums (mid-epoch checkpoints); version 1 files still load
+# 2 added epoch_sums (mid-epoch checkpoints), 3 added data (the order pin); older files still load.
+FORMAT_VERSION = 3
 REQUIRED_KEYS = frozenset(
     {
         "format_version",
@@ -62,7 +66,7 @@ REQUIRED_KEYS = frozenset(
         "config",
     }
 )
-OPTIONAL_KEYS = frozenset({"epoch_sums"})
+OPTIONAL_KEYS = frozenset({"epoch_sums", "data"})
 
 
 class CheckpointError(RuntimeError):
@@ -90,8 +94,10 @@ def save(
     scaler: torch.amp.GradScaler | None,
     progress: TrainingProgress,
     config: dict[str, Any],
+    order_pin: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``state.pt`` into ``directory`` (created) and return its path."""
+    """Write ``state.pt`` into ``directory`` (created) and return its path; ``order_pin``: the run's
+    ``Data.order_pin`` (None: a layout whose order the seed alone fixes)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "format_version": FORMAT_VERSION,
@@ -106,6 +112,7 @@ def save(
         "wandb_run_id": progress.wandb_run_id,
         "config": config,
         "epoch_sums": list(progress.epoch_sums),
+        "data": order_pin,
     }
     path = directory / STATE_FILE
     tmp = path.with_suffix(".tmp")
@@ -305,6 +312,50 @@ def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] 
     return None, None, warnings, real
 
 
+def _describe_order(pin: dict[str, Any] | None) -> str:
+    if pin is None:
+        return "a dataset without a manifest (image folders or CIFAR-10)"
+    return f"the shards of manifest SHA-256 {pin['manifest_sha256']} with data.shuffle_window={pin['shuffle_window']}"
+
+
+def order_pin_problem(state: dict[str, Any], pin: dict[str, Any] | None, chosen: str, run: Run) -> str | None:
+    """Why ``state`` (read from ``chosen``) cannot resume over the data whose ``Data.order_pin`` is
+    ``pin``; None when it can: saved at an epoch's end, over the same manifest and window, or
+    before checkpoints recorded them (format 2 and older).
+
+    A mid-epoch resume replays the epoch's sample order from the step it stopped at; another
+    manifest or window gives another order, so samples would be skipped or seen twice.
+    """
+    if not state.get("epoch_sums") or "data" not in state or state["data"] == pin:
+        return None
+    epoch, location = int(state["epoch"]) + 1, run.location
+    listed = list_checkpoints(location)
+    after = []  # the mid-epoch checkpoints newer than the newest epoch-end one
+    boundary = None
+    for name in listed:  # newest first
+        if "_step" not in Path(name).name:
+            boundary = name
+            break
+        after.append(name)
+    if chosen not in listed:  # resume_from, another run's
+        redo = f"set resume_from to a checkpoint saved at an epoch's end ({CHECKPOINT_PREFIX}epochNNNN)"
+    elif boundary is not None:
+        redo = (
+            f"remove {', '.join(after)} (the mid-epoch checkpoints after {Path(boundary).name}) and run again"
+        )
+    else:
+        redo = f"none is kept in {location} (checkpoint.num_to_keep), so start afresh under another name"
+    old_root = state["config"].get("data", {}).get("root")
+    return (
+        f"{chosen} was saved in the middle of epoch {epoch} (step {state['step']}) over "
+        f"{_describe_order(state['data'])}; data.root={run.cfg.data.root} holds {_describe_order(pin)}. "
+        "A mid-epoch resume replays that epoch's order, which other data changes, so training was not "
+        f"started. Change the data at an epoch boundary instead: finish epoch {epoch} with "
+        f"data.root={old_root} and switch once its end is checkpointed, or redo epoch {epoch} over the "
+        f"new data from the last epoch-end checkpoint: {redo}. No setting skips ahead to the next boundary."
+    )
+
+
 def restore(run: Run) -> tuple[TrainingProgress, str] | None:
     """(the progress to resume from, the checkpoint it came from), None for a fresh run: rank 0
     picks the newest readable checkpoint in the run's folder (else the one before it, else
@@ -318,7 +369,10 @@ def restore(run: Run) -> tuple[TrainingProgress, str] | None:
         chosen, state, warnings, real = _pick_checkpoint(candidates)
         for line in warnings:
             print(line, flush=True)
-        if chosen is not None:
+        problem = order_pin_problem(state, run.data.order_pin, chosen, run) if chosen is not None else None
+        if problem:
+            decision = ("error", problem)
+        elif chosen is not None:
             decision = ("load", chosen)
         elif real:
             decision = (
@@ -340,6 +394,9 @@ def restore(run: Run) -> tuple[TrainingProgress, str] | None:
         changed = config_changes(state["config"], to_dict(run.cfg))
         if changed:
             print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
+        if state.get("data", run.data.order_pin) != run.data.order_pin:  # at an epoch's end: allowed
+            print(f"note: the data differ from the checkpoint's ({_describe_order(state['data'])} then, "
+                  f"{_describe_order(run.data.order_pin)} now); the next epoch reads the new data", flush=True)  # fmt: skip
     return progress, value
 
 
@@ -357,6 +414,7 @@ def save_checkpoint(run: Run, progress: TrainingProgress, metrics: dict[str, Any
             scaler=run.scaler,
             progress=progress,
             config=to_dict(run.cfg),
+            order_pin=run.data.order_pin,
         )
 
     return report_checkpoint(run.ctx, metrics, name, run.location, write, run.cfg.checkpoint.num_to_keep)

@@ -10,7 +10,9 @@ One step reads top to bottom here (``train_one_epoch``, ``train_step``) with thr
 of ``pipeline.train``: ``setup`` (``Run``, what the run holds, and ``TrainingProgress``, where it
 stands), ``derived`` (``Derived``: the batch split, the lr, the iterations) and ``outputs``
 (``RunOutputs``: where the metrics go), with ``step_time`` (``StepClock``: where a step's time
-goes, the ``perf/*`` metrics) and ``stall`` (``StallNote``: a data stall named once per run).
+goes, the ``perf/*`` metrics), ``fetch_figures`` (``FetchFigures``: the sharded layout's
+``data/*`` metrics, what object storage cost) and ``stall`` (``StallNote``: a data stall named once
+per run).
 What else it calls says what it does by its name:
 ``checkpoint.restore`` and ``save_checkpoint``, ``evaluate.score`` (every evaluation), the
 ``schedule``'s pure functions of the step. ``train_one_epoch`` and ``validate_epoch`` return
@@ -36,6 +38,7 @@ from pipeline.config import config_from_dict, requested_gpu
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import all_reduce_sum, finish, init_context
 from pipeline.train.evaluate import autocast, score, topk_correct, train_eval_on
+from pipeline.train.fetch_figures import FetchFigures
 from pipeline.train.init_from import load_initial_weights
 from pipeline.train.outputs import RunOutputs
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
@@ -258,7 +261,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     out = RunOutputs.open(run, progress)
     progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
     img_per_s = []
-    clock, stall = StepClock.for_run(run), StallNote.for_run(run)
+    clock, stall, fetched = StepClock.for_run(run), StallNote.for_run(run), FetchFigures.for_run(run)
     for epoch in range(progress.epoch, d.epochs):
         train_metrics, progress = train_one_epoch(run, epoch, progress, out, clock)
         stall.check(epoch, train_metrics)
@@ -267,6 +270,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         if (epoch + 1) % cfg.eval.every_n_epochs == 0 or epoch + 1 == d.epochs:
             val_metrics, progress = validate_epoch(run, epoch, progress)
             metrics.update(val_metrics)
+        metrics.update(fetched.read("epoch"))  # after validation: its fetches and reads count here
         progress = dataclasses.replace(progress, epoch=epoch + 1)
         out.epoch(metrics, progress.step)
         with clock.blocked():  # counted in the next epoch's perf/* and the run's
@@ -293,6 +297,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "wall_s": time.perf_counter() - wall_start,
         "img_per_s": float(np.mean(img_per_s)) if img_per_s else None,
         **run_time_shares(clock),
+        # data_get_retries, data_fetch_wait_s, data_bytes_fetched, data_cache_hit_rate (sharded, from a bucket)
+        **{k.replace("/", "_"): v for k, v in fetched.read("run").items()},
         "checkpoint": last_checkpoint,
         **out.wandb_location(),  # wandb_dir, wandb_mode
         "run_dir": run.location,
