@@ -155,7 +155,7 @@ def shard_gets(gets: int, shards: int, nodes: int, images: int, cached: dict, ne
 
 def check_shard_gets(drill: Drill, check: Check) -> None:
     from pipeline.data.shard_cache import DEFAULT_DIR_NAME
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.shard_manifest import load_manifest
 
     m, live = load_manifest(drill.data_uri), [k for k, p in drill.nodes.nodes.items() if p.poll() is None]
     cache = f"tmp/{DEFAULT_DIR_NAME}/{m.digest[:16]}/*.ok"  # a whole, checked shard in a node's /tmp

@@ -289,7 +289,7 @@ def test_make_submit_trains_on_sharded_imagenet_in_a_bucket(cluster, tmp_path, m
     run trains, evaluates and writes its summary."""
     import pyarrow.fs
 
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.shard_manifest import load_manifest
     from pipeline.store import locations
 
     for key, value in cluster.aws.items():

@@ -43,7 +43,6 @@ from pipeline.data.shard_manifest import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
     SPLITS,
-    load_manifest,  # noqa: F401 - still imported from here (cluster drills)
     manifest_location,
     normal_root,
 )

@@ -104,6 +104,19 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
             ],
         ),
         ws.Section(
+            name="What object storage cost",
+            is_open=False,
+            # Shards read from a bucket only (pipeline.train.fetch_figures), summed over the ranks.
+            panels=[
+                line_plot("GETs retried (503 SlowDown, 5xx, resets, stalls)", ["data/get_retries"], x=epoch),
+                line_plot("seconds of fetch backoff", ["data/fetch_wait_s"], x=epoch),
+                line_plot("bytes fetched", ["data/bytes_fetched"], x=epoch),
+                line_plot(
+                    "shard reads served by the node's cache", ["data/cache_hit_rate"], x=epoch, range_y=(0, 1)
+                ),
+            ],
+        ),
+        ws.Section(
             name="Memory and scale",
             is_open=True,
             panels=[

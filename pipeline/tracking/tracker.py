@@ -63,6 +63,8 @@ PERF_METRICS = (
     "perf/mfu",
     "perf/peak_mem_gb",
 )
+# The sharded layout read from a bucket: retries, backoff, bytes and cache hits per epoch.
+DATA_METRICS = ("data/get_retries", "data/fetch_wait_s", "data/bytes_fetched", "data/cache_hit_rate")
 # Logged once per epoch and charted against `epoch` (val/ ones only in epochs that validate).
 EPOCH_METRICS = (
     "train/loss",
@@ -79,14 +81,17 @@ EPOCH_METRICS = (
     "gpu_mem_gb",
     "world_size",
     "global_batch",
+    # What object storage cost, summed over the ranks (pipeline.train.fetch_figures).
+    *DATA_METRICS,
 )
 # Not in every run: gpu_mem_gb and perf/peak_mem_gb on GPU workers only, perf/mfu only on a GPU
-# whose peak pipeline.train.step_time knows; train_eval/* only with eval.train_eval on;
+# whose peak pipeline.train.step_time knows; train_eval/* only with eval.train_eval on; data/* only
+# for shards read from a bucket;
 # world_size and global_batch are in every epoch row of today's runs, but not in runs logged by
 # older versions (the dashboards' panels for them say "runs that log it").
 OPTIONAL_METRICS = (
     "gpu_mem_gb", "world_size", "global_batch", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
-    "perf/mfu", "perf/peak_mem_gb",
+    "perf/mfu", "perf/peak_mem_gb", *DATA_METRICS,
 )  # fmt: skip
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
 MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
