@@ -47,7 +47,7 @@ demo: $(STAMP) $(DEMO_DATA)/.complete
 # never run at once; `make test-fast` hands out single tests. TEST_WORKERS=0: no extra process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The inner loop: the unit tiers only (about 2 minutes on two cores); `make test` is the whole suite CI runs.
 test-fast: $(STAMP)

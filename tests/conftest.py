@@ -56,6 +56,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         slow = item.get_closest_marker("slow") or item.get_closest_marker("cluster")
         if slow and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    items.sort(key=_heaviest_group_first(items))
+
+
+def _heaviest_group_first(items: list[pytest.Item]):
+    """A sort key that puts the xdist groups with the most end-to-end tests (slow, ray or
+    cluster: tens of seconds each) first, keeping each group's order. `make test` hands out groups
+    in this order (``--no-loadscope-reorder``), so both processes end on short unit-test files
+    instead of one of them running a multi-minute file alone at the end (a minute of one idle
+    core in a fresh-clone CI run, when groups went by their number of tests)."""
+
+    def group(item: pytest.Item) -> str:
+        return item.get_closest_marker("xdist_group").args[0]
+
+    heavy: dict[str, int] = {}
+    for item in items:
+        e2e = any(item.get_closest_marker(m) for m in ("slow", "ray", "cluster"))
+        heavy[group(item)] = heavy.get(group(item), 0) + int(e2e)
+    return lambda item: -heavy[group(item)]
 
 
 def run_pipeline(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
