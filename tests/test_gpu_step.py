@@ -3,6 +3,7 @@ cuDNN autotuning off for multi-scale evaluation, DALI's threads outside Ray."""
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 
@@ -28,10 +29,13 @@ def _ddp_grads(rank: int, store: str, compression: str, out: str) -> None:
     model(x).square().sum().backward()
     if rank == 0:
         torch.save(model.module.weight.grad, out)
-    # How a torchrun run ends. Without the barrier, the bf16 hook's gloo group sometimes
-    # aborted the process at exit.
+    # How a torchrun run ends (pipeline.driver.train_cmd): the group ended, then the DDP model's
+    # reference cycles collected while the interpreter is whole. Without the barrier, and once in a
+    # fresh-clone CI run without the collection, the process aborted at exit.
     finish(ctx)
     assert not dist.is_initialized()
+    del model
+    gc.collect()
 
 
 def _grads(compression: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 from typing import Any
 
@@ -149,6 +150,10 @@ def main(argv: list[str]) -> int:
             from pipeline.train.loop import train_worker
 
             train_worker(to_dict(cfg), under_ray=False)
+            # The DDP model sits in reference cycles that hold the gloo group's last pending work;
+            # left to the interpreter's exit, freeing it can abort the process (SIGABRT, "terminate
+            # called without an active exception") after a finished run. Free it now.
+            gc.collect()
         else:
             train_on_ray(cfg)
     except ConfigError as e:  # the cluster checks before any worker starts (pipeline.driver.cluster_check)

@@ -96,7 +96,10 @@ def finish(ctx: DistContext) -> None:
     group must be ended here. If a gloo group is left to the interpreter's exit with the bf16
     gradient hook registered, the process sometimes aborts ("terminate called without an
     active exception"), which turns a finished run into a failed one. That happened 1 time in
-    24 here; with barrier and destroy it happened 0 times in 48.
+    24 here; with barrier and destroy it happened 0 times in 48, and then once more in a
+    fresh-clone CI run: the DDP model, in reference cycles, keeps the group's pending work alive
+    until the interpreter's exit, so the torchrun path also collects it (``gc.collect()`` in
+    ``pipeline.driver.train_cmd``) once the worker has returned.
     """
     barrier()
     if ctx.owns_group and dist.is_initialized():
