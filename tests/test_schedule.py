@@ -8,9 +8,11 @@ from pipeline.config import load_config
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
 
 
-def lr_at(cfg, it, ipe=391, state=None, base=0.1):
+def lr_at(cfg, it, ipe=391, state=None, base=0.1, total=64_000):
     state = state or ScheduleState()
-    return learning_rate(cfg.schedule, base_lr=base, it=it, iters_per_epoch=ipe, state=state)
+    return learning_rate(
+        cfg.schedule, base_lr=base, it=it, iters_per_epoch=ipe, total_iters=total, state=state
+    )
 
 
 def test_cifar_step_schedule_matches_the_paper():
@@ -118,7 +120,12 @@ def test_goyal_large_batch_config_follows_their_recipe():
     def lr_at(epoch: float) -> float:
         it = int(epoch * d.iters_per_epoch)
         return learning_rate(
-            cfg.schedule, base_lr=d.lr, it=it, iters_per_epoch=d.iters_per_epoch, state=ScheduleState()
+            cfg.schedule,
+            base_lr=d.lr,
+            it=it,
+            iters_per_epoch=d.iters_per_epoch,
+            total_iters=d.total_iters,
+            state=ScheduleState(),
         )
 
     assert lr_at(0) == pytest.approx(0.1)
@@ -149,3 +156,25 @@ def test_plateau_rejects_zero_epochs():
     cfg = load_config(None, ["schedule.kind=plateau"])
     with pytest.raises(ValueError, match="epochs since the last evaluation"):
         plateau_update(cfg.schedule, ScheduleState(), 50.0, base_lr=0.1, epochs=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_step_free_schedules_decay_from_the_end_of_warm_up_to_zero(kind):
+    """FFCV's triangular shape (linear) and torchvision's cosine: warm-up from warmup_lr over 2
+    epochs of 10 iterations, then one value per iteration down to 0 at iteration 100."""
+    import math
+
+    cfg = load_config(None, [f"schedule.kind={kind}", "schedule.warmup_epochs=2", "schedule.warmup_lr=0.0"])
+
+    def at(it: int) -> float:
+        return lr_at(cfg, it, ipe=10, base=0.8, total=100)
+
+    assert at(0) == 0.0 and at(10) == pytest.approx(0.4)  # warm-up, linear from 0
+    assert at(20) == pytest.approx(0.8)  # the peak: warm-up's end, the decay's start
+    for it in (20, 30, 47, 60, 85, 99, 100):
+        done = (it - 20) / 80
+        want = 0.8 * (1 - done if kind == "linear" else 0.5 * (1 + math.cos(math.pi * done)))
+        assert at(it) == pytest.approx(want, abs=1e-12), it
+    assert at(60) == pytest.approx(0.4)  # halfway down for both shapes
+    assert all(at(i) > at(i + 1) for i in range(20, 100))  # no steps, no plateau
+    assert at(100) == pytest.approx(0.0, abs=1e-12)

@@ -103,7 +103,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    kind: Literal["step", "plateau", "constant"] = "step"
+    # step and plateau: the paper's; linear and cosine: down to 0 at the last iteration, no steps
+    kind: Literal["step", "plateau", "constant", "linear", "cosine"] = "step"
     epochs: int = 120
     max_iters: int | None = None  # stop after this many iterations (the paper's 600k / 64k)
     milestones: tuple[int, ...] = (30, 60, 90)

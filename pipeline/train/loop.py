@@ -105,7 +105,12 @@ def _reduce(device_sums: torch.Tensor, host_count: float) -> tuple[float, ...]:
 def lr_at(run: Run, step: int, state: ScheduleState) -> float:
     d = run.derived
     return learning_rate(
-        run.cfg.schedule, base_lr=d.lr, it=step, iters_per_epoch=d.iters_per_epoch, state=state
+        run.cfg.schedule,
+        base_lr=d.lr,
+        it=step,
+        iters_per_epoch=d.iters_per_epoch,
+        total_iters=d.total_iters,
+        state=state,
     )
 
 

@@ -1,6 +1,7 @@
 """The paper's learning-rate rules as pure functions of the iteration (and a little state).
 
-    lr = learning_rate(cfg.schedule, base_lr=0.1, it=32_000, iters_per_epoch=391, state=ScheduleState())
+    lr = learning_rate(cfg.schedule, base_lr=0.1, it=32_000, iters_per_epoch=391, total_iters=64_000,
+                       state=ScheduleState())
 
 - ``step``: multiply by ``gamma`` at each milestone (epochs or iterations). CIFAR-10:
   0.1, 0.01 from iteration 32,000, 0.001 from 48,000, stop at 64,000.
@@ -8,6 +9,10 @@
   ``plateau_threshold`` for ``plateau_patience`` epochs (the paper's ImageNet rule), counted
   in epochs even when validation runs every few epochs. The decision is ``plateau_update``,
   fed the globally reduced error so every rank agrees.
+- ``linear`` / ``cosine``: no steps (the time-to-accuracy recipes: FFCV's triangular shape,
+  torchvision's cosine): from the base lr at the end of warm-up down to 0 at ``total_iters``,
+  along a line or half a cosine, one value per iteration.
+- ``constant``: the base lr throughout.
 - warm-up: linear from ``warmup_lr`` over ``warmup_epochs``; or the paper's ResNet-110
   rule, ``warmup_lr`` until the training error is below ``warmup_until_train_err``.
 """
@@ -30,8 +35,15 @@ class ScheduleState:
     warmup_done: bool = False  # the ResNet-110 rule has seen training error below its threshold
 
 
-def decay_factor(cfg: ScheduleConfig, it: int, iters_per_epoch: int, state: ScheduleState) -> float:
-    """The multiplier on the base lr from milestones or plateau reductions, before warm-up."""
+def decay_factor(
+    cfg: ScheduleConfig, it: int, iters_per_epoch: int, state: ScheduleState, total_iters: int
+) -> float:
+    """The multiplier on the base lr from milestones, plateau reductions or the decay to 0 of
+    ``linear``/``cosine`` (which starts where warm-up ends), before warm-up."""
+    if cfg.kind in ("linear", "cosine"):
+        start = round(cfg.warmup_epochs * iters_per_epoch)
+        done = min(max((it - start) / max(total_iters - start, 1), 0.0), 1.0)
+        return 1.0 - done if cfg.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
     if cfg.kind == "step":
         position = it if cfg.milestone_unit == "iter" else it // iters_per_epoch
         passed = sum(1 for m in cfg.milestones if position >= m)
@@ -42,7 +54,13 @@ def decay_factor(cfg: ScheduleConfig, it: int, iters_per_epoch: int, state: Sche
 
 
 def learning_rate(
-    cfg: ScheduleConfig, *, base_lr: float, it: int, iters_per_epoch: int, state: ScheduleState
+    cfg: ScheduleConfig,
+    *,
+    base_lr: float,
+    it: int,
+    iters_per_epoch: int,
+    total_iters: int,
+    state: ScheduleState,
 ) -> float:
     """The lr for iteration ``it`` (0-based).
 
@@ -51,9 +69,10 @@ def learning_rate(
         base_lr: the lr after linear scaling (``Derived.lr``).
         it: the global iteration about to run.
         iters_per_epoch: optimizer steps per epoch.
+        total_iters: the run's iterations (``Derived.total_iters``), where ``linear`` and ``cosine`` reach 0.
         state: plateau counters and the ResNet-110 warm-up flag.
     """
-    lr = base_lr * decay_factor(cfg, it, iters_per_epoch, state)
+    lr = base_lr * decay_factor(cfg, it, iters_per_epoch, state, total_iters)
     if cfg.warmup_until_train_err is not None and not state.warmup_done:
         return cfg.warmup_lr
     warmup_iters = round(cfg.warmup_epochs * iters_per_epoch)
