@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,7 @@ def roots(s3, sharded, tmp_path_factory) -> dict[str, str]:
     import pyarrow.fs
 
     other = tmp_path_factory.mktemp("other") / "b"
-    other.mkdir()
-    for f in sharded.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(sharded, other)
     raw = gzip.decompress((sharded / MANIFEST_NAME).read_bytes())
     (other / MANIFEST_NAME).write_bytes(gzip.compress(raw, mtime=1))
     out = {}
