@@ -1,7 +1,8 @@
 """``python -m pipeline data cache ls|prune`` on a cache the real ShardCache filled from the S3 test
 server: two datasets listed with their roots, shards and sizes; a prune that keeps the one named,
 removes the other and says the bytes freed; a dataset that a live process uses is refused; bad
-input is exit 2, naming it. Counts and contents only; no Ray.
+input is exit 2, naming it; cluster/README's commands as it prints them. Counts and contents only;
+no Ray.
 """
 
 from __future__ import annotations
@@ -92,12 +93,28 @@ def test_ls_lists_each_cached_dataset(cache_dir, roots, capsys):
     assert by_folder["0123456789abcdef"].startswith("0123456789abcdef  root not recorded  1 shards  0.00 MB")
 
 
-def test_ls_through_python_m_pipeline(cache_dir, roots):
-    proc = run_pipeline("data", "cache", "ls", "--cache-dir", str(cache_dir), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert {line.split()[0] for line in proc.stdout.splitlines()[1:]} == {
-        folder_of(r) for r in roots.values()
-    }
+def test_the_cluster_readme_commands_as_written(cache_dir, roots):
+    """cluster/README's three commands, its folder and bucket mapped onto the test's."""
+    readme = (Path(__file__).resolve().parents[1] / "cluster" / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python -m pipeline data cache ")]
+    assert commands == [
+        "python -m pipeline data cache ls --cache-dir /mnt/shard-cache",
+        "python -m pipeline data cache prune --cache-dir /mnt/shard-cache --keep s3://my-bucket/imagenet-shards --dry-run",
+        "python -m pipeline data cache prune --cache-dir /mnt/shard-cache --keep s3://my-bucket/imagenet-shards",
+    ]
+    kept, gone = folder_of(roots["a"]), folder_of(roots["b"])
+    out = []
+    for command in commands:
+        words = command.replace("/mnt/shard-cache", str(cache_dir)).replace(
+            "s3://my-bucket/imagenet-shards", roots["a"]
+        )
+        proc = run_pipeline(*words.split()[3:], timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out.append(proc.stdout)
+    assert {line.split()[0] for line in out[0].splitlines()[1:]} == {kept, gone}
+    assert f"would remove {gone}: {roots['b']}, {CACHED['b']} shards" in out[1]
+    assert f"removed {gone}: {roots['b']}, {CACHED['b']} shards" in out[2]
+    assert sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) == [kept]
 
 
 def test_prune_keeps_the_named_root_and_removes_the_rest(cache_dir, roots, capsys):
