@@ -2,6 +2,8 @@
 
 - They parse and carry the GPU limits, the ImageNet PVC, /dev/shm in memory, the W&B key from a
   Secret, token auth through ``authOptions``, and the training entrypoint.
+- The worker pods keep the node's shard cache on a local emptyDir sized for ImageNet, where the
+  job's ``data.cache_dir`` points.
 - The RayJob retries a failed attempt on a new cluster with a fixed run in a bucket; the
   RayCluster's optional GCS fault tolerance is what the operator accepts; cluster/README's
   "What survives what" says what the templates do.
@@ -80,10 +82,14 @@ def test_ray_clusters_have_gpu_workers_shm_pvc_and_secrets():
             # /dev/shm backed by memory.
             shm = volumes[mounts["/dev/shm"]["name"]]
             assert shm["emptyDir"]["medium"] == "Memory", (name, group_name)
-            # ImageNet from the shared claim, read-only.
-            data = mounts["/mnt/imagenet"]
-            claim = volumes[data["name"]]["persistentVolumeClaim"]
-            assert claim["claimName"] in claims and data["readOnly"] is True
+            # ImageNet from the shared claim, read-only, where a pod mounts it (the RayJob reads
+            # the sharded layout from the bucket instead).
+            if name == "resnet":
+                assert "/mnt/imagenet" in mounts, (name, group_name)
+            if "/mnt/imagenet" in mounts:
+                data = mounts["/mnt/imagenet"]
+                claim = volumes[data["name"]]["persistentVolumeClaim"]
+                assert claim["claimName"] in claims and data["readOnly"] is True
             # W&B key only from a Secret; the Ray token only from the operator (a variable set
             # here would win over the one authOptions injects).
             assert secret_ref(container, "WANDB_API_KEY"), (name, group_name)
@@ -124,7 +130,8 @@ def test_rayjob_runs_the_training_entrypoint_with_the_runtime_env():
     words = shlex.split(spec["entrypoint"])
     assert words[:4] == ["python", "-m", "pipeline", "train"]
     config_path, overrides = words[words.index("--config") + 1], words[words.index("--config") + 2 :]
-    assert "data.root=/mnt/imagenet" in overrides
+    assert "data.root=s3://REPLACE_ME-bucket/imagenet-shards" in overrides
+    assert "data.cache_dir=/mnt/shard-cache" in overrides
     if not any((ROOT / "configs" / "imagenet").glob("*.yaml")):
         load_config(None, overrides)  # keys and types at least, until the ImageNet configs land
         pytest.skip("configs/imagenet/ holds no configs yet")
@@ -200,3 +207,51 @@ def test_what_survives_what_says_what_the_templates_do():
     assert f"`submissionMode: {job['spec']['submissionMode']}`" in section
     assert "kubectl replace --force -f cluster/kuberay/rayjob.yaml" in section
     assert "gcsFaultToleranceOptions" in section and "make submit" in section
+
+
+def quantity_bytes(q: str) -> float:
+    """A Kubernetes quantity (``200Gi``, ``240G``) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([\d.]+)([A-Za-z]*)", str(q)).groups()
+    return float(number) * units.get(unit, 1)
+
+
+def shard_cache_volume(pod: dict, container: dict, mount_path: str) -> dict:
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mount_path in mounts, mounts.keys()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return volumes[mounts[mount_path]["name"]]
+
+
+def test_worker_pods_keep_the_shard_cache_on_a_local_emptydir_sized_for_imagenet():
+    """Every GPU worker pod mounts a disk-backed emptyDir (kubelet's local storage, not memory,
+    not the container's writable layer) where the job's data.cache_dir points; the pod asks for
+    that much ephemeral storage, and data.cache_limit_gb keeps the cache under the volume's
+    sizeLimit (the cache's default limit reads the whole disk's free space)."""
+    (job,) = find("RayJob")
+    words = shlex.split(job["spec"]["entrypoint"])
+    overrides = words[words.index("--config") + 2 :]
+    cfg = load_config(ROOT / words[words.index("--config") + 1], overrides)
+    assert cfg.data.root.startswith("s3://") and cfg.data.root.endswith("imagenet-shards")
+    # The RayCluster's documented `make submit` arguments name the same folder and limit.
+    header = (CLUSTER / "kuberay" / "raycluster.yaml").read_text()
+    assert (
+        f"data.cache_dir={cfg.data.cache_dir}" in header
+        and f"data.cache_limit_gb={cfg.data.cache_limit_gb:g}" in header
+    )
+    for name, spec in ray_cluster_specs():
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            (container,) = pod["containers"]
+            volume = shard_cache_volume(pod, container, cfg.data.cache_dir)
+            assert set(volume) == {"name", "emptyDir"} and "medium" not in volume["emptyDir"], (name, volume)
+            size = quantity_bytes(volume["emptyDir"]["sizeLimit"])
+            dataset = 148e9  # ImageNet's shards (cluster/README.md)
+            assert dataset < cfg.data.cache_limit_gb * 1e9 < size, (name, size)
+            resources = container["resources"]
+            request = quantity_bytes(resources["requests"]["ephemeral-storage"])
+            limit = quantity_bytes(resources["limits"]["ephemeral-storage"])
+            assert size < request <= limit, (name, request, limit)
+    # The RayJob reads the bucket only: no pod waits for the shared claim.
+    for _, pod in pod_specs(job["spec"]["rayClusterSpec"]):
+        assert not any("persistentVolumeClaim" in v for v in pod["volumes"])

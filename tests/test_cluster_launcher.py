@@ -7,12 +7,15 @@ without a cloud.
   storage; they scale to zero when idle.
 - Security: token auth, the dashboard on loopback only, no secret in a file.
 - AWS GPU nodes get EFA interfaces in a form Ray's own AWS bootstrap accepts.
+- The shard cache sits on the nodes' local NVMe (AWS instance store, GCP local SSD): the host
+  command that builds and mounts it, run against stubs, and the containers' mount.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -110,3 +113,66 @@ def test_aws_gpu_nodes_get_efa_in_a_form_rays_bootstrap_accepts():
     worker_options = config["docker"]["worker_run_options"]
     assert "--device=/dev/infiniband" in worker_options
     assert "-e FI_PROVIDER=efa" in worker_options
+
+
+# Where each template mounts the node's local NVMe, and how it names its disks to the stubs below.
+LOCAL_DISKS = {
+    "aws": ("/opt/dlami/nvme", "lsblk", "/dev/nvme0n1 Amazon Elastic Block Store\n"
+            "/dev/nvme1n1 Amazon EC2 NVMe Instance Storage\n/dev/nvme2n1 Amazon EC2 NVMe Instance Storage"),
+    "gcp": ("/mnt/localssd", "ls", "/dev/disk/by-id/google-local-nvme-ssd-0\n/dev/disk/by-id/google-local-nvme-ssd-1"),
+}  # fmt: skip
+
+
+def run_with_stubs(command: str, tmp_path: Path, lister: str, listing: str) -> list[str]:
+    """Run a template's host command with ``sudo``, ``mountpoint`` (nothing mounted), ``mdadm``
+    and the disk lister replaced by stubs; the privileged commands it would run, one per line."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "sudo.log"
+    bin_dir.mkdir(exist_ok=True)
+    stubs = {
+        "sudo": f'echo "$*" >> {log}',
+        "mountpoint": "exit 1",
+        "mdadm": "exit 0",
+        lister: f"printf '%s\\n' '{listing}'",
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_launcher_puts_the_shard_cache_on_local_nvme(path, tmp_path):
+    """The host's local NVMe disks become one RAID 0 mounted where every container's
+    /mnt/shard-cache comes from (``data.cache_dir=/mnt/shard-cache``, as the header's ARGS say)."""
+    config = yaml.safe_load(path.read_text())
+    mount, lister, listing = LOCAL_DISKS[path.parent.name]
+    mapping = next(o for o in config["docker"]["run_options"] if o.endswith(":/mnt/shard-cache"))
+    host_folder = mapping.split()[1].split(":")[0]
+    assert host_folder == f"{mount}/shard-cache"
+    assert "data.cache_dir=/mnt/shard-cache" in path.read_text()
+    init = config["initialization_commands"]
+    (setup,) = [c for c in init if "mdadm --create" in c]
+    ran = run_with_stubs(setup, tmp_path, lister, listing)
+    disks = listing.split() if lister == "ls" else [line.split()[0] for line in listing.splitlines()[1:]]
+    (create,) = [r for r in ran if r.startswith("mdadm --create")]
+    assert create.endswith(f"--raid-devices=2 {' '.join(disks)}"), create  # the EBS boot disk left out
+    assert any(r.startswith("mkfs.") and r.endswith("/dev/md/shard-cache") for r in ran), ran
+    assert any(r.startswith("mount ") and r.endswith(f"/dev/md/shard-cache {mount}") for r in ran), ran
+    # Then the folder the containers mount, writable by the container's user.
+    (folder,) = [c for c in init if f"{mount}/shard-cache" in c]
+    assert f"chmod 1777 {mount}/shard-cache" in folder
+    assert init.index(setup) < init.index(folder)
+
+
+def test_gcp_a2_nodes_get_local_ssd():
+    config = yaml.safe_load((CLUSTER / "gcp" / "cluster.yaml").read_text())
+    disks = config["available_node_types"]["gpu_a2"]["node_config"]["disks"]
+    scratch = [d for d in disks if d.get("type") == "SCRATCH"]
+    assert len(scratch) == 8  # the one count a2-highgpu-8g takes
+    assert all(
+        d["interface"] == "NVME" and d["initializeParams"]["diskType"].endswith("/local-ssd") for d in scratch
+    )
+    zone = config["provider"]["availability_zone"]
+    assert all(d["initializeParams"]["diskType"].startswith(f"zones/{zone}/") for d in scratch)

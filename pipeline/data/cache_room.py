@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import cache_sizing
+from pipeline.data.cache_folders import record_use, touch_record
 from pipeline.data.cache_ledger import Ledger, on_disk
 from pipeline.data.eviction import choose_victims
 from pipeline.data.next_use import NEVER, ReadPlan
@@ -66,6 +67,9 @@ class CacheRoom:
             cached = sum(size for size, _ in on_disk(root).values())
             self.limit = limit_bytes if self.explicit else cache_sizing.default_limit(root, cached)
             self._entry(entries)
+            # Under the ledger's lock: from here on `data cache prune` sees the folder in use (and
+            # a folder a prune took before it is made again).
+            record_use(root / self.dataset, manifest)
 
     def name(self, i: int) -> str:
         """Shard ``i`` as the ledger names it: ``<dataset>/<shard>.tar``."""
@@ -109,6 +113,7 @@ class CacheRoom:
 
     def leave(self) -> None:
         self.ledger.leave()
+        touch_record(self.root / self.dataset)  # the dataset's last use, for `data cache ls`
 
     def _next_use(self, names: list[str]) -> np.ndarray:
         if self.plan is None:

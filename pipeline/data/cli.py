@@ -8,8 +8,10 @@
     python -m pipeline data prepare-val --val /data/imagenet/val --labels LOC_val_solution.csv [--undo]
     python -m pipeline data stats /data/imagenet [--per-channel] [--crop-size 224] [--limit N]
     python -m pipeline data shard /data/imagenet s3://bucket/imagenet-shards [--shard-size-mb 128]
+    python -m pipeline data cache ls|prune [--cache-dir DIR] [--keep ROOT ...] [--dry-run]
 
-Exit status: 0 success, 1 problems found (verify), 2 bad input or layout.
+Exit status: 0 success, 1 problems found (verify) or a dataset left in use (cache prune), 2 bad input
+or layout.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.cache_cli import add_cache_command, cache_command
 from pipeline.data.shard_cli import add_shard_command, shard_command
 from pipeline.data.stats import add_stats_command, stats_command
 
@@ -91,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="check and count, move nothing")
     add_stats_command(sub)
     add_shard_command(sub)
+    add_cache_command(sub)
     return p
 
 
@@ -202,6 +206,7 @@ COMMANDS = {
     "prepare-val": _prepare_val,
     "stats": stats_command,
     "shard": shard_command,
+    "cache": cache_command,
 }
 
 
