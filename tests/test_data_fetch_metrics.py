@@ -69,6 +69,7 @@ def test_cache_counts_retries_bytes_and_hits(s3, s3_sharded, faults, tmp_path):
     rank1.close()
 
 
+@pytest.mark.slow  # trains (one process, --no-ray): not in make test-fast
 def test_train_no_ray_reports_retries_and_hits_per_epoch(s3, s3_sharded, faults, tmp_path):
     m = load_manifest(s3_sharded)
     keep = tiny_overrides(Path("x"), tmp_path / "runs", "fetch")

@@ -51,6 +51,7 @@ def _digest(root: Path) -> str:
     return hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # trains (one process, --no-ray): not in make test-fast
 def test_a_mid_epoch_resume_over_another_manifest_stops_and_says_how_to_switch(
     sharded, resharded, tmp_path, capsys
 ):
