@@ -6,8 +6,8 @@
 
 Each (config, seed) is one trial, named ``<config name>-seed<k>``: that is its ``name`` (so its
 run folder ``<checkpoint.storage_path>/<name>/`` and its W&B run), and it runs with ``seed=k``.
-All trials share the configs' W&B group. A trial is the training loop's ``train_worker`` in the trial's
-own process (``under_ray=False``: one process, one GPU or the CPUs Tune gave it), so Tune only
+All trials share the configs' W&B group. A trial is the training loop's ``train_worker`` in a Tune
+trial process, reused by the next trial (``under_ray=False``: one process, one GPU or the CPUs Tune gave it), so Tune only
 schedules: as many trials at once as the cluster's resources allow (``--max-concurrent`` caps
 it). Without GPUs a trial asks for every CPU of this machine by default, so on a laptop the
 trials run one after another, each with the whole machine (``--cpus-per-trial`` to share).
@@ -180,6 +180,10 @@ def run_sweep(
         param_space={"trial": tune.grid_search([s.name for s in pending])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent or None,
+            # Every trial asks for the same resources, so the next trial runs in the process the
+            # last one ended in: no new process, no second import of torch and DALI per trial. The
+            # training loop holds no state between runs (its run, W&B run and RNG seeds are its own).
+            reuse_actors=True,
             trial_name_creator=lambda t: t.config["trial"],
             trial_dirname_creator=lambda t: t.config["trial"],
         ),
