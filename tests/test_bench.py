@@ -227,6 +227,7 @@ def test_markdown_of_a_ray_result_and_bad_input() -> None:
 # ---------------------------------------------------------------- bench feed
 
 
+@pytest.mark.slow  # runs bench feed end to end (DALI passes through a local S3 server): not in make test-fast
 def test_bench_feed_counts_requests_per_source(tiny_imagenet: Path, capsys, monkeypatch) -> None:
     # --data relative to the working directory, as the docs' command gives it.
     monkeypatch.chdir(tiny_imagenet.parent)

@@ -193,6 +193,7 @@ def test_deepen_without_the_dataset_says_so_or_compares_on_generated_inputs(tmp_
     assert "on 16 generated 32x32 inputs: largest difference 0 " in made.stdout
 
 
+@pytest.mark.slow  # trains twice (one process, --no-ray): not in make test-fast
 def test_train_init_from_loads_weights_only_starts_at_step_0_and_resumes_its_own(tmp_path, cifar):
     from pipeline.train.init_from import load_initial_weights
 
