@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.cache_ledger import LEDGER_NAME, Ledger, is_alive
+from pipeline.data.cache_ledger import Ledger, live_entries
 
 RECORD_NAME = "dataset.json"
 # A dataset folder's name, as the cache makes it: nothing else under the folder is listed or
 # removed, so a --cache-dir pointed at the wrong place (/tmp, say) removes nothing of others'.
 DATASET_FOLDER = re.compile(r"[0-9a-f]{16}")
 PRUNING_PREFIX = ".pruning-"  # a folder being deleted by a prune
-DIR_MODE = 0o775  # shard_cache.DIR_MODE (imported here it would close a cycle): the group may fetch too
+DIR_MODE = 0o775  # the folders a cache makes (shard_cache imports it): the group may fetch into them too
 RECORD_MODE = 0o664
 
 
@@ -126,18 +126,9 @@ def _users(entries: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
     return users
 
 
-def _live_entries(root: Path) -> dict[str, dict[str, Any]]:
-    """The ledger's live entries, read without its lock (it is replaced whole, never torn)."""
-    try:
-        doc = json.loads((root / LEDGER_NAME).read_text())
-        return {k: v for k, v in doc.get("processes", {}).items() if is_alive(k)}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
 def scan(root: Path) -> list[CachedDataset]:
     """Every dataset folder of the cache at ``root``, with the live processes using each."""
-    users = _users(_live_entries(root))
+    users = _users(live_entries(root))
     found = [_folder(p) for p in _dataset_folders(root)]
     for d in found:
         d.users = users.get(d.name, [])

@@ -73,6 +73,17 @@ def on_disk(folder: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+def live_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    """The live processes' entries in ``folder``'s ledger; {} when there is none yet or a crash
+    tore it (the disk still says what is cached). Without the ledger's lock (``Ledger.entries``)
+    this is fit to show, not to decide on: the file is replaced whole, never written in place."""
+    try:
+        doc = json.loads((folder / LEDGER_NAME).read_text())
+        return {k: v for k, v in doc.get("processes", {}).items() if is_alive(k)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 class Ledger:
     """This cache handle's view of the folder's ledger."""
 
@@ -89,11 +100,7 @@ class Ledger:
             fcntl.flock(fd, fcntl.LOCK_EX)
             _share(lock)
             path = self.folder / LEDGER_NAME
-            try:
-                doc = json.loads(path.read_text())
-                entries = {k: v for k, v in doc.get("processes", {}).items() if is_alive(k)}
-            except (OSError, ValueError, AttributeError):
-                entries = {}  # none yet, or torn by a crash: the disk still says what is cached
+            entries = live_entries(self.folder)
             yield entries
             tmp_fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{LEDGER_NAME}.")
             with os.fdopen(tmp_fd, "w") as out:

@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import cache_sizing
+from pipeline.data.cache_folders import DIR_MODE
 from pipeline.data.cache_reads import CacheReads
 from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
@@ -73,7 +74,6 @@ from pipeline.data.shard_manifest import Manifest, ShardError, repair_hint
 from pipeline.store import locations
 
 DEFAULT_DIR_NAME = "resnet-pipeline-shards"
-DIR_MODE = 0o775  # folders this cache makes: the group may fetch into them too
 
 
 def default_cache_dir() -> str:
