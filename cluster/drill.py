@@ -1,7 +1,8 @@
-"""The node-loss drill: a cluster without a shared filesystem on this one machine, rank 0 killed mid-epoch.
+"""The drill: a cluster without a shared filesystem on this one machine, and what a run on it
+loses: rank 0's node, the job, the head.
 
-    make drill                                      # 20 epochs of cifar_resnet20 on 256 images
-    make drill DRILL_ARGS="--kill head"             # the head lost, the job submitted again
+    make drill                                      # all three, 24 epochs of cifar_resnet20 on 256 images
+    make drill DRILL_ARGS="--kill rank0"            # rank 0's node lost and replaced only
     make drill DRILL_ARGS="--kill stop,head --epochs 8"   # `ray job stop`, then the head lost
     .venv/bin/python cluster/drill.py --help
 
@@ -11,15 +12,17 @@ cluster/localnodes.py as cluster/README's rehearsal starts them (the venv not on
 auth): a head with ``--num-cpus 0`` and N 1-CPU workers, each with a private ``/tmp`` and
 ``$HOME`` and empty ``data/ runs/ wandb/`` of the checkout; the demo config, elastic on [N-1, N],
 submitted as ``make submit`` does it (``cluster/scripts/job_python.sh``), the run in
-``s3://drill/runs/<name>``. ``--kill-at`` % into an epoch after the first, rank 0's node (Ray
-Train's state API names it) is SIGKILLed whole; once a group of N-1 runs, a new node joins.
+``s3://drill/runs/<name>``. Then the ``--kill`` events in order, each ``--kill-at`` % into an
+epoch after the one before:
 
-``--kill head``, ``--kill stop`` or both in order: what Ray Train cannot bring back, each
-mid-epoch, each followed by the same job submitted again (a new submission id, as ``make
-submit`` or a KubeRay RayJob retry gives it). ``head``: the head SIGKILLed whole (the driver,
-Ray Train's controller, the GCS, the dashboard; its private /tmp goes with it), then its
-workers, as a RayJob retry deletes the RayCluster; a new head and workers start from nothing.
-``stop``: ``ray job stop``. The drill prints the time from each to the job's first resumed step.
+- ``rank0``: rank 0's node (Ray Train's state API names it) SIGKILLed whole; once a group of
+  N-1 has trained, a new node joins; the next event waits until a group of N trains again.
+- ``stop`` and ``head``: what Ray Train cannot bring back, each followed by the same job
+  submitted again (a new submission id, as ``make submit`` or a KubeRay RayJob retry gives it).
+  ``head``: the head SIGKILLed whole (the driver, Ray Train's controller, the GCS, the
+  dashboard; its private /tmp goes with it), then its workers, as a RayJob retry deletes the
+  RayCluster; a new head and workers start from nothing. ``stop``: ``ray job stop``. The drill
+  prints the time from each to the job's first resumed step.
 
 Then one PASS/FAIL line per check, each read from a record, not from the console: Ray's job,
 Train and actor state APIs; the bucket's ``metrics.jsonl`` (whose records a resumed worker group
@@ -49,15 +52,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any checkout: import that checkout's pipeline
 
 # cluster/, beside this script: the cluster and its job, then the checks read from its records.
-from drill_checks import Check, run_checks, run_resubmission_checks  # noqa: E402
+from drill_checks import Check, run_checks  # noqa: E402
 from drill_cluster import Drill  # noqa: E402
 
 
 def kill_events(text: str) -> list[str]:
     events = text.split(",")
-    if events == ["rank0"] or (events and set(events) <= {"stop", "head"}):
+    rest = events[1:] if events[:1] == ["rank0"] else events
+    if events and set(rest) <= {"stop", "head"}:
         return events
-    raise argparse.ArgumentTypeError(f"{text!r}: rank0, or stop and head in any order (e.g. stop,head)")
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: rank0 (first, if at all), then stop and head in any order (e.g. rank0,stop,head)"
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -65,7 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag, default, text in [
         ("--config", "configs/demo.yaml", "config inside this checkout"),
         ("--name", "drill", "run name (the folder under s3://drill/runs/)"),
-        ("--epochs", 20, "schedule.epochs (enough for the shrink and the growth back)"),
+        ("--epochs", 24, "schedule.epochs (enough for the shrink, the growth back and each event after)"),
         ("--classes", 4, "synthetic classes"),
         ("--train-per-class", 64, "synthetic training images per class (16 steps an epoch)"),
         ("--val-per-class", 4, "synthetic validation images per class"),
@@ -73,9 +79,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--workers", 3, "worker nodes (1 CPU each); the run is elastic on [N-1, N]"),
         ("--resize-check", 5.0, "cluster.resize_check_s (Ray's default is 60)"),
         ("--start-timeout", 900.0, "cluster.start_timeout_s"),
+        # After rank 0's node is lost Ray Train first asks for all N workers again; 15 s (not the
+        # default 60) bounds that wait before it shrinks to N-1: every check holds, a minute sooner.
         (
             "--restart-timeout",
-            60.0,
+            15.0,
             "cluster.restart_timeout_s: the wait for the lost node's place before shrinking",
         ),
         ("--model", "cifar_resnet20", "model.name (small checkpoints; resnet18 is the demo's)"),
@@ -88,57 +96,60 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
     p.add_argument("--layout", choices=["folder", "sharded"], default="folder",
                    help="the dataset in the bucket: the folder tree + index, or `data shard`'s shards")  # fmt: skip
-    p.add_argument("--kill", type=kill_events, default=["rank0"], metavar="{rank0,EVENT[,EVENT...]}",
-                   help="rank0: rank 0's node killed and replaced (the default); or events in order, each "
-                   "mid-epoch and followed by the same job submitted again: stop (`ray job stop`), "
-                   "head (the head and its workers lost, a new cluster started)")  # fmt: skip
+    p.add_argument("--kill", type=kill_events, default=["rank0", "stop", "head"], metavar="EVENT[,EVENT...]",
+                   help="events in order, each mid-epoch: rank0 (rank 0's node killed and replaced; first "
+                   "if at all), stop (`ray job stop`), head (the head and its workers lost, a new cluster "
+                   "started); after a stop or head the same job is submitted again (default rank0,stop,head)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, W&B merge) even on success")
     args = p.parse_args(argv)
-    if args.kill != ["rank0"] and args.epochs < 2 * len(args.kill) + 2:
+    if args.epochs < 2 * len(args.kill) + 2:
         p.error(f"--epochs must be at least {2 * len(args.kill) + 2} for --kill {','.join(args.kill)}: "
-                "each event comes after an epoch the job submitted before it recorded")  # fmt: skip
+                "each event comes after an epoch the job before it recorded")  # fmt: skip
     if args.workers < 2:
         p.error("--workers must be at least 2: the run goes on with one fewer")
-    if args.epochs < 2:
-        p.error("--epochs must be at least 2: the kill happens in an epoch after the first")
     if (args.classes * args.train_per_class) // args.batch < 2:
         p.error("fewer than 2 steps per epoch: raise --train-per-class or lower --batch")
     return args
 
 
-def lose_rank0(drill: Drill, check: Check, say: Any) -> None:
-    """Rank 0's node killed mid-epoch; once a group of N-1 runs, a new node joins."""
+def lose_rank0(drill: Drill, say: Any) -> dict[str, Any] | None:
+    """Rank 0's node killed mid-epoch; once a group of N-1 has trained, a new node joins. With
+    more events to come, until a group of N trains again (they come after the growth)."""
     n = drill.args.workers
-    kill, replaced_after = drill.kill_rank0_mid_epoch(), None
-    if kill is not None:
-        say(f"killed node {kill['node']} in epoch {kill['epoch']}; waiting for a worker group of {n - 1}")
-        killed_at = time.monotonic()
-        shrunk = drill.wait_for_group(n - 1, after=kill["groups"], timeout=180)
-        say(f"a group of {n - 1} runs" if shrunk else f"no group of {n - 1} within 180 s")
-        # Ray Train grows a running group as soon as a node joins, so a node that came while the
-        # group of N-1 was still restoring would replace it before it trained: wait for its epoch.
-        trained = shrunk and drill.wait_for_epoch_by(n - 1, kill["epoch"], timeout=180)
-        say(
-            f"the group of {n - 1} recorded epoch {kill['epoch']}"
-            if trained
-            else f"no epoch by a group of {n - 1}"
-        )
-        time.sleep(drill.args.replace_after)
-        drill.start_node(drill.next_worker())
-        replaced_after = time.monotonic() - killed_at
-    status = drill.nodes.wait_job(drill.job_id, drill.args.timeout)
-    say(f"job {drill.job_id}: {status}; checking")
-    run_checks(drill, check, status, kill, replaced_after)
+    kill = drill.kill_rank0_mid_epoch()
+    if kill is None:
+        say("the job ended before rank 0's node was killed: no epoch under way was seen")
+        return None
+    say(f"killed node {kill['node']} in epoch {kill['epoch']}; waiting for a worker group of {n - 1}")
+    killed_at = time.monotonic()
+    shrunk = drill.wait_for_group(n - 1, after=kill["groups"], timeout=180)
+    say(f"a group of {n - 1} runs" if shrunk else f"no group of {n - 1} within 180 s")
+    # Ray Train grows a running group as soon as a node joins, so a node that came while the
+    # group of N-1 was still restoring would replace it before it trained: wait for its epoch.
+    trained = shrunk and drill.wait_for_epoch_by(n - 1, kill["epoch"], timeout=180)
+    say(
+        f"the group of {n - 1} recorded epoch {kill['epoch']}"
+        if trained
+        else f"no epoch by a group of {n - 1}"
+    )
+    time.sleep(drill.args.replace_after)
+    drill.start_node(drill.next_worker())
+    kill["replaced_after"] = time.monotonic() - killed_at
+    if len(drill.args.kill) > 1:
+        grown = drill.wait_for_epoch_by(n, kill["epoch"] + 1, timeout=240)
+        say(f"a group of {n} trains again" if grown else f"no epoch by a group of {n} again within 240 s")
+    return kill
 
 
-def stop_or_lose_head(drill: Drill, say: Any) -> list[dict]:
-    """Each ``--kill`` event mid-epoch, each in an epoch after the one before, then the same job
+def stop_or_lose_head(drill: Drill, say: Any, kinds: list[str]) -> list[dict]:
+    """Each of ``kinds`` mid-epoch, each in an epoch after the one before, then the same job
     submitted again; the time from the event to the first resumed step."""
     events: list[dict] = []
-    for kind in drill.args.kill:
+    past = len(drill.run.read_metrics())  # after rank 0's node was lost and replaced, if it was
+    for kind in kinds:
         # After an event, the job submitted again first records an epoch of its own (its W&B
         # segment goes to the bucket with it); the workers of a stopped job may end one more first.
-        at = drill.mid_epoch(past=events[-1]["restored"] or len(events[-1]["records"]) if events else 0)
+        at = drill.mid_epoch(past=events[-1]["restored"] or len(events[-1]["records"]) if events else past)
         if at is None:
             say(f"the job ended before the {kind}: no epoch under way was seen")
             break
@@ -176,13 +187,11 @@ def main(argv: list[str]) -> int:
         check(ok, "node isolation", detail)
         drill.submit()
         say(f"submitted job {drill.job_id}")
-        if args.kill == ["rank0"]:
-            lose_rank0(drill, check, say)
-        else:
-            events = stop_or_lose_head(drill, say)
-            status = drill.nodes.wait_job(drill.job_id, args.timeout)
-            say(f"job {drill.job_id}: {status}; checking")
-            run_resubmission_checks(drill, check, status, events)
+        kill = lose_rank0(drill, say) if args.kill[0] == "rank0" else None
+        events = stop_or_lose_head(drill, say, [kind for kind in args.kill if kind != "rank0"])
+        status = drill.nodes.wait_job(drill.job_id, args.timeout)
+        say(f"job {drill.job_id}: {status}; checking")
+        run_checks(drill, check, status, kill, events)
     except (RuntimeError, OSError) as e:  # DrillError, a node that does not start, an API that fails
         print(f"error: the drill could not run: {e}", file=sys.stderr)
         check.lines.append((False, "drill", str(e)))

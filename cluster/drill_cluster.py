@@ -58,6 +58,7 @@ class Drill:
         self.job_ids = [f"drill-{secrets.token_hex(4)}"]  # one more per resubmission
         self.head = "head"  # the node name of the head now (a lost head's successor has another)
         self.hidden = [CHECKOUT / d for d in HIDDEN]  # empty in every node's view
+        self.lost_groups: list[int] = []  # the sizes of the worker groups a lost head knew of
 
     @property
     def job_id(self) -> str:
@@ -221,6 +222,7 @@ class Drill:
         a new head and workers that start with nothing of theirs."""
         old, session = self.head, self.ray_session(self.head)
         self.save_job_log(self.job_id)
+        self.lost_groups = self.group_sizes()
         processes = self.nodes.kill_node(old)
         workers = [name for name, proc in self.nodes.nodes.items() if proc.poll() is None]
         for name in workers:
@@ -266,6 +268,11 @@ class Drill:
                 return True
             time.sleep(0.5)
         return False
+
+    def group_sizes(self) -> list[int]:
+        """The sizes of every worker group Ray Train started in the drill, in order (those of a
+        lost head's cluster as it last knew them)."""
+        return self.lost_groups + [len(g["workers"]) for g in self.nodes.worker_groups()]
 
     def save_job_log(self, job_id: str) -> None:
         """``<root>/<job id>.log``: the job's log as the dashboard has it now (a lost head's goes with it)."""
