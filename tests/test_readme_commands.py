@@ -5,7 +5,10 @@ first checks that the document still prints it: a README command that changes fa
 its test changes with it. The paths a document names (``/data/imagenet``, ``s3://my-bucket``,
 ``runs/...``) are mapped onto generated data in a temporary folder (and a local S3 server), and
 size overrides are appended so the paper's networks take a few steps in seconds; nothing else
-about the command changes. Commands the README runs with Ray run with Ray here.
+about the command changes. Commands the README runs with Ray run with Ray here: the first
+starts a local Ray of its own, as on a laptop (``Ray: local``); the others run as in a shell on
+a cluster's node, ``RAY_ADDRESS`` naming one running head that they share (``on_head``), which
+spares each the seconds of CPU a local Ray's start and stop cost.
 
 Commands that need a cluster of nodes are run as written by their own tests:
 ``make submit`` / ``make job-logs`` (tests/test_cluster_e2e.py), ``make degradation`` and the
@@ -105,6 +108,30 @@ def tiny(place) -> list[str]:
     return [*TINY, f"checkpoint.storage_path={place['runs']}"]
 
 
+@pytest.fixture(scope="module")
+def bucket(env):
+    """A local S3 server with ``my-bucket``; the commands' environment pointing at it."""
+    with moto_s3("my-bucket") as aws:
+        yield {**env, **aws}
+
+
+@pytest.fixture(scope="module")
+def on_head(bucket):
+    """The environment of a shell on a Ray cluster's node: ``RAY_ADDRESS`` names a running head
+    (cluster/localnodes.py: 2 CPUs, token auth, its dashboard), whose workers have the S3
+    server's environment as a cluster's nodes have their cloud's."""
+    from localnodes import MARKER, LocalNodes
+
+    aws = {k: v for k, v in bucket.items() if k.startswith("AWS_")}
+    nodes = LocalNodes("readme", venv_on_path=True, env={**aws, "WANDB_MODE": "offline"})
+    try:
+        nodes.start("head", head=True, num_cpus=2)
+        client = {k: nodes.client_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", MARKER)}
+        yield {**bucket, **client, "RAY_ADDRESS": nodes.gcs}
+    finally:
+        nodes.stop()
+
+
 # ---------------------------------------------------------------- data tools (no Ray)
 
 
@@ -198,7 +225,7 @@ def test_dashboard_commands_without_a_key_print_the_json(doc, command, env, plac
 
 
 @pytest.mark.ray
-def test_train_imagenet_then_eval_of_its_checkpoint(imagenet, place, env):
+def test_train_imagenet_then_eval_of_its_checkpoint(imagenet, place, env, on_head):
     """`make train-imagenet` (ResNet-50, the paper's schedule, a local Ray), then the README's
     `eval` of its checkpoint, under Ray as written (it crashed there once: Result.metrics is None
     without a checkpoint). The other modes run under Ray in test_the_bucket_commands (tencrop)
@@ -222,14 +249,15 @@ def test_train_imagenet_then_eval_of_its_checkpoint(imagenet, place, env):
     mapped = written.replace("runs/imagenet-resnet50/checkpoint_epoch0120", str(checkpoint)).replace(
         "/data/imagenet", str(imagenet)
     )
-    proc = run(mapped + " " + " ".join(TINY), env)
+    proc = run(mapped + " " + " ".join(TINY), on_head)
+    assert "Ray: cluster at" in proc.stdout, proc.stdout[-2000:]
     record = json.loads((checkpoint / "eval-multiscale.json").read_text())
     assert record["eval_mode"] == "multiscale" and record["images"] == 16, record
     assert 0 <= record["top1_err"] <= 100 and f"wrote {checkpoint}/eval-multiscale.json" in proc.stdout
 
 
 @pytest.mark.ray
-def test_train_imagenet_with_another_config_and_args(imagenet, place, env):
+def test_train_imagenet_with_another_config_and_args(imagenet, place, on_head):
     make = documented(
         "README.md",
         'make train-imagenet DATA=/data/imagenet CONFIG=configs/imagenet/resnet34.yaml ARGS="optim.batch_size=512"',
@@ -238,26 +266,26 @@ def test_train_imagenet_with_another_config_and_args(imagenet, place, env):
     command = make.replace("make ", "make -o .venv/.installed ", 1).replace(
         'ARGS="optim.batch_size=512"', 'ARGS="optim.batch_size=512 ' + " ".join(extra) + '"'
     )
-    proc = run(command.replace("/data/imagenet", str(imagenet)), env)
+    proc = run(command.replace("/data/imagenet", str(imagenet)), on_head)
     assert "global batch 512" in proc.stdout, proc.stdout[-2000:]
     assert (place["runs"] / "imagenet-resnet34" / "summary.json").is_file()
 
 
 @pytest.mark.ray
-def test_train_command_with_overrides(imagenet, place, env):
+def test_train_command_with_overrides(imagenet, place, on_head):
     written = documented(
         "README.md",
         "python -m pipeline train --config configs/imagenet/resnet50.yaml optim.lr=0.2 schedule.kind=step "
         "schedule.milestones=[30,60,90] schedule.epochs=90 precision.amp=bf16",
     )
-    proc = run(written + f" data.root={imagenet} name=overrides " + " ".join(tiny(place)), env)
+    proc = run(written + f" data.root={imagenet} name=overrides " + " ".join(tiny(place)), on_head)
     summary = json.loads((place["runs"] / "overrides" / "summary.json").read_text())
     # lr 0.2 at the paper's batch 256, scaled linearly to this batch of 16 (as printed)
     assert summary["steps"] == 2 and "(base 0.2, linear scaling)" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.ray
-def test_eval_of_torchvision_weights(imagenet, place, env):
+def test_eval_of_torchvision_weights(imagenet, place, on_head):
     import torch
     import torchvision
 
@@ -270,32 +298,26 @@ def test_eval_of_torchvision_weights(imagenet, place, env):
     )
     mapped = written.replace("resnet50-0676ba61.pth", str(weights)).replace("/data/imagenet", str(imagenet))
     extra = [o for o in TINY if not o.startswith("model.num_classes")]  # torchvision's fc has 1000 outputs
-    run(mapped + " " + " ".join(extra), env)
+    run(mapped + " " + " ".join(extra), on_head)
     record = json.loads(Path(f"{weights}.eval-center.json").read_text())
     assert record["weights"] == str(weights) and record["images"] == 16
 
 
 @pytest.mark.ray
-def test_dry_run_command(imagenet, place, env):
+def test_dry_run_command(imagenet, place, on_head):
     written = documented(
         "docs/cluster-checks.md",
         "python -m pipeline train --config configs/imagenet/resnet50.yaml data.root=/mnt/imagenet --dry-run",
     )
-    proc = run(written.replace("/mnt/imagenet", str(imagenet)) + " " + " ".join(tiny(place)), env)
+    proc = run(written.replace("/mnt/imagenet", str(imagenet)) + " " + " ".join(tiny(place)), on_head)
     assert "dry run" in proc.stdout and "viable" in proc.stdout.lower(), proc.stdout[-2000:]
 
 
 # ---------------------------------------------------------------- no shared filesystem (S3)
 
 
-@pytest.fixture(scope="module")
-def bucket(env):
-    with moto_s3("my-bucket") as aws:
-        yield {**env, **aws}
-
-
 @pytest.mark.ray
-def test_the_bucket_commands(imagenet, bucket, place):
+def test_the_bucket_commands(imagenet, bucket, on_head, place):
     """cluster/README's "No shared filesystem": index and check the dataset in the bucket, then
     (after a run into the bucket) eval, report and wandb-sync from s3:// as written."""
     import pyarrow.fs
@@ -315,7 +337,7 @@ def test_the_bucket_commands(imagenet, bucket, place):
         "python -m pipeline train --config configs/imagenet/resnet50.yaml name=resnet50 "
         "data.root=s3://my-bucket/imagenet "
         + " ".join([*TINY, "checkpoint.storage_path=s3://my-bucket/runs"]),
-        bucket,
+        on_head,
     )
     written = documented(
         "cluster/README.md",
@@ -324,7 +346,7 @@ def test_the_bucket_commands(imagenet, bucket, place):
     )
     # The config names no bucket for the data: data.root is added, as a user's config would hold it.
     mapped = written.replace("checkpoint_epoch0089", "checkpoint_epoch0001")
-    run(mapped + " data.root=s3://my-bucket/imagenet " + " ".join(TINY), bucket)
+    run(mapped + " data.root=s3://my-bucket/imagenet " + " ".join(TINY), on_head)
     record = json.loads(
         locations.read_bytes("s3://my-bucket/runs/resnet50/checkpoint_epoch0001/eval-tencrop.json")
     )
