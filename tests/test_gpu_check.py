@@ -107,12 +107,18 @@ def test_imports_neither_ray_nor_wandb(blocked):
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
 
 
-def test_bad_arguments_exit_2(tmp_path):
-    for bad in (["--only", "dali_gpu"], ["--tol-mean", "-1"], ["--classes", "11"]):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.gpu.check", "--out", str(tmp_path / "r.json"), *bad],
-                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert proc.returncode == 2 and "error" in proc.stderr, (bad, proc.stderr)
-        assert not (tmp_path / "r.json").exists()
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    """The command exits 2 on a bad argument, before writing anything (the first as a process,
+    the others through the same parser in this process: a process costs seconds of imports)."""
+    out = str(tmp_path / "r.json")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.gpu.check", "--out", out, "--only", "dali_gpu"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "error" in proc.stderr, proc.stderr
+    for bad in (["--tol-mean", "-1"], ["--classes", "11"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--out", out, *bad])
+        assert e.value.code == 2 and "error" in capsys.readouterr().err, bad
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_order_and_exit_codes():
