@@ -58,11 +58,11 @@ from drill_cluster import Drill  # noqa: E402
 
 def kill_events(text: str) -> list[str]:
     events = text.split(",")
-    rest = events[1:] if events[:1] == ["rank0"] else events
+    rest = events[1:] if events[:1] in (["rank0"], ["preempt"]) else events
     if events and set(rest) <= {"stop", "head"}:
         return events
     raise argparse.ArgumentTypeError(
-        f"{text!r}: rank0 (first, if at all), then stop and head in any order (e.g. rank0,stop,head)"
+        f"{text!r}: rank0 or preempt (first, if at all), then stop and head in any order (e.g. rank0,stop,head)"
     )
 
 
@@ -76,7 +76,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--train-per-class", 64, "synthetic training images per class (16 steps an epoch)"),
         ("--val-per-class", 4, "synthetic validation images per class"),
         ("--batch", 16, "global batch (split over the workers)"),
-        ("--workers", 3, "worker nodes (1 CPU each); the run is elastic on [N-1, N]"),
+        (
+            "--workers",
+            0,
+            "worker nodes (1 CPU each; 0: 3, or 2 with preempt); elastic on [N-1, N] unless preempt",
+        ),
         ("--resize-check", 5.0, "cluster.resize_check_s (Ray's default is 60)"),
         ("--start-timeout", 900.0, "cluster.start_timeout_s"),
         # After rank 0's node is lost Ray Train first asks for all N workers again; 15 s (not the
@@ -88,7 +92,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ),
         ("--model", "cifar_resnet20", "model.name (small checkpoints; resnet18 is the demo's)"),
         ("--crop", 32, "training crop; the scales follow the demo's ratios"),
-        ("--max-failures", 3, "cluster.max_failures"),
+        ("--max-failures", -1, "cluster.max_failures (-1: 3, or 0 with preempt, which must not count)"),
+        ("--deadline", 20, "preempt: seconds from the drain to the node's end"),
         ("--kill-at", 40.0, "kill this %% into an epoch (by the time the epoch before took)"),
         ("--replace-after", 5.0, "seconds from the group of N-1's first epoch record to the new node"),
         ("--timeout", 1200.0, "seconds the job may take"),
@@ -97,11 +102,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--layout", choices=["folder", "sharded"], default="folder",
                    help="the dataset in the bucket: the folder tree + index, or `data shard`'s shards")  # fmt: skip
     p.add_argument("--kill", type=kill_events, default=["rank0", "stop", "head"], metavar="EVENT[,EVENT...]",
-                   help="events in order, each mid-epoch: rank0 (rank 0's node killed and replaced; first "
-                   "if at all), stop (`ray job stop`), head (the head and its workers lost, a new cluster "
-                   "started); after a stop or head the same job is submitted again (default rank0,stop,head)")  # fmt: skip
+                   help="events in order, each mid-epoch: rank0 (rank 0's node killed and replaced) or "
+                   "preempt (rank 0's node drained for a preemption, killed at --deadline and replaced; "
+                   "the run keeps its size), first if at all; stop (`ray job stop`), head (the head and "
+                   "its workers lost, a new cluster started), after each of which the same job is "
+                   "submitted again (default rank0,stop,head)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, W&B merge) even on success")
     args = p.parse_args(argv)
+    if args.max_failures == -1:
+        args.max_failures = 0 if "preempt" in args.kill else 3
+    # With three or more ranks DDP's first step after a restart sums the gradients in another
+    # order than the step it replaces (its buckets are rebuilt after a group's first step), which
+    # can change the last bit; the sum of two does not depend on the order: with preempt, whose
+    # check wants the weights bitwise equal to an uninterrupted run's, two workers by default.
+    if args.workers == 0:
+        args.workers = 2 if "preempt" in args.kill else 3
     if args.epochs < 2 * len(args.kill) + 2:
         p.error(f"--epochs must be at least {2 * len(args.kill) + 2} for --kill {','.join(args.kill)}: "
                 "each event comes after an epoch the job before it recorded")  # fmt: skip
@@ -139,6 +154,17 @@ def lose_rank0(drill: Drill, say: Any) -> dict[str, Any] | None:
         grown = drill.wait_for_epoch_by(n, kill["epoch"] + 1, timeout=240)
         say(f"a group of {n} trains again" if grown else f"no epoch by a group of {n} again within 240 s")
     return kill
+
+
+def preempt_rank0(drill: Drill, say: Any) -> dict[str, Any] | None:
+    """Rank 0's node drained for a preemption mid-epoch, killed at the deadline, replaced."""
+    preempted = drill.preempt_rank0()
+    if preempted is None:
+        say("the job ended before the drain: no epoch under way was seen")
+    else:
+        say(f"drained node {preempted['node']} in epoch {preempted['epoch']} with a {drill.args.deadline} s "
+            "deadline, killed it then and started a replacement")  # fmt: skip
+    return preempted
 
 
 def stop_or_lose_head(drill: Drill, say: Any, kinds: list[str]) -> list[dict]:
@@ -188,10 +214,17 @@ def main(argv: list[str]) -> int:
         drill.submit()
         say(f"submitted job {drill.job_id}")
         kill = lose_rank0(drill, say) if args.kill[0] == "rank0" else None
-        events = stop_or_lose_head(drill, say, [kind for kind in args.kill if kind != "rank0"])
+        preempted = preempt_rank0(drill, say) if args.kill[0] == "preempt" else None
+        events = stop_or_lose_head(
+            drill, say, [kind for kind in args.kill if kind not in ("rank0", "preempt")]
+        )
         status = drill.nodes.wait_job(drill.job_id, args.timeout)
         say(f"job {drill.job_id}: {status}; checking")
-        run_checks(drill, check, status, kill, events)
+        if preempted is not None:
+            drill.save_job_log(drill.job_id)
+            say("the same job without events, for the weights an exact resume must end with")
+            preempted["reference"] = drill.reference_run()
+        run_checks(drill, check, status, kill or preempted, events)
     except (RuntimeError, OSError) as e:  # DrillError, a node that does not start, an API that fails
         print(f"error: the drill could not run: {e}", file=sys.stderr)
         check.lines.append((False, "drill", str(e)))

@@ -8,10 +8,11 @@ runs those of the drill's events (rank 0's node lost, the job stopped, the head 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from drill_cluster import BUCKET, Drill
+from drill_cluster import BUCKET, RESTORED, Drill
 
 from pipeline.store import locations
 
@@ -145,6 +146,91 @@ def check_elastic(drill: Drill, check: Check, records: list[dict]) -> None:
     check(ok, "elastic shrink and growth", f"{detail}, global batch {sorted(batches, key=str)}")
 
 
+NOTICE = re.compile(
+    r"preemption notice: node (\w+) \(ranks \[[\d, ]*\]\) drained; checkpoint at step (\d+) uploaded in "
+    r"([\d.]+) s, (-?[\d.]+ s before|WARNING: [\d.]+ s after) the deadline \(polls every (\d+) steps"
+)
+LAST = re.compile(
+    r"last checkpoint before the deadline at step (\d+) uploaded in ([\d.]+) s, "
+    r"(-?[\d.]+ s before|WARNING: [\d.]+ s after) the deadline"
+)
+STEP = re.compile(r"\bepoch [\d.]+/\d+ step (\d+)/\d+ ")  # rank 0's step lines (log_every_n_steps=1)
+
+
+def preemption_story(log: str) -> dict[str, Any] | None:
+    """From the job's log: the notice's node and checkpoint, the last checkpoint before the
+    deadline, the poll interval, the step the next group restored and the killed group's last
+    step line before that (None without a notice)."""
+    notice = NOTICE.search(log)
+    if notice is None:
+        return None
+    last = LAST.search(log, notice.end())
+    restored = RESTORED.search(log, notice.end())
+    steps = [int(m[1]) for m in STEP.finditer(log, notice.end(), restored.start() if restored else len(log))]
+    return {
+        "node": notice[1], "step": int(notice[2]), "upload_s": float(notice[3]), "when": notice[4],
+        "every": int(notice[5]), "last_step": int(last[1]) if last else None, "last_when": last[3] if last else None,
+        "restored": int(restored[0].rsplit(" ", 1)[1]) if restored else None,
+        "trained_to": max(steps) if steps else None,
+    }  # fmt: skip
+
+
+def check_preempted(drill: Drill, check: Check, preempted: dict | None) -> None:
+    """The notice's checkpoint before the deadline, the last one too, nothing trained after it
+    lost (the restored step is the last checkpoint's and the killed group's last step line)."""
+    what = "preempted mid-epoch"
+    if preempted is None:
+        return check(False, what, "no epoch after the first was seen under way (metrics.jsonl, checkpoints)")
+    story = preemption_story(drill.job_log(drill.job_ids[0]))
+    e, n = preempted["epoch"], drill.args.epochs
+    drained = (f"node {preempted['node']} ({preempted['node_id'][:8]}, rank 0) drained in epoch {e}/{n}, "
+               f"{drill.args.deadline} s deadline, killed then")  # fmt: skip
+    if story is None:
+        return check(False, what, f"{drained}; no preemption notice in the job's log")
+    in_time = all(w is None or "before" in w for w in (story["when"], story["last_when"]))
+    last = story["last_step"] or story["step"]
+    check(
+        story["node"] == preempted["node_id"][:8] and in_time,
+        what,
+        f"{drained}; notice checkpoint at step {story['step']} uploaded in {story['upload_s']} s, "
+        f"{story['when']} the deadline; last checkpoint at step {story['last_step']}, {story['last_when']} "
+        f"the deadline; polls every {story['every']} steps",
+    )
+    redone = (
+        None
+        if story["trained_to"] is None or story["restored"] is None
+        else story["trained_to"] - story["restored"]
+    )
+    check(
+        story["restored"] == last and redone is not None and 0 <= redone <= story["every"],
+        "steps redone",
+        f"the next group restored step {story['restored']} (the last checkpoint: {last}); the killed group's "
+        f"last step line: {story['trained_to']}; {redone} steps redone (at most one poll interval, "
+        f"{story['every']})",
+    )
+
+
+def check_same_weights(drill: Drill, check: Check, preempted: dict | None, summary: dict | None) -> None:
+    """The preempted run's final weights bitwise equal to those of the same job run without events."""
+    import torch
+
+    from pipeline.store.rundir import RunDir
+    from pipeline.train import checkpoint as ckpt
+
+    what, status = "weights = an uninterrupted run", (preempted or {}).get("reference")
+    reference = RunDir(f"s3://{BUCKET}/runs/{drill.args.name}-reference").read_summary()
+    if status != "SUCCEEDED" or not reference or not summary:
+        return check(
+            False, what, f"the reference job: {status}; summaries: {bool(reference)}, {bool(summary)}"
+        )
+    with ckpt.fetched(summary["checkpoint"]) as a, ckpt.fetched(reference["checkpoint"]) as b:
+        mine, theirs = ckpt.read(a)["model"], ckpt.read(b)["model"]
+    differ = [k for k in mine if not torch.equal(mine[k], theirs.get(k, torch.empty(0)))]
+    check(mine.keys() == theirs.keys() and not differ, what,
+          f"{len(mine)} tensors of {summary['checkpoint']} vs {reference['checkpoint']}: "
+          + (f"{len(differ)} differ ({', '.join(differ[:3])})" if differ else "bitwise equal"))  # fmt: skip
+
+
 def shard_gets(gets: int, shards: int, nodes: int, images: int, cached: dict, new: str) -> tuple[bool, str]:
     """Each shard fetched at least once, at most once per node; the replacement ``new`` filled its own cache."""
     ok = shards <= gets <= shards * nodes and cached.get(new, 0) > 0 and max(cached.values()) <= shards
@@ -220,14 +306,15 @@ def check_one_wandb_run(drill: Drill, check: Check, events: list[dict]) -> None:
           f"{len(ids)} segments (at least {jobs}: one per job) of run ids {sorted(set(ids))}")  # fmt: skip
 
 
-def run_common_checks(drill: Drill, check: Check) -> list[dict]:
-    """The checks of every drill: the run's records, W&B, summary, eval, placement; returns the records."""
+def run_common_checks(drill: Drill, check: Check) -> tuple[list[dict], dict | None]:
+    """The checks of every drill: the run's records, W&B, summary, eval, placement; returns the
+    records and the summary."""
     records = guarded(drill, check, "metrics.jsonl epochs", check_metrics) or []
     guarded(drill, check, "W&B history epochs", check_wandb, records)
     summary = guarded(drill, check, "summary.json", check_summary)
     guarded(drill, check, "eval of the final checkpoint", check_eval, summary)
     guarded(drill, check, "training placement", check_placement)
-    return records
+    return records, summary
 
 
 def guarded(drill: Drill, check: Check, what: str, fn: Any, *args: Any) -> Any:
@@ -241,18 +328,30 @@ def guarded(drill: Drill, check: Check, what: str, fn: Any, *args: Any) -> Any:
 def run_checks(drill: Drill, check: Check, status: str, kill: dict | None, events: list[dict]) -> None:
     """The checks of the drill's ``--kill`` events, then those of every drill."""
     kinds = drill.args.kill
-    rank0, resubmitted = "rank0" in kinds, [kind for kind in kinds if kind != "rank0"]
-    check(status == "SUCCEEDED", "job", f"{status} (job {drill.job_id}, the last of {len(drill.job_ids)})")
+    rank0, preempt = "rank0" in kinds, "preempt" in kinds
+    resubmitted = [kind for kind in kinds if kind in ("stop", "head")]
+    failures = f"; cluster.max_failures={drill.args.max_failures}" if preempt else ""
+    check(
+        status == "SUCCEEDED",
+        "job",
+        f"{status} (job {drill.job_id}, the last of {len(drill.job_ids)}{failures})",
+    )
     if rank0:
         guarded(drill, check, "rank 0 killed mid-epoch", check_kill, kill)
     if resubmitted:
         guarded(drill, check, "stops and head losses", check_events, events)
-    records = run_common_checks(drill, check)
+    if preempt:
+        guarded(drill, check, "preempted mid-epoch", check_preempted, kill)
+    records, summary = run_common_checks(drill, check)
+    if preempt:
+        guarded(drill, check, "weights = an uninterrupted run", check_same_weights, kill, summary)
     if rank0:
         guarded(drill, check, "resumed from a checkpoint", check_resumed, kill, records)
         guarded(drill, check, "elastic shrink and growth", check_elastic, records)
     if resubmitted:
         guarded(drill, check, "resumed after each resubmission", check_resubmitted, events, records)
     guarded(drill, check, "one W&B run", check_one_wandb_run, events)
-    if drill.sharded and rank0 and "head" not in kinds:  # a lost head takes every node's cache with it
+    if (
+        drill.sharded and (rank0 or preempt) and "head" not in kinds
+    ):  # a lost head takes every node's cache with it
         guarded(drill, check, "shard GETs", check_shard_gets)

@@ -119,17 +119,19 @@ class Drill:
 
     # ------------------------------------------------------------ the job
 
-    def overrides(self) -> list[str]:
+    def overrides(self, name: str | None = None) -> list[str]:
         a, s = self.args, self.args.crop / 64  # the demo's 64 / [73, 137] / 73, scaled alike
+        # Elastic on [workers - 1, workers], so losing a node shrinks the run and the replacement
+        # grows it back (Ray Train checks for room every resize_check_s); a preemption drill's
+        # run keeps its size, so that its resumed weights can equal an uninterrupted run's.
+        workers = a.workers if "preempt" in a.kill else f"[{a.workers - 1},{a.workers}]"
         sizes = [f"data.crop_size={a.crop}", f"data.scale_min={round(73 * s)}"]
         sizes += [f"data.scale_max={round(137 * s)}", f"data.val_resize={round(73 * s)}"]
         return [
-            f"name={a.name}", f"data.root={self.data_uri}", f"checkpoint.storage_path=s3://{BUCKET}/runs",
+            f"name={name or a.name}", f"data.root={self.data_uri}", f"checkpoint.storage_path=s3://{BUCKET}/runs",
             f"model.name={a.model}", f"model.num_classes={a.classes}", f"optim.batch_size={a.batch}",
             f"schedule.epochs={a.epochs}",
-            # Elastic: [workers - 1, workers], so losing a node shrinks the run and the replacement
-            # grows it back (Ray Train checks for room every resize_check_s).
-            f"cluster.num_workers=[{a.workers - 1},{a.workers}]", f"cluster.resize_check_s={a.resize_check}",
+            f"cluster.num_workers={workers}", f"cluster.resize_check_s={a.resize_check}",
             # The first start waits this long; after a node loss Ray Train first asks again for all
             # workers (its view lags), and cluster.restart_timeout_s bounds that wait.
             f"cluster.start_timeout_s={a.start_timeout}", f"cluster.restart_timeout_s={a.restart_timeout}",
@@ -139,16 +141,16 @@ class Drill:
             *(sizes if a.crop != 64 else []),
         ]  # fmt: skip
 
-    def submit(self) -> None:
+    def submit(self, job_id: str | None = None, name: str | None = None) -> None:
         # Only env vars: the code goes as the working dir (Ray leaves out what .gitignore does),
         # and the nodes already run this venv (a `pip:` env would clone it).
         env_vars = {**self.aws, "PYTHONUNBUFFERED": "1", "RAY_COLOR_PREFIX": "0", "WANDB_MODE": "offline"}
         env_vars["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"  # Ray Train's worker groups in its state API
         cmd = [
-            RAY, "job", "submit", "--address", self.nodes.address, "--submission-id", self.job_id,
+            RAY, "job", "submit", "--address", self.nodes.address, "--submission-id", job_id or self.job_id,
             "--working-dir", str(CHECKOUT), "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--no-wait",
             "--", "sh", "cluster/scripts/job_python.sh", "-m", "pipeline", "train",
-            "--config", self.args.config, *self.overrides(),
+            "--config", self.args.config, *self.overrides(name),
         ]  # fmt: skip
         proc = subprocess.run(cmd, cwd=CHECKOUT, env=self.env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -187,6 +189,36 @@ class Drill:
             return None
         (node, pid), groups = at["sample"], len(self.nodes.worker_groups())
         return {**at, "node": node, "pid": pid, "processes": self.nodes.kill_node(node), "groups": groups}
+
+    def preempt_rank0(self) -> dict[str, Any] | None:
+        """Rank 0's node drained for a preemption mid-epoch with ``--deadline`` seconds (how a
+        spot reclaim reaches Ray from the autoscaler or KubeRay; ``ray drain-node`` here), then
+        SIGKILLed whole at the deadline, and a new node started, as a replacement would be."""
+        at = self.mid_epoch(same=self.nodes.train_rank0)
+        if at is None:
+            return None
+        node, pid = at["sample"]
+        node_id = self.nodes.alive()[node]
+        cmd = [
+            RAY, "drain-node", "--address", self.nodes.gcs, "--node-id", node_id,
+            "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "the drill's spot reclaim",
+            "--deadline-remaining-seconds", str(self.args.deadline),
+        ]  # fmt: skip
+        drained = time.monotonic()
+        proc = subprocess.run(cmd, cwd=CHECKOUT, env=self.env, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise DrillError(f"ray drain-node failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        time.sleep(max(0.0, drained + self.args.deadline - time.monotonic()))
+        processes = self.nodes.kill_node(node)
+        self.start_node(self.next_worker())
+        return {**at, "node": node, "node_id": node_id, "pid": pid, "processes": processes}
+
+    def reference_run(self) -> str:
+        """The same job without events, its run under ``<name>-reference``; its final status. A
+        run resumed exactly ends with the same weights as this one."""
+        job_id = f"{self.job_ids[0]}-reference"
+        self.submit(job_id, f"{self.args.name}-reference")
+        return self.nodes.wait_job(job_id, self.args.timeout)
 
     # ------------------------------------------------------------ the job ended from outside, then submitted again
 
@@ -273,6 +305,11 @@ class Drill:
         """The sizes of every worker group Ray Train started in the drill, in order (those of a
         lost head's cluster as it last knew them)."""
         return self.lost_groups + [len(g["workers"]) for g in self.nodes.worker_groups()]
+
+    def job_log(self, job_id: str) -> str:
+        """The job's log: as saved (``save_job_log``, a lost head's job) or as the dashboard has it."""
+        saved = self.root / f"{job_id}.log"
+        return saved.read_text() if saved.is_file() else self.nodes.job_logs(job_id)
 
     def save_job_log(self, job_id: str) -> None:
         """``<root>/<job id>.log``: the job's log as the dashboard has it now (a lost head's goes with it)."""

@@ -255,3 +255,18 @@ def test_worker_pods_keep_the_shard_cache_on_a_local_emptydir_sized_for_imagenet
     # The RayJob reads the bucket only: no pod waits for the shared claim.
     for _, pod in pod_specs(job["spec"]["rayClusterSpec"]):
         assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
+def test_worker_pods_drain_their_node_as_a_preemption_before_they_go():
+    """A deleted worker pod (a spot reclaim's node termination handler, a scale-down) first drains
+    its Ray node as a preemption with a deadline, then waits it out inside the grace period: Ray
+    Train's workers get the notice and checkpoint (pipeline/train/preemption.py)."""
+    for name, spec in ray_cluster_specs():
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            (hook,) = [c["lifecycle"]["preStop"]["exec"]["command"] for c in pod["containers"]]
+            script = hook[-1]
+            deadline = int(re.search(r"--deadline-remaining-seconds (\d+)", script)[1])
+            assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in script, (name, script)
+            assert f"sleep {deadline}" in script, (name, script)
+            assert deadline < pod["terminationGracePeriodSeconds"], (name, deadline)

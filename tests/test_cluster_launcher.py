@@ -9,6 +9,8 @@ without a cloud.
 - AWS GPU nodes get EFA interfaces in a form Ray's own AWS bootstrap accepts.
 - The shard cache sits on the nodes' local NVMe (AWS instance store, GCP local SSD): the host
   command that builds and mounts it, run against stubs, and the containers' mount.
+- Each worker node runs the spot-notice watcher (cluster/scripts/spot_notice.py), which drains
+  the node as a preemption on its cloud's notice: run here against a fake metadata server.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -176,3 +179,79 @@ def test_gcp_a2_nodes_get_local_ssd():
     )
     zone = config["provider"]["availability_zone"]
     assert all(d["initializeParams"]["diskType"].startswith(f"zones/{zone}/") for d in scratch)
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=rel)
+def test_worker_nodes_start_the_spot_notice_watcher_for_their_cloud(path):
+    config = yaml.safe_load(path.read_text())
+    assert config["file_mounts"] == {"~/spot_notice.py": "cluster/scripts/spot_notice.py"}
+    start = config["worker_start_ray_commands"]
+    ray_start = next(i for i, c in enumerate(start) if "ray start" in c)
+    watcher = f"nohup python ~/spot_notice.py --cloud {path.parent.name} "
+    assert any(c.startswith(watcher) and c.endswith("&") for c in start[ray_start + 1 :]), start
+
+
+class _Metadata:
+    """A cloud's instance metadata on 127.0.0.1: no notice for the first ``quiet`` reads, then one."""
+
+    def __init__(self, cloud: str, quiet: int, reclaim_in_s: float):
+        import http.server
+        import threading
+        import time as clock
+
+        reads, when = [0], clock.strftime("%Y-%m-%dT%H:%M:%SZ", clock.gmtime(clock.time() + reclaim_in_s))
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_PUT(self):  # IMDSv2's token
+                self._send(200, b"token")
+
+            def do_GET(self):
+                reads[0] += 1
+                notice = reads[0] > quiet
+                if cloud == "aws":
+                    ok = self.headers.get("X-aws-ec2-metadata-token") == "token" and notice
+                    self._send(
+                        200, json.dumps({"action": "terminate", "time": when}).encode()
+                    ) if ok else self._send(404, b"")
+                else:
+                    assert self.headers.get("Metadata-Flavor") == "Google"
+                    self._send(200, b"TRUE" if notice else b"FALSE")
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize(("cloud", "left"), [("aws", range(100, 122)), ("gcp", range(25, 31))])
+def test_spot_notice_drains_the_node_as_a_preemption_with_the_time_left(tmp_path, cloud, left):
+    metadata = _Metadata(cloud, quiet=2, reclaim_in_s=120)
+    fake_ray, calls = tmp_path / "ray", tmp_path / "calls"
+    fake_ray.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake_ray.chmod(0o755)
+    script = CLUSTER / "scripts" / "spot_notice.py"
+    cmd = [
+        sys.executable,
+        str(script),
+        "--cloud",
+        cloud,
+        "--metadata-url",
+        metadata.url,
+        "--poll-s",
+        "0.05",
+        "--ray",
+        str(fake_ray),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    metadata.server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls.read_text().splitlines()
+    assert call.startswith("drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message"), call
+    assert int(call.rsplit(" ", 1)[1]) in left, call  # the seconds to the reclaim, told once

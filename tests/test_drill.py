@@ -71,9 +71,9 @@ def test_drill_loses_rank_0s_node_then_the_job_then_the_head():
         "\n".join(failed + ["-- all:"] + report) + "\n" + proc.stderr[-4000:]
     )
     assert {line[6:].split(":", 1)[0] for line in report} == CHECKS, report
-    assert len(re.findall(r"first step \d+\.\d s after the (?:stop|head)", proc.stdout)) == 2, proc.stdout[
-        -3000:
-    ]
+    # The drill's progress lines: the time from each event to the first step of the job again.
+    again = re.findall(r"^== .* first step \d+\.\d s after the (stop|head)$", proc.stdout, re.M)
+    assert again == ["stop", "head"], proc.stdout[-3000:]
 
 
 def test_kill_events_take_rank0_first_then_stops_and_head_losses():
@@ -82,8 +82,9 @@ def test_kill_events_take_rank0_first_then_stops_and_head_losses():
     drill = importlib.import_module("drill")  # cluster/drill.py (conftest puts cluster/ on sys.path)
     assert drill.kill_events("rank0,stop,head") == ["rank0", "stop", "head"]
     assert drill.kill_events("head,stop") == ["head", "stop"]
-    for bad in ("stop,rank0", "rank0,rank0", "node"):
-        with pytest.raises(argparse.ArgumentTypeError, match="rank0 \\(first, if at all\\)"):
+    assert drill.kill_events("preempt") == ["preempt"]
+    for bad in ("stop,rank0", "rank0,rank0", "rank0,preempt", "node"):
+        with pytest.raises(argparse.ArgumentTypeError, match="rank0 or preempt \\(first, if at all\\)"):
             drill.kill_events(bad)
     assert drill.parse_args([]).kill == ["rank0", "stop", "head"]
 
@@ -303,3 +304,30 @@ def test_one_wandb_run_check_wants_one_id_over_every_job(bucket, tmp_path):
     pyarrow.fs.copy_files(str(local / "wandb"), f"{path}/wandb", destination_filesystem=fs)
     ok, detail = verdict(2)
     assert not ok and "3 segments (at least 3: one per job) of run ids" in detail, detail
+
+
+def test_preemption_story_reads_the_notice_the_last_checkpoint_and_the_restore():
+    """The preemption drill's checks read the job's log: the notice's node and checkpoint, the
+    last checkpoint before the deadline, the step the next group restored and the killed
+    group's last step line before that."""
+    checks = _load_checks()
+    log = "\n".join(
+        [
+            "(RayTrainWorker pid=1) epoch 4.25/24 step 52/384 loss 1.1 lr 0.1 img/s 90 eta 1m",
+            "(RayTrainWorker pid=1) preemption notice: node a8e025a4 (ranks [0]) drained; checkpoint at step 68 "
+            "uploaded in 0.1 s, 15.1 s before the deadline (polls every 31 steps (about 5 s), 9.6 ms a poll)",
+            "(RayTrainWorker pid=1) epoch 6.00/24 step 96/384 loss 1.0 lr 0.1 img/s 90 eta 1m",
+            "(RayTrainWorker pid=1) last checkpoint before the deadline at step 99 uploaded in 0.1 s, 5.2 s before "
+            "the deadline (polls every 31 steps (about 5 s), 9.6 ms a poll); waiting for the reclaim",
+            "(RayTrainWorker pid=1) epoch 6.19/24 step 99/384 loss 1.0 lr 0.1 img/s 90 eta 1m",
+            "(RayTrainWorker pid=7) restored from checkpoint s3://drill/runs/drill/checkpoint_epoch0006_step0000099: "
+            "epoch 6, step 99",
+            "(RayTrainWorker pid=7) epoch 6.25/24 step 100/384 loss 1.0 lr 0.1 img/s 90 eta 1m",
+        ]
+    )
+    story = checks.preemption_story(log)
+    assert story == {
+        "node": "a8e025a4", "step": 68, "upload_s": 0.1, "when": "15.1 s before", "every": 31,
+        "last_step": 99, "last_when": "5.2 s before", "restored": 99, "trained_to": 99,
+    }  # fmt: skip
+    assert checks.preemption_story(log.replace("preemption notice", "a notice")) is None

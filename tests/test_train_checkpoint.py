@@ -119,16 +119,19 @@ def rank0_pid(lines: list[str]) -> int | None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_imagenet, tmp_path):
-    """Rank 0 SIGKILLed in the middle of epoch 3, once a mid-epoch checkpoint of it is whole (the
-    upload runs in the background): the run resumes at that step, each epoch appears once in
-    metrics.jsonl, and the merged W&B history (what `pipeline wandb-sync` uploads) holds every
-    epoch once with metrics.jsonl's values."""
+    """Rank 0 SIGTERMed in the middle of epoch 3, once a mid-epoch checkpoint of it is whole (the
+    upload runs in the background), as a pod deleted with a grace period: a preemption notice,
+    on which every rank checkpoints at its next poll; then SIGKILLed, as its node going away.
+    The run resumes at that step or a later whole one, each epoch appears once in metrics.jsonl,
+    and the merged W&B history (what `pipeline wandb-sync` uploads) holds every epoch once with
+    metrics.jsonl's values."""
     marker = uuid.uuid4().hex
     overrides = tiny_overrides(tiny_imagenet, tmp_path, "killed") + [
         "schedule.epochs=5",
         "cluster.max_failures=1",
         "checkpoint.every_n_steps=2",  # epoch 3 is steps 17-24: mid-epoch checkpoints at 18, 20, 22
         "tracking.log_every_n_steps=2",
+        "cluster.preemption_poll_s=0.3",  # a poll every few steps (pipeline.train.preemption)
     ]
     # The node's temp dir, where rank 0 stages checkpoints for Ray to upload (Ray's own files
     # stay in /tmp/ray: its socket paths must be short).
@@ -157,7 +160,10 @@ def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_image
     try:
         # The first one is whole shortly after step 18: the kill lands a few steps before epoch 3 ends.
         wait_for(lambda: any(whole(p) for p in mid_epoch_3), 300, proc)
-        os.kill(rank0_pid(reader.lines), signal.SIGKILL)
+        rank0 = rank0_pid(reader.lines)
+        os.kill(rank0, signal.SIGTERM)  # noted, not the end: training goes on
+        wait_for(lambda: "preemption notice: a worker got SIGTERM" in "".join(reader.lines), 120, proc)
+        os.kill(rank0, signal.SIGKILL)
         proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
@@ -170,6 +176,10 @@ def test_sigkilled_rank0_resumes_mid_epoch_and_wandb_history_is_whole(tiny_image
     # kill mid-upload is skipped with a warning).
     resumed = re.search(r"_step\d+: epoch \d+, step (\d+)", restored[0]) if restored else None
     assert resumed and int(resumed[1]) >= 18 and int(resumed[1]) % 8, out[-4000:]
+    notice = re.search(
+        r"checkpoint at step (\d+) uploaded in [\d.]+ s, no deadline given \(polls every \d+ steps", out
+    )
+    assert notice and int(resumed[1]) >= int(notice[1]), out[-4000:]  # that checkpoint or a newer one
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 5 and summary["steps"] == 5 * 8
     # The killed rank 0's queued checkpoints are removed by its successor; Ray deleted the rest.

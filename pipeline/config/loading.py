@@ -244,6 +244,15 @@ def _check(cfg: Config) -> None:
             f"cluster.start_timeout_s ({cfg.cluster.start_timeout_s:g}); an elastic run's restarts "
             "wait at most as long as its first start: lower restart_timeout_s or raise start_timeout_s"
         )
+    if cfg.cluster.preemption_poll_s < 0:
+        raise ConfigError(
+            f"cluster.preemption_poll_s: must be 0 (never) or positive seconds, got {cfg.cluster.preemption_poll_s}"
+        )
+    if cfg.cluster.max_preemption_failures < -1:
+        raise ConfigError(
+            "cluster.max_preemption_failures: must be -1 (no limit) or more, "
+            f"got {cfg.cluster.max_preemption_failures}"
+        )
     if cfg.cluster.start_retries < -1:
         raise ConfigError(
             f"cluster.start_retries: must be -1 (retry forever) or more, got {cfg.cluster.start_retries}"

@@ -169,6 +169,13 @@ class ClusterConfig:
     # Failed starts (placement timeouts, workers dying while starting) retried before the run
     # fails; Ray's controller_failure_limit, whose default (-1) retries forever.
     start_retries: int = 3
+    # How often (seconds of training steps) the workers ask Ray Train whether a node of the group
+    # is being drained for a preemption (a spot reclaim); on a notice they checkpoint at once
+    # (pipeline.train.preemption). 0: never. Under Ray only.
+    preemption_poll_s: float = 5.0
+    # Restarts after a preemption (a node drained first, then lost), counted apart from
+    # max_failures; Ray's FailureConfig.max_preemption_failures, -1: no limit.
+    max_preemption_failures: int = -1
 
     @property
     def min_workers(self) -> int:

@@ -144,6 +144,8 @@ def run_on_ray(
     # Elastic: after the first start, a restart waits cluster.restart_timeout_s, not
     # start_timeout_s, then starts with the workers that fit (pipeline.driver.elastic).
     trainer_cls, callbacks = TorchTrainer, []
+    if cfg.cluster.preemption_poll_s > 0:
+        callbacks.append(sigterm_notes())
     if cfg.cluster.elastic:
         from pipeline.driver.elastic import BoundedRestart, elastic_trainer
 
@@ -172,7 +174,9 @@ def run_on_ray(
             name=name or cfg.name,
             storage_path=cfg.checkpoint.storage_path,
             failure_config=FailureConfig(
-                max_failures=cfg.cluster.max_failures, controller_failure_limit=cfg.cluster.start_retries
+                max_failures=cfg.cluster.max_failures,
+                controller_failure_limit=cfg.cluster.start_retries,
+                max_preemption_failures=cfg.cluster.max_preemption_failures,
             ),
             # The one retention policy (pipeline.train.checkpoint): the newest num_to_keep.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
@@ -183,6 +187,21 @@ def run_on_ray(
     )
     abort_on_sigterm()
     return trainer.fit()
+
+
+def sigterm_notes() -> Any:
+    """A Ray Train callback that makes a SIGTERM to a training worker (a pod deleted with a grace
+    period) a preemption notice (``pipeline.train.preemption.note_sigterm``), on each worker's
+    main thread as its group starts."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    from pipeline.train.preemption import note_sigterm
+
+    class SigtermNotes(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group: Any) -> None:
+            worker_group.execute(note_sigterm)
+
+    return SigtermNotes()
 
 
 def abort_on_sigterm() -> None:

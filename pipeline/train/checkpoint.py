@@ -251,12 +251,14 @@ def report_checkpoint(
     location: str,
     save: Callable[[Path], Any],
     num_to_keep: int,
+    wait_upload: bool = False,
 ) -> str:
     """Persist a checkpoint written by ``save(directory)`` on rank 0 and report the metrics.
 
     Under Ray every rank calls ``ray.train.report`` (it is a barrier); rank 0 hands over the
     checkpoint, which Ray uploads to ``<storage>/<name>/<checkpoint name>`` on a background
-    thread while training goes on (then deletes the local copy) and keeps the newest
+    thread while training goes on (before ``report`` returns with ``wait_upload``; then
+    deletes the local copy) and keeps the newest
     ``num_to_keep`` (``pipeline.driver.ray_runner`` sets its ``CheckpointConfig``). Without Ray,
     rank 0 writes it there itself and prunes all but the newest ``num_to_keep``, locally or in
     object storage alike.
@@ -274,7 +276,9 @@ def report_checkpoint(
             metrics,
             checkpoint=checkpoint,
             checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC
+            if wait_upload
+            else ray.train.CheckpointUploadMode.ASYNC,
         )
     elif ctx.is_main:
         if is_uri(location):
@@ -400,9 +404,12 @@ def restore(run: Run) -> tuple[TrainingProgress, str] | None:
     return progress, value
 
 
-def save_checkpoint(run: Run, progress: TrainingProgress, metrics: dict[str, Any]) -> str:
+def save_checkpoint(
+    run: Run, progress: TrainingProgress, metrics: dict[str, Any], wait_upload: bool = False
+) -> str:
     """Checkpoint the run at ``progress`` (an epoch's end, or mid-epoch when ``progress.step`` lies
-    inside one) and report ``metrics`` with it; every rank calls this. Returns its location."""
+    inside one) and report ``metrics`` with it; every rank calls this. Returns its location.
+    ``wait_upload``: under Ray, return once it is uploaded (else it uploads while training goes on)."""
     mid_epoch = bool(progress.epoch_sums)  # the partial sums exist only inside an epoch
     name = checkpoint_name(progress.epoch, progress.step if mid_epoch else None)
 
@@ -417,4 +424,5 @@ def save_checkpoint(run: Run, progress: TrainingProgress, metrics: dict[str, Any
             order_pin=run.data.order_pin,
         )
 
-    return report_checkpoint(run.ctx, metrics, name, run.location, write, run.cfg.checkpoint.num_to_keep)
+    keep = run.cfg.checkpoint.num_to_keep
+    return report_checkpoint(run.ctx, metrics, name, run.location, write, keep, wait_upload=wait_upload)

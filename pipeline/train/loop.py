@@ -41,6 +41,7 @@ from pipeline.train.evaluate import autocast, score, topk_correct, train_eval_on
 from pipeline.train.fetch_figures import FetchFigures
 from pipeline.train.init_from import load_initial_weights
 from pipeline.train.outputs import RunOutputs
+from pipeline.train.preemption import PreemptionPoll, checkpoint_line
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
 from pipeline.train.setup import Run, TrainingProgress, setup_run
 from pipeline.train.stall import StallNote
@@ -145,10 +146,16 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 
 def train_one_epoch(
-    run: Run, epoch: int, progress: TrainingProgress, out: RunOutputs, clock: StepClock | None = None
+    run: Run,
+    epoch: int,
+    progress: TrainingProgress,
+    out: RunOutputs,
+    clock: StepClock | None = None,
+    preemption: PreemptionPoll | None = None,
 ) -> tuple[dict[str, float], TrainingProgress]:
     """One pass over this rank's shard (the rest of it, when ``progress.step`` lies inside
-    ``epoch``); logs step metrics to ``out`` and saves the mid-epoch checkpoints on the way.
+    ``epoch``); logs step metrics to ``out`` and saves the mid-epoch checkpoints on the way:
+    every ``checkpoint.every_n_steps``, and at a preemption notice (``preemption``, the run's).
     ``clock`` times the steps (``pipeline.train.step_time``; the run's, else one for this epoch).
 
     Returns the epoch's metrics (reduced over ranks) and the progress at its end.
@@ -192,12 +199,23 @@ def train_one_epoch(
                 **clock.read("interval"),  # after the loss is read: the step's events are done
             }
             out.steps(step_metrics, step, console=to_console, track=to_tracker)
+        due = preemption.after_step(last_in_epoch=i + 1 == end) if preemption else None
         every = cfg.checkpoint.every_n_steps
-        if every and step % every == 0 and i + 1 < end:
+        if (due or (every and step % every == 0)) and i + 1 < end:
             acc.raise_if_non_finite(run, epoch, state)
             with clock.blocked():
+                began = time.perf_counter()
                 mid = dataclasses.replace(progress, step=step, schedule=state, epoch_sums=acc.reduced())
-                ckpt.save_checkpoint(run, mid, {"epoch": epoch, "step": step})
+                # For a preemption the upload is waited for: the node may be gone at the deadline.
+                ckpt.save_checkpoint(run, mid, {"epoch": epoch, "step": step}, wait_upload=due is not None)
+            if due:
+                preemption.uploaded(due, time.perf_counter() - began)
+                if run.ctx.is_main:
+                    print(checkpoint_line(due, step, time.perf_counter() - began, preemption), flush=True)
+                with clock.blocked():
+                    woke = preemption.wait_for_reclaim(due)
+                if woke and run.ctx.is_main:
+                    print(woke, flush=True)
     clock.stop()
     wall = time.perf_counter() - start
     metrics = epoch_metrics(run, acc, clock, lr=lr, steps=end - first, wall=wall)
@@ -267,8 +285,9 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
     img_per_s = []
     clock, stall, fetched = StepClock.for_run(run), StallNote.for_run(run), FetchFigures.for_run(run)
+    preemption = PreemptionPoll.for_run(run)
     for epoch in range(progress.epoch, d.epochs):
-        train_metrics, progress = train_one_epoch(run, epoch, progress, out, clock)
+        train_metrics, progress = train_one_epoch(run, epoch, progress, out, clock, preemption)
         stall.check(epoch, train_metrics)
         img_per_s.append(train_metrics["img_per_s"])
         metrics = {"epoch": epoch + 1, "step": progress.step, **train_metrics}
