@@ -153,6 +153,59 @@ def test_sharded_val_matches_the_folder_layout(src, sharded, tmp_path, mode):
                 assert torch.equal(xa, xb)
 
 
+def test_training_images_in_eval_mode_equal_the_folder_layouts(src, sharded):
+    """``eval.train_eval`` and ``deepen --inputs data`` on shards: every training image once over
+    the ranks, each one the folder layout's tensor, and the same scores from the same network."""
+    from pipeline.construction.deepen import _sample_batches
+    from pipeline.data.source import ImageNetSource
+    from pipeline.models import create_model
+    from pipeline.train.evaluate import evaluate
+
+    cfg, folder = (
+        small_config(sharded, None, "eval.train_eval=true"),
+        small_config(src, None, "eval.train_eval=true"),
+    )
+    m = load_manifest(sharded)
+    theirs = ImageNetSource(folder.data).loaders(folder, rank=0, world_size=1, device=torch.device("cpu"),
+                                                 num_threads=1, eval_batch=16).make_train_eval()  # fmt: skip
+    by_name = {}
+    for (x, y), names in zip(theirs.epoch(0), _batched(theirs.files, 16), strict=True):
+        by_name.update(
+            {os.path.relpath(n, src): (xi, yi) for n, xi, yi in zip(names, x, y.tolist(), strict=True)}
+        )
+    ours = []
+    for rank in range(3):  # 120 images over 3 ranks, batches of 16: every rank's last batch padded
+        data = open_sharded(cfg.data).loaders(cfg, rank=rank, world_size=3, device=torch.device("cpu"),
+                                              num_threads=1, eval_batch=16)  # fmt: skip
+        ours += [
+            (xi, yi) for x, y in data.make_train_eval().epoch(0) for xi, yi in zip(x, y.tolist(), strict=True)
+        ]
+    assert len(ours) == len(by_name) == len(m.split("train"))
+    for name, (x, y) in zip(m.split("train").name, ours, strict=True):
+        assert y == by_name[name][1] and torch.equal(x, by_name[name][0]), name
+    torch.manual_seed(0)
+    net = create_model("resnet18", num_classes=4)
+    one = open_sharded(cfg.data).loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), num_threads=1,
+                                         eval_batch=16)  # fmt: skip
+    a = evaluate(
+        net, one.make_train_eval().epoch(0), mode="center", device=torch.device("cpu"), prefix="train_eval/"
+    )
+    b = evaluate(net, theirs.epoch(0), mode="center", device=torch.device("cpu"), prefix="train_eval/")
+    assert (a["train_eval/images"], a["train_eval/top1_err"]) == (
+        b["train_eval/images"],
+        b["train_eval/top1_err"],
+    )
+    assert a["train_eval/loss"] == pytest.approx(b["train_eval/loss"], rel=1e-5)
+    # `deepen --inputs data` compares on the first training and validation images (it crashed on shards).
+    (what, train), (val_what, val) = _sample_batches(cfg, "data", 20, torch.device("cpu"))
+    assert "training images" in what and "validation" in val_what
+    assert sum(x.shape[0] for x in train) == sum(x.shape[0] for x in val) == 20
+
+
+def _batched(items, n):
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
 # ---------------------------------------------------------------- bad input
 
 

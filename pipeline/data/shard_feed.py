@@ -26,7 +26,9 @@ is the order and where the bytes come from:
   (mixed on a GPU).
 
 Validation: each rank's contiguous slice of the val samples (as for the folder layout), read
-the same way, the last batch padded and the padding cut before it leaves this module.
+the same way, the last batch padded and the padding cut before it leaves this module. The
+training images in eval mode (``eval.train_eval``, ``deepen --inputs data``) are read so too,
+from the manifest's training samples.
 """
 
 from __future__ import annotations
@@ -221,10 +223,15 @@ class ShardedSource:
                 **common,
             )
 
+        def make_train_eval() -> Any:  # the training samples through the centre-crop test pipeline
+            return build_sharded_val_loader(self.index, m, cache, cfg.data, mode="center", scales=cfg.eval.scales,
+                                            batch_size=eval_batch, split="train", **common)  # fmt: skip
+
         counts = (lambda: fetch_counts(cache)) if cache.remote else None  # a local root fetches nothing
         pin = {"manifest_sha256": m.digest, "shuffle_window": cfg.data.shuffle_window}
+        # No make_test: as for the folder layout, ImageNet's test labels are not public.
         return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val,
-                    fetch_counts=counts, order_pin=pin)  # fmt: skip
+                    make_train_eval=make_train_eval, fetch_counts=counts, order_pin=pin)  # fmt: skip
 
 
 def fetch_counts(cache: ShardCache) -> dict[str, float]:
@@ -277,8 +284,11 @@ def build_sharded_val_loader(
     num_threads: int,
     channels_last: bool = False,
     half: bool = False,
+    split: str = "val",
 ) -> Any:
-    """``build_val_loader`` over the manifest's val samples (same arguments, same outputs)."""
+    """``build_val_loader`` over the manifest's samples of ``split`` (same arguments, same outputs):
+    ``val``, or ``train`` for the training images in eval mode (each rank a contiguous slice of the
+    manifest's training samples, no augmentation)."""
     from pipeline.data.dali_pipeline import VAL_MODES, build_val_pipeline
     from pipeline.data.sharding import augmentation_seed, val_shard
 
@@ -288,11 +298,16 @@ def build_sharded_val_loader(
         raise ValueError("eval mode 'multiscale' needs at least one scale (eval.scales)")
     if batch_size < 1:
         raise ValueError(f"val batch_size must be positive, got {batch_size}")
-    mine = val_shard(len(index.val_files), shard_id=shard_id, num_shards=num_shards)
+    if split not in ("train", "val"):
+        raise ValueError(f"split {split!r}; choose 'train' or 'val'")
+    names, all_labels = (
+        (index.train_files, index.train_labels) if split == "train" else (index.val_files, index.val_labels)
+    )
+    mine = val_shard(len(names), shard_id=shard_id, num_shards=num_shards)
     ids = np.arange(mine.start, mine.stop)
-    labels = np.asarray(index.val_labels, np.int64)[mine.start : mine.stop]
-    reader = _Reader(manifest, cache, "val", None)
-    cache.prefetch(shards_in_order(manifest, "val", ids) if len(ids) else [])
+    labels = np.asarray(all_labels, np.int64)[mine.start : mine.stop]
+    reader = _Reader(manifest, cache, split, None)
+    cache.prefetch(shards_in_order(manifest, split, ids) if len(ids) else [])
 
     def make_pipe() -> Any:
         return build_val_pipeline(
@@ -301,7 +316,7 @@ def build_sharded_val_loader(
             source=_ValFeed(reader, ids, labels, batch_size),
         )  # fmt: skip
 
-    files = list(index.val_files[mine.start : mine.stop])
+    files = list(names[mine.start : mine.stop])
     return _ShardValLoader(mode, files, make_pipe, batch_size, _torch_device(device_id), channels_last)
 
 
