@@ -23,8 +23,9 @@ from shard_data import ROOT, small_config, upload_sharded
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shard_feed import epoch_order, open_sharded
+from pipeline.data.shard_feed import open_sharded
 from pipeline.data.shard_manifest import MANIFEST_NAME, ShardError, load_manifest
+from pipeline.data.shard_reads import epoch_order
 from pipeline.store import locations
 
 
@@ -100,7 +101,7 @@ def test_each_sample_is_read_exactly_and_checked_once_per_process(
     import zlib
 
     from pipeline.data import shard_cache
-    from pipeline.data.shard_feed import _Reader
+    from pipeline.data.shard_reads import ShardReader
 
     root = request.getfixturevalue("s3_sharded") if where == "cached from s3" else str(sharded)
     m = load_manifest(root)
@@ -122,7 +123,7 @@ def test_each_sample_is_read_exactly_and_checked_once_per_process(
     ]
     reader.read(ids)
     assert len(crcs) == len(ids)
-    _Reader(m, cache, "train", None).read(half)  # another process (a restarted worker) checks again
+    ShardReader(m, cache, "train", None).read(half)  # another process (a restarted worker) checks again
     assert len(crcs) == len(ids) + len(half)
     cache.close()
 

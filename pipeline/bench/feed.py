@@ -188,7 +188,7 @@ def lru_gets_per_epoch(m: Any, order: Any, batch: int, limit: int, epochs: int) 
 def _bounded(args: argparse.Namespace, m: Any, local: Path, cache_dir: Path, server: Any) -> dict[str, Any]:
     """The training reader through a cache of ``--cache-limit-mb`` over ``--epochs`` epochs."""
     from pipeline.data.shard_cache import ShardCache
-    from pipeline.data.shard_feed import _Reader, epoch_order
+    from pipeline.data.shard_reads import ShardReader, epoch_order
 
     limit, bs = int(args.cache_limit_mb * 1e6), args.batch_size
     cache = ShardCache(m, str(cache_dir), args.fetchers, limit_bytes=limit)
@@ -197,7 +197,7 @@ def _bounded(args: argparse.Namespace, m: Any, local: Path, cache_dir: Path, ser
     def order(e: int) -> np.ndarray:
         return epoch_order(m, 0, e, args.shuffle_window)
 
-    reader = _Reader(m, cache, "train", order, bs)
+    reader = ShardReader(m, cache, "train", order, bs)
     t, files = m.split("train"), {}
     gets, same = [], True
     for epoch in range(args.epochs):
@@ -225,8 +225,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.bench.s3_latency import LatencyS3
     from pipeline.data.layout import scan_imagenet
     from pipeline.data.shard_cache import ShardCache
-    from pipeline.data.shard_feed import _Reader, epoch_order
     from pipeline.data.shard_manifest import load_manifest
+    from pipeline.data.shard_reads import ShardReader, epoch_order
     from pipeline.data.shards import write_shards
     from pipeline.store import locations
 
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 per[f"s3_per_image_{tag}"] = _with_gets(r, server, os.path.splitext(files[0])[1])
                 # One cache and one reader for both epochs, as a training process keeps them.
                 cache = ShardCache(m, str(work / f"cache-{tag}"), args.fetchers)
-                reader = _Reader(m, cache, "train", lambda e: order, bs)
+                reader = ShardReader(m, cache, "train", lambda e: order, bs)
                 server.reset()
                 r = _timed(_shard_pipe(reader, order, bs, args.threads, decode), batches, bs)
                 per[f"sharded_epoch1_{tag}"] = _with_gets(r, server, ".tar")
