@@ -268,7 +268,7 @@ def test_bench_feed_counts_requests_per_source(tiny_imagenet: Path, capsys, monk
 
 
 def test_bench_feed_checks_its_new_arguments_before_running(tiny_imagenet: Path, capsys) -> None:
-    for bad, says in ((["--faults", "503:10,cut"], "'cut' is not KIND:N"), (["--nodes", "0"], "--nodes 0"),
+    for bad, says in ((["--faults", "503:10,cut"], "'cut' is not KIND:N"), (["--rounds", "0"], "--rounds 0"),
                       (["--storm-s", "-1"], "--storm-s -1")):  # fmt: skip
         assert bench_main(["feed", "--data", str(tiny_imagenet), *bad]) == 2
         assert says in capsys.readouterr().err

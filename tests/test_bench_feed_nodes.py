@@ -63,7 +63,7 @@ def test_two_nodes_read_the_same_bytes_through_refusals_cuts_and_a_storm(s3, sha
     m = load_manifest(root)
     train = len(m.split("train"))
     args = Namespace(batch_size=8, nodes=2, fetchers=2, shuffle_window=2, faults="503:5,cut:7", storm_s=0.5,
-                     bandwidth_mbps=0.0)  # fmt: skip
+                     bandwidth_mbps=0.0, rounds=1)  # fmt: skip
     assert train % args.batch_size == 0  # every training shard is read in epoch 1
     c = cold_start(args, m, sharded, tmp_path, s3, ceiling=1000.0)
     assert c["faults"] == {"slowdown_every": 5, "cut_every": 7, "storm_s": 0.5, "storm_from": 5}

@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the bounded cache run")
     parser.add_argument("--nodes", type=int, default=1, help="cold start: nodes reading epoch 1 at once")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="cold start: rounds, fault-free and faulty alternating (median)"
+    )
+    parser.add_argument(
         "--faults", default="", help="cold start: shard GETs that fail, KIND:N,... (503:10,cut:20,stall:50)"
     )
     parser.add_argument(
@@ -256,10 +259,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(
             f"{args.data}: no train/ folder; make one with `python -m pipeline data synth --out {args.data}`"
         )
-    if args.nodes < 1 or args.storm_s < 0 or args.bandwidth_mbps < 0:
+    if min(args.nodes, args.rounds) < 1 or min(args.storm_s, args.bandwidth_mbps) < 0:
         raise BenchError(
-            f"--nodes {args.nodes} --storm-s {args.storm_s:g} --bandwidth-mbps {args.bandwidth_mbps:g}: "
-            "nodes must be >= 1, the storm and the cap >= 0"
+            f"--nodes {args.nodes} --rounds {args.rounds} --storm-s {args.storm_s:g} --bandwidth-mbps "
+            f"{args.bandwidth_mbps:g}: nodes and rounds must be >= 1, the storm and the cap >= 0"
         )
     if args.faults:
         parse_faults(args.faults)  # a bad spec is refused before minutes of other sources
