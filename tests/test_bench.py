@@ -234,7 +234,7 @@ def test_bench_feed_counts_requests_per_source(tiny_imagenet: Path, capsys, monk
     r = run_bench(
         ["feed", "--data", tiny_imagenet.name]
         + "--latency-ms 1 --threads 1 --batch-size 8 --fetchers 2 --shard-size-mb 0.05 --shuffle-window 2 "
-        "--per-image-limit 16 --passes 2".split(),
+        "--per-image-limit 16 --passes 2 --nodes 2 --faults 503:4,cut:6".split(),
         capsys,
     )
     s, t = r["sources"], r["targets"]
@@ -254,3 +254,21 @@ def test_bench_feed_counts_requests_per_source(tiny_imagenet: Path, capsys, monk
         s["sharded_epoch2_read"]["images_per_s"] / s["local_read"]["images_per_s"]
     )
     assert positive(s["server_ceiling"]["images_per_s"])
+    # The cold start: two nodes, fault-free then through the faults, the same bytes each time.
+    c = r["cold_start"]
+    assert c["nodes"] == 2 and c["faults"] == {"slowdown_every": 4, "cut_every": 6}
+    for run in (c["fault_free"], c["with_faults"]):
+        assert run["same_bytes_as_fault_free"] and len(run["per_node"]) == 2
+        assert all(n["bytes_fetched_over_dataset"] == 1.0 for n in run["per_node"])
+        assert sum(n["retries"] for n in run["per_node"]) == run["server"]["refused"] + run["server"]["cut"]
+    assert c["with_faults"]["server"]["refused"] == c["with_faults"]["server"]["GET.tar"] // 4
+    assert t["cold_start_epoch1_with_faults_vs_fault_free"] == pytest.approx(
+        c["with_faults"]["images_per_s_per_node"] / c["fault_free"]["images_per_s_per_node"]
+    )
+
+
+def test_bench_feed_checks_its_new_arguments_before_running(tiny_imagenet: Path, capsys) -> None:
+    for bad, says in ((["--faults", "503:10,cut"], "'cut' is not KIND:N"), (["--rounds", "0"], "--rounds 0"),
+                      (["--storm-s", "-1"], "--storm-s -1")):  # fmt: skip
+        assert bench_main(["feed", "--data", str(tiny_imagenet), *bad]) == 2
+        assert says in capsys.readouterr().err

@@ -23,8 +23,9 @@ from shard_data import ROOT, small_config, upload_sharded
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shard_feed import epoch_order, open_sharded
+from pipeline.data.shard_feed import open_sharded
 from pipeline.data.shard_manifest import MANIFEST_NAME, ShardError, load_manifest
+from pipeline.data.shard_reads import epoch_order
 from pipeline.store import locations
 
 
@@ -100,7 +101,7 @@ def test_each_sample_is_read_exactly_and_checked_once_per_process(
     import zlib
 
     from pipeline.data import shard_cache
-    from pipeline.data.shard_feed import _Reader
+    from pipeline.data.shard_reads import ShardReader
 
     root = request.getfixturevalue("s3_sharded") if where == "cached from s3" else str(sharded)
     m = load_manifest(root)
@@ -112,7 +113,7 @@ def test_each_sample_is_read_exactly_and_checked_once_per_process(
     train = m.split("train")
     ids = np.arange(len(train))[::-1]
     half = ids[: len(ids) // 2]
-    reader = _Reader(m, cache, "train", None)
+    reader = ShardReader(m, cache, "train", None)
     for i, got in zip(half, reader.read(half), strict=True):
         assert got.dtype == np.uint8 and got.tobytes() == (src / train.name[i]).read_bytes()
     assert len(crcs) == len(half)
@@ -122,7 +123,7 @@ def test_each_sample_is_read_exactly_and_checked_once_per_process(
     ]
     reader.read(ids)
     assert len(crcs) == len(ids)
-    _Reader(m, cache, "train", None).read(half)  # another process (a restarted worker) checks again
+    ShardReader(m, cache, "train", None).read(half)  # another process (a restarted worker) checks again
     assert len(crcs) == len(ids) + len(half)
     cache.close()
 
@@ -151,6 +152,57 @@ def test_sharded_val_matches_the_folder_layout(src, sharded, tmp_path, mode):
                         assert torch.equal(ta, tb)
             else:
                 assert torch.equal(xa, xb)
+
+
+def test_training_images_in_eval_mode_equal_the_folder_layouts(src, sharded):
+    """``eval.train_eval`` and ``deepen --inputs data`` on shards: every training image once over
+    the ranks, each one the folder layout's tensor, and the same scores from the same network."""
+    from pipeline.construction.deepen import _sample_batches
+    from pipeline.data.source import ImageNetSource
+    from pipeline.models import create_model
+    from pipeline.train.evaluate import evaluate
+
+    cfg, folder = (
+        small_config(sharded, None, "eval.train_eval=true"),
+        small_config(src, None, "eval.train_eval=true"),
+    )
+    m = load_manifest(sharded)
+    theirs = ImageNetSource(folder.data).loaders(folder, rank=0, world_size=1, device=torch.device("cpu"),
+                                                 num_threads=1, eval_batch=16).make_train_eval()  # fmt: skip
+    by_name = {}
+    for (x, y), names in zip(theirs.epoch(0), _batched(theirs.files, 16), strict=True):
+        by_name.update(
+            {os.path.relpath(n, src): (xi, yi) for n, xi, yi in zip(names, x, y.tolist(), strict=True)}
+        )
+    ours = []
+    for rank in range(3):  # 120 images over 3 ranks, batches of 16: every rank's last batch padded
+        data = open_sharded(cfg.data).loaders(cfg, rank=rank, world_size=3, device=torch.device("cpu"),
+                                              num_threads=1, eval_batch=16)  # fmt: skip
+        ours += [
+            (xi, yi) for x, y in data.make_train_eval().epoch(0) for xi, yi in zip(x, y.tolist(), strict=True)
+        ]
+    assert len(ours) == len(by_name) == len(m.split("train"))
+    for name, (x, y) in zip(m.split("train").name, ours, strict=True):
+        assert y == by_name[name][1] and torch.equal(x, by_name[name][0]), name
+    torch.manual_seed(0)
+    net = create_model("resnet18", num_classes=4)
+    one = open_sharded(cfg.data).loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), num_threads=1,
+                                         eval_batch=16)  # fmt: skip
+    a = evaluate(
+        net, one.make_train_eval().epoch(0), mode="center", device=torch.device("cpu"), prefix="train_eval/"
+    )
+    b = evaluate(net, theirs.epoch(0), mode="center", device=torch.device("cpu"), prefix="train_eval/")
+    counts = ("train_eval/images", "train_eval/top1_err", "train_eval/top5_err")
+    assert [a[k] for k in counts] == [b[k] for k in counts]
+    assert a["train_eval/loss"] == pytest.approx(b["train_eval/loss"], rel=1e-5)
+    # `deepen --inputs data` compares on the first training and validation images (it crashed on shards).
+    (what, train), (val_what, val) = _sample_batches(cfg, "data", 20, torch.device("cpu"))
+    assert "training images" in what and "validation" in val_what
+    assert sum(x.shape[0] for x in train) == sum(x.shape[0] for x in val) == 20
+
+
+def _batched(items, n):
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 # ---------------------------------------------------------------- bad input
@@ -197,6 +249,33 @@ def test_altered_shard_on_s3_is_fetched_again_then_named(s3, s3_sharded, sharded
         assert not (cache.dir / m.shards[1].name).exists()  # never left in the cache
     finally:
         locations.write_bytes(f"{s3_sharded}/{m.shards[1].name}", (sharded / m.shards[1].name).read_bytes())
+
+
+def test_a_bad_copy_met_by_every_rank_of_a_node_is_fetched_once(s3, s3_sharded, sharded, tmp_path):
+    """Three ranks of a node hold the same cached shard open when a sample in it goes bad on the
+    disk (same size and time: the `.ok` still vouches for it): each meets the bad sample, the
+    first fetches the shard again, the others read that new copy."""
+    cfg = small_config(s3_sharded, tmp_path / "c")
+    m = open_sharded(cfg.data).manifest
+    ranks = [ShardCache(m, cfg.data.cache_dir, 2) for _ in range(3)]
+    t = m.split("train")
+    i = int(np.flatnonzero(t.shard == 0)[0])
+    sample = (int(t.offset[i]), int(t.size[i]), int(t.crc32[i]))
+    want = (sharded / m.shards[0].name).read_bytes()[sample[0] : sample[0] + sample[1]]
+    for cache in ranks:
+        assert cache.read(0, *sample).tobytes() == want  # open (mapped), checked
+    path = ranks[0].dir / m.shards[0].name
+    st = path.stat()
+    with open(path, "r+b") as f:  # the mappings see it: the pages are the file's
+        f.seek(sample[0] + 100)
+        f.write(bytes([want[100] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    s3.reset()
+    for cache in ranks:
+        assert cache.read(0, *sample).tobytes() == want
+    assert s3.counts()["GET.tar"] == 1  # once for the node, not once per rank
+    for cache in ranks:
+        cache.close()
 
 
 @pytest.mark.parametrize("mmap", [False, True])

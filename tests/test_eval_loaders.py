@@ -36,8 +36,8 @@ def tiny_sharded(tiny_imagenet, tmp_path_factory) -> Path:
 def test_eval_loaders_are_built_once_per_run_and_mode(
     tiny_imagenet, tiny_sharded, tmp_path, monkeypatch, layout
 ):
-    """Two validated epochs, each also scoring the training images in eval mode (the folder
-    layout has them), and a final evaluation in the same mode: one pipeline per set in all."""
+    """Two validated epochs, each also scoring the training images in eval mode (both layouts
+    have them), and a final evaluation in the same mode: one pipeline per set in all."""
     import pipeline.data.dali_pipeline
     import pipeline.data.imagenet
     from pipeline.train.loop import train_worker
@@ -63,12 +63,12 @@ def test_eval_loaders_are_built_once_per_run_and_mode(
         "tracking.mode=disabled",
     ]
     summary = train_worker(to_dict(load_config(None, overrides)))
-    sets = 2 if layout == "folder" else 1  # validation, and the training images where the layout has them
-    assert builds == ["center"] * sets, f"{len(builds)} builds"  # 5 and 3 when built every epoch
+    # Validation and the training images, once each (5 builds when built every epoch).
+    assert builds == ["center"] * 2, f"{len(builds)} builds"
     assert summary["val_images"] == 16
     records = [json.loads(line) for line in (tmp_path / "builds" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all("val/top1_err" in r for r in records)
-    assert all("train_eval/top1_err" in r for r in records) == (layout == "folder")
+    assert all("train_eval/top1_err" in r for r in records)
 
 
 @pytest.mark.parametrize("mode", ["center", "tencrop", "multiscale"])

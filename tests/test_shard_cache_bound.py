@@ -23,8 +23,9 @@ from pipeline.data.cache_ledger import LEDGER_NAME, Ledger, on_disk
 from pipeline.data.eviction import choose_victims
 from pipeline.data.next_use import NEVER, ReadPlan
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shard_feed import _Reader, epoch_order, open_sharded
+from pipeline.data.shard_feed import open_sharded
 from pipeline.data.shard_manifest import load_manifest
+from pipeline.data.shard_reads import ShardReader, epoch_order
 
 WINDOW, BATCH = 4, 8
 
@@ -92,7 +93,7 @@ def _feed(m, cache, epochs, s3):
     """Every batch's bytes over ``epochs`` epochs, through the training reader; the most the
     cache folder held after any batch; the server's GETs in each epoch."""
     order = _order(m)
-    reader = _Reader(m, cache, "train", order, BATCH)
+    reader = ShardReader(m, cache, "train", order, BATCH)
     steps = len(m.split("train")) // BATCH
     out, most, gets = [], 0, []
     for epoch in range(epochs):
@@ -162,7 +163,7 @@ def test_two_handles_on_one_folder_stay_under_the_limit_together(s3, s3_sharded,
     entries = json.loads((folder / LEDGER_NAME).read_text())["processes"]
     assert {a.room.ledger.key, b.room.ledger.key} <= set(entries)
     # Two jobs on one dataset, reading in different orders (seeds), batch by batch in turn.
-    readers = [_Reader(m, c, "train", _order_of_seed(m, seed), BATCH) for c, seed in ((a, 0), (b, 7))]
+    readers = [ShardReader(m, c, "train", _order_of_seed(m, seed), BATCH) for c, seed in ((a, 0), (b, 7))]
     most = 0
     for step in range(len(m.split("train")) // BATCH):
         for seed, reader in zip((0, 7), readers, strict=True):

@@ -20,6 +20,13 @@ disk), GETs and bytes fetched per image (the server's own counters), per-batch w
 and the time to the first batch. ``s3_per_image`` reads at most
 ``--per-image-limit`` images (at 30 ms a GET it is slow by design).
 
+``cold_start`` (``pipeline.bench.feed_nodes``): ``--nodes`` K processes, each with an empty
+cache of its own, read epoch 1 from the server at once, fault-free and then through ``--faults``
+(``503:10,cut:20``: 1 shard GET in 10 refused, 1 in 20 cut) and ``--storm-s`` when given; per
+node its rate against the server's ceiling / K, bytes fetched over the dataset's, retries, fetch
+wait, and every batch's bytes against a fault-free read. ``--bandwidth-mbps`` caps the server's
+sending over all connections together, for the whole run.
+
 ``--cache-limit-mb N`` adds ``bounded_cache``: the training reader over ``--epochs`` epochs of the
 real order (``epoch_order`` per epoch) through a cache limited to N MB, which evicts by next
 use; its GETs per epoch are the server's counts, LRU's are a simulation over the same sequence
@@ -41,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.bench.common import BenchError, finish_machine, machine_info
+from pipeline.bench.feed_nodes import format_text as nodes_text
 
 HELP = "the training feed: local disk vs S3 one object per image vs shards (epoch 1 and 2), with latency"
 BUCKET = "feed-bench"
@@ -68,6 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-limit-mb", type=float, default=0.0, help="also run a cache of this many MB (0: no)"
     )
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the bounded cache run")
+    parser.add_argument("--nodes", type=int, default=1, help="cold start: nodes reading epoch 1 at once")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="cold start: rounds, fault-free and faulty alternating (median)"
+    )
+    parser.add_argument(
+        "--faults", default="", help="cold start: shard GETs that fail, KIND:N,... (503:10,cut:20,stall:50)"
+    )
+    parser.add_argument(
+        "--storm-s", type=float, default=0.0, help="cold start: seconds of 503 SlowDown early in epoch 1"
+    )
+    parser.add_argument(
+        "--bandwidth-mbps",
+        type=float,
+        default=0.0,
+        help="the server's total sending rate, Mbit/s (0: no cap)",
+    )
     parser.add_argument(
         "--passes",
         type=int,
@@ -188,7 +212,7 @@ def lru_gets_per_epoch(m: Any, order: Any, batch: int, limit: int, epochs: int) 
 def _bounded(args: argparse.Namespace, m: Any, local: Path, cache_dir: Path, server: Any) -> dict[str, Any]:
     """The training reader through a cache of ``--cache-limit-mb`` over ``--epochs`` epochs."""
     from pipeline.data.shard_cache import ShardCache
-    from pipeline.data.shard_feed import _Reader, epoch_order
+    from pipeline.data.shard_reads import ShardReader, epoch_order
 
     limit, bs = int(args.cache_limit_mb * 1e6), args.batch_size
     cache = ShardCache(m, str(cache_dir), args.fetchers, limit_bytes=limit)
@@ -197,7 +221,7 @@ def _bounded(args: argparse.Namespace, m: Any, local: Path, cache_dir: Path, ser
     def order(e: int) -> np.ndarray:
         return epoch_order(m, 0, e, args.shuffle_window)
 
-    reader = _Reader(m, cache, "train", order, bs)
+    reader = ShardReader(m, cache, "train", order, bs)
     t, files = m.split("train"), {}
     gets, same = [], True
     for epoch in range(args.epochs):
@@ -222,11 +246,12 @@ def _bounded(args: argparse.Namespace, m: Any, local: Path, cache_dir: Path, ser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.bench.s3_latency import LatencyS3
+    from pipeline.bench.feed_nodes import cold_start, parse_faults
+    from pipeline.bench.s3_latency import Faults, LatencyS3
     from pipeline.data.layout import scan_imagenet
     from pipeline.data.shard_cache import ShardCache
-    from pipeline.data.shard_feed import _Reader, epoch_order
     from pipeline.data.shard_manifest import load_manifest
+    from pipeline.data.shard_reads import ShardReader, epoch_order
     from pipeline.data.shards import write_shards
     from pipeline.store import locations
 
@@ -234,6 +259,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(
             f"{args.data}: no train/ folder; make one with `python -m pipeline data synth --out {args.data}`"
         )
+    if min(args.nodes, args.rounds) < 1 or min(args.storm_s, args.bandwidth_mbps) < 0:
+        raise BenchError(
+            f"--nodes {args.nodes} --rounds {args.rounds} --storm-s {args.storm_s:g} --bandwidth-mbps "
+            f"{args.bandwidth_mbps:g}: nodes and rounds must be >= 1, the storm and the cap >= 0"
+        )
+    if args.faults:
+        parse_faults(args.faults)  # a bad spec is refused before minutes of other sources
     machine = machine_info()
     index = scan_imagenet(args.data)
     files = list(index.train_files)
@@ -245,10 +277,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-feed-"))
     result: dict[str, Any] = {"bench": "feed", "data": str(args.data), "latency_ms": args.latency_ms,
                               "threads": args.threads, "fetchers": args.fetchers, "batch_size": bs,
-                              "images": len(files), "mean_image_bytes": mean_bytes}  # fmt: skip
+                              "images": len(files), "mean_image_bytes": mean_bytes,
+                              "bandwidth_mbps": args.bandwidth_mbps}  # fmt: skip
     saved = dict(os.environ)
     try:
-        with LatencyS3(latency_ms=args.latency_ms, own_process=True) as server:
+        cap = Faults(total_bandwidth_mbps=args.bandwidth_mbps)
+        with LatencyS3(latency_ms=args.latency_ms, own_process=True, faults=cap) as server:
             os.environ.update(server.env)
             os.environ.pop("AWS_ENDPOINT_URL_S3", None)
             server.create_bucket(BUCKET)
@@ -281,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 per[f"s3_per_image_{tag}"] = _with_gets(r, server, os.path.splitext(files[0])[1])
                 # One cache and one reader for both epochs, as a training process keeps them.
                 cache = ShardCache(m, str(work / f"cache-{tag}"), args.fetchers)
-                reader = _Reader(m, cache, "train", lambda e: order, bs)
+                reader = ShardReader(m, cache, "train", lambda e: order, bs)
                 server.reset()
                 r = _timed(_shard_pipe(reader, order, bs, args.threads, decode), batches, bs)
                 per[f"sharded_epoch1_{tag}"] = _with_gets(r, server, ".tar")
@@ -310,6 +344,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per["server_ceiling"] = {"images_per_s": len(m.split("train")) / seconds, "seconds": seconds,
                                      "bytes_per_s": got / seconds}  # fmt: skip
             result["sources"] = per
+            ceiling = per["server_ceiling"]["images_per_s"]
+            result["cold_start"] = cold_start(args, m, shards, work / "nodes", server, ceiling)
             if args.cache_limit_mb > 0:
                 result["bounded_cache"] = _bounded(args, m, shards, work / "cache-bounded", server)
     finally:
@@ -326,6 +362,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         * result["images_per_shard"],
         "epoch2_data_gets": s["sharded_epoch2_read"]["gets_per_image"] * s["sharded_epoch2_read"]["images"],
     }
+    c = result["cold_start"]
+    result["targets"]["cold_start_slowest_node_vs_ceiling_share"] = min(
+        n["vs_ceiling_share"] for n in c["fault_free"]["per_node"]
+    )
+    if "faults_vs_fault_free" in c:
+        result["targets"]["cold_start_epoch1_with_faults_vs_fault_free"] = c["faults_vs_fault_free"]
     result["machine"] = finish_machine(machine)
     return result
 
@@ -344,6 +386,7 @@ def format_text(result: dict[str, Any]) -> str:
             f"{r.get('batch_wait_p99_ms', float('nan')):>8.1f}{r.get('first_batch_s', float('nan')):>9.2f}"
         )
     lines += [f"{k}: {v:.3g}" for k, v in result["targets"].items()]
+    lines += nodes_text(result["cold_start"])
     b = result.get("bounded_cache")
     if b:
         lines += [

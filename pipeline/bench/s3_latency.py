@@ -17,16 +17,19 @@ returned (``get_bytes``).
 Faults (``Faults``; none by default) make the server behave as S3 does under load, on the
 object GETs whose key ends with ``suffix``, numbered 1, 2, ... in the order they arrive: every
 Nth answered ``503 SlowDown`` (S3's XML error body), every Nth cut mid-body (half the body
-sent, then the connection closed), every Nth stalled (no byte for ``stall_s``, then answered),
+sent, then the connection closed), every Nth stalled (no byte for ``stall_s``, then answered;
+a cut or a stall that falls on a refused GET goes to the next one, so each keeps its rate),
 a storm (every GET refused with 503 SlowDown for ``storm_s`` seconds from the ``storm_from``-th
-on: a prefix that S3 is scaling), keys answered ``403 AccessDenied``, and a bandwidth cap per
-connection. Each is counted: ``refused``, ``cut``, ``stalled``, ``denied``.
+on: a prefix that S3 is scaling), keys answered ``403 AccessDenied``, and bandwidth caps, per
+connection and over all connections together (a node's link, or what the bucket gives a
+cluster). Each fault is counted: ``refused``, ``cut``, ``stalled``, ``denied``.
 
     python -m pipeline.bench.s3_latency --latency-ms 30 --port 5123 [--slowdown-every 10 ...]
 
 ``LatencyS3(..., own_process=True)`` runs it so (what ``bench feed`` does: moto answering in
 the measured process would compete with it for the GIL); the counters are then read over HTTP
-at ``/__latency/counts`` (and zeroed at ``/__latency/reset``), paths no S3 client uses.
+at ``/__latency/counts`` (and zeroed at ``/__latency/reset``), and ``set_faults`` goes to
+``/__latency/faults?slowdown_every=10&...`` (Faults' fields): paths no S3 client uses.
 """
 
 from __future__ import annotations
@@ -63,16 +66,30 @@ class Faults:
     storm_s: float = 0.0  # ...and refuses every GET for this many seconds
     deny: str = ""  # keys ending with this are answered 403 AccessDenied
     bandwidth_mbps: float = 0.0  # megabits per second per connection
+    total_bandwidth_mbps: float = 0.0  # megabits per second over every connection together
     suffix: str = ""  # "" : every object GET
+
+    def changed(self) -> dict[str, Any]:
+        """The fields that differ from their defaults."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        }
 
     def to_args(self) -> list[str]:
         """The command-line flags of ``main`` that give these faults."""
-        out = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value != f.default:
-                out += [f"--{f.name.replace('_', '-')}", str(value)]
-        return out
+        return [
+            a for name, value in self.changed().items() for a in (f"--{name.replace('_', '-')}", str(value))
+        ]
+
+    @classmethod
+    def from_query(cls, query: str) -> Faults:
+        """Faults from a query string of their fields (``set_faults`` over HTTP)."""
+        from urllib.parse import parse_qsl
+
+        types = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+        return cls(**{name: types[name](value) for name, value in parse_qsl(query)})
 
 
 def request_kind(method: str, path: str, query: str) -> str:
@@ -106,18 +123,22 @@ class LatencyApp:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self.get_bytes = 0
+        self._link_free = 0.0  # when the shared link (total_bandwidth_mbps) has sent what it was given
         self.set_faults(faults or Faults())
 
     def set_faults(self, faults: Faults) -> None:
         """Use ``faults`` from now on, numbering the GETs from 1 again (a storm starts anew)."""
         with self._lock:
             self.faults, self._numbered, self._storm_until = faults, 0, None
+            self._due: list[str] = []  # cuts and stalls whose GET was refused: the next ones get them
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
         if path.startswith("/__latency/"):
             if path == "/__latency/reset":
                 self.reset()
+            elif path == "/__latency/faults":
+                self.set_faults(Faults.from_query(environ.get("QUERY_STRING", "")))
             start_response("200 OK", [("Content-Type", "application/json")])
             return [json.dumps(self.counts()).encode()]
         kind = request_kind(environ["REQUEST_METHOD"], path, environ.get("QUERY_STRING", ""))
@@ -160,25 +181,36 @@ class LatencyApp:
             f.slowdown_every and n % f.slowdown_every == 0
         ):
             fault = "refused"
-        elif f.cut_every and n % f.cut_every == 0:
-            fault = "cut"
-        elif f.stall_every and n % f.stall_every == 0:
-            fault = "stalled"
+        self._due += [
+            name
+            for name, every in (("cut", f.cut_every), ("stalled", f.stall_every))
+            if every and n % every == 0
+        ]
+        if fault is None and self._due:
+            fault = self._due.pop(0)
         if fault:
             self._counts[fault] += 1
         return fault
 
     def _send(self, data: bytes, cut: bool) -> Iterator[bytes]:
-        """The body, paced to the bandwidth cap; a cut one stops at half (werkzeug then closes the
+        """The body, paced to the bandwidth caps; a cut one stops at half (werkzeug then closes the
         connection: it sends ``Connection: close`` on every response)."""
         end = len(data) // 2 if cut else len(data)
-        rate = self.faults.bandwidth_mbps * 1e6 / 8  # bytes per second
-        step = SEND_CHUNK if rate else max(end, 1)
+        rate = self.faults.bandwidth_mbps * 1e6 / 8  # bytes per second, this connection
+        total = self.faults.total_bandwidth_mbps * 1e6 / 8  # bytes per second, all of them
+        step = SEND_CHUNK if rate or total else max(end, 1)
         start = time.monotonic()
         for at in range(0, end, step):
             piece = data[at : min(at + step, end)]
             if rate:
                 time.sleep(max(0.0, start + at / rate - time.monotonic()))
+            if total:
+                # The shared link sends one piece after another: this one goes out when the link
+                # is free, and the connection waits until it has been sent.
+                with self._lock:
+                    self._link_free = max(self._link_free, time.monotonic()) + len(piece) / total
+                    done = self._link_free
+                time.sleep(max(0.0, done - time.monotonic()))
             with self._lock:
                 self.get_bytes += len(piece)
             yield piece
@@ -250,7 +282,7 @@ class LatencyS3:
                     raise RuntimeError(f"the S3 latency server did not start ({' '.join(cmd)})") from None
                 time.sleep(0.2)
 
-    def _http(self, what: str) -> dict[str, int]:
+    def _http(self, what: str) -> dict[str, Any]:
         import urllib.request
 
         with urllib.request.urlopen(f"{self.endpoint}/__latency/{what}", timeout=10) as r:
@@ -284,10 +316,14 @@ class LatencyS3:
             self.app.reset()
 
     def set_faults(self, faults: Faults) -> None:
-        """Serve with ``faults`` from now on (a server in this process only)."""
+        """Serve with ``faults`` from now on, numbering the GETs from 1 again."""
+        self.faults = faults
         if self.own_process:
-            raise RuntimeError("a server in its own process takes its faults when it starts")
-        self.app.set_faults(faults)
+            from urllib.parse import urlencode
+
+            self._http(f"faults?{urlencode(faults.changed())}")
+        else:
+            self.app.set_faults(faults)
 
     def create_bucket(self, bucket: str) -> str:
         """Make ``bucket`` (through pyarrow, as the pipeline itself would) and return ``s3://bucket``."""

@@ -44,6 +44,25 @@ def open_lock(path: Path) -> int:
     return fd
 
 
+def remove_dead_temp_files(folder: Path, shard_names: set[str]) -> None:
+    """Delete the temporary files of fetches whose process died (no one holds their shard's lock):
+    the room they took is free again."""
+    for f in os.scandir(folder):
+        if not f.name.startswith(".") or f.name.startswith(".probe."):
+            continue
+        name = f.name[1:].split(".tar", 1)[0] + ".tar"
+        if name not in shard_names:
+            continue
+        fd = open_lock(folder / (name + ".lock"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            Path(f.path).unlink(missing_ok=True)
+        except BlockingIOError:
+            pass  # a live fetch is writing it
+        finally:
+            os.close(fd)
+
+
 class CacheRoom:
     """This handle's entry in the folder's ledger, and the evictions it makes.
 

@@ -6,7 +6,7 @@
     plan.protected()                                     # shards the current windows still read
     plan.upcoming()                                      # shards by next read: what to prefetch
 
-The training order is a pure function of (seed, epoch, step, position) (``shard_feed.epoch_order``),
+The training order is a pure function of (seed, epoch, step, position) (``shard_reads.epoch_order``),
 so the cache knows the future: the shard read furthest ahead is the best to drop (Belady's
 optimal policy; an LRU cache, which only knows the past, drops shards that are read again
 soon). Positions count samples of the global batch order over epochs (``epoch x N + position``):

@@ -26,9 +26,10 @@ the node:
   naming the shard;
 - every sample is checked against its CRC-32 from the manifest the first time this process reads it
   (the feed keeps a bit per sample); a mismatch drops the shard (under its lock) and fetches it
-  again (whole, its SHA-256 checked); a second mismatch is an error. Later reads of the sample come
-  through the same open file, so from the same bytes, and skip the CRC: at ~10 us per 59 KB image it
-  was the largest cost of a cached epoch (docs/benchmarks.md).
+  again (whole, its SHA-256 checked) unless another process of the node already replaced the copy
+  it read (the node's N ranks meeting one bad sample fetch it once, not N times); a second mismatch
+  is an error. Later reads of the sample come through the same open file, so from the same bytes,
+  and skip the CRC: at ~10 us per 59 KB image it was the largest cost of a cached epoch.
 
 **Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus every live process's
 fetches in flight stay under it; a fetch that would pass it first deletes the shards this job reads
@@ -67,7 +68,7 @@ import numpy as np
 from pipeline.data import cache_sizing
 from pipeline.data.cache_folders import DIR_MODE
 from pipeline.data.cache_reads import CacheReads
-from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock
+from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock, remove_dead_temp_files
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
 from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_manifest import Manifest, ShardError, repair_hint
@@ -79,6 +80,13 @@ DEFAULT_DIR_NAME = "resnet-pipeline-shards"
 def default_cache_dir() -> str:
     """``<system temp dir>/resnet-pipeline-shards``: node-local scratch on every cloud image."""
     return os.path.join(tempfile.gettempdir(), DEFAULT_DIR_NAME)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _sample(f: int | np.ndarray, offset: int, size: int) -> np.ndarray:
@@ -118,6 +126,7 @@ class ShardCache:
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
         self._files: dict[int, int | np.ndarray] = {}  # shard -> open fd, or its mapping
+        self._inodes: dict[int, int] = {}  # shard -> the inode of the copy opened
         self._lock = threading.Lock()
         self.policy = policy or FetchPolicy()
         self._fetcher: Fetcher | None = None
@@ -127,7 +136,7 @@ class ShardCache:
         self.room: CacheRoom | None = None
         if self.remote:
             self._check_writable()
-            self._remove_dead_temp_files()
+            remove_dead_temp_files(self.dir, self._names)
             self.room = CacheRoom(self.root, manifest, limit_bytes, wait_s=max(60.0, self.policy.retry_s))
         # The dataset does not fit: evict by next use, and keep open only what the windows read.
         self.bounded = self.room is not None and self.room.limit < self.dataset_bytes
@@ -147,23 +156,6 @@ class ShardCache:
                 f"data.cache_dir={self.setting}: cannot write {self.dir} ({e.strerror or e}); set data.cache_dir to "
                 "a writable folder on the node's local disk"
             ) from None
-
-    def _remove_dead_temp_files(self) -> None:
-        """Delete the temporary files of fetches whose process died (no one holds their shard's lock)."""
-        for f in os.scandir(self.dir):
-            if not f.name.startswith(".") or f.name.startswith(".probe."):
-                continue
-            name = f.name[1:].split(".tar", 1)[0] + ".tar"
-            if name not in self._names:
-                continue
-            fd = open_lock(self.dir / (name + ".lock"))
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                Path(f.path).unlink(missing_ok=True)
-            except BlockingIOError:
-                pass  # a live fetch is writing it
-            finally:
-                os.close(fd)
 
     def check_limit(self, window: int, global_batch: int | None = None) -> None:
         """Raise ``ConfigError`` when the limit is below the least that works (``cache_sizing``):
@@ -298,10 +290,11 @@ class ShardCache:
         os.replace(tmp, ok)
         self.reads.fetched(i)
 
-    def ensure(self, i: int, drop: bool = False, wait: bool = True) -> Path | None:
+    def ensure(self, i: int, bad_inode: int | None = None, wait: bool = True) -> Path | None:
         """Shard ``i`` on the local disk (fetched under its lock unless a valid copy is there).
 
-        ``drop``: the copy there is bad (a sample failed its CRC): remove it and fetch it again.
+        ``bad_inode``: the copy with this inode is bad (a sample failed its CRC): remove it and
+        fetch it again, unless it is gone already (another process replaced it: its copy is used).
         ``wait=False`` (prefetching): when another process of the node holds the shard's lock
         (it is fetching it), or no room can be made without evicting a shard read sooner, return
         None at once and go on to the next shard; so the node has ranks x fetchers shards in
@@ -312,7 +305,7 @@ class ShardCache:
                 locations.filesystem(locations.join(self.manifest.root, self.manifest.shards[i].name))[1]
             )
         path, ok, lock = self._paths(i)
-        if not drop and self._valid(i):
+        if bad_inode is None and self._valid(i):
             return path
         fd = open_lock(lock)
         try:
@@ -320,7 +313,7 @@ class ShardCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 return None
-            if drop:
+            if bad_inode is not None and _inode(path) == bad_inode:
                 ok.unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
             if not self._valid(i):
@@ -350,7 +343,7 @@ class ShardCache:
                 if known is None or (
                     known.done() and (known.exception() is not None or known.result() is None)
                 ):
-                    self._futures[i] = self._pool.submit(self.ensure, i, False, False)
+                    self._futures[i] = self._pool.submit(self.ensure, i, None, False)
 
     def _file(self, i: int, drop: bool = False) -> int | np.ndarray:
         """Shard ``i`` opened for reads: its mapping, or an fd (checked when opened)."""
@@ -362,22 +355,24 @@ class ShardCache:
             wait([future])  # its error is not final: ensure() below fetches again, with a fresh budget
         if self.room is not None and i not in self._protected:
             self._publish({i})  # pinned before it is fetched or opened
-        path = self.ensure(i, drop=drop)
+        path = self.ensure(i, bad_inode=self._inodes.get(i) if drop else None)
         with self._lock:
             old = self._files.pop(i, None) if drop else None
             if i not in self._files:
-                self._files[i] = self._open(path)
+                self._files[i], self._inodes[i] = self._open(path)
             f = self._files[i]
         if isinstance(old, int):
             os.close(old)  # a dropped mapping is unmapped when its last view is gone
         return f
 
-    def _open(self, path: Path) -> int | np.ndarray:
+    def _open(self, path: Path) -> tuple[int | np.ndarray, int]:
+        """(the open fd or its mapping, the file's inode)."""
         fd = os.open(path, os.O_RDONLY)
+        inode = os.fstat(fd).st_ino
         if not self.mapped:
-            return fd
+            return fd, inode
         try:
-            return np.frombuffer(mmap.mmap(fd, 0, prot=mmap.PROT_READ), np.uint8)
+            return np.frombuffer(mmap.mmap(fd, 0, prot=mmap.PROT_READ), np.uint8), inode
         finally:
             os.close(fd)  # the mapping keeps the file
 

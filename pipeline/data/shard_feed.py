@@ -8,7 +8,7 @@ it takes the global batch's sample ids from the epoch's order and this rank's sl
 the augmentation comes from (seed, epoch, step, position in the global batch). What changes
 is the order and where the bytes come from:
 
-- **The epoch's order** (``epoch_order``): the training shards are permuted by (seed, epoch),
+- **The epoch's order** (``shard_reads.epoch_order``): the training shards are permuted by (seed, epoch),
   cut into windows of ``data.shuffle_window`` shards, and the samples of each window permuted.
   ``data shard`` already spread the samples over the shards at random (its ``--seed``), so a
   window is a random sample of the dataset, and a batch draws from ``shuffle_window`` shards
@@ -19,19 +19,21 @@ is the order and where the bytes come from:
   stream, and later ones), on every world size, whatever the cache holds; resumes are exact.
   ``data.shuffle_window=0`` gives a full shuffle, at the price of a first batch that waits for
   the whole dataset.
-- **The bytes**: the feed asks the node's shard cache (``pipeline.data.shard_cache``) for the
+- **The bytes** (``shard_reads.ShardReader``): the feed asks the node's shard cache (``pipeline.data.shard_cache``) for the
   shards in the order of the epoch from the current step on, ``data.cache_fetchers`` at once,
   and reads each sample at its (offset, size), checked against its CRC-32 the first time this
   process reads it; DALI gets the encoded JPEGs and decodes them as for the folder layout
   (mixed on a GPU).
 
 Validation: each rank's contiguous slice of the val samples (as for the folder layout), read
-the same way, the last batch padded and the padding cut before it leaves this module.
+the same way, the last batch padded and the padding cut before it leaves this module. The
+training images in eval mode (``eval.train_eval``, ``deepen --inputs data``) are read so too,
+from the manifest's training samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,84 +46,11 @@ from pipeline.data.fetch import FetchPolicy
 from pipeline.data.imagenet import _labels, _nchw, _torch_device, _ValLoader, build_train_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Data
-from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shard_manifest import Manifest, check_shards, load_manifest
+from pipeline.data.shard_reads import ShardReader, epoch_order, shards_in_order
 from pipeline.host import usable_cpus
 from pipeline.store import locations
-
-ORDER_KEY = 0x5A4D  # keeps the window shuffle's stream apart from the folder layout's
-
-
-def epoch_order(manifest: Manifest, seed: int, epoch: int, window: int) -> np.ndarray:
-    """The training sample ids of ``epoch`` in order (a permutation of the train split).
-
-    Pure function of (manifest, seed, epoch, window); see the module docstring.
-    """
-    train = manifest.split("train")
-    shards = np.asarray(manifest.shard_ids("train"))
-    rng = np.random.default_rng([seed, epoch, ORDER_KEY])
-    if window <= 0 or window >= len(shards):
-        return rng.permutation(len(train))
-    # The train split is stored shard after shard: shard k's samples are a contiguous run of ids.
-    counts = np.array([manifest.shards[s].samples for s in shards])
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    order = rng.permutation(len(shards))
-    out = []
-    for w in range(0, len(order), window):
-        ids = np.concatenate([np.arange(starts[k], starts[k] + counts[k]) for k in order[w : w + window]])
-        out.append(ids[rng.permutation(len(ids))])
-    return np.concatenate(out)
-
-
-def shards_in_order(manifest: Manifest, split: str, ids: np.ndarray) -> list[int]:
-    """The shards holding ``ids``, in the order of their first sample there."""
-    shard = manifest.split(split).shard[ids]
-    _, first = np.unique(shard, return_index=True)
-    return [int(shard[i]) for i in np.sort(first)]
-
-
-class _Reader:
-    """What the feed calls per batch: encoded images of sample ids, prefetching ahead.
-
-    With an order (training), the cache follows it (``next_use.ReadPlan``): it pins the shards
-    of the current windows, evicts by next read, and is asked to prefetch again at each epoch
-    and, when the dataset does not fit, each time the windows move on.
-    """
-
-    def __init__(self, manifest: Manifest, cache: ShardCache, split: str, order: Callable[[int], np.ndarray] | None,
-                 global_batch: int = 0):  # fmt: skip
-        self.m, self.cache, self.split, self.order, self.global_batch = (
-            manifest,
-            cache,
-            split,
-            order,
-            global_batch,
-        )
-        self.samples = manifest.split(split)
-        self.checked = np.zeros(len(self.samples), bool)  # CRC-32 verified by this process
-        self._planned: int | None = None  # the epoch whose shards were queued
-        if order is not None:
-            cache.follow(ReadPlan(manifest, order, global_batch))
-
-    def __call__(self, ids: np.ndarray, epoch: int, step: int) -> list[np.ndarray]:
-        moved = self.cache.at(epoch, step)
-        if self._planned != epoch or (moved and self.cache.bounded):
-            # This epoch's shards from here on, then the next epoch's (the feed runs on); as
-            # many as the limit holds when the dataset does not fit.
-            self.cache.prefetch(self.cache.ahead())
-            self._planned = epoch
-        return self.read(ids)
-
-    def read(self, ids: Any) -> list[np.ndarray]:
-        s = self.samples
-        seen = self.checked[ids].tolist()
-        crcs = [None if known else crc for crc, known in zip(s.crc32[ids].tolist(), seen, strict=True)]
-        out = self.cache.read_samples(
-            s.shard[ids].tolist(), s.offset[ids].tolist(), s.size[ids].tolist(), crcs
-        )
-        self.checked[ids] = True
-        return out
 
 
 class ShardedSource:
@@ -180,7 +109,7 @@ class ShardedSource:
                 orders[epoch] = epoch_order(self.manifest, seed, epoch, cfg.shuffle_window)
             return orders[epoch]
 
-        reader = _Reader(self.manifest, cache, "train", order, global_batch)
+        reader = ShardReader(self.manifest, cache, "train", order, global_batch)
         train = build_train_loader(
             self.index, cfg, global_batch=global_batch, seed=seed, order=order, read=reader, **common
         )
@@ -221,10 +150,15 @@ class ShardedSource:
                 **common,
             )
 
+        def make_train_eval() -> Any:  # the training samples through the centre-crop test pipeline
+            return build_sharded_val_loader(self.index, m, cache, cfg.data, mode="center", scales=cfg.eval.scales,
+                                            batch_size=eval_batch, split="train", **common)  # fmt: skip
+
         counts = (lambda: fetch_counts(cache)) if cache.remote else None  # a local root fetches nothing
         pin = {"manifest_sha256": m.digest, "shuffle_window": cfg.data.shuffle_window}
+        # No make_test: as for the folder layout, ImageNet's test labels are not public.
         return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val,
-                    fetch_counts=counts, order_pin=pin)  # fmt: skip
+                    make_train_eval=make_train_eval, fetch_counts=counts, order_pin=pin)  # fmt: skip
 
 
 def fetch_counts(cache: ShardCache) -> dict[str, float]:
@@ -246,7 +180,7 @@ def open_sharded(cfg: DataConfig) -> ShardedSource | None:
 class _ValFeed:
     """Batches of (encoded image, label) over ids, padded with the first id, cycling pass after pass."""
 
-    def __init__(self, reader: _Reader, ids: np.ndarray, labels: np.ndarray, batch_size: int):
+    def __init__(self, reader: ShardReader, ids: np.ndarray, labels: np.ndarray, batch_size: int):
         self.reader, self.ids, self.labels, self.batch_size = reader, ids, labels, batch_size
         self.pos = 0
 
@@ -277,8 +211,11 @@ def build_sharded_val_loader(
     num_threads: int,
     channels_last: bool = False,
     half: bool = False,
+    split: str = "val",
 ) -> Any:
-    """``build_val_loader`` over the manifest's val samples (same arguments, same outputs)."""
+    """``build_val_loader`` over the manifest's samples of ``split`` (same arguments, same outputs):
+    ``val``, or ``train`` for the training images in eval mode (each rank a contiguous slice of the
+    manifest's training samples, no augmentation)."""
     from pipeline.data.dali_pipeline import VAL_MODES, build_val_pipeline
     from pipeline.data.sharding import augmentation_seed, val_shard
 
@@ -288,11 +225,16 @@ def build_sharded_val_loader(
         raise ValueError("eval mode 'multiscale' needs at least one scale (eval.scales)")
     if batch_size < 1:
         raise ValueError(f"val batch_size must be positive, got {batch_size}")
-    mine = val_shard(len(index.val_files), shard_id=shard_id, num_shards=num_shards)
+    if split not in ("train", "val"):
+        raise ValueError(f"split {split!r}; choose 'train' or 'val'")
+    names, all_labels = (
+        (index.train_files, index.train_labels) if split == "train" else (index.val_files, index.val_labels)
+    )
+    mine = val_shard(len(names), shard_id=shard_id, num_shards=num_shards)
     ids = np.arange(mine.start, mine.stop)
-    labels = np.asarray(index.val_labels, np.int64)[mine.start : mine.stop]
-    reader = _Reader(manifest, cache, "val", None)
-    cache.prefetch(shards_in_order(manifest, "val", ids) if len(ids) else [])
+    labels = np.asarray(all_labels, np.int64)[mine.start : mine.stop]
+    reader = ShardReader(manifest, cache, split, None)
+    cache.prefetch(shards_in_order(manifest, split, ids) if len(ids) else [])
 
     def make_pipe() -> Any:
         return build_val_pipeline(
@@ -301,7 +243,7 @@ def build_sharded_val_loader(
             source=_ValFeed(reader, ids, labels, batch_size),
         )  # fmt: skip
 
-    files = list(index.val_files[mine.start : mine.stop])
+    files = list(names[mine.start : mine.stop])
     return _ShardValLoader(mode, files, make_pipe, batch_size, _torch_device(device_id), channels_last)
 
 

@@ -40,7 +40,7 @@ def train_shard(
     takes the r-th contiguous slice of every global batch, so the global batch at step k is the
     same whatever the world size, and every rank takes ``num_files // global_batch`` steps.
     ``perm``: the epoch's order when it is not a full permutation (the sharded layout's
-    shuffle over windows of shards, ``pipeline.data.shard_feed.epoch_order``).
+    shuffle over windows of shards, ``pipeline.data.shard_reads.epoch_order``).
     """
     mine = rank_slice(global_batch, shard_id, num_shards)
     steps = num_files // global_batch
