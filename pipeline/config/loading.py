@@ -286,6 +286,7 @@ def _check(cfg: Config) -> None:
             "data.shuffle_window: must be 0 (one window: a full shuffle) or more shards, "
             f"got {cfg.data.shuffle_window}"
         )
+    _check_recipe(cfg)
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones must be increasing, got {list(cfg.schedule.milestones)}")
     workers = cfg.cluster.num_workers
@@ -307,6 +308,12 @@ def _check(cfg: Config) -> None:
                 )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty run name without '/', got {cfg.name!r}")
+
+
+def _check_recipe(cfg: Config) -> None:
+    """The fast-recipe keys: BlurPool."""
+    if cfg.model.blurpool and is_cifar(cfg.data.dataset):
+        raise ConfigError("model.blurpool: is for the ImageNet networks; the CIFAR-10 ones take false")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -80,6 +80,10 @@ class ModelConfig:
     shortcut: Literal["A", "B", "C"] | None = None  # None: the registered model's own option
     v1_5: bool | None = None
     zero_init_residual: bool = False
+    # BlurPool (Zhang 2019, as in FFCV's ResNet-50 recipe): a fixed 3x3 binomial blur before every
+    # strided conv of 16 or more input channels (pipeline.models.blurpool). ImageNet networks only;
+    # no parameters, more multiply-adds (`python -m pipeline models --blurpool`).
+    blurpool: bool = False
     # A checkpoint folder (or a run folder: its newest checkpoint) whose weights start this run,
     # e.g. the one `python -m pipeline deepen` writes. Weights only: the optimizer, the schedule and
     # the step start at 0. Used only when the run has no checkpoint of its own (nor resume_from) to resume from.
