@@ -311,7 +311,22 @@ def _check(cfg: Config) -> None:
 
 
 def _check_recipe(cfg: Config) -> None:
-    """The fast-recipe keys: BlurPool."""
+    """The fast-recipe keys: MixUp / CutMix, BlurPool."""
+    o = cfg.optim
+    for key, alpha in (("optim.mixup_alpha", o.mixup_alpha), ("optim.cutmix_alpha", o.cutmix_alpha)):
+        if alpha < 0:
+            raise ConfigError(
+                f"{key}: must be 0 (off) or positive (a Beta distribution's alpha), got {alpha:g}"
+            )
+    if not 0.0 <= o.mix_switch_prob <= 1.0:
+        raise ConfigError(
+            f"optim.mix_switch_prob: must be a probability in [0, 1], got {o.mix_switch_prob:g}"
+        )
+    if o.mix_switch_prob != 0.5 and not (o.mixup_alpha > 0 and o.cutmix_alpha > 0):
+        raise ConfigError(
+            "optim.mix_switch_prob: chooses between MixUp and CutMix, so it needs both optim.mixup_alpha "
+            "and optim.cutmix_alpha above 0"
+        )
     if cfg.model.blurpool and is_cifar(cfg.data.dataset):
         raise ConfigError("model.blurpool: is for the ImageNet networks; the CIFAR-10 ones take false")
 

@@ -103,6 +103,16 @@ class OptimConfig:
     nesterov: bool = False
     no_wd_bn_bias: bool = False  # exclude BN and bias parameters from weight decay
     label_smoothing: float = 0.0
+    # MixUp and CutMix on the device, drawn per image from (seed, epoch, step, position in the
+    # global batch); each image is mixed with the one at the mirrored position of its worker's
+    # batch. MixUp blends whole images with weight lam ~ Beta(mixup_alpha, mixup_alpha); CutMix
+    # pastes a box of area about (1 - lam) with lam ~ Beta(cutmix_alpha, cutmix_alpha). The loss is
+    # the cross-entropy against both labels weighted lam and 1 - lam; train/top1_err counts a hit
+    # when the top class is the label of larger weight. 0: off (the paper).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # With both on: the chance that an image is cut (CutMix) rather than blended (MixUp).
+    mix_switch_prob: float = 0.5
 
 
 @dataclass(frozen=True)
