@@ -311,8 +311,12 @@ def _check(cfg: Config) -> None:
 
 
 def _check_recipe(cfg: Config) -> None:
-    """The fast-recipe keys: MixUp / CutMix, BlurPool."""
+    """The fast-recipe keys: EMA, MixUp / CutMix, BlurPool."""
     o = cfg.optim
+    if not 0.0 <= o.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay: must be 0 (off) or in (0, 1), e.g. 0.9999, got {o.ema_decay:g}")
+    if o.ema_warmup and o.ema_decay == 0.0:
+        raise ConfigError("optim.ema_warmup: true needs an EMA; set optim.ema_decay (e.g. 0.9999)")
     for key, alpha in (("optim.mixup_alpha", o.mixup_alpha), ("optim.cutmix_alpha", o.cutmix_alpha)):
         if alpha < 0:
             raise ConfigError(

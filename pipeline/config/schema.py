@@ -103,6 +103,13 @@ class OptimConfig:
     nesterov: bool = False
     no_wd_bn_bias: bool = False  # exclude BN and bias parameters from weight decay
     label_smoothing: float = 0.0
+    # An exponential moving average of the weights, updated after every optimizer step with this
+    # decay (0: off; e.g. 0.9999), and scored beside them (val/ema_top1_err ...; summary.json's
+    # ema_val_top1_err). BN running statistics are averaged like the weights. Saved in checkpoints.
+    ema_decay: float = 0.0
+    # The EMA's decay at its t-th update is min(ema_decay, (1 + t) / (10 + t)) (TensorFlow's
+    # num_updates rule), so early weights fade fast; false: ema_decay from the start.
+    ema_warmup: bool = False
     # MixUp and CutMix on the device, drawn per image from (seed, epoch, step, position in the
     # global batch); each image is mixed with the one at the mirrored position of its worker's
     # batch. MixUp blends whole images with weight lam ~ Beta(mixup_alpha, mixup_alpha); CutMix

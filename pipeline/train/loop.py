@@ -15,7 +15,8 @@ goes, the ``perf/*`` metrics), ``fetch_figures`` (``FetchFigures``: the sharded 
 per run).
 What else it calls says what it does by its name:
 ``checkpoint.restore`` and ``save_checkpoint``, ``evaluate.score`` (every evaluation), the
-``schedule``'s pure functions of the step. ``train_one_epoch`` and ``validate_epoch`` return
+``schedule``'s pure functions of the step, ``mixing.Mixer`` (MixUp / CutMix) and ``ema.WeightAverage``
+(the EMA of the weights). ``train_one_epoch`` and ``validate_epoch`` return
 metric dicts.
 
 Nothing in a step waits for the device: the loss and the counts stay on it (``EpochSums``) and
@@ -181,6 +182,8 @@ def train_one_epoch(
         if mixer is not None:  # drawn from (seed, epoch, i): a resumed epoch mixes alike
             images, mixed = mixer.mix(images, labels, epoch, i)
         loss, top1, top5 = train_step(run, images, labels, mixed)
+        if run.ema is not None:
+            run.ema.update(run.network, updates=step)
         acc.add(step, loss, top1, top5, labels.shape[0])
         clock.step_ends(labels.shape[0])
         step += 1
@@ -240,9 +243,13 @@ def validate_epoch(
     run: Run, epoch: int, progress: TrainingProgress
 ) -> tuple[dict[str, float], TrainingProgress]:
     """The epoch's validation and what it decides: the plateau schedule's next step, the best error.
-    The training images are scored beside it in eval mode when ``eval.train_eval`` says so."""
+    The EMA of the weights is scored beside the weights (``val/ema_*``, when ``optim.ema_decay`` is
+    on; the schedule and the best error follow the weights), and the training images in eval mode
+    when ``eval.train_eval`` says so."""
     cfg = run.cfg
     metrics = score(run, "val", cfg.eval.mode)
+    if run.ema is not None:
+        metrics.update(score(run, "val", cfg.eval.mode, weights="ema"))
     # Patience counts epochs, not evaluations: the epochs since the previous one.
     since = (epoch + 1) % cfg.eval.every_n_epochs or cfg.eval.every_n_epochs
     schedule = plateau_update(
@@ -273,6 +280,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     progress, last_checkpoint = restored or (TrainingProgress(), None)
     if restored is None:  # a fresh run: step 0, from model.init_from's weights when it is set
         load_initial_weights(run.network, cfg, is_main=ctx.is_main)
+        if run.ema is not None:
+            run.ema.copy_from(run.network)
     out = RunOutputs.open(run, progress)
     progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
     img_per_s = []
@@ -293,6 +302,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
     final = score(run, "val", final_mode)  # the epochs' loader when final_mode is eval.mode
+    final_ema = score(run, "val", final_mode, weights="ema") if run.ema is not None else {}
     # CIFAR-10 with a held-out split: the test set is scored too, once, at the end.
     test = score(run, "test", final_mode) if run.data.make_test else None
     summary = {
@@ -304,6 +314,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "val_images": final["val/images"],
         # test_top1_err, test_top5_err, test_images (only when a test set was scored)
         **{k.replace("test/", "test_"): v for k, v in (test or {}).items() if k != "test/loss"},
+        # ema_val_top1_err, ema_val_top5_err: the EMA of the weights (optim.ema_decay), same mode
+        **{k.replace("val/ema_", "ema_val_"): v for k, v in final_ema.items() if k.endswith("_err")},
         "best_val_top1_err": progress.best_val_top1_err,
         "epochs": progress.epoch,
         "steps": progress.step,
