@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import load_config, to_dict
+from pipeline.config import dump_yaml, load_config, to_dict
 from pipeline.data import cli
+from pipeline.driver import eval_cmd
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import init_context
 from pipeline.train.ema import WeightAverage, ema_decay
@@ -115,6 +116,11 @@ def test_ema_and_mixing_resume_mid_epoch_bitwise(cifar_root, tmp_path):
     assert any(
         not torch.equal(end["ema"][k], end["model"][k]) for k in end["model"]
     )  # an average, not a copy
+    # The eval command scores the checkpoint's EMA (--ema) as the run's final evaluation did.
+    for ema, key in ((True, "ema_val_top1_err"), (False, "val_top1_err")):
+        cfg = to_dict(load_config(None, common))
+        record = eval_cmd.eval_worker(cfg, str(straight / "checkpoint_epoch0002"), ema=ema)
+        assert record["ema"] is ema and record["top1_err"] == summary[key]
 
     # The same run stopped after step 8 (the middle of epoch 2) and started again from there.
     shutil.copytree(straight, tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint_epoch0002"))
@@ -128,7 +134,7 @@ def test_ema_and_mixing_resume_mid_epoch_bitwise(cifar_root, tmp_path):
     assert again["step"] == end["step"] == 12
 
 
-def test_older_checkpoint_without_ema_starts_the_ema_at_its_weights(cifar_root, tmp_path):
+def test_older_checkpoint_without_ema_starts_the_ema_at_its_weights(cifar_root, tmp_path, capsys):
     cfg = load_config(None, cifar_overrides(cifar_root, tmp_path, "old"))
     run = setup_run(cfg, init_context(False, use_gpu=False))
     folder = tmp_path / "old" / "checkpoint_epoch0001"
@@ -145,6 +151,11 @@ def test_older_checkpoint_without_ema_starts_the_ema_at_its_weights(cifar_root, 
     assert progress.step == 6
     for key, value in with_ema.network.state_dict().items():
         assert torch.equal(with_ema.ema.state_dict()[key], value), key
+    # Nor can the eval command score an EMA that is not there: it says so before any work.
+    (tmp_path / "c.yaml").write_text(dump_yaml(cfg))
+    args = ["--config", str(tmp_path / "c.yaml"), "--checkpoint", str(folder), "--no-ray"]
+    assert eval_cmd.main([*args, "--ema"]) == 2
+    assert "holds no EMA of the weights" in capsys.readouterr().err
 
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
