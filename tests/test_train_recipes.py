@@ -186,3 +186,31 @@ def test_recipe_steps_make_no_host_sync(cifar_root, tmp_path, monkeypatch):
     counts.clear()
     train_one_epoch(run, 1, TrainingProgress(epoch=1, step=steps + steps // 2), Quiet())
     assert sum(whole.values()) > 0 and whole == counts, (whole, counts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA's own sync detector")
+def test_recipe_steps_make_no_host_sync_on_cuda(cifar_root, tmp_path):
+    """On a GPU, CUDA's own detector: a step with MixUp / CutMix draws and an EMA update raises if
+    anything in it waits for the device."""
+    from pipeline.train.loop import train_step
+    from pipeline.train.mixing import Mixer
+
+    overrides = cifar_overrides(cifar_root, tmp_path, "cuda") + RECIPE + ["precision.cudnn_benchmark=false"]
+    cfg = load_config(None, [*overrides, "cluster.use_gpu=true", "precision.amp=bf16"])
+    run = setup_run(cfg, init_context(False, use_gpu=True))
+    mixer = Mixer.for_run(run)
+    images, labels = next(iter(run.data.train.epoch(0)))
+
+    def step(i: int) -> None:
+        mixed_images, mixed = mixer.mix(images, labels, 0, i)
+        train_step(run, mixed_images, labels, mixed)
+        run.ema.update(run.network, updates=i)
+
+    step(0)  # the first step allocates and picks kernels outside the detector
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 4):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
