@@ -105,7 +105,8 @@ class OptimConfig:
     label_smoothing: float = 0.0
     # An exponential moving average of the weights, updated after every optimizer step with this
     # decay (0: off; e.g. 0.9999), and scored beside them (val/ema_top1_err ...; summary.json's
-    # ema_val_top1_err). BN running statistics are averaged like the weights. Saved in checkpoints.
+    # ema_val_top1_err): a second validation pass each evaluated epoch. BN running statistics are
+    # averaged like the weights. Saved in checkpoints; `eval --checkpoint DIR --ema` scores it.
     ema_decay: float = 0.0
     # The EMA's decay at its t-th update is min(ema_decay, (1 + t) / (10 + t)) (TensorFlow's
     # num_updates rule), so early weights fade fast; false: ema_decay from the start.
