@@ -295,6 +295,7 @@ def _check(cfg: Config) -> None:
             "data.shuffle_window: must be 0 (one window: a full shuffle) or more shards, "
             f"got {cfg.data.shuffle_window}"
         )
+    _check_recipe(cfg)
     if list(cfg.schedule.milestones) != sorted(cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones must be increasing, got {list(cfg.schedule.milestones)}")
     workers = cfg.cluster.num_workers
@@ -316,6 +317,31 @@ def _check(cfg: Config) -> None:
                 )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty run name without '/', got {cfg.name!r}")
+
+
+def _check_recipe(cfg: Config) -> None:
+    """The fast-recipe keys: EMA, MixUp / CutMix, BlurPool."""
+    o = cfg.optim
+    if not 0.0 <= o.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay: must be 0 (off) or in (0, 1), e.g. 0.9999, got {o.ema_decay:g}")
+    if o.ema_warmup and o.ema_decay == 0.0:
+        raise ConfigError("optim.ema_warmup: true needs an EMA; set optim.ema_decay (e.g. 0.9999)")
+    for key, alpha in (("optim.mixup_alpha", o.mixup_alpha), ("optim.cutmix_alpha", o.cutmix_alpha)):
+        if alpha < 0:
+            raise ConfigError(
+                f"{key}: must be 0 (off) or positive (a Beta distribution's alpha), got {alpha:g}"
+            )
+    if not 0.0 <= o.mix_switch_prob <= 1.0:
+        raise ConfigError(
+            f"optim.mix_switch_prob: must be a probability in [0, 1], got {o.mix_switch_prob:g}"
+        )
+    if o.mix_switch_prob != 0.5 and not (o.mixup_alpha > 0 and o.cutmix_alpha > 0):
+        raise ConfigError(
+            "optim.mix_switch_prob: chooses between MixUp and CutMix, so it needs both optim.mixup_alpha "
+            "and optim.cutmix_alpha above 0"
+        )
+    if cfg.model.blurpool and is_cifar(cfg.data.dataset):
+        raise ConfigError("model.blurpool: is for the ImageNet networks; the CIFAR-10 ones take false")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

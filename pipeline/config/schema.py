@@ -80,6 +80,10 @@ class ModelConfig:
     shortcut: Literal["A", "B", "C"] | None = None  # None: the registered model's own option
     v1_5: bool | None = None
     zero_init_residual: bool = False
+    # BlurPool (Zhang 2019, as in FFCV's ResNet-50 recipe): a fixed 3x3 binomial blur before every
+    # strided conv of 16 or more input channels (pipeline.models.blurpool). ImageNet networks only;
+    # no parameters, more multiply-adds (`python -m pipeline models --blurpool`).
+    blurpool: bool = False
     # A checkpoint folder (or a run folder: its newest checkpoint) whose weights start this run,
     # e.g. the one `python -m pipeline deepen` writes. Weights only: the optimizer, the schedule and
     # the step start at 0. Used only when the run has no checkpoint of its own (nor resume_from) to resume from.
@@ -99,6 +103,24 @@ class OptimConfig:
     nesterov: bool = False
     no_wd_bn_bias: bool = False  # exclude BN and bias parameters from weight decay
     label_smoothing: float = 0.0
+    # An exponential moving average of the weights, updated after every optimizer step with this
+    # decay (0: off; e.g. 0.9999), and scored beside them (val/ema_top1_err ...; summary.json's
+    # ema_val_top1_err): a second validation pass each evaluated epoch. BN running statistics are
+    # averaged like the weights. Saved in checkpoints; `eval --checkpoint DIR --ema` scores it.
+    ema_decay: float = 0.0
+    # The EMA's decay at its t-th update is min(ema_decay, (1 + t) / (10 + t)) (TensorFlow's
+    # num_updates rule), so early weights fade fast; false: ema_decay from the start.
+    ema_warmup: bool = False
+    # MixUp and CutMix on the device, drawn per image from (seed, epoch, step, position in the
+    # global batch); each image is mixed with the one at the mirrored position of its worker's
+    # batch. MixUp blends whole images with weight lam ~ Beta(mixup_alpha, mixup_alpha); CutMix
+    # pastes a box of area about (1 - lam) with lam ~ Beta(cutmix_alpha, cutmix_alpha). The loss is
+    # the cross-entropy against both labels weighted lam and 1 - lam; train/top1_err counts a hit
+    # when the top class is the label of larger weight. 0: off (the paper).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # With both on: the chance that an image is cut (CutMix) rather than blended (MixUp).
+    mix_switch_prob: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""``python -m pipeline models [--json]``: every registered model, its parameters and multiply-adds.
+"""``python -m pipeline models [--json] [--blurpool]``: every registered model, its parameters and
+multiply-adds.
 
     python -m pipeline models             # aligned table
     python -m pipeline models --json      # [{"name", "params", "macs", "input_size"}, ...]
+    python -m pipeline models --blurpool  # the ImageNet networks as model.blurpool=true builds them
 
 Multiply-adds are counted by PyTorch's FlopCounterMode at the model's native input (224 for
 ImageNet nets, 32 for CIFAR-10 nets) and halved (one multiply-add = two FLOPs), which is
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.models.registry import MODEL_NAMES, summarize
+from pipeline.models.registry import MODEL_NAMES, model_spec, summarize
 
 
 def format_table(rows: list[dict[str, int | str]]) -> str:
@@ -54,7 +56,13 @@ def main(argv: list[str]) -> int:
         description="List registered models with parameter counts and multiply-adds at their native input.",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    parser.add_argument(
+        "--blurpool",
+        action="store_true",
+        help="the ImageNet networks with model.blurpool: the blur's multiply-adds counted (no parameters)",
+    )
     args = parser.parse_args(argv)
-    rows = [summarize(name) for name in MODEL_NAMES]
+    names = [n for n in MODEL_NAMES if not args.blurpool or model_spec(n).family == "imagenet"]
+    rows = [summarize(name, blurpool=args.blurpool) for name in names]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0

@@ -2,6 +2,7 @@
 
 model = create_model("resnet50")                     # the paper's ResNet-50 (option B, v1)
 model = create_model("resnet34", shortcut="C")       # same as "resnet34_c"
+model = create_model("resnet50", blurpool=True)      # blur before strided convs (model.blurpool)
 model = build_model(cfg.model)                       # from a ModelConfig
 count_params(model), count_macs(model, native_input_size("resnet50"))
 """
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.models.blurpool import apply_blurpool
 from pipeline.models.cifar import cifar_resnet
 from pipeline.models.resnet import SHORTCUTS, Shortcut, resnet
 
@@ -94,6 +96,7 @@ def create_model(
     shortcut: Shortcut | None = None,
     v1_5: bool | None = None,
     zero_init_residual: bool = False,
+    blurpool: bool = False,
 ) -> nn.Module:
     """Build a registered network, optionally overriding its options.
 
@@ -104,8 +107,12 @@ def create_model(
         v1_5: stride in the bottleneck's 3x3 rather than its first 1x1; None: the model's own.
             Basic-block networks are the same either way.
         zero_init_residual: zero the last BN gamma in each residual branch.
+        blurpool: a fixed 3x3 blur before each strided conv (``pipeline.models.blurpool``);
+            ImageNet networks only.
     """
     spec = model_spec(name)
+    if blurpool and spec.family == "cifar":
+        raise ValueError(f"{name} is a CIFAR-10 network; blurpool is for the ImageNet networks")
     if spec.plain and shortcut is not None:
         raise ValueError(f"{name} is a plain network (no shortcuts); leave model.shortcut unset (null)")
     if spec.plain and zero_init_residual:
@@ -119,7 +126,8 @@ def create_model(
     if spec.family == "cifar":
         return cifar_resnet(spec.depth, classes, option, spec.plain, zero_init_residual)
     v1_5 = spec.v1_5 if v1_5 is None else v1_5
-    return resnet(spec.depth, classes, option, v1_5, spec.plain, zero_init_residual)
+    model = resnet(spec.depth, classes, option, v1_5, spec.plain, zero_init_residual)
+    return apply_blurpool(model) if blurpool else model
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -135,6 +143,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         shortcut=cfg.shortcut,
         v1_5=cfg.v1_5,
         zero_init_residual=cfg.zero_init_residual,
+        blurpool=cfg.blurpool,
     )
 
 
@@ -172,7 +181,7 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int]) -> int:
     return counter.get_total_flops() // 2
 
 
-def summarize(name: str) -> dict[str, int | str]:
+def summarize(name: str, blurpool: bool = False) -> dict[str, int | str]:
     """``{"name", "params", "macs", "input_size"}`` of a registered model at its native input.
 
     Built on the ``meta`` device: no memory for weights and no arithmetic, so even
@@ -180,8 +189,10 @@ def summarize(name: str) -> dict[str, int | str]:
 
     Args:
         name: a registered model name.
+        blurpool: built with ``model.blurpool`` (ImageNet networks only): the blur adds multiply-adds,
+            no parameters.
     """
     size = native_input_size(name)
     with torch.device("meta"):
-        model = create_model(name)
+        model = create_model(name, blurpool=blurpool)
     return {"name": name, "params": count_params(model), "macs": count_macs(model, size), "input_size": size}

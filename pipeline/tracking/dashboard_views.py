@@ -60,6 +60,12 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
                     ["train_eval/top1_err", "train_eval/top5_err"],
                     x=epoch,
                 ),  # fmt: skip
+                # The EMA of the weights beside them (optim.ema_decay).
+                line_plot(
+                    "val error: weights and their EMA",
+                    ["val/top1_err", "val/ema_top1_err", "val/top5_err", "val/ema_top5_err"],
+                    x=epoch,
+                ),
             ],
         ),
         ws.Section(
@@ -68,7 +74,9 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
             panels=[
                 line_plot("training loss (every logged step)", ["train/step_loss"]),
                 line_plot(
-                    "loss per epoch: train and val", ["train/loss", "train_eval/loss", "val/loss"], x=epoch
+                    "loss per epoch: train and val",
+                    ["train/loss", "train_eval/loss", "val/loss", "val/ema_loss"],
+                    x=epoch,
                 ),
             ],
         ),

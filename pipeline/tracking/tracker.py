@@ -73,6 +73,9 @@ EPOCH_METRICS = (
     "val/loss",
     "val/top1_err",
     "val/top5_err",
+    "val/ema_loss",  # the EMA of the weights scored beside them (optim.ema_decay)
+    "val/ema_top1_err",
+    "val/ema_top5_err",
     "train_eval/loss",  # the training images in eval mode: the train-eval pass (eval.train_eval)
     "train_eval/top1_err",
     "train_eval/top5_err",
@@ -85,16 +88,19 @@ EPOCH_METRICS = (
     *DATA_METRICS,
 )
 # Not in every run: gpu_mem_gb and perf/peak_mem_gb on GPU workers only, perf/mfu only on a GPU
-# whose peak pipeline.train.step_time knows; train_eval/* only with eval.train_eval on; data/* only
-# for shards read from a bucket;
+# whose peak pipeline.train.step_time knows; train_eval/* only with eval.train_eval on; val/ema_*
+# only with optim.ema_decay on; data/* only for shards read from a bucket;
 # world_size and global_batch are in every epoch row of today's runs, but not in runs logged by
 # older versions (the dashboards' panels for them say "runs that log it").
 OPTIONAL_METRICS = (
     "gpu_mem_gb", "world_size", "global_batch", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
-    "perf/mfu", "perf/peak_mem_gb", *DATA_METRICS,
+    "perf/mfu", "perf/peak_mem_gb", "val/ema_loss", "val/ema_top1_err", "val/ema_top5_err", *DATA_METRICS,
 )  # fmt: skip
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).
-MIN_SUMMARY_METRICS = ("train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err")
+MIN_SUMMARY_METRICS = (
+    "train/loss", "train/top1_err", "train/top5_err", "val/top1_err", "val/top5_err", "val/ema_top1_err",
+    "val/ema_top5_err",
+)  # fmt: skip
 # Summary only, set at the end of a run: the final evaluation in its mode (e.g. 10-crop), and
 # "final/test/..." for CIFAR-10's test set when validation held out training images (val_split).
 FINAL_SUMMARY_METRICS = tuple(

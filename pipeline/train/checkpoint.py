@@ -5,8 +5,8 @@ resumes from and how many are kept.
     save_checkpoint(run, progress, metrics)          # every rank; rank 0 writes state.pt, Ray uploads it
     state = read(folder); restore_model(state, model)    # evaluation: the weights only
 
-What: the full training state in ``state.pt`` (the model unwrapped from DDP, the optimizer, the
-grad scaler, the RNG states, the resolved config, and the run's ``TrainingProgress``: epoch,
+What: the full training state in ``state.pt`` (the model unwrapped from DDP, the EMA of its weights
+when ``optim.ema_decay`` is on, the optimizer, the grad scaler, the RNG states, the resolved config, and the run's ``TrainingProgress``: epoch,
 global step, schedule state, best validation error, the W&B run id, the epoch's partial sums when
 mid-epoch), and what fixed the data order (``data``: the sharded layout's manifest SHA-256 and
 ``data.shuffle_window``, ``Data.order_pin``), read back with ``torch.load(weights_only=True)``, so
@@ -44,13 +44,15 @@ from pipeline.config import config_changes, to_dict
 from pipeline.store.locations import copy_folder_to, filesystem, is_uri, join, remove_tree
 from pipeline.store.staging import stage_checkpoint
 from pipeline.train.distributed import DistContext, barrier, broadcast_object
+from pipeline.train.ema import WeightAverage
 from pipeline.train.schedule import ScheduleState
 from pipeline.train.setup import Run, TrainingProgress
 
 CHECKPOINT_PREFIX = "checkpoint_"
 STATE_FILE = "state.pt"
-# 2 added epoch_sums (mid-epoch checkpoints), 3 added data (the order pin); older files still load.
-FORMAT_VERSION = 3
+# 2 added epoch_sums (mid-epoch checkpoints), 3 added data (the order pin), 4 added ema (the EMA of
+# the weights, None when off); older files still load.
+FORMAT_VERSION = 4
 REQUIRED_KEYS = frozenset(
     {
         "format_version",
@@ -66,7 +68,7 @@ REQUIRED_KEYS = frozenset(
         "config",
     }
 )
-OPTIONAL_KEYS = frozenset({"epoch_sums", "data"})
+OPTIONAL_KEYS = frozenset({"epoch_sums", "data", "ema"})
 
 
 class CheckpointError(RuntimeError):
@@ -95,9 +97,10 @@ def save(
     progress: TrainingProgress,
     config: dict[str, Any],
     order_pin: dict[str, Any] | None = None,
+    ema: WeightAverage | None = None,
 ) -> Path:
     """Write ``state.pt`` into ``directory`` (created) and return its path; ``order_pin``: the run's
-    ``Data.order_pin`` (None: a layout whose order the seed alone fixes)."""
+    ``Data.order_pin`` (None: a layout whose order the seed alone fixes); ``ema``: the run's EMA."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "format_version": FORMAT_VERSION,
@@ -113,6 +116,7 @@ def save(
         "config": config,
         "epoch_sums": list(progress.epoch_sums),
         "data": order_pin,
+        "ema": ema.state_dict() if ema is not None else None,
     }
     path = directory / STATE_FILE
     tmp = path.with_suffix(".tmp")
@@ -162,9 +166,17 @@ def load_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     scaler: torch.amp.GradScaler | None,
+    ema: WeightAverage | None = None,
 ) -> TrainingProgress:
-    """Load a state read by ``read`` into the live objects; returns the progress to resume from."""
+    """Load a state read by ``read`` into the live objects; returns the progress to resume from.
+    ``ema``: the run's EMA, loaded from the checkpoint's, or started at its weights when it has none
+    (saved before format 4, or with the EMA off)."""
     restore_model(state, model)
+    if ema is not None:
+        if state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        else:
+            ema.copy_from(model)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and scaler.is_enabled() and state["scaler"]:
@@ -392,12 +404,16 @@ def restore(run: Run) -> tuple[TrainingProgress, str] | None:
     if state is None:
         with fetched(value) as folder:
             state = read(folder)
-    progress = load_state(state, model=run.network, optimizer=run.optimizer, scaler=run.scaler)
+    progress = load_state(state, model=run.network, optimizer=run.optimizer, scaler=run.scaler, ema=run.ema)
     if ctx.is_main:
         print(f"restored from checkpoint {value}: epoch {progress.epoch}, step {progress.step}", flush=True)
         changed = config_changes(state["config"], to_dict(run.cfg))
         if changed:
             print(f"warning: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
+        if run.ema is not None and state.get("ema") is None:
+            print(
+                "note: the checkpoint holds no EMA of the weights; the EMA starts at its weights", flush=True
+            )
         if state.get("data", run.data.order_pin) != run.data.order_pin:  # at an epoch's end: allowed
             print(f"note: the data differ from the checkpoint's ({_describe_order(state['data'])} then, "
                   f"{_describe_order(run.data.order_pin)} now); the next epoch reads the new data", flush=True)  # fmt: skip
@@ -422,6 +438,7 @@ def save_checkpoint(
             progress=progress,
             config=to_dict(run.cfg),
             order_pin=run.data.order_pin,
+            ema=run.ema,
         )
 
     keep = run.cfg.checkpoint.num_to_keep

@@ -150,8 +150,9 @@ def train_eval_on(cfg: Config) -> bool:
     return cfg.eval.train_eval if cfg.eval.train_eval is not None else is_cifar(cfg.data.dataset)
 
 
-def score(run: Run, split: str, mode: str) -> dict[str, float]:
-    """One set scored by the run's network in eval mode, every image once over the ranks.
+def score(run: Run, split: str, mode: str, weights: str = "live") -> dict[str, float]:
+    """One set scored by the run's network (or the EMA of its weights) in eval mode, every image
+    once over the ranks.
 
     Every rank uses rank 0's BN statistics (they drift apart when BN is per worker), so every rank
     scores the same function.
@@ -161,18 +162,23 @@ def score(run: Run, split: str, mode: str) -> dict[str, float]:
         split: ``val``, ``test`` (CIFAR-10's held-out test set) or ``train`` (the training images,
             no augmentation).
         mode: ``center`` | ``tencrop`` | ``multiscale``.
+        weights: ``live`` (the network as trained) or ``ema`` (``run.ema``, ``optim.ema_decay``),
+            whose metrics carry ``ema_`` after the set's prefix (``val/ema_top1_err``).
 
     Returns:
         ``top1_err``, ``top5_err`` (percent), ``loss`` and ``images``, prefixed ``val/``,
         ``test/`` or ``train_eval/``.
     """
-    broadcast_buffers(run.network)
+    if weights not in ("live", "ema") or (weights == "ema" and run.ema is None):
+        raise ValueError(f"weights={weights!r}: choose 'live', or 'ema' in a run with optim.ema_decay set")
+    network = run.network if weights == "live" else run.ema.module
+    broadcast_buffers(network)
     return evaluate(
-        run.network,
+        network,
         run.eval_loader(split, mode).epoch(0),
         mode=mode,
         device=run.ctx.device,
         amp=run.cfg.precision.amp,
         channels_last=run.cfg.precision.channels_last,
-        prefix=PREFIXES[split],
+        prefix=PREFIXES[split] + ("ema_" if weights == "ema" else ""),
     )

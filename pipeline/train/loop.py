@@ -15,7 +15,8 @@ goes, the ``perf/*`` metrics), ``fetch_figures`` (``FetchFigures``: the sharded 
 per run).
 What else it calls says what it does by its name:
 ``checkpoint.restore`` and ``save_checkpoint``, ``evaluate.score`` (every evaluation), the
-``schedule``'s pure functions of the step. ``train_one_epoch`` and ``validate_epoch`` return
+``schedule``'s pure functions of the step, ``mixing.Mixer`` (MixUp / CutMix) and ``ema.WeightAverage``
+(the EMA of the weights). ``train_one_epoch`` and ``validate_epoch`` return
 metric dicts.
 
 Nothing in a step waits for the device: the loss and the counts stay on it (``EpochSums``) and
@@ -32,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import config_from_dict, requested_gpu
 from pipeline.train import checkpoint as ckpt
@@ -40,6 +40,7 @@ from pipeline.train.distributed import all_reduce_sum, finish, init_context
 from pipeline.train.evaluate import autocast, score, topk_correct, train_eval_on
 from pipeline.train.fetch_figures import FetchFigures
 from pipeline.train.init_from import load_initial_weights
+from pipeline.train.mixing import MixedTargets, Mixer, mixed_cross_entropy
 from pipeline.train.outputs import RunOutputs
 from pipeline.train.preemption import PreemptionPoll, checkpoint_line
 from pipeline.train.schedule import ScheduleState, learning_rate, plateau_update, warmup_update
@@ -115,31 +116,37 @@ def lr_at(run: Run, step: int, state: ScheduleState) -> float:
     )
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def train_step(
+    run: Run, images: torch.Tensor, labels: torch.Tensor, mixed: MixedTargets | None = None
+) -> tuple[torch.Tensor, ...]:
     """One optimizer step over this worker's batch, in micro-batches of at most ``micro_batch``.
 
     Each micro-batch's mean loss is weighted by its share of the global batch (``size x world /
     global``; DDP then averages over the world), so the gradient is exactly the global batch's
     mean, whatever the split over workers and micro-batches. DDP all-reduces only after the last
-    micro-batch (``no_sync`` before). Returns the batch's mean loss and its top-1 / top-5 hit
-    counts, all still on the device.
+    micro-batch (``no_sync`` before). ``mixed``: the targets of a MixUp / CutMix batch
+    (``pipeline.train.mixing``), whose hits count against the label of larger weight. Returns the
+    batch's mean loss and its top-1 / top-5 hit counts, all still on the device.
     """
     cfg, d = run.cfg, run.derived
     fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     run.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=images.device)
     hits = torch.zeros(2, dtype=torch.int64, device=images.device)
-    parts = list(zip(images.split(d.micro_batch), labels.split(d.micro_batch), strict=True))
+    targets = labels.split(d.micro_batch) if mixed is None else mixed.split(d.micro_batch)
+    parts = list(zip(images.split(d.micro_batch), targets, strict=True))
     no_sync = getattr(run.model, "no_sync", None)
     for i, (x, y) in enumerate(parts):
+        n = x.shape[0]
         with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
             with autocast(images.device, cfg.precision.amp):
                 logits = run.model(x.contiguous(memory_format=fmt))
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
-            run.scaler.scale(loss * (y.shape[0] * d.world_size / d.global_batch)).backward()
+                loss = mixed_cross_entropy(logits.float(), y, cfg.optim.label_smoothing)
+            run.scaler.scale(loss * (n * d.world_size / d.global_batch)).backward()
         with torch.no_grad():
-            loss_sum += loss.detach() * y.shape[0]
-            hits += torch.stack(topk_correct(logits.detach().float(), y))
+            loss_sum += loss.detach() * n
+            reference = y if mixed is None else y.dominant()
+            hits += torch.stack(topk_correct(logits.detach().float(), reference))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return loss_sum / labels.shape[0], hits[0], hits[1]
@@ -171,13 +178,19 @@ def train_one_epoch(
     start = time.perf_counter()
     clock.start()
     batches = iter(run.data.train.epoch(epoch, start=first))
+    mixer = Mixer.for_run(run)
     for i in range(first, end):
         images, labels = clock.next_batch(batches)
         lr = lr_at(run, step, state)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         clock.step_begins()
-        loss, top1, top5 = train_step(run, images, labels)
+        mixed = None
+        if mixer is not None:  # drawn from (seed, epoch, i): a resumed epoch mixes alike
+            images, mixed = mixer.mix(images, labels, epoch, i)
+        loss, top1, top5 = train_step(run, images, labels, mixed)
+        if run.ema is not None:
+            run.ema.update(run.network, updates=step)
         acc.add(step, loss, top1, top5, labels.shape[0])
         clock.step_ends(labels.shape[0])
         step += 1
@@ -248,9 +261,13 @@ def validate_epoch(
     run: Run, epoch: int, progress: TrainingProgress
 ) -> tuple[dict[str, float], TrainingProgress]:
     """The epoch's validation and what it decides: the plateau schedule's next step, the best error.
-    The training images are scored beside it in eval mode when ``eval.train_eval`` says so."""
+    The EMA of the weights is scored beside the weights (``val/ema_*``, when ``optim.ema_decay`` is
+    on; the schedule and the best error follow the weights), and the training images in eval mode
+    when ``eval.train_eval`` says so."""
     cfg = run.cfg
     metrics = score(run, "val", cfg.eval.mode)
+    if run.ema is not None:
+        metrics.update(score(run, "val", cfg.eval.mode, weights="ema"))
     # Patience counts epochs, not evaluations: the epochs since the previous one.
     since = (epoch + 1) % cfg.eval.every_n_epochs or cfg.eval.every_n_epochs
     schedule = plateau_update(
@@ -281,6 +298,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     progress, last_checkpoint = restored or (TrainingProgress(), None)
     if restored is None:  # a fresh run: step 0, from model.init_from's weights when it is set
         load_initial_weights(run.network, cfg, is_main=ctx.is_main)
+        if run.ema is not None:
+            run.ema.copy_from(run.network)
     out = RunOutputs.open(run, progress)
     progress = dataclasses.replace(progress, wandb_run_id=out.wandb_run_id)
     img_per_s = []
@@ -302,6 +321,7 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
 
     final_mode = cfg.eval.final_mode or cfg.eval.mode
     final = score(run, "val", final_mode)  # the epochs' loader when final_mode is eval.mode
+    final_ema = score(run, "val", final_mode, weights="ema") if run.ema is not None else {}
     # CIFAR-10 with a held-out split: the test set is scored too, once, at the end.
     test = score(run, "test", final_mode) if run.data.make_test else None
     summary = {
@@ -313,6 +333,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "val_images": final["val/images"],
         # test_top1_err, test_top5_err, test_images (only when a test set was scored)
         **{k.replace("test/", "test_"): v for k, v in (test or {}).items() if k != "test/loss"},
+        # ema_val_top1_err, ema_val_top5_err: the EMA of the weights (optim.ema_decay), same mode
+        **{k.replace("val/ema_", "ema_val_"): v for k, v in final_ema.items() if k.endswith("_err")},
         "best_val_top1_err": progress.best_val_top1_err,
         "epochs": progress.epoch,
         "steps": progress.step,

@@ -126,7 +126,9 @@ class RunOutputs:
                 else ""
             )
             + f"| val top1 err {metrics.get('val/top1_err', nan):.2f}% "
-            f"top5 err {metrics.get('val/top5_err', nan):.2f}% | lr {metrics['lr']:.5g} "
+            f"top5 err {metrics.get('val/top5_err', nan):.2f}% "
+            + (f"(EMA {metrics['val/ema_top1_err']:.2f}%) " if "val/ema_top1_err" in metrics else "")
+            + f"| lr {metrics['lr']:.5g} "
             f"| {metrics['img_per_s']:.1f} img/s | {metrics['epoch_time_s']:.1f}s",
             flush=True,
         )
@@ -147,6 +149,12 @@ class RunOutputs:
             f"| run dir {summary['run_dir']}",
             flush=True,
         )
+        if "ema_val_top1_err" in summary:
+            print(
+                f"final ({final_mode}), the EMA of the weights: val top-1 err {summary['ema_val_top1_err']:.2f}% "
+                f"top-5 err {summary['ema_val_top5_err']:.2f}%",
+                flush=True,
+            )
         if test:
             print(
                 f"test set ({test['test/images']} images): top-1 err {test['test/top1_err']:.2f}% "
@@ -158,6 +166,12 @@ class RunOutputs:
             {
                 f"final/{final_mode}/top1_err": summary["val_top1_err"],
                 f"final/{final_mode}/top5_err": summary["val_top5_err"],
+                # the EMA of the weights in the same mode (optim.ema_decay)
+                **{
+                    f"final/{final_mode}/ema_{k.removeprefix('ema_val_')}": v
+                    for k, v in summary.items()
+                    if k.startswith("ema_val_")
+                },
                 **{
                     k.replace("test/", "final/test/"): v
                     for k, v in (test or {}).items()

@@ -3,7 +3,7 @@ things the training loop carries, ``Run`` (what the run holds) and ``TrainingPro
 stands).
 
     ctx = init_context(under_ray, requested_gpu(cfg.cluster), cfg.cluster.collective_timeout_s)
-    run = setup_run(cfg, ctx)          # data -> derived values -> model (DDP, compile) -> SGD
+    run = setup_run(cfg, ctx)          # data -> derived values -> model (DDP, compile) -> SGD (-> EMA)
 
 The loop (``pipeline.train.loop``) takes the ``Run`` from here and only steps through epochs.
 """
@@ -25,6 +25,7 @@ from pipeline.host import usable_cpus
 from pipeline.store.rundir import run_location
 from pipeline.train.derived import Derived, derive
 from pipeline.train.distributed import DistContext, wrap_model
+from pipeline.train.ema import WeightAverage
 from pipeline.train.schedule import ScheduleState
 
 
@@ -44,6 +45,8 @@ class Run:
     # The evaluation loaders by (set, eval mode), each built at its first use and kept for the run:
     # a DALI pipeline takes seconds to build, and the sharded layout's starts fetching shards.
     eval_loaders: dict[tuple[str, str], Loader] = field(default_factory=dict)
+    # The EMA of the network's weights (optim.ema_decay), None when off.
+    ema: WeightAverage | None = None
 
     def eval_loader(self, split: str, mode: str) -> Loader:
         """This rank's loader over ``split`` (``val``, ``test``, or ``train``: the training images
@@ -167,4 +170,5 @@ def setup_run(cfg: Config, ctx: DistContext) -> Run:
     )
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision.amp == "fp16")
     location = run_location(cfg.checkpoint.storage_path, cfg.name)
-    return Run(cfg, ctx, derived, data, location, network, trained, optimizer, scaler)
+    ema = WeightAverage.for_config(network, cfg.optim)
+    return Run(cfg, ctx, derived, data, location, network, trained, optimizer, scaler, ema=ema)
