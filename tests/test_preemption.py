@@ -118,3 +118,13 @@ def test_config_keys_are_checked():
         load_config("configs/demo.yaml", ["cluster.preemption_poll_s=-1"])
     with pytest.raises(ConfigError, match="cluster.max_preemption_failures: must be -1"):
         load_config("configs/demo.yaml", ["cluster.max_preemption_failures=-2"])
+
+
+def test_the_ray_runner_passes_the_keys_and_notes_sigterm(recorded_trainer, tmp_path):
+    from pipeline.driver.ray_runner import run_on_ray
+
+    common = ["cluster.use_gpu=false", f"checkpoint.storage_path={tmp_path}", "optim.batch_size=8"]
+    run_on_ray(load_config(None, [*common, "cluster.max_preemption_failures=4"]), worker=lambda c: None)
+    run_config = recorded_trainer["run_config"]
+    assert run_config.failure_config.max_preemption_failures == 4
+    assert [type(c).__name__ for c in run_config.callbacks] == ["SigtermNotes"]  # its workers note SIGTERM
