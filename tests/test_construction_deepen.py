@@ -183,6 +183,7 @@ def test_deepen_command_checks_the_logits_and_writes_a_checkpoint_at_step_0(tmp_
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow  # a whole command or several processes: the full suite's tier
 def test_deepen_without_the_dataset_says_so_or_compares_on_generated_inputs(tmp_path, cifar):
     shallow = _shallow_checkpoint(tmp_path, cifar, "cifar_plain20")
     args = ["deepen", "--checkpoint", str(shallow), "--config", "configs/cifar10/plain32.yaml"]
@@ -242,6 +243,7 @@ def test_train_init_from_loads_weights_only_starts_at_step_0_and_resumes_its_own
     assert [r["step"] for r in rows] == [3, 6, 9]
 
 
+@pytest.mark.slow  # a whole command or several processes: the full suite's tier
 def test_init_from_that_is_missing_or_does_not_fit_stops_before_training(tmp_path, cifar):
     shallow = _shallow_checkpoint(tmp_path, cifar)
     base = ["train", "--no-ray", "--config", "configs/cifar10/resnet56.yaml", *_overrides(cifar, tmp_path)]

@@ -154,6 +154,7 @@ def test_shard_command_resumes_and_repairs(src, tmp_path):
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.is_file()]  # no temporary files
 
 
+@pytest.mark.slow  # a whole command or several processes: the full suite's tier
 def test_shard_from_a_bucket_into_a_bucket(s3, src, sharded):
     """SRC and OUT both s3://: the same shards, byte for byte, as from the local tree."""
     import pyarrow.fs

@@ -177,7 +177,7 @@ def cpu_run(tiny_imagenet, tmp_path_factory):
     return run, batches
 
 
-@pytest.mark.parametrize("sleep_s, said", [(0.5, 1), (0.0, 0)])
+@pytest.mark.parametrize("sleep_s, said", [(0.2, 1), (0.0, 0)])
 def test_a_data_stall_is_named_once_per_run_and_only_when_there_is_one(cpu_run, capsys, sleep_s, said):
     import dataclasses
 

@@ -173,6 +173,7 @@ def _uneven_rank(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a whole command or several processes: the full suite's tier
 def test_mixed_uneven_split_over_ranks_gives_the_global_batch_gradient():
     """8 mixed images over 3 DDP ranks (2, 3, 3) in micro-batches of 2: the all-reduced gradient is
     that of the 3 ranks' mixed images and targets as one batch of 8 in one process."""
