@@ -151,3 +151,26 @@ def test_multiscale_sizes_are_torchvisions(odd_images):
             w, h = im.size
         for s, view in zip(scales, views, strict=True):
             assert tuple(view.shape[2:]) == resized_size(h, w, s), (path, s)
+
+
+@pytest.mark.parametrize("mode", ["center", "tencrop"])
+def test_a_test_crop_larger_than_trainings_is_torchvisions_to_the_pixel(tmp_path, mode):
+    """``data.val_crop`` (FFCV tests at a larger crop than it trains at): the windows of that
+    side, exact to torchvision's CenterCrop / TenCrop, whatever ``crop_size`` the training uses."""
+    from torchvision import transforms as T
+
+    cfg = DataConfig(crop_size=48, val_crop=60, val_resize=64, normalize="meanstd")
+    sizes = [(64, 85), (85, 64), (64, 64)]
+    files = []
+    for i, (h, w) in enumerate(sizes):
+        _coordinate_png(tmp_path / f"coords{i}.png", h, w)
+        files.append(str(tmp_path / f"coords{i}.png"))
+    pixels = (torch.cat([x for x, _ in _load(files, mode, cfg)]) * STD + MEAN).round()
+    per_image = 1 if mode == "center" else 10
+    assert pixels.shape == (len(files) * per_image, 3, 60, 60)
+    for i, path in enumerate(files):
+        with Image.open(path) as im:
+            ref = [T.CenterCrop(60)(im)] if mode == "center" else T.TenCrop(60)(im)
+        for j, crop in enumerate(ref):
+            expected = torch.from_numpy(np.asarray(crop, np.float32)).permute(2, 0, 1)
+            assert torch.equal(pixels[i * per_image + j], expected), (sizes[i], j)

@@ -258,17 +258,22 @@ def test_train_imagenet_then_eval_of_its_checkpoint(imagenet, place, env, on_hea
 
 @pytest.mark.ray
 def test_train_imagenet_with_another_config_and_args(imagenet, place, on_head):
+    """A fast recipe (docs/recipes.md: BlurPool, label smoothing, the linear schedule with
+    warm-up, a test crop and its flip) at another global batch, under Ray."""
     make = documented(
         "README.md",
-        'make train-imagenet DATA=/data/imagenet CONFIG=configs/imagenet/resnet34.yaml ARGS="optim.batch_size=512"',
+        "make train-imagenet DATA=/data/imagenet CONFIG=configs/imagenet/fast/rn50_16ep.yaml "
+        'ARGS="optim.batch_size=512"',
     )
     extra = [o for o in tiny(place) if not o.startswith("optim.batch_size")] + ["schedule.max_iters=1"]
+    extra += ["data.val_crop=32"]  # the recipe tests a 256 crop of the 293-resized image
     command = make.replace("make ", "make -o .venv/.installed ", 1).replace(
         'ARGS="optim.batch_size=512"', 'ARGS="optim.batch_size=512 ' + " ".join(extra) + '"'
     )
     proc = run(command.replace("/data/imagenet", str(imagenet)), on_head)
     assert "global batch 512" in proc.stdout, proc.stdout[-2000:]
-    assert (place["runs"] / "imagenet-resnet34" / "summary.json").is_file()
+    summary = json.loads((place["runs"] / "imagenet-rn50-16ep" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["eval_mode"] == "center", summary
 
 
 @pytest.mark.ray

@@ -270,10 +270,21 @@ def _check(cfg: Config) -> None:
             f"data.scale_min ({cfg.data.scale_min}) must be at least data.crop_size ({cfg.data.crop_size}) "
             "for the paper's random crop"
         )
-    if not is_cifar(cfg.data.dataset) and cfg.data.val_resize < cfg.data.crop_size:
+    if cfg.data.val_crop < 0 or (cfg.data.val_crop and is_cifar(cfg.data.dataset)):
         raise ConfigError(
-            f"data.val_resize ({cfg.data.val_resize}) must be at least data.crop_size ({cfg.data.crop_size}): "
+            f"data.val_crop: 0 (the training crop) or a positive side, and CIFAR-10 tests whole 32 px "
+            f"images (0 there), got {cfg.data.val_crop}"
+        )
+    if not is_cifar(cfg.data.dataset) and cfg.data.val_resize < cfg.data.eval_crop:
+        which = "data.val_crop" if cfg.data.val_crop else "data.crop_size"
+        raise ConfigError(
+            f"data.val_resize ({cfg.data.val_resize}) must be at least {which} ({cfg.data.eval_crop}): "
             "the test crops are cut from the image resized to shorter side val_resize"
+        )
+    if cfg.eval.flip and "center" not in (cfg.eval.mode, cfg.eval.final_mode or cfg.eval.mode):
+        raise ConfigError(
+            "eval.flip: the test-time flip of centre evaluation, but eval.mode and eval.final_mode are "
+            f"{cfg.eval.mode} and {cfg.eval.final_mode}: set one of them to center, or drop eval.flip"
         )
     if cfg.data.cache_fetchers < 1:
         raise ConfigError(

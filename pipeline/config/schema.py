@@ -26,6 +26,11 @@ class DataConfig:
     scale_min: int = 256
     scale_max: int = 480
     val_resize: int = 256
+    # The test crop (centre and 10-crop) cut from the image resized to val_resize; 0: crop_size.
+    # Larger than training's for the train-test resolution effect (FFCV: train 160-192, test 256
+    # of the image resized to 293). With a per-pixel mean (normalize: mean) a test crop of
+    # another size subtracts the mean image's channel means, as the multi-scale test does.
+    val_crop: int = 0
     pca_std: float = 0.1
     # "meanstd": per-channel mean/std (ImageNet: torchvision's constants). "mean": the paper's
     # subtraction of the training set's mean, nothing divided: ImageNet reads ROOT/train_mean.npz
@@ -64,6 +69,11 @@ class DataConfig:
     # them into windows of this many shards, and permutes the samples within each window. So
     # the first batch waits for one window, not the whole dataset. 0: one window (a full shuffle).
     shuffle_window: int = 16
+
+    @property
+    def eval_crop(self) -> int:
+        """The test crop's side: ``val_crop``, else the training crop."""
+        return self.val_crop or self.crop_size
 
 
 def is_cifar(dataset: str) -> bool:
@@ -153,6 +163,9 @@ class EvalConfig:
     # off for ImageNet (a pass over 1.28M images per epoch).
     train_eval: bool | None = None
     batch_size: int = 0  # global; 0: same as the training batch
+    # Centre evaluation also scores the mirrored crop and averages the two softmax scores
+    # (test-time flip, as FFCV's lr_tta; 10-crop holds the flips already).
+    flip: bool = False
 
 
 @dataclass(frozen=True)

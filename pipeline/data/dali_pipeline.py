@@ -256,9 +256,9 @@ def build_val_pipeline(
             images, height, width = resize_like_torchvision(images, jpegs, cfg.val_resize)
             crops = [
                 fn.crop_mirror_normalize(
-                    cut(images, top, left, cfg.crop_size), mirror=int(m), mean=mean, **cmn_kwargs
+                    cut(images, top, left, cfg.eval_crop), mirror=int(m), mean=mean, **cmn_kwargs
                 )
-                for top, left, m in crop_windows(mode, height, width, cfg.crop_size)
+                for top, left, m in crop_windows(mode, height, width, cfg.eval_crop)
             ]
             # tencrop: [10, C, H, W] per sample, sample-major rows in TenCrop's order.
             outputs = crops if mode == "center" else [fn.stack(*crops, axis=0)]

@@ -99,6 +99,7 @@ def eval_worker(
             device=ctx.device,
             amp=cfg.precision.amp,
             channels_last=cfg.precision.channels_last,
+            flip=cfg.eval.flip,
         )
 
     result = score(data.make_val(cfg.eval.mode).epoch(0))

@@ -13,7 +13,8 @@ the set's loader from the run, where it is built once per set and mode and reuse
 images of its shard (the loaders drop DALI's padding), and the counts are summed across ranks, so
 any world size gives the same numbers.
 
-- ``center``: one 224 crop of the image resized to shorter side 256.
+- ``center``: one 224 crop of the image resized to shorter side 256 (``data.val_crop`` and
+  ``data.val_resize`` set both); with ``eval.flip`` its mirror too, softmax scores averaged.
 - ``tencrop``: four corners and centre, and their flips; softmax scores averaged over the
   10 crops (the paper averages scores).
 - ``multiscale``: the whole image at each shorter side in ``eval.scales``, run fully
@@ -69,11 +70,18 @@ def topk_correct(
     return [hits[:, : min(k, scores.shape[1])].any(dim=1).sum() for k in ks]
 
 
-def _scores(model: torch.nn.Module, inputs: Any, mode: str, channels_last: bool) -> torch.Tensor:
-    """Class probabilities [B, K] for one batch in the given mode."""
+def _scores(
+    model: torch.nn.Module, inputs: Any, mode: str, channels_last: bool, flip: bool = False
+) -> torch.Tensor:
+    """Class probabilities [B, K] for one batch in the given mode (``flip``: centre crops and
+    their mirrors, scores averaged)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if mode == "center":
-        return model(inputs.contiguous(memory_format=fmt)).float().softmax(dim=1)
+        probs = model(inputs.contiguous(memory_format=fmt)).float().softmax(dim=1)
+        if not flip:
+            return probs
+        mirrored = model(inputs.flip(dims=[3]).contiguous(memory_format=fmt)).float().softmax(dim=1)
+        return (probs + mirrored) / 2
     if mode == "tencrop":
         probs = model(inputs.contiguous(memory_format=fmt)).float().softmax(dim=1)
         return probs.view(-1, NUM_TEN_CROPS, probs.shape[1]).mean(dim=1)
@@ -97,6 +105,7 @@ def evaluate(
     amp: str = "none",
     channels_last: bool = False,
     prefix: str = "val/",
+    flip: bool = False,
 ) -> dict[str, float]:
     """Score every validation image once and return errors in percent, summed over ranks.
 
@@ -108,6 +117,7 @@ def evaluate(
         amp: ``precision.amp``.
         channels_last: run convolutions in NHWC.
         prefix: the metrics' prefix (``score`` names the set: ``val/``, ``test/``, ``train_eval/``).
+        flip: centre mode also scores each crop's mirror (``eval.flip``).
 
     Returns:
         ``{"val/top1_err", "val/top5_err", "val/loss", "val/images"}`` (with ``prefix``); errors in percent.
@@ -125,7 +135,7 @@ def evaluate(
         with autocast(device, amp):
             for inputs, labels in batches:
                 labels = labels.to(device, non_blocking=True)
-                probs = _scores(model, inputs, mode, channels_last)
+                probs = _scores(model, inputs, mode, channels_last, flip)
                 top1, top5 = topk_correct(probs, labels)
                 nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
                 sums += torch.stack([top1, top5, nll]).double()
@@ -181,4 +191,5 @@ def score(run: Run, split: str, mode: str, weights: str = "live") -> dict[str, f
         amp=run.cfg.precision.amp,
         channels_last=run.cfg.precision.channels_last,
         prefix=PREFIXES[split] + ("ema_" if weights == "ema" else ""),
+        flip=run.cfg.eval.flip,
     )
