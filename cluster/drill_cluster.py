@@ -139,6 +139,9 @@ class Drill:
             "cluster.cpus_per_worker=1", "cluster.use_gpu=false", "tracking.mode=offline",
             "log_every_n_steps=1",  # a step line each step: the drill times the first resumed one
             *(sizes if a.crop != 64 else []),
+            # Each node's cache sits in its private 4 GB /tmp, less than the default limit's
+            # headroom (5 GB at least): a limit of its own, as the cluster templates set one.
+            *(["data.cache_limit_gb=1"] if self.sharded else []),
         ]  # fmt: skip
 
     def submit(self, job_id: str | None = None, name: str | None = None) -> None:
