@@ -252,3 +252,26 @@ def s3():
 
     with latency_s3() as server:
         yield server
+
+
+# The Tensor methods that make the host wait for the device (a read back).
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """Counts of the host-synchronising Tensor methods called while the fixture is active."""
+    from collections import Counter
+
+    import torch
+
+    counts: Counter[str] = Counter()
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts

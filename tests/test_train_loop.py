@@ -24,23 +24,6 @@ from pipeline.train.evaluate import evaluate
 from pipeline.train.loop import train_one_epoch
 from pipeline.train.setup import TrainingProgress, setup_run
 
-SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-
-
-@pytest.fixture
-def count_syncs(monkeypatch):
-    """Counts of the host-synchronising Tensor methods called while the fixture is active."""
-    counts: Counter[str] = Counter()
-    for name in SYNCS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
-
 
 def test_steps_and_evaluation_batches_make_no_host_sync(tiny_imagenet, tmp_path, count_syncs):
     cfg = load_config(

@@ -159,23 +159,13 @@ def test_older_checkpoint_without_ema_starts_the_ema_at_its_weights(cifar_root, 
     assert "holds no EMA of the weights" in capsys.readouterr().err
 
 
-SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-
-
-def test_recipe_steps_make_no_host_sync(cifar_root, tmp_path, monkeypatch):
+def test_recipe_steps_make_no_host_sync(cifar_root, tmp_path, count_syncs):
     """EMA updates and MixUp / CutMix draws add no read of the device to a step: an epoch of 6 steps
     and one of 3 make the same reads (those at the epoch's end)."""
     cfg = load_config(None, cifar_overrides(cifar_root, tmp_path, "nosync") + RECIPE)
     run = setup_run(cfg, init_context(False, use_gpu=False))
-    counts: Counter[str] = Counter()
-    for name in SYNCS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = count_syncs
+    counts.clear()  # setup_run's reads
 
     class Quiet:
         def steps(self, metrics, step, console, track):
