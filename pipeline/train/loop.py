@@ -222,9 +222,10 @@ def train_one_epoch(
                 # For a preemption the upload is waited for: the node may be gone at the deadline.
                 ckpt.save_checkpoint(run, mid, {"epoch": epoch, "step": step}, wait_upload=due is not None)
             if due:
-                preemption.uploaded(due, time.perf_counter() - began)
+                took = time.perf_counter() - began
+                preemption.uploaded(due, took)
                 if run.ctx.is_main:
-                    print(checkpoint_line(due, step, time.perf_counter() - began, preemption), flush=True)
+                    print(checkpoint_line(due, step, took, preemption), flush=True)
                 with clock.blocked():
                     woke = preemption.wait_for_reclaim(due)
                 if woke and run.ctx.is_main:
