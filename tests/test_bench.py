@@ -150,10 +150,11 @@ def test_bench_loader_json_fields(tiny_imagenet: Path, capsys) -> None:
     r = run_bench(
         ["loader", "--data", str(tiny_imagenet)]
         + "--threads 1 --batch-size 4 --images 12 --val-images 8 --repeats 1 --crop-size 32 --scale-min 36 "
-        "--scale-max 48 --val-resize 36".split(),
+        "--scale-max 48 --val-resize 36 --next-crop 36".split(),
         capsys,
     )
     assert r["bench"] == "loader" and r["threads"] == 1 and r["crop_size"] == 32 and r["scale"] == [36, 48]
+    assert r["next_crop"] == 36 and positive(r["epoch_boundary"]["continuous_s"])
     assert MACHINE_FIELDS <= set(r["machine"]) and r["dali"] and r["torchvision"]
     assert r["dali_img_per_s"] == r["train"]["dali_img_per_s"]  # the headline is the train pipeline
     for part, images in ((r["train"], 12), (r["val_tencrop"], 8)):
@@ -173,7 +174,25 @@ def test_bench_loader_checks_its_arguments(tiny_imagenet: Path, tmp_path: Path, 
     assert bench_main(["loader", "--data", str(tmp_path)]) == 2
     assert "train/ and val/" in capsys.readouterr().err
     assert bench_main(["loader", "--data", str(tiny_imagenet), "--crop-size", "64", "--scale-min", "48"]) == 2
-    assert "crop-size <= scale-min" in capsys.readouterr().err
+    assert (
+        bench_main(
+            [
+                "loader",
+                "--data",
+                str(tiny_imagenet),
+                "--crop-size",
+                "32",
+                "--next-crop",
+                "64",
+                "--scale-min",
+                "36",
+                "--scale-max",
+                "48",
+            ]
+        )
+        == 2
+    )
+    assert "crop-size and next-crop <= scale-min" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bench ray (helpers and loop)

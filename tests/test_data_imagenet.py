@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
+from pipeline.config.schema import ResolutionSchedule
 from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC, PCA_SCALE
 from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import ImageFolderIndex
@@ -393,3 +394,23 @@ def test_train_resume_mid_epoch_and_any_world_size_replay_the_same_batches(train
         x, y = straight[3 + step]
         assert torch.equal(torch.cat([halves[0][step][1], halves[1][step][1]]), y)
         torch.testing.assert_close(torch.cat([halves[0][step][0], halves[1][step][0]]), x)
+
+
+@pytest.mark.parametrize(
+    "layout, augment", [("folder", "paper"), ("sharded", "paper"), ("folder", "inception")]
+)
+def test_resolution_schedule_changes_the_crop_without_a_new_pipeline(train_images, layouts, layout, augment):
+    """data.res_schedule: epoch 0 at 48 px, epoch 1 at 64 px, from one pipeline run on across the
+    boundary; a run resumed mid-way through epoch 1 gets 64 px and, with the paper's augmentation
+    (drawn by the feed), the very same pixels."""
+    cfg = replace(CFG, crop_size=48, augment=augment, res_schedule=ResolutionSchedule(64, 0, 1, 16))
+    common = dict(global_batch=8, device_id=None, seed=3, num_threads=1, shard_id=0, num_shards=1)
+    one = layouts(layout, train_images, cfg, **common)
+    straight = list(one.epoch(0)) + list(one.epoch(1))
+    assert one._next == (2, 0)  # the pipeline was not rebuilt for epoch 1
+    assert [tuple(x.shape) for x, _ in straight] == [(8, 3, 48, 48)] * 3 + [(8, 3, 64, 64)] * 3
+    resumed = list(layouts(layout, train_images, cfg, **common).epoch(1, start=1))
+    assert [tuple(x.shape) for x, _ in resumed] == [(8, 3, 64, 64)] * 2
+    if augment == "paper":
+        for (x, y), (xr, yr) in zip(straight[4:], resumed, strict=True):
+            assert torch.equal(x, xr) and torch.equal(y, yr)

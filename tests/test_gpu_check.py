@@ -19,10 +19,11 @@ import pytest
 from pipeline.gpu import bundle
 from pipeline.gpu.check import EXIT_FAIL, EXIT_NO_GPU, PART_NAMES, exit_code, parse_args, selected
 from pipeline.gpu.dali_check import CheckFailed, Tolerance, compare_pixels, compare_stats
+from pipeline.gpu.train_check import recipe_gpu_hours
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_PARTS = {"dali_mixed_vs_cpu", "train_gpu", "train_gpu_compile", "ddp_nccl", "model_throughput",
-             "end_to_end", "tencrop_eval"}  # fmt: skip
+             "end_to_end", "tencrop_eval", "fast_recipe"}  # fmt: skip
 
 
 # The GPU machine has torch, torchvision and (from the bundle) DALI, not Ray or W&B: the check
@@ -78,6 +79,8 @@ def test_make_gpu_check_without_gpu_exits_3_and_lists_skipped_parts(tmp_path, da
     assert set(report["passed"]) == set(PART_NAMES) - GPU_PARTS
     assert report["figures"] == {}  # no GPU figure without a GPU
     assert "no GPU figure" in report["cpu_smoke"]["note"]
+    fast = report["cpu_smoke"]["fast_recipe"]  # the resolution grows after epoch 1, the EMA is scored
+    assert fast["crop_per_epoch"] == [32, 32, 48, 48] and len(fast["val_ema_top1_err"]) == 4
     images = by_name["images"]["details"]
     assert 60_000 < images["mean_bytes"] < 200_000 and "500x375" in images["sizes"]
     train = by_name["train_cpu"]["details"]
@@ -119,6 +122,13 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
             parse_args(["--out", out, *bad])
         assert e.value.code == 2 and "error" in capsys.readouterr().err, bad
     assert not (tmp_path / "r.json").exists()
+
+
+def test_recipe_hours_add_each_epoch_at_its_side():
+    """16 epochs: 12 at 160 px, 4 at 192 (the recipe's ramp), each over ImageNet's training set."""
+    hours = recipe_gpu_hours({160: 3000.0, 192: 2000.0})
+    assert hours["rn50_16ep"] == pytest.approx((12 / 3000 + 4 / 2000) * 1_281_167 / 3600)
+    assert hours["rn50_88ep"] == pytest.approx((71 / 3000 + 17 / 2000) * 1_281_167 / 3600)
 
 
 def test_order_and_exit_codes():

@@ -43,7 +43,7 @@ def _steps(clock: StepClock, n: int, wait_s: float = 0.01, work_s: float = 0.02)
         clock.next_batch(batches)
         clock.step_begins()
         time.sleep(work_s)
-        clock.step_ends(4)
+        clock.step_ends(4, 32)
 
 
 def _parts_add_up(perf: dict[str, float], wall: float, slack: float = 0.05) -> None:
@@ -102,8 +102,8 @@ def test_mfu_from_a_device_name_and_a_step_time_is_the_hand_computation():
     macs, peak = 4_100_000_000, peak_flops("NVIDIA A100-SXM4-80GB", "bf16")
     hand = 4.1e9 * 2 * 3 * (512 / 2.0) / 312e12
     assert model_flops_utilisation(macs, 256.0, peak) == pytest.approx(hand)
-    clock = StepClock(CPU, macs_per_image=macs, peak=peak)
-    perf = clock.figures(Window(wall_s=2.0, steps=4, images=512))
+    clock = StepClock(CPU, macs_at={224: macs}.__getitem__, peak=peak)
+    perf = clock.figures(Window(wall_s=2.0, steps=4, images=512, macs=512 * macs))
     assert perf["perf/mfu"] == pytest.approx(hand)
     assert perf["perf/step_s"] == pytest.approx(0.5)
     assert "perf/mfu" not in StepClock(CPU).figures(Window(wall_s=2.0, steps=4, images=512))

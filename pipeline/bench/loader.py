@@ -301,6 +301,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=3, help="timed passes per side; the median is reported"
     )
     parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument(
+        "--next-crop",
+        type=int,
+        default=0,
+        help="the epoch-boundary pass's next epoch at this crop (data.res_schedule)",
+    )
     parser.add_argument("--scale-min", type=int, default=256, help="smallest training shorter side")
     parser.add_argument("--scale-max", type=int, default=480, help="largest training shorter side")
     parser.add_argument("--val-resize", type=int, default=256, help="shorter side before the ten crops")
@@ -321,9 +327,10 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "images", "repeats", "crop_size"):
         if getattr(args, flag) < 1:
             raise BenchError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if not args.crop_size <= args.scale_min <= args.scale_max:
+    if not max(args.crop_size, args.next_crop) <= args.scale_min <= args.scale_max:
         raise BenchError(
-            f"need crop-size <= scale-min <= scale-max, got {args.crop_size}, {args.scale_min}, {args.scale_max}"
+            f"need crop-size and next-crop <= scale-min <= scale-max, got {args.crop_size}, {args.next_crop}, "
+            f"{args.scale_min}, {args.scale_max}"
         )
     if args.val_resize < args.crop_size:
         raise BenchError(f"--val-resize ({args.val_resize}) must be at least --crop-size ({args.crop_size})")
@@ -344,24 +351,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torchvision
 
     from pipeline.config import DataConfig
+    from pipeline.config.schema import ResolutionSchedule
     from pipeline.data.layout import scan_imagenet
 
     threads = args.threads or usable_cpus()
-    data_cfg = DataConfig(
-        augment="paper",
-        crop_size=args.crop_size,
-        scale_min=args.scale_min,
-        scale_max=args.scale_max,
-        val_resize=args.val_resize,
-        pca_std=args.pca_std,
-        decoder="cpu",
-    )
     sizes = dict(
         crop_size=args.crop_size,
         scale_min=args.scale_min,
         scale_max=args.scale_max,
         val_resize=args.val_resize,
     )
+    data_cfg = DataConfig(augment="paper", pca_std=args.pca_std, decoder="cpu", **sizes)
     index = scan_imagenet(args.data)
     machine = machine_info()
     start = time.perf_counter()
@@ -386,7 +386,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = compare(side("train", args.images), args.repeats)
     val = compare(side("tencrop", args.val_images), args.repeats) if args.val_images > 0 else None
     dali_args = dict(images=args.images, batch_size=args.batch_size, threads=threads, repeats=args.repeats)
-    boundary = epoch_boundary(index, data_cfg, **dali_args)
+    # --next-crop: the next epoch at another size (data.res_schedule), from the same pipeline.
+    ramp = ResolutionSchedule(args.next_crop, 0, 1, 1) if args.next_crop else ResolutionSchedule()
+    boundary = epoch_boundary(index, dataclasses.replace(data_cfg, res_schedule=ramp), **dali_args)
     mmap = mmap_both_ways(index, data_cfg, **dali_args)
     return {
         "bench": "loader",
@@ -399,6 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "val_images": args.val_images,
         "repeats": args.repeats,
         "crop_size": args.crop_size,
+        "next_crop": args.next_crop or args.crop_size,
         "scale": [args.scale_min, args.scale_max],
         "val_resize": args.val_resize,
         "pca_std": args.pca_std,
@@ -433,7 +436,8 @@ def format_text(result: dict[str, Any]) -> str:
             )
     if b := result.get("epoch_boundary"):
         lines.append(
-            f"epoch boundary (last batch -> first of the next): pipeline running on {b['continuous_s'] * 1e3:.1f} ms, "
+            f"epoch boundary (last batch -> first of the next, crop {result['crop_size']} -> "
+            f"{result.get('next_crop', result['crop_size'])}): pipeline running on {b['continuous_s'] * 1e3:.1f} ms, "
             f"built anew {b['rebuilt_s'] * 1e3:.1f} ms"
         )
     if m := result.get("mmap"):

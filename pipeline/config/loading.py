@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.schema import Config, ConfigError, is_cifar
+from pipeline.config.schema import Config, ConfigError, DataConfig, is_cifar
 
 # ---------------------------------------------------------------- loading and merging
 
@@ -281,6 +281,7 @@ def _check(cfg: Config) -> None:
             f"data.val_resize ({cfg.data.val_resize}) must be at least {which} ({cfg.data.eval_crop}): "
             "the test crops are cut from the image resized to shorter side val_resize"
         )
+    _check_res_schedule(cfg.data)
     if cfg.eval.flip and "center" not in (cfg.eval.mode, cfg.eval.final_mode or cfg.eval.mode):
         raise ConfigError(
             "eval.flip: the test-time flip of centre evaluation, but eval.mode and eval.final_mode are "
@@ -353,6 +354,36 @@ def _check_recipe(cfg: Config) -> None:
         )
     if cfg.model.blurpool and is_cifar(cfg.data.dataset):
         raise ConfigError("model.blurpool: is for the ImageNet networks; the CIFAR-10 ones take false")
+
+
+def _check_res_schedule(data: DataConfig) -> None:
+    """``data.res_schedule``: a ramp that grows, for the ImageNet pipelines that crop at random."""
+    r = data.res_schedule
+    if r.end_res == 0:
+        if (r.start_ramp, r.end_ramp) != (0, 0):
+            raise ConfigError(
+                "data.res_schedule: start_ramp / end_ramp are set but end_res is 0 (off); set end_res"
+            )
+        return
+    if is_cifar(data.dataset) or data.augment == "none":
+        raise ConfigError(
+            "data.res_schedule: progressive resizing is for ImageNet's random crops (data.augment: "
+            f"paper or inception), not {data.dataset} with data.augment={data.augment}; set end_res: 0"
+        )
+    if r.end_res < data.crop_size or r.step < 1:
+        raise ConfigError(
+            f"data.res_schedule: end_res ({r.end_res}) must be at least data.crop_size ({data.crop_size}), "
+            f"the ramp's start, and step ({r.step}) positive"
+        )
+    if not 0 <= r.start_ramp < r.end_ramp:
+        raise ConfigError(
+            f"data.res_schedule: 0 <= start_ramp < end_ramp (epochs from 0), got {r.start_ramp} and {r.end_ramp}"
+        )
+    if data.augment == "paper" and data.scale_min < r.end_res:
+        raise ConfigError(
+            f"data.scale_min ({data.scale_min}) must be at least data.res_schedule.end_res ({r.end_res}) "
+            "for the paper's random crop"
+        )
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -15,6 +15,28 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ResolutionSchedule:
+    """Progressive resizing (FFCV's rule): training crops of ``data.crop_size`` px until epoch
+    ``start_ramp``, then a linear ramp to ``end_res`` px at epoch ``end_ramp``, rounded to a multiple
+    of ``step``; epochs count from 0. Off while ``end_res`` is 0. The per-worker batch stays fixed."""
+
+    end_res: int = 0
+    start_ramp: int = 0
+    end_ramp: int = 0
+    step: int = 32
+
+    def at(self, epoch: int, start_res: int) -> int:
+        """The training crop's side in ``epoch`` for a schedule starting at ``start_res``."""
+        if not self.end_res or epoch <= self.start_ramp:
+            return start_res
+        if epoch >= self.end_ramp:
+            return self.end_res
+        slope = (self.end_res - start_res) / (self.end_ramp - self.start_ramp)  # np.interp's arithmetic
+        ramp = slope * (epoch - self.start_ramp) + start_res
+        return int(round(ramp / self.step)) * self.step  # half to even, as FFCV's np.round
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["imagenet", "cifar10"] = "imagenet"
     root: str = "data/imagenet"
@@ -22,7 +44,11 @@ class DataConfig:
     # + flip (+ PCA colour); "inception" = random-resized-crop; "none" = resize + centre crop.
     # CIFAR-10: "paper" = 4-pixel zero pad + random 32 crop + flip; "none" = the images as they are.
     augment: Literal["paper", "inception", "none"] = "paper"
-    crop_size: int = 224
+    crop_size: int = 224  # the training crop's side (with res_schedule: its first)
+    # Progressive resizing for "paper" and "inception": the training crop grows from crop_size to
+    # res_schedule.end_res over epochs start_ramp..end_ramp (FFCV: 160 -> 192 px). DALI takes
+    # each batch's size as an input: the pipeline is not rebuilt; a resumed epoch gets its size.
+    res_schedule: ResolutionSchedule = field(default_factory=ResolutionSchedule)
     scale_min: int = 256
     scale_max: int = 480
     val_resize: int = 256
@@ -74,6 +100,10 @@ class DataConfig:
     def eval_crop(self) -> int:
         """The test crop's side: ``val_crop``, else the training crop."""
         return self.val_crop or self.crop_size
+
+    def train_crop(self, epoch: int) -> int:
+        """The training crop's side in ``epoch`` (``res_schedule``)."""
+        return self.res_schedule.at(epoch, self.crop_size)
 
 
 def is_cifar(dataset: str) -> bool:

@@ -35,8 +35,9 @@ from pipeline.data.stats import pipeline_means, subtract_pixel_mean
 TRAIN_MODES = ("paper", "inception", "none")
 VAL_MODES = ("center", "tencrop", "multiscale")
 READER = "Reader"
-# What the training feed delivers per sample, in this order ("paper" adds the augmentation).
-FEED_OUTPUTS = {"paper": 7, "inception": 2, "none": 2}  # names, labels[, scale, pos_x, pos_y, mirror, mean]
+# What the training feed delivers per sample, in this order: names, labels[, crop side][, scale,
+# pos_x, pos_y, mirror, mean]. The random crops take their side from the feed (data.res_schedule).
+FEED_OUTPUTS = {"paper": 8, "inception": 3, "none": 2}
 
 
 def _decoder_device(cfg: DataConfig, device_id: int | None) -> str:
@@ -119,8 +120,10 @@ def build_train_pipeline(
             (random-resized crop, DALI's own randomness: not replayed exactly on resume), "none"
             (resize and centre crop).
         feed: an iterator yielding, per batch, ``FEED_OUTPUTS[mode]`` lists of per-sample arrays:
-            UTF-8 file names (uint8), labels (int64) and, for "paper", the shorter side to scale to,
-            the crop position (x, y in [0, 1]), the flip (int32) and the normalisation mean [3].
+            UTF-8 file names (uint8), labels (int64), for "paper" and "inception" the crop's side
+            (float32, the same for the whole batch: ``data.res_schedule``'s for its epoch) and, for
+            "paper", the shorter side to scale to, the crop position (x, y in [0, 1]), the flip
+            (int32) and the normalisation mean [3].
         cfg: sizes, normalisation, decoder choice, ``mmap``.
         batch_size: samples per batch (this rank's share of the global batch).
         device_id: local GPU index, or None for an all-CPU pipeline.
@@ -145,28 +148,29 @@ def build_train_pipeline(
     # feed folds the same channel means into "paper"'s per-sample means.
     channel_mean, pixel_mean = pipeline_means(cfg, mode, channels_last, IMAGENET_MEAN)
     cmn_kwargs = _normalize_kwargs(cfg, channels_last, half and pixel_mean is None)
-    crop = [cfg.crop_size, cfg.crop_size]
     mean = [float(x) for x in channel_mean]
     with pipe:
         names, labels, *aug = fn.external_source(source=feed, num_outputs=FEED_OUTPUTS[mode], batch=True)
         # mmap pays off on a local disk only; on network filesystems (Lustre, NFS, Filestore) plain reads win.
         jpegs = names if encoded else fn.io.file.read(names, dont_use_mmap=not cfg.mmap)
         if mode == "paper":
-            scale, pos_x, pos_y, mirror, sample_mean = aug
+            side, scale, pos_x, pos_y, mirror, sample_mean = aug
             # Resize-shorter-to-S-then-crop-c, computed the cheap way: the c x c crop of the image
             # scaled to shorter side S is a (c * short / S)^2 window of the original. Decode only
             # that window (ROI decode) and resize it straight to c x c, instead of decoding and
             # resizing the whole image to up to 480 x 640 and throwing most of it away.
             shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # [H, W, C], EXIF-oriented like the decoder
             short = dali.math.min(shape[0], shape[1])
-            window = dali.math.min(short, float(cfg.crop_size) * short / scale)
+            window = dali.math.min(short, side * short / scale)
             images = fn.decoders.image_crop(
                 jpegs, crop_w=window, crop_h=window, crop_pos_x=pos_x, crop_pos_y=pos_y, **decode_kwargs
             )
             images = images.gpu() if to_gpu else images
-            images = fn.resize(images, size=crop, antialias=True)
+            # The side is an input, not a constant: a new resolution needs no new pipeline.
+            images = fn.resize(images, resize_x=side, resize_y=side, antialias=True)
             images = fn.crop_mirror_normalize(images, mirror=mirror, mean=sample_mean, **cmn_kwargs)
         elif mode == "inception":
+            (side,) = aug
             # Decode only the random window (ROI decode); then one resize straight to the crop size.
             images = fn.decoders.image_random_crop(
                 jpegs,
@@ -176,7 +180,7 @@ def build_train_pipeline(
                 **decode_kwargs,
             )
             images = images.gpu() if to_gpu else images
-            images = fn.resize(images, size=crop, antialias=True)
+            images = fn.resize(images, resize_x=side, resize_y=side, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
             images = fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, **cmn_kwargs)
         else:  # "none": the centre crop of the test protocol, torchvision's pixels

@@ -173,6 +173,8 @@ class _TrainFeed:
             else [np.frombuffer(name.encode(), np.uint8) for name in names],
             [np.int64(self.labels[i]) for i in idx],
         ]
+        if self.cfg.augment != "none":  # the crop's side of this epoch (data.res_schedule)
+            batch.append([np.float32(self.cfg.train_crop(self.epoch))] * len(idx))
         if self.cfg.augment == "paper":
             batch += self._augmentation()
         self.step += 1

@@ -181,8 +181,8 @@ def pipeline_means(
     ``meanstd``: the fixed ImageNet channel means (divided by the stds there). ``mean``: the file
     beside the data; a per-pixel mean is subtracted from every crop after crop_mirror_normalize
     (whose channel mean is then 0), laid out like the output (CHW or HWC); the multi-scale test's
-    views have any size, and a test crop of ``data.val_crop`` another, so those subtract the mean
-    image's channel means instead.
+    views have any size, a test crop of ``data.val_crop`` and the crops of ``data.res_schedule``
+    others, so those subtract the mean image's channel means instead.
 
     Args:
         cfg: the data section (normalize, root, crop_size).
@@ -193,8 +193,13 @@ def pipeline_means(
     if cfg.normalize != "mean":
         return list(imagenet_mean), None
     stats = load_mean(cfg.root, cfg.crop_size)
-    # Views of another size than the mean image: the multi-scale test's, a test crop of data.val_crop.
-    other_size = mode == "multiscale" or (mode in ("center", "tencrop") and cfg.eval_crop != cfg.crop_size)
+    # Views of another size than the mean image: the multi-scale test's, a test crop of data.val_crop,
+    # training crops that grow (data.res_schedule).
+    other_size = (
+        mode == "multiscale"
+        or (mode in ("center", "tencrop") and cfg.eval_crop != cfg.crop_size)
+        or (mode in ("paper", "inception") and cfg.res_schedule.end_res > 0)
+    )
     if stats.kind == "channel" or other_size:
         return stats.channel_mean.tolist(), None
     image = stats.mean if channels_last else np.ascontiguousarray(stats.mean.transpose(2, 0, 1))

@@ -147,6 +147,17 @@ def _tencrop(ctx: Context) -> dict[str, Any]:
     return out
 
 
+def _fast_recipe(ctx: Context) -> dict[str, Any]:
+    out = train_check.fast_recipe(
+        ctx.root(), ctx.runs("gpu-check-fast"), name="gpu-check-fast", gpu=True, batch=ctx.args.batch,
+        crops=(160, 192), threads=ctx.threads, amp="bf16",
+    )  # fmt: skip
+    # An estimate from this run's images/s (synthetic JPEGs of ImageNet's size), not a measured recipe.
+    out["estimated_train_hours_one_gpu"] = train_check.recipe_gpu_hours(out["img_per_s"])
+    ctx.figures["fast_recipe"] = out
+    return out
+
+
 def _cpu_smoke(ctx: Context) -> dict[str, Any]:
     if ctx.gpu:
         raise Skip("a GPU is present: the figures themselves were measured")
@@ -172,6 +183,17 @@ def _cpu_smoke(ctx: Context) -> dict[str, Any]:
         "tencrop_eval": train_check.tencrop_eval(
             ctx.root(), cpu, batch=4, crop=32, threads=ctx.threads, amp="none", model="resnet18"
         ),
+        "fast_recipe": train_check.fast_recipe(
+            ctx.root(),
+            ctx.runs("gpu-check-fast-smoke"),
+            name="gpu-check-fast-smoke",
+            gpu=False,
+            batch=16,
+            crops=(32, 48),
+            threads=ctx.threads,
+            amp="none",
+            model="resnet18",
+        ),  # fmt: skip
     }
     ctx.cpu_smoke = out
     return out
@@ -198,7 +220,13 @@ PARTS: tuple[Part, ...] = (
         _end_to_end,
     ),
     Part("tencrop_eval", True, "10-crop evaluation images/s, DALI mixed + network", _tencrop),
+    Part(
+        "fast_recipe",
+        True,
+        "the 16-epoch fast recipe's pieces: 160 -> 192 px mid-run, EMA scored, img/s per side",
+        _fast_recipe,
+    ),
     Part("train_gpu_compile", True, "the same with torch.compile", lambda c: _train_gpu(c, True)),
-    Part("cpu_smoke", False, "tiny CPU runs of the three figures' code (no GPU figure)", _cpu_smoke),
+    Part("cpu_smoke", False, "tiny CPU runs of the four figures' code (no GPU figure)", _cpu_smoke),
 )
 PART_NAMES = tuple(p.name for p in PARTS)

@@ -252,3 +252,65 @@ def tencrop_eval(root: str, device: torch.device, *, batch: int, crop: int, thre
     n = result["val/images"]
     return {"model": model, "images": n, "crops": n * 10, "batch": batch, "crop": crop, "amp": amp,
             "decoder": cfg.decoder, "img_per_s": n / min(times[1:]), "first_pass_s": times[0]}  # fmt: skip
+
+
+FAST_CONFIG = "configs/imagenet/fast/rn50_{epochs}ep.yaml"
+RECIPE_EPOCHS = (16, 24, 32, 40, 88)
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def recipe_gpu_hours(img_per_s: dict[int, float]) -> dict[str, float]:
+    """Each fast recipe's training time on one GPU, in hours, from measured images/s per crop side:
+    its epochs at each side (``data.res_schedule``) over ImageNet's 1,281,167 training images.
+    Validation and start-up are left out; N GPUs at the same rate each take 1/N of it."""
+    from pipeline.config import load_config
+
+    hours = {}
+    for epochs in RECIPE_EPOCHS:
+        data = load_config(str(REPO / FAST_CONFIG.format(epochs=epochs)), []).data
+        seconds = sum(IMAGENET_TRAIN_IMAGES / img_per_s[data.train_crop(e)] for e in range(epochs))
+        hours[f"rn50_{epochs}ep"] = seconds / 3600
+    return hours
+
+
+def fast_recipe(root: str, runs: str, *, name: str, gpu: bool, batch: int, crops: tuple[int, int],
+                threads: int, amp: str, model: str = "resnet50_v1_5") -> dict[str, Any]:  # fmt: skip
+    """The 16-epoch fast recipe's pieces through the training loop: 4 epochs, the crop growing from
+    ``crops[0]`` to ``crops[1]`` after epoch 1 (``data.res_schedule``), the EMA of the weights scored
+    beside them every epoch, centre evaluation with its flip at the recipe's test crop. Checks that
+    each epoch trained at its side and the EMA was scored; images/s at each side from the epoch
+    after the first at it (the first pays start-up and, on a GPU, cuDNN's tuning for the new shape)."""
+    from pipeline.train.loop import train_worker
+
+    small, large = crops
+    overrides = [
+        f"name={name}", f"data.root={root}", f"data.decoder={'mixed' if gpu else 'cpu'}", f"data.num_threads={threads}",
+        f"data.crop_size={small}", f"data.res_schedule.end_res={large}", "data.res_schedule.start_ramp=1",
+        "data.res_schedule.end_ramp=2", f"data.res_schedule.step={large - small}",
+        f"data.val_resize={round(large * 293 / 192)}", f"data.val_crop={round(large * 256 / 192)}",
+        f"model.name={model}", f"model.v1_5={'true' if model.startswith('resnet50') else 'null'}",
+        f"optim.batch_size={batch}", "optim.ema_decay=0.9", "schedule.epochs=4", "schedule.warmup_epochs=1",
+        "eval.every_n_epochs=1", f"precision.amp={amp}", "precision.channels_last=true",
+        f"cluster.use_gpu={'true' if gpu else 'false'}", "cluster.num_workers=1", "tracking.mode=disabled",
+        f"checkpoint.storage_path={runs}", "checkpoint.num_to_keep=1", "log_every_n_steps=1000",
+    ]  # fmt: skip
+    summary = train_worker(_config(str(REPO / FAST_CONFIG.format(epochs=16)), overrides))
+    rows = _metrics(summary["run_dir"])
+    sides = [r.get("train/crop_px") for r in rows]
+    if sides != [small, small, large, large]:
+        raise CheckFailed(f"{name}: epochs trained at {sides} px, expected {[small, small, large, large]}")
+    if any("val/ema_top1_err" not in r for r in rows) or "ema_val_top1_err" not in summary:
+        raise CheckFailed(f"{name}: the EMA was not scored every epoch (summary: {summary})")
+    img_per_s = {small: rows[1]["img_per_s"], large: rows[3]["img_per_s"]}
+    return {
+        "model": model,
+        "global_batch": batch,
+        "crop_per_epoch": sides,
+        "img_per_s": img_per_s,
+        "first_epoch_at_new_side_img_per_s": rows[2]["img_per_s"],
+        "val_top1_err": [r["val/top1_err"] for r in rows],
+        "val_ema_top1_err": [r["val/ema_top1_err"] for r in rows],
+        "final_center_flip_top1_err": summary["val_top1_err"],
+        "final_ema_top1_err": summary["ema_val_top1_err"],
+        "test_crop": round(large * 256 / 192),
+    }

@@ -131,6 +131,7 @@ def training_workspace(entity: str, project: str, group: str | None = None) -> w
                 line_plot("GPU memory, peak allocated (GiB; GPU runs)", ["gpu_mem_gb"], x=epoch),
                 line_plot("world size (runs that log it)", ["world_size"], x=epoch),
                 line_plot("global batch (runs that log it)", ["global_batch"], x=epoch),
+                line_plot("training crop, px (runs that log it)", ["train/crop_px"], x=epoch),
             ],
         ),
     ]

@@ -84,16 +84,17 @@ EPOCH_METRICS = (
     "gpu_mem_gb",
     "world_size",
     "global_batch",
+    "train/crop_px",  # the training crop's side: data.res_schedule grows it between epochs
     # What object storage cost, summed over the ranks (pipeline.train.fetch_figures).
     *DATA_METRICS,
 )
 # Not in every run: gpu_mem_gb and perf/peak_mem_gb on GPU workers only, perf/mfu only on a GPU
 # whose peak pipeline.train.step_time knows; train_eval/* only with eval.train_eval on; val/ema_*
 # only with optim.ema_decay on; data/* only for shards read from a bucket;
-# world_size and global_batch are in every epoch row of today's runs, but not in runs logged by
+# world_size, global_batch and train/crop_px are in every epoch row of today's runs, but not in runs logged by
 # older versions (the dashboards' panels for them say "runs that log it").
 OPTIONAL_METRICS = (
-    "gpu_mem_gb", "world_size", "global_batch", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
+    "gpu_mem_gb", "world_size", "global_batch", "train/crop_px", "train_eval/loss", "train_eval/top1_err", "train_eval/top5_err",
     "perf/mfu", "perf/peak_mem_gb", "val/ema_loss", "val/ema_top1_err", "val/ema_top5_err", *DATA_METRICS,
 )  # fmt: skip
 # Summaries keep the best (lowest) value next to the last one (a subset of EPOCH_METRICS).

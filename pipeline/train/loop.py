@@ -179,6 +179,7 @@ def train_one_epoch(
     clock.start()
     batches = iter(run.data.train.epoch(epoch, start=first))
     mixer = Mixer.for_run(run)
+    side = 0
     for i in range(first, end):
         images, labels = clock.next_batch(batches)
         lr = lr_at(run, step, state)
@@ -192,7 +193,8 @@ def train_one_epoch(
         if run.ema is not None:
             run.ema.update(run.network, updates=step)
         acc.add(step, loss, top1, top5, labels.shape[0])
-        clock.step_ends(labels.shape[0])
+        side = images.shape[-1]  # the crop's side (data.res_schedule may grow it between epochs)
+        clock.step_ends(labels.shape[0], side)
         step += 1
         warming = cfg.schedule.warmup_until_train_err is not None and not state.warmup_done
         if warming and step % WARMUP_CHECK_EVERY == 0:  # a host sync every 10 steps, only while warming
@@ -233,6 +235,7 @@ def train_one_epoch(
     clock.stop()
     wall = time.perf_counter() - start
     metrics = epoch_metrics(run, acc, clock, lr=lr, steps=end - first, wall=wall)
+    metrics["train/crop_px"] = side
     return metrics, dataclasses.replace(progress, step=step, schedule=state, epoch_sums=())
 
 

@@ -3,7 +3,7 @@
     clock = StepClock.for_run(run)                 # one per worker process, kept for the run
     clock.start()                                  # an epoch's steps begin
     images, labels = clock.next_batch(batches)     # time blocked in the loader's next()
-    clock.step_begins(); train_step(...); clock.step_ends(labels.shape[0])
+    clock.step_begins(); train_step(...); clock.step_ends(labels.shape[0], images.shape[-1])
     with clock.blocked(): save_checkpoint(...)     # training blocked by a save or a report
     clock.stop()                                   # the epoch's steps are done (validation is not timed)
     clock.read("interval")  /  clock.read("epoch")  /  clock.read("run")   # perf/* figures
@@ -25,8 +25,9 @@ backward) per image at the training crop, over the device's dense peak for the p
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,7 @@ class Window:
     checkpoint_block_s: float = 0.0  # blocked by a checkpoint save or a report
     steps: int = 0
     images: int = 0  # this worker's images
+    macs: float = 0.0  # their forward passes' multiply-adds (known where MFU is)
 
 
 @dataclass
@@ -94,12 +96,12 @@ class StepClock:
 
     Args:
         device: the worker's device; CUDA events time the steps there, else the wall clock.
-        macs_per_image: the model's multiply-adds per training image (for MFU), or None.
+        macs_at: the model's multiply-adds per training image at a crop side (for MFU), or None.
         peak: the device's peak FLOP/s in the precision in use (for MFU), or None.
     """
 
     device: torch.device
-    macs_per_image: int | None = None
+    macs_at: Callable[[int], int] | None = None
     peak: float | None = None
     windows: dict[str, Window] = field(default_factory=lambda: {name: Window() for name in WINDOWS})
     _running_since: float | None = None
@@ -113,7 +115,8 @@ class StepClock:
         if device.type != "cuda":
             return cls(device)
         peak = peak_flops(torch.cuda.get_device_name(device), peak_precision(run.cfg.precision.amp))
-        return cls(device, training_macs(run) if peak else None, peak)
+        # Counted once per side: data.res_schedule changes it between epochs.
+        return cls(device, functools.cache(functools.partial(training_macs, run)) if peak else None, peak)
 
     @property
     def on_gpu(self) -> bool:
@@ -159,15 +162,16 @@ class StepClock:
         else:
             self._step_began = time.perf_counter()
 
-    def step_ends(self, images: int) -> None:
-        """The step's work is queued (GPU) or done (CPU); ``images``: this worker's batch."""
+    def step_ends(self, images: int, side: int) -> None:
+        """The step's work is queued (GPU) or done (CPU); ``images``: this worker's batch of
+        ``side`` x ``side`` crops."""
         if self.on_gpu:
             ended = torch.cuda.Event(enable_timing=True)
             ended.record()
             self._pending.append((self._step_began, ended))  # read in ``read``: no wait here
         else:
             self._add(compute_s=time.perf_counter() - self._step_began)
-        self._add(steps=1, images=images)
+        self._add(steps=1, images=images, macs=images * self.macs_at(side) if self.macs_at else 0.0)
 
     @contextlib.contextmanager
     def blocked(self) -> Iterator[None]:
@@ -211,23 +215,21 @@ class StepClock:
             "perf/checkpoint_stall_pct": min(100.0, 100.0 * window.checkpoint_block_s / wall),
             "perf/img_per_s_per_worker": per_worker,
         }
-        if self.macs_per_image and self.peak:
-            out["perf/mfu"] = model_flops_utilisation(self.macs_per_image, per_worker, self.peak)
+        if self.macs_at and self.peak and window.images:
+            out["perf/mfu"] = model_flops_utilisation(window.macs / window.images, per_worker, self.peak)
         if self.on_gpu:  # the allocator's own count: no wait for the device
             out["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
 
-def training_macs(run: Run) -> int:
-    """Multiply-adds of one forward pass at the training crop (CIFAR-10: 32 px), counted on the
-    ``meta`` device: no memory, no arithmetic."""
-    from pipeline.config import is_cifar
+def training_macs(run: Run, side: int) -> int:
+    """Multiply-adds of one forward pass of a ``side`` x ``side`` crop, counted on the ``meta``
+    device: no memory, no arithmetic."""
     from pipeline.models import build_model, count_macs
 
-    size = 32 if is_cifar(run.cfg.data.dataset) else run.cfg.data.crop_size
     with torch.device("meta"):
         model = build_model(run.cfg.model)
-    return count_macs(model, size)
+    return count_macs(model, side)
 
 
 def describe_time(summary: dict[str, Any]) -> str:
