@@ -205,3 +205,20 @@ def test_recipe_steps_make_no_host_sync_on_cuda(cifar_root, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def test_cifar_held_out_split_scores_the_ema_on_the_test_set_too(cifar_root, tmp_path, capsys):
+    """CIFAR-10 with the paper's held-out split, a step-free schedule and an EMA: the test set is
+    scored at the end with the weights and with their EMA, as the checkpoint's EMA scores it."""
+    from pipeline.train.evaluate import score
+
+    overrides = cifar_overrides(cifar_root, tmp_path, "held-out") + [
+        "data.val_split=40", "optim.ema_decay=0.9", "schedule.kind=linear", "schedule.warmup_epochs=1",
+    ]  # fmt: skip
+    summary = train_worker(to_dict(load_config(None, overrides)))
+    assert {"test_top1_err", "ema_test_top1_err", "ema_test_top5_err", "ema_val_top1_err"} <= summary.keys()
+    assert "the EMA of the weights: top-1 err" in capsys.readouterr().out.split("test set (")[1]
+    again = setup_run(load_config(None, overrides), init_context(False, use_gpu=False))
+    ckpt.restore(again)
+    assert score(again, "test", "center", weights="ema")["test/ema_top1_err"] == summary["ema_test_top1_err"]
+    assert score(again, "test", "center")["test/top1_err"] == summary["test_top1_err"]

@@ -328,6 +328,8 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
     final_ema = score(run, "val", final_mode, weights="ema") if run.ema is not None else {}
     # CIFAR-10 with a held-out split: the test set is scored too, once, at the end.
     test = score(run, "test", final_mode) if run.data.make_test else None
+    if test is not None and run.ema is not None:  # test/ema_top1_err ...: the EMA on the test set too
+        test.update(score(run, "test", final_mode, weights="ema"))
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,
@@ -335,8 +337,13 @@ def train_worker(config: dict[str, Any], under_ray: bool = False) -> dict[str, A
         "val_top1_err": final["val/top1_err"],
         "val_top5_err": final["val/top5_err"],
         "val_images": final["val/images"],
-        # test_top1_err, test_top5_err, test_images (only when a test set was scored)
-        **{k.replace("test/", "test_"): v for k, v in (test or {}).items() if k != "test/loss"},
+        # test_top1_err, test_top5_err, test_images (only when a test set was scored); with an EMA
+        # ema_test_top1_err, ema_test_top5_err
+        **{
+            k.replace("test/ema_", "ema_test_").replace("test/", "test_"): v
+            for k, v in (test or {}).items()
+            if k.endswith("_err") or k == "test/images"
+        },
         # ema_val_top1_err, ema_val_top5_err: the EMA of the weights (optim.ema_decay), same mode
         **{k.replace("val/ema_", "ema_val_"): v for k, v in final_ema.items() if k.endswith("_err")},
         "best_val_top1_err": progress.best_val_top1_err,

@@ -158,7 +158,12 @@ class RunOutputs:
         if test:
             print(
                 f"test set ({test['test/images']} images): top-1 err {test['test/top1_err']:.2f}% "
-                f"top-5 err {test['test/top5_err']:.2f}%",
+                f"top-5 err {test['test/top5_err']:.2f}%"
+                + (
+                    f"; the EMA of the weights: top-1 err {test['test/ema_top1_err']:.2f}%"
+                    if "test/ema_top1_err" in test
+                    else ""
+                ),
                 flush=True,
             )
         self.rundir.write_summary(summary)
