@@ -13,7 +13,10 @@ import sys
 COMMANDS = {
     "train": ("pipeline.driver.train_cmd", "train a model from a YAML config (Ray Train)"),
     "eval": ("pipeline.driver.eval_cmd", "evaluate a checkpoint (center / tencrop / multiscale)"),
-    "data": ("pipeline.data.cli", "dataset tools: synth, index, check-layout, verify, prepare-val, stats"),
+    "data": (
+        "pipeline.data.prep.cli",
+        "dataset tools: synth, index, check-layout, verify, prepare-val, stats",
+    ),
     "sweep": (
         "pipeline.driver.sweep",
         "configs x seeds as Ray Tune trials (resumable), e.g. the degradation study",

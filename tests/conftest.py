@@ -86,7 +86,7 @@ def run_pipeline(*args: str, timeout: float = 300) -> subprocess.CompletedProces
 @pytest.fixture(scope="session")
 def tiny_imagenet(tmp_path_factory) -> Path:
     """4 classes x 32 train / 4 val JPEGs in the ImageNet folder layout."""
-    from pipeline.data.synth import write_synthetic_imagenet
+    from pipeline.data.prep.synth import write_synthetic_imagenet
 
     root = tmp_path_factory.mktemp("tiny-imagenet") / "data"
     write_synthetic_imagenet(root, classes=4, train_per_class=32, val_per_class=4, seed=0)

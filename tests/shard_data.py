@@ -13,8 +13,8 @@ import pytest
 
 from pipeline.bench.s3_latency import LatencyS3
 from pipeline.config import load_config
-from pipeline.data.shards import write_shards
-from pipeline.data.synth import write_synthetic_imagenet
+from pipeline.data.prep.shard_writer import write_shards
+from pipeline.data.prep.synth import write_synthetic_imagenet
 from pipeline.store import locations
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -71,7 +71,7 @@ def nodes():
 @pytest.fixture(scope="module")
 def shared(nodes):
     """A folder holding the dataset and the runs: what the namespaced node will not see."""
-    from pipeline.data.synth import write_synthetic_imagenet
+    from pipeline.data.prep.synth import write_synthetic_imagenet
 
     folder = Path(tempfile.mkdtemp(prefix="rcpaths-shared-"))
     write_synthetic_imagenet(folder / "data", classes=2, train_per_class=4, val_per_class=2, seed=0)

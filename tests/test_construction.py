@@ -63,7 +63,7 @@ def test_make_construction_end_to_end_on_generated_cifar(tmp_path, request):
     from pipeline.report.runs import load_run
 
     data = tmp_path / "cifar"
-    from pipeline.data.synth_cifar import write_synthetic_cifar
+    from pipeline.data.prep.synth_cifar import write_synthetic_cifar
 
     write_synthetic_cifar(data, train_per_class=2, test_per_class=1, seed=0)
     storage, report = tmp_path / "runs", tmp_path / "report"

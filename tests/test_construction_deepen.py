@@ -102,7 +102,7 @@ def test_pairs_without_a_construction_are_refused_with_the_reason(shallow, deep,
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar") / "data"
-    from pipeline.data.synth_cifar import write_synthetic_cifar
+    from pipeline.data.prep.synth_cifar import write_synthetic_cifar
 
     write_synthetic_cifar(root, train_per_class=3, test_per_class=2, seed=0)
     return root

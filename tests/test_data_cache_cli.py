@@ -17,7 +17,7 @@ import pytest
 from conftest import run_pipeline
 from shard_data import BUCKET
 
-from pipeline.data.cli import main
+from pipeline.data.prep.cli import main
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shard_manifest import MANIFEST_NAME, load_manifest
 from pipeline.store import locations

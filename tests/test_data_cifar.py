@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DataConfig
-from pipeline.data import cli
 from pipeline.data.cifar import augment_batch, build_cifar_loaders, split_train_val
 from pipeline.data.layout import DataLayoutError
-from pipeline.data.synth_cifar import write_synthetic_cifar
+from pipeline.data.prep import cli
+from pipeline.data.prep.synth_cifar import write_synthetic_cifar
 
 CFG = DataConfig(dataset="cifar10", normalize="mean", val_split=0)
 CPU = torch.device("cpu")

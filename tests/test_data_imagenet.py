@@ -16,8 +16,8 @@ from pipeline.config.schema import ResolutionSchedule
 from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC, PCA_SCALE
 from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import ImageFolderIndex
+from pipeline.data.prep.synth import render_image
 from pipeline.data.sharding import train_shard, val_shard
-from pipeline.data.synth import render_image
 
 # Small sizes keep DALI fast on two CPU cores; the geometry is the paper's (resize, then crop).
 CFG = DataConfig(crop_size=56, val_resize=64, scale_min=64, scale_max=96, normalize="meanstd")
@@ -196,9 +196,9 @@ def test_train_shards_change_with_the_epoch_and_need_a_sample_per_worker():
 def layouts(tmp_path_factory):
     """``make(layout, files, cfg, **kwargs)``: a training loader over ``files`` (file i has label i) in
     the folder layout or the sharded one (``data shard`` of a tree with one class per file)."""
+    from pipeline.data.prep.shard_writer import write_shards
     from pipeline.data.shard_cache import ShardCache
     from pipeline.data.shard_feed import open_sharded
-    from pipeline.data.shards import write_shards
 
     made: dict[tuple[str, ...], object] = {}
 
@@ -296,7 +296,8 @@ def grey_file(tmp_path_factory) -> str:
 def mean_root(tmp_path_factory) -> str:
     """A dataset root whose `data stats --per-channel` file holds the ImageNet channel means, so
     that data.normalize=mean subtracts exactly IMAGENET_MEAN (and divides by nothing)."""
-    from pipeline.data.stats import MeanStats, write_mean
+    from pipeline.data.prep.mean import write_mean
+    from pipeline.data.stats import MeanStats
 
     root = tmp_path_factory.mktemp("mean-root")
     write_mean(root, MeanStats("channel", np.asarray(IMAGENET_MEAN, np.float32), CFG.crop_size, 1))
@@ -327,7 +328,7 @@ def test_pca_lighting_is_alexnet_noise(grey_file, mean_root):
 def test_synthetic_dataset_end_to_end(tmp_path: Path):
     """The writer's output goes through the layout scan and both loaders."""
     from pipeline.data.layout import scan_imagenet
-    from pipeline.data.synth import write_synthetic_imagenet
+    from pipeline.data.prep.synth import write_synthetic_imagenet
 
     write_synthetic_imagenet(tmp_path / "d", classes=3, train_per_class=4, val_per_class=2, seed=0, workers=1)
     index = scan_imagenet(tmp_path / "d")

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import moto_s3
 
-from pipeline.data import cli
 from pipeline.data.layout import INDEX_NAME, DataLayoutError, scan_imagenet, write_index
-from pipeline.data.synth import write_synthetic_imagenet
+from pipeline.data.prep import cli
+from pipeline.data.prep.synth import write_synthetic_imagenet
 from pipeline.store import locations
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ import pytest
 from shard_data import ROOT, SHARD_MB
 
 from pipeline.bench.s3_latency import LatencyS3, request_kind
+from pipeline.data.prep.shard_writer import write_shards
 from pipeline.data.shard_manifest import MANIFEST_NAME, load_manifest
-from pipeline.data.shards import write_shards
 from pipeline.store import locations
 
 
@@ -197,4 +197,4 @@ def test_training_reads_the_manifest_without_the_writer():
         if name not in reached:
             reached.add(name)
             todo += graph.get(name, ())
-    assert "pipeline.data.shard_manifest" in reached and "pipeline.data.shards" not in reached
+    assert "pipeline.data.shard_manifest" in reached and "pipeline.data.prep.shard_writer" not in reached

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import cli
 from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import DataLayoutError, ImageFolderIndex
-from pipeline.data.stats import MEAN_FILE, MeanStats, load_mean, write_mean
-from pipeline.data.synth import write_synthetic_imagenet
+from pipeline.data.prep import cli
+from pipeline.data.prep.mean import write_mean
+from pipeline.data.prep.synth import write_synthetic_imagenet
+from pipeline.data.stats import MEAN_FILE, MeanStats, load_mean
 
 CROP = 24
 CFG = DataConfig(crop_size=CROP, val_resize=28, scale_min=28, scale_max=32, pca_std=0.0, normalize="mean")

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import cli
+from pipeline.data.image_check import check_image
 from pipeline.data.layout import DataLayoutError, scan_imagenet
-from pipeline.data.synth import MARKER, write_synthetic_imagenet
-from pipeline.data.tools import check_image, prepare_val, undo_prepare_val, verify_images
+from pipeline.data.prep import cli
+from pipeline.data.prep.synth import MARKER, write_synthetic_imagenet
+from pipeline.data.prep.verify import prepare_val, undo_prepare_val, verify_images
 
 
 def _jpeg(path: Path, size=(40, 30), colour=(200, 30, 30), mode="RGB", fmt="JPEG") -> Path:
@@ -128,7 +129,7 @@ def test_synth_refuses_foreign_folder(tmp_path):
 
 
 def test_synth_interrupted_leaves_nothing(tmp_path, monkeypatch):
-    from pipeline.data import synth
+    from pipeline.data.prep import synth
 
     calls = []
     real = synth._write_one
@@ -148,7 +149,7 @@ def test_synth_interrupted_leaves_nothing(tmp_path, monkeypatch):
 def test_synth_classes_learnable_by_colour_alone():
     """A sanity check that class identity is in the pixels: mean hue inside the object differs
     across classes. (Learnability by a ResNet is the lead's end-to-end training test.)"""
-    from pipeline.data.synth import _class_style
+    from pipeline.data.prep.synth import _class_style
 
     hues = [_class_style(c)["hue"] for c in range(10)]
     gaps = [abs(a - b) for i, a in enumerate(hues) for b in hues[i + 1 :]]

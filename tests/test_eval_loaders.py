@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def tiny_sharded(tiny_imagenet, tmp_path_factory) -> Path:
     """The tiny ImageNet in the sharded layout, several shards per split."""
-    from pipeline.data.shards import write_shards
+    from pipeline.data.prep.shard_writer import write_shards
 
     out = tmp_path_factory.mktemp("eval-loaders") / "sharded"
     write_shards(str(tiny_imagenet), str(out), shard_size_mb=0.2, seed=1, workers=1, progress=None)

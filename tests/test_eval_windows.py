@@ -19,7 +19,7 @@ from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.dali_eval import center_offset, resized_size, ten_crop_windows
 from pipeline.data.imagenet import build_val_loader
 from pipeline.data.layout import ImageFolderIndex
-from pipeline.data.synth import render_image
+from pipeline.data.prep.synth import render_image
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -120,3 +120,16 @@ def test_the_walk_finds_a_cycle_hidden_inside_a_function(tmp_path):
     assert cycles(graph) == [["pkg.a", "pkg.sub.b"]]
     (package / "sub" / "b.py").write_text("def f():\n    return 1\n")
     assert cycles(import_graph(package)) == []
+
+
+def test_training_never_imports_the_offline_dataset_tools():
+    """``pipeline.data.prep`` (synth, verify, stats, the shard writer) runs before training: the
+    runtime feed, the loop, the models and the drivers read what it writes without importing it."""
+    graph = import_graph(PACKAGE)
+    runtime = ("pipeline.data", "pipeline.train", "pipeline.models", "pipeline.driver", "pipeline.store")
+    offending = {
+        name: sorted(m for m in imports if m.startswith("pipeline.data.prep"))
+        for name, imports in graph.items()
+        if name.startswith(runtime) and not name.startswith("pipeline.data.prep")
+    }
+    assert {k: v for k, v in offending.items() if v} == {}

@@ -96,7 +96,7 @@ def env(place) -> dict[str, str]:
 def imagenet(place, env) -> Path:
     """4 classes x 130 training images (one global batch of 512 fits) and 4 x 4 validation
     images, with the per-pixel mean at the 32 px crops of ``TINY``."""
-    from pipeline.data.synth import write_synthetic_imagenet
+    from pipeline.data.prep.synth import write_synthetic_imagenet
 
     root = place["imagenet"]
     write_synthetic_imagenet(root, classes=4, train_per_class=130, val_per_class=4, seed=0)
@@ -148,7 +148,7 @@ def test_demo_dataset_command(place, env):
 
 def test_preparing_imagenet_commands(place, env):
     """prepare-val on a flat val folder with the devkit's CSV, verify --fix, check-layout, stats."""
-    from pipeline.data.synth import write_synthetic_imagenet
+    from pipeline.data.prep.synth import write_synthetic_imagenet
 
     root = place["tmp"] / "raw-imagenet"
     write_synthetic_imagenet(root, classes=3, train_per_class=4, val_per_class=2, seed=1)

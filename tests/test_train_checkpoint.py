@@ -212,7 +212,7 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_sharded(tiny_imagenet, tmp_path_factory) -> Path:
     """tiny_imagenet in the sharded layout (``data shard``), several windows of shards."""
-    from pipeline.data.shards import write_shards
+    from pipeline.data.prep.shard_writer import write_shards
 
     out = tmp_path_factory.mktemp("tiny-sharded") / "shards"
     write_shards(str(tiny_imagenet), str(out), shard_size_mb=0.05, seed=0, workers=1, progress=None)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.config import dump_yaml, load_config, to_dict
-from pipeline.data import cli
+from pipeline.data.prep import cli
 from pipeline.driver import eval_cmd
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import init_context

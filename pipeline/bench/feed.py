@@ -249,10 +249,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.bench.feed_nodes import cold_start, parse_faults
     from pipeline.bench.s3_latency import Faults, LatencyS3
     from pipeline.data.layout import scan_imagenet
+    from pipeline.data.prep.shard_writer import write_shards
     from pipeline.data.shard_cache import ShardCache
     from pipeline.data.shard_manifest import load_manifest
     from pipeline.data.shard_reads import ShardReader, epoch_order
-    from pipeline.data.shards import write_shards
     from pipeline.store import locations
 
     if not (args.data / "train").is_dir():

@@ -1,4 +1,4 @@
-"""Data: ImageNet layout scan, DALI train/val loaders, CIFAR-10, dataset tools, synthetic data.
+"""Data at run time: the ImageNet layouts, DALI train/val loaders, CIFAR-10; the dataset tools in ``prep``.
 
 - ``source``: the dataset a config names (sizes for the preflight, loaders for the worker);
   ``loaders``: what a worker gets (``Data``, this rank's loaders, each a ``Loader``);
@@ -7,7 +7,10 @@
 - ``sharding``: who reads what in which order (pure functions of seed, epoch, rank, world);
 - ``dali_pipeline`` / ``imagenet``: the DALI graphs and the loaders that iterate them;
 - ``cifar``: CIFAR-10 held on the training device; ``layout``: the ImageNet folder scan;
-- ``synth``, ``tools``, ``cli``: generated datasets, verify / prepare-val, the ``data`` command.
+  ``shard_manifest``: the sharded layout's manifest as training reads it; ``stats``: the
+  training set's mean as training reads it; ``image_check``: whether a file decodes;
+- ``prep``: the offline dataset tools of the ``data`` command (generated datasets, verify /
+  prepare-val, the mean, the shard writer); training never imports it.
 
 Import the submodule you need: DALI and torchvision load only with the modules that use them.
 """

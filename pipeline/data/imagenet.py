@@ -57,7 +57,7 @@ def _labels(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _culprits(files: list[str]) -> list[str]:
     """The files that do not decode among ``files`` (DALI does not say which)."""
-    from pipeline.data.tools import check_image
+    from pipeline.data.image_check import check_image
 
     found = []
     for path in files:

@@ -9,7 +9,7 @@ inside that shard, label, CRC-32 and source name; the class list; every shard's 
 SHA-256; the seed, the shard size and the tool's version. Training reads the manifest and
 nothing else to know the dataset (``pipeline.data.shard_feed``); the shards' bytes come
 through the node's cache (``pipeline.data.shard_cache``). ``data shard`` writes the manifest
-and the shards (``pipeline.data.shards``).
+and the shards (``pipeline.data.prep.shard_writer``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     info = write_real_sized("data/gpu-check", classes=10, train_per_class=32, val_per_class=4)
 
-The pictures are ``pipeline.data.synth``'s (a class shape over clutter and noise, so a network
+The pictures are ``pipeline.data.prep.synth``'s (a class shape over clutter and noise, so a network
 can learn them), drawn at the sizes ImageNet's median photo has (500x375 landscape, 375x500
 portrait, 500x333) and saved at a quality that gives ImageNet's typical file size, so a
 decoder meets the work it meets in training. The folder is ImageNet-layout, written to a
@@ -37,7 +37,7 @@ def _size(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def _write_one(task: tuple[str, int, int, int, int]) -> tuple[int, int, int]:
-    from pipeline.data.synth import render_image
+    from pipeline.data.prep.synth import render_image
 
     path, seed, split, c, i = task
     rng = np.random.default_rng([seed, split, c, i, 0x6C])

@@ -1,4 +1,4 @@
-"""``python -m pipeline data shard SRC OUT``: the argument parser and the command (pipeline.data.shards writes)."""
+"""``python -m pipeline data shard SRC OUT``: the argument parser and the command (pipeline.data.prep.shard_writer writes)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_shard_command(sub) -> None:
 
 
 def shard_command(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import write_shards
+    from pipeline.data.prep.shard_writer import write_shards
 
     summary = write_shards(
         args.src, args.out, shard_size_mb=args.shard_size_mb, seed=args.seed, workers=args.workers or None,

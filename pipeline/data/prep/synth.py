@@ -13,7 +13,7 @@ Output is a pure function of the arguments (same seed, same bytes) and appears a
 the files are written to a hidden sibling folder that is renamed into place only once the
 ``.complete`` marker is in it, so an interrupted run leaves nothing that looks finished.
 
-The CIFAR-10 archive writer (``synth-cifar``) is ``pipeline.data.synth_cifar``; it draws the
+The CIFAR-10 archive writer (``synth-cifar``) is ``pipeline.data.prep.synth_cifar``; it draws the
 same shapes.
 """
 

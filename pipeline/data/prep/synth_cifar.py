@@ -5,7 +5,7 @@
 ``OUT/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` pickled the way the real
 (Python 2) archive is, so ``pickle.load(f, encoding="bytes")`` gives ``b"data"`` keys and
 torchvision's ``encoding="latin1"`` gives ``"data"``. The images are the ImageNet synth's
-shapes (``pipeline.data.synth.render_image``) drawn at 64 px and downsampled to 32.
+shapes (``pipeline.data.prep.synth.render_image``) drawn at 64 px and downsampled to 32.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.constants import CIFAR_CLASSES, CIFAR_DIRNAME
-from pipeline.data.synth import render_image
+from pipeline.data.prep.synth import render_image
 
 
 class _Py2Str(bytes):

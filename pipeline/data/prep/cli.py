@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.cache_cli import add_cache_command, cache_command
-from pipeline.data.shard_cli import add_shard_command, shard_command
-from pipeline.data.stats import add_stats_command, stats_command
+from pipeline.data.prep.mean import add_stats_command, stats_command
+from pipeline.data.prep.shard_cli import add_shard_command, shard_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from pipeline.data.synth import write_synthetic_imagenet
+    from pipeline.data.prep.synth import write_synthetic_imagenet
 
     summary = write_synthetic_imagenet(
         args.out,
@@ -121,7 +121,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _synth_cifar(args: argparse.Namespace) -> int:
-    from pipeline.data.synth_cifar import write_synthetic_cifar
+    from pipeline.data.prep.synth_cifar import write_synthetic_cifar
 
     out = write_synthetic_cifar(args.out, args.train_per_class, args.test_per_class, args.seed)
     print(
@@ -166,7 +166,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pipeline.data.tools import verify_images
+    from pipeline.data.prep.verify import verify_images
 
     report = verify_images(args.root, fix=args.fix, workers=args.workers or None)
     if args.json:
@@ -179,7 +179,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _prepare_val(args: argparse.Namespace) -> int:
-    from pipeline.data.tools import prepare_val, undo_prepare_val
+    from pipeline.data.prep.verify import prepare_val, undo_prepare_val
 
     if args.undo:
         n = undo_prepare_val(args.val)

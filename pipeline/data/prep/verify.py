@@ -25,9 +25,9 @@ from typing import Any
 from PIL import Image
 
 from pipeline.data.constants import IMAGE_SUFFIXES
+from pipeline.data.image_check import check_image
 from pipeline.data.layout import DataLayoutError
 from pipeline.host import pool_context, usable_cpus
-from pipeline.store import locations
 
 QUARANTINE = ".quarantine"  # under ROOT, outside train/ and val/, hidden from the layout scan
 MANIFEST = "manifest.jsonl"
@@ -90,49 +90,6 @@ def _image_files(root: Path) -> list[str]:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 found.append(name if rel == "." else os.path.join(rel, name))
     return sorted(found)
-
-
-def _read_bytes(path: str) -> bytes:
-    data = locations.read_bytes(path) if locations.is_uri(path) else Path(path).read_bytes()
-    if data is None:
-        raise FileNotFoundError(2, "no such object", path)
-    return data
-
-
-def check_image(path: str | os.PathLike[str]) -> tuple[str, str] | None:
-    """None for a sound RGB (or greyscale) JPEG, else (kind, reason).
-
-    Args:
-        path: the file to check (a local path or an ``s3://`` / ``gs://`` URI); it is fully
-            decoded, so truncation is found.
-    """
-    try:
-        data = _read_bytes(str(path))
-    except OSError as e:
-        return "undecodable", f"unreadable ({e.strerror or e})"
-    if not data:
-        return "empty", "empty file (0 bytes)"
-    is_jpeg = data[:3] == b"\xff\xd8\xff"
-    # PIL's default (ImageFile.LOAD_TRUNCATED_IMAGES False) makes load() fail on a truncated file.
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, mode = img.format, img.mode
-            img.load()
-    except Exception as e:  # PIL raises many types for bad data; every one means "cannot train on it"
-        msg = str(e) or type(e).__name__
-        if is_jpeg and ("truncated" in msg or "premature" in msg.lower()):
-            return "truncated", f"truncated JPEG ({len(data)} bytes; {msg})"
-        if is_jpeg:
-            return "undecodable", f"undecodable JPEG ({msg})"
-        return "undecodable", f"not an image PIL can decode ({data[:8]!r}...: {msg})"
-    if not is_jpeg or fmt != "JPEG":
-        kind = "png" if fmt == "PNG" else "not_jpeg"
-        return kind, f"{fmt} data in a .JPEG file (mode {mode})"
-    if mode == "CMYK":
-        return "cmyk", "CMYK JPEG (decoders expect RGB)"
-    if mode not in ("RGB", "L"):
-        return "not_jpeg", f"JPEG in colour mode {mode} (expected RGB)"
-    return None
 
 
 def _check_task(args: tuple[str, str]) -> tuple[str, tuple[str, str] | None]:
