@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shard_data import ROOT, SHARD_MB
+from shard_data import ROOT, SHARD_MB, write_sharded
 
 from pipeline.bench.s3_latency import LatencyS3, request_kind
 from pipeline.data.prep.shard_writer import write_shards
@@ -198,3 +198,18 @@ def test_training_reads_the_manifest_without_the_writer():
             reached.add(name)
             todo += graph.get(name, ())
     assert "pipeline.data.shard_manifest" in reached and "pipeline.data.prep.shard_writer" not in reached
+
+
+def test_check_layout_of_a_sharded_root(src, tmp_path, capsys):
+    """`data check-layout` (what `make train-imagenet` runs first) on a `data shard` output: the
+    manifest read and every shard checked at its size; a missing shard is named."""
+    from pipeline.data.prep import cli
+
+    out = write_sharded(src, tmp_path / "sharded")
+    assert cli.main(["check-layout", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "sharded (manifest" in said and "4 classes" in said and "120 train images in" in said
+    victim = sorted(out.glob("train-*.tar"))[1]
+    victim.unlink()
+    assert cli.main(["check-layout", str(out)]) == 2
+    assert f"{victim.name}: missing" in capsys.readouterr().err

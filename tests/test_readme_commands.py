@@ -277,6 +277,37 @@ def test_train_imagenet_with_another_config_and_args(imagenet, place, on_head):
 
 
 @pytest.mark.ray
+def test_a_fast_recipe_from_shards_in_the_bucket(imagenet, bucket, on_head, place):
+    """The README's sharding command into the bucket, then a fast recipe trained from those shards
+    under Ray on 2 workers: the crop grows after the first epoch (data.res_schedule, as the
+    recipe's 160 -> 192 px at 32 -> 48 here) and the EMA of the weights is scored beside them."""
+    shard = documented(
+        "README.md", "python -m pipeline data shard /data/imagenet s3://bucket/imagenet-shards"
+    )
+    uri = "s3://my-bucket/imagenet-shards"
+    run(shard.replace("/data/imagenet", str(imagenet)).replace("s3://bucket/imagenet-shards", uri)
+        + " --shard-size-mb 0.5", bucket)  # fmt: skip
+    extra = [
+        "name=rn50-16ep-shards", "cluster.num_workers=2", "optim.batch_size=128", "schedule.epochs=2",
+        "schedule.max_iters=null", "data.crop_size=32", "data.scale_min=48", "data.scale_max=64",
+        "data.res_schedule.end_res=48", "data.res_schedule.start_ramp=0", "data.res_schedule.end_ramp=1",
+        "data.res_schedule.step=16", "data.val_resize=36", "data.val_crop=32", "model.num_classes=4",
+        "optim.ema_decay=0.9", f"data.cache_dir={place['tmp'] / 'shard-cache'}", "tracking.mode=offline",
+        f"checkpoint.storage_path={place['runs']}",
+    ]  # fmt: skip
+    make = (
+        "make -o .venv/.installed train-imagenet DATA=" + uri + " CONFIG=configs/imagenet/fast/rn50_16ep.yaml"
+    )
+    run(with_make_args(make, extra), on_head)
+    folder = place["runs"] / "rn50-16ep-shards"
+    epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [e["train/crop_px"] for e in epochs] == [32, 48]
+    assert all(e["world_size"] == 2 and "val/ema_top1_err" in e for e in epochs), epochs
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["steps"] == 8 and "ema_val_top1_err" in summary and summary["data_bytes_fetched"] > 0
+
+
+@pytest.mark.ray
 def test_train_command_with_overrides(imagenet, place, on_head):
     written = documented(
         "README.md",

@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser(
         "check-layout",
         help="list ROOT/train/<class>/ and ROOT/val/<class>/ (local or s3://, gs://), count images, "
-        "and compare the index file when there is one",
+        "and compare the index file when there is one; a sharded ROOT (`data shard`): read its manifest "
+        "and check that every shard it names is there at its size",
     )
     k.add_argument("root", help="dataset folder or URI")
 
@@ -134,8 +135,27 @@ def _counts(index: Any) -> str:
     return f"{len(index.classes)} classes, {len(index.train_files)} train images, {len(index.val_files)} val images"
 
 
+def _check_sharded(root: str) -> bool:
+    """A sharded ROOT checked (its manifest read, every shard there at its size); False: not sharded."""
+    from pipeline.data.shard_manifest import check_shards, load_manifest
+
+    manifest = load_manifest(root)
+    if manifest is None:
+        return False
+    check_shards(manifest)
+    counts = ", ".join(
+        f"{len(manifest.split(s))} {s} images in {len(manifest.shard_ids(s))} shards ({manifest.bytes_of(s):,} bytes)"
+        for s in sorted(manifest.splits)
+    )
+    print(f"{root}: sharded (manifest {manifest.digest[:16]}): {manifest.num_classes} classes, {counts}")
+    return True
+
+
 def _check_layout(args: argparse.Namespace) -> int:
     from pipeline.data.layout import DataLayoutError, compare_index, index_location, load_index, scan_imagenet
+
+    if _check_sharded(args.root):
+        return 0
 
     # Everything is listed here, whatever the index says: this is the thorough check.
     scanned = scan_imagenet(args.root, use_index=False)
