@@ -291,3 +291,23 @@ def test_bench_feed_checks_its_new_arguments_before_running(tiny_imagenet: Path,
                       (["--storm-s", "-1"], "--storm-s -1")):  # fmt: skip
         assert bench_main(["feed", "--data", str(tiny_imagenet), *bad]) == 2
         assert says in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bench fetch
+
+
+def test_bench_fetch_streams_parts_and_counts_its_gets(capsys) -> None:
+    """3 objects of 1 MiB in parts of 0.25 MiB: 4 ranged GETs each through the engine, and the
+    whole-object pass beside it; the bound is fetchers x parts in flight x part."""
+    r = run_bench(
+        "fetch --objects 3 --object-mb 1 --fetchers 2 --part-mb 0.25 --parts-in-flight 2".split(), capsys
+    )
+    assert r["bench"] == "fetch" and r["object_mib"] == 1 and r["engine"]["gets"] == 12
+    assert r["bound_mib"] == 2 * 2 * 0.25 and r["whole_objects"]["fetchers_x_object_mib"] == 2
+    assert (
+        r["engine"]["peak_growth_mib"] >= 0
+        and positive(r["engine"]["seconds"])
+        and MACHINE_FIELDS <= set(r["machine"])
+    )
+    assert pipeline.__main__.main(["bench", "fetch", "--objects", "0"]) == 2
+    assert "--objects must be at least 1" in capsys.readouterr().err

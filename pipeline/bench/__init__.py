@@ -1,10 +1,11 @@
-"""``python -m pipeline bench <loader|model|ray|table>``: throughput benchmarks with JSON results.
+"""``python -m pipeline bench <loader|model|ray|engine|feed|fetch|table>``: throughput benchmarks with JSON results.
 
     python -m pipeline bench loader --data data/synth-bench --json      # DALI vs torchvision DataLoader
     python -m pipeline bench model --model resnet50_v1_5 --json          # step img/s vs torchvision
     python -m pipeline bench ray --json                                  # Ray Train start-up, 1->2 workers
     python -m pipeline bench engine --data data/synth-bench --baseline REV  # the training loop vs a commit
     python -m pipeline bench feed --data data/synth-feed --latency-ms 30  # local vs S3 per image vs shards
+    python -m pipeline bench fetch --objects 8 --object-mb 128            # peak memory of fetching shards
     python -m pipeline bench table bench-results/*.json                  # Markdown table of results
     make bench                                                           # all three into bench-results/
 
@@ -35,15 +36,18 @@ BENCHES = {
     "ray": "pipeline.bench.ray_train",
     "engine": "pipeline.bench.engine",
     "feed": "pipeline.bench.feed",
+    "fetch": "pipeline.bench.fetch_memory",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline bench",
-        description="Throughput benchmarks (loader, model, ray, engine, feed) with JSON results, and a Markdown table of them.",
+        description="Throughput benchmarks (loader, model, ray, engine, feed, fetch) with JSON results, and a Markdown table of them.",
     )
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{loader,model,ray,engine,feed,table}")
+    sub = parser.add_subparsers(
+        dest="bench", required=True, metavar="{loader,model,ray,engine,feed,fetch,table}"
+    )
     for name, module_name in BENCHES.items():
         # The modules import only torch and the standard library at the top; what they measure
         # (DALI, torchvision, Ray) is imported inside run().
