@@ -11,15 +11,17 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import pytest
 import torch
-from shard_data import ROOT, small_config, upload_sharded
+from shard_data import BUCKET, ROOT, small_config, upload_sharded
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.shard_cache import ShardCache
@@ -359,3 +361,36 @@ def test_train_from_s3_under_ray_with_two_workers(s3, s3_sharded, tmp_path):
     assert summary["val_images"] == len(m.split("val"))
     # Two ranks on one node: each shard fetched once for the node (plus manifest reads).
     assert s3.counts()["GET.tar"] == len(m.shards)
+
+
+def test_train_and_eval_commands_report_a_bad_bucket_before_any_work(s3, s3_sharded, sharded, tmp_path):
+    """A shard truncated in the bucket, and a bucket that cannot be reached: `train` (its Ray path:
+    the check runs before Ray starts) and `eval` print the error naming the object and the fix and
+    exit 2, with no traceback and nothing written."""
+    from pipeline.config import load_config, to_dict
+    from pipeline.models import build_model
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.setup import TrainingProgress
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded, broken)
+    victim = broken / "train-000002.tar"
+    victim.write_bytes(victim.read_bytes()[:-512])
+    fs, path = locations.filesystem(f"s3://{BUCKET}/truncated")
+    pyarrow.fs.copy_files(str(broken), path, destination_filesystem=fs)
+    bad = f"s3://{BUCKET}/truncated"
+    runs = tmp_path / "runs"
+    checkpoint = tmp_path / "checkpoint"  # a real one: eval reads it before the data
+    cfg = load_config("configs/demo.yaml", _tiny(s3_sharded, runs, "bad", tmp_path / "cache"))
+    model = build_model(cfg.model)
+    ckpt.save(checkpoint, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=None,
+              progress=TrainingProgress(epoch=1, step=1), config=to_dict(cfg))  # fmt: skip
+    unreachable = {**s3.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # port 9 (discard): nothing listens
+    for root, env, says in ((bad, s3.env, "train-000002.tar: .* bytes, the manifest says .*truncated or replaced.*data shard"),
+                            (s3_sharded, unreachable, "manifest.json.gz: cannot be read .*AWS_ENDPOINT_URL")):  # fmt: skip
+        overrides = _tiny(root, runs, "bad", tmp_path / "cache")
+        for command in (["train"], ["eval", "--checkpoint", str(checkpoint)]):
+            r = _run(*command, "--config", "configs/demo.yaml", *overrides, env=env, timeout=300)
+            assert r.returncode == 2 and re.search(says, r.stderr), (command, r.stderr[-2000:])
+            assert "Traceback" not in r.stderr + r.stdout
+    assert not runs.exists() and sorted(p.name for p in checkpoint.iterdir()) == ["state.pt"]

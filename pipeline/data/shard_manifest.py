@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.layout import DataLayoutError
 from pipeline.store import locations
 
 MANIFEST_NAME = "manifest.json.gz"
@@ -31,8 +32,11 @@ MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
 
 
-class ShardError(ValueError):
-    """A sharded dataset that cannot be used; the message names the shard or file and the fix."""
+class ShardError(DataLayoutError):
+    """A sharded dataset that cannot be used; the message names the shard or file and the fix.
+
+    A ``DataLayoutError``: every command that reports a bad dataset as a message and exit status 2
+    before any work (train, eval, the dry run) reports this one the same way."""
 
 
 def repair_hint(source: str, root: str) -> str:
