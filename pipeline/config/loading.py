@@ -398,7 +398,7 @@ def _check_torchvision_augment(data: DataConfig) -> None:
         if on and (is_cifar(data.dataset) or data.augment == "none"):
             raise ConfigError(
                 f"{key}: is for ImageNet's random crops (data.augment: paper or inception), not "
-                f"{data.dataset} with data.augment={data.augment}; turn it off or pick such an augment"
+                f"{data.dataset} with data.augment={data.augment}; turn it off, or on ImageNet set data.augment"
             )
 
 
