@@ -1,5 +1,6 @@
-"""The fast recipes (configs/imagenet/fast/): each loads, passes the config checks and holds
-FFCV's published ResNet-50 settings as docs/recipes.md maps them (their rn50_<N>_epochs.yaml)."""
+"""The recipes: each loads, passes the config checks and holds its source's settings as
+docs/recipes.md maps them: FFCV's fast ResNet-50 ones (configs/imagenet/fast/, their
+rn50_<N>_epochs.yaml) and torchvision's long one (configs/imagenet/long/rn50_600ep.yaml)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,82 @@ def test_the_docs_list_every_recipe_with_ffcvs_figures_and_none_of_ours():
     for epochs in EPOCHS:
         row = next(line for line in text.splitlines() if line.startswith(f"| `rn50_{epochs}ep.yaml`"))
         assert "measured: none yet" in row, row
+
+
+# ---------------------------------------------------------------- torchvision's long recipe
+
+LONG = "configs/imagenet/long/rn50_600ep.yaml"
+IMAGENET_TRAIN = 1_281_167
+
+
+def test_long_recipe_holds_torchvisions_settings():
+    """configs/imagenet/long/rn50_600ep.yaml against torchvision's command (docs/recipes.md)."""
+    cfg = load_config(LONG, [])
+    assert (cfg.model.name, cfg.model.v1_5, cfg.model.blurpool) == ("resnet50", True, False)
+    o = cfg.optim
+    assert o.batch_size == 8 * 128 and o.scale_lr and o.lr * o.batch_size / 256 == pytest.approx(0.5)
+    assert (o.momentum, o.weight_decay, o.no_wd_bn_bias, o.label_smoothing) == (0.9, 2e-5, True, 0.1)
+    assert (o.mixup_alpha, o.cutmix_alpha, o.mix_switch_prob) == (0.2, 1.0, 0.5)
+    d = cfg.data
+    assert (d.augment, d.crop_size, d.auto_augment, d.random_erase) == ("inception", 176, "ta_wide", 0.1)
+    assert (d.normalize, d.pca_std, d.res_schedule.end_res) == ("meanstd", 0.0, 0)
+    assert (d.val_resize, d.eval_crop) == (232, 224)  # --val-resize-size 232, --val-crop-size 224
+    assert (cfg.eval.mode, cfg.eval.final_mode, cfg.eval.flip) == ("center", "center", False)
+    s = cfg.schedule
+    assert (s.kind, s.warmup_epochs, s.epochs, s.max_iters) == ("cosine", 5, 600, None)
+
+
+def test_long_recipe_lr_meets_torchvisions_at_every_epoch_start():
+    """Theirs: LinearLR(start_factor=0.01 (--lr-warmup-decay), total_iters=5) then CosineAnnealingLR(
+    T_max=595), both stepped once per epoch; ours moves every iteration and meets theirs at each
+    epoch's first iteration, on their 8 GPUs."""
+    from pipeline.train.derived import derive
+    from pipeline.train.schedule import ScheduleState, learning_rate
+
+    cfg = load_config(LONG, [])
+    dv = derive(cfg, IMAGENET_TRAIN, world_size=8)
+    assert (dv.lr, dv.iters_per_epoch, dv.total_iters) == (pytest.approx(0.5), 1251, 600 * 1251)
+
+    def theirs(epoch: int) -> float:
+        if epoch < 5:
+            return 0.5 * (0.01 + (1 - 0.01) * epoch / 5)
+        return 0.5 * 0.5 * (1 + np.cos(np.pi * (epoch - 5) / (600 - 5)))
+
+    state = ScheduleState()
+    for epoch in list(range(12)) + [100, 300, 599]:
+        ours = learning_rate(cfg.schedule, base_lr=dv.lr, it=epoch * 1251, iters_per_epoch=1251,
+                             total_iters=dv.total_iters, state=state)  # fmt: skip
+        assert ours == pytest.approx(theirs(epoch), rel=1e-9, abs=1e-12), epoch
+
+
+def test_long_recipe_ema_decay_is_torchvisions_per_step():
+    """train.py: adjust = world_size * batch_size * model_ema_steps / epochs; alpha = min(1, (1 -
+    model_ema_decay) * adjust); decay 1 - alpha per update, one update every model_ema_steps steps."""
+    adjust = 8 * 128 * 32 / 600
+    per_update = 1.0 - min(1.0, (1.0 - 0.99998) * adjust)
+    ema = load_config(LONG, []).optim
+    assert ema.ema_decay**32 == pytest.approx(per_update, rel=1e-7) and ema.ema_warmup
+    assert ema.ema_decay == pytest.approx(per_update ** (1 / 32), abs=5e-9)  # written to 8 places
+
+
+@pytest.mark.parametrize(
+    "overrides, key, says",
+    [
+        (["data.random_erase=1.5"], "data.random_erase", "[0, 1]"),
+        (["data.random_erase=-0.1"], "data.random_erase", "[0, 1]"),
+        (["data.augment=none", "data.random_erase=0.1"], "data.random_erase", "augment=none"),
+        (["data.augment=none", "data.auto_augment=ta_wide"], "data.auto_augment", "augment=none"),
+        (["data.dataset=cifar10", "data.auto_augment=ta_wide"], "data.auto_augment", "cifar10"),
+        (["data.auto_augment=ra"], "data.auto_augment", "ta_wide"),
+    ],
+)
+def test_torchvision_augment_config_errors_name_the_key(overrides, key, says):
+    with pytest.raises(ConfigError, match=key) as e:
+        load_config(None, overrides)
+    assert says in str(e.value)
+
+
+def test_the_docs_set_torchvisions_figure_beside_none_of_ours():
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `long/rn50_600ep.yaml`"))
+    assert "80.858 %" in row and "measured: none yet" in row, row

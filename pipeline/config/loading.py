@@ -282,6 +282,7 @@ def _check(cfg: Config) -> None:
             "the test crops are cut from the image resized to shorter side val_resize"
         )
     _check_res_schedule(cfg.data)
+    _check_torchvision_augment(cfg.data)
     if cfg.eval.flip and "center" not in (cfg.eval.mode, cfg.eval.final_mode or cfg.eval.mode):
         raise ConfigError(
             "eval.flip: the test-time flip of centre evaluation, but eval.mode and eval.final_mode are "
@@ -384,6 +385,21 @@ def _check_res_schedule(data: DataConfig) -> None:
             f"data.scale_min ({data.scale_min}) must be at least data.res_schedule.end_res ({r.end_res}) "
             "for the paper's random crop"
         )
+
+
+def _check_torchvision_augment(data: DataConfig) -> None:
+    """``data.auto_augment`` and ``data.random_erase``: they follow ImageNet's random crops."""
+    if not 0.0 <= data.random_erase <= 1.0:
+        raise ConfigError(f"data.random_erase: a probability in [0, 1] (0: off), got {data.random_erase:g}")
+    for key, on in (
+        ("data.auto_augment", data.auto_augment != "none"),
+        ("data.random_erase", data.random_erase > 0),
+    ):
+        if on and (is_cifar(data.dataset) or data.augment == "none"):
+            raise ConfigError(
+                f"{key}: is for ImageNet's random crops (data.augment: paper or inception), not "
+                f"{data.dataset} with data.augment={data.augment}; turn it off, or on ImageNet set data.augment"
+            )
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

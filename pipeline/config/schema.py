@@ -49,6 +49,15 @@ class DataConfig:
     # res_schedule.end_res over epochs start_ramp..end_ramp (FFCV: 160 -> 192 px). DALI takes
     # each batch's size as an input: the pipeline is not rebuilt; a resumed epoch gets its size.
     res_schedule: ResolutionSchedule = field(default_factory=ResolutionSchedule)
+    # "ta_wide": TrivialAugment Wide (torchvision's --auto-augment ta_wide) after the random crop and
+    # flip of "paper" or "inception", on the uint8 pixels before normalisation: DALI's own
+    # trivial_augment_wide, drawn by DALI's RNG like the inception crop, so not replayed exactly on
+    # resume. "none": off.
+    auto_augment: Literal["none", "ta_wide"] = "none"
+    # torchvision's RandomErasing(p=random_erase) after normalisation ("paper" and "inception"): with
+    # this chance a rectangle of 2-33 % of the crop, aspect 0.3-3.3, is set to 0. Drawn by the feed
+    # from (seed, epoch, step, position in the global batch): a resumed epoch erases the same. 0: off.
+    random_erase: float = 0.0
     scale_min: int = 256
     scale_max: int = 480
     val_resize: int = 256

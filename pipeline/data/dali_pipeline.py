@@ -1,4 +1,4 @@
-"""The DALI graphs: the paper's training augmentation, fed batch by batch, and its test protocols.
+"""The DALI graphs: the training augmentations, fed batch by batch, and the test protocols.
 
     pipe = build_train_pipeline("paper", feed, cfg.data, batch_size=64, device_id=None, num_threads=2,
                                 seed=0, channels_last=False, half=False)
@@ -36,8 +36,15 @@ TRAIN_MODES = ("paper", "inception", "none")
 VAL_MODES = ("center", "tencrop", "multiscale")
 READER = "Reader"
 # What the training feed delivers per sample, in this order: names, labels[, crop side][, scale,
-# pos_x, pos_y, mirror, mean]. The random crops take their side from the feed (data.res_schedule).
+# pos_x, pos_y, mirror, mean][, erase anchor, erase shape]. The random crops take their side from
+# the feed (data.res_schedule); the erased rectangles come last (data.random_erase).
 FEED_OUTPUTS = {"paper": 8, "inception": 3, "none": 2}
+ERASE_OUTPUTS = 2
+
+
+def feed_outputs(cfg: DataConfig) -> int:
+    """How many per-sample lists the training feed yields for ``cfg``."""
+    return FEED_OUTPUTS[cfg.augment] + (ERASE_OUTPUTS if cfg.random_erase > 0 else 0)
 
 
 def _decoder_device(cfg: DataConfig, device_id: int | None) -> str:
@@ -48,18 +55,36 @@ def _decoder_device(cfg: DataConfig, device_id: int | None) -> str:
     return "cpu" if cfg.decoder == "cpu" else "mixed"
 
 
+def _pipeline_kwargs(
+    cfg: DataConfig, batch_size: int, device_id: int | None, num_threads: int, seed: int
+) -> dict[str, Any]:
+    return {
+        "batch_size": batch_size,
+        "num_threads": max(1, num_threads),
+        "device_id": device_id,
+        "seed": seed,
+        "prefetch_queue_depth": max(1, cfg.prefetch),
+    }
+
+
 def _new_pipeline(
     cfg: DataConfig, batch_size: int, device_id: int | None, num_threads: int, seed: int
 ) -> Any:
     from nvidia.dali import Pipeline
 
-    return Pipeline(
-        batch_size=batch_size,
-        num_threads=max(1, num_threads),
-        device_id=device_id,
-        seed=seed,
-        prefetch_queue_depth=max(1, cfg.prefetch),
-    )
+    return Pipeline(**_pipeline_kwargs(cfg, batch_size, device_id, num_threads, seed))
+
+
+def _flip_and_trivial_augment(images: Any, mirror: Any) -> Any:
+    """torchvision's order (presets.ClassificationPresetTrain): the crop, its flip, then TrivialAugment
+    Wide, on HWC uint8 pixels. DALI's suite: 31 magnitude bins, shifts up to 32 px, each sample's
+    operation and magnitude drawn by DALI's RNG (the pipeline seed)."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali.auto_aug import trivial_augment
+
+    images = fn.flip(images, horizontal=mirror)
+    # fill_value 0: torchvision's TrivialAugmentWide(fill=None) fills what a warp uncovers with black.
+    return trivial_augment.trivial_augment_wide(images, fill_value=0)
 
 
 def _decode_kwargs(cfg: DataConfig, device_id: int | None) -> tuple[dict[str, Any], bool]:
@@ -119,16 +144,17 @@ def build_train_pipeline(
         mode: "paper" (the paper's scale augmentation, crop, flip, PCA lighting), "inception"
             (random-resized crop, DALI's own randomness: not replayed exactly on resume), "none"
             (resize and centre crop).
-        feed: an iterator yielding, per batch, ``FEED_OUTPUTS[mode]`` lists of per-sample arrays:
+        feed: an iterator yielding, per batch, ``feed_outputs(cfg)`` lists of per-sample arrays:
             UTF-8 file names (uint8), labels (int64), for "paper" and "inception" the crop's side
-            (float32, the same for the whole batch: ``data.res_schedule``'s for its epoch) and, for
-            "paper", the shorter side to scale to, the crop position (x, y in [0, 1]), the flip
-            (int32) and the normalisation mean [3].
-        cfg: sizes, normalisation, decoder choice, ``mmap``.
+            (float32, the same for the whole batch: ``data.res_schedule``'s for its epoch), for
+            "paper" the shorter side to scale to, the crop position (x, y in [0, 1]), the flip
+            (int32) and the normalisation mean [3], and with ``data.random_erase`` the erased
+            rectangle's anchor [top, left] and shape [height, width] (float32 pixels, 0 x 0: none).
+        cfg: sizes, normalisation, decoder choice, ``mmap``, ``auto_augment``, ``random_erase``.
         batch_size: samples per batch (this rank's share of the global batch).
         device_id: local GPU index, or None for an all-CPU pipeline.
         num_threads: DALI CPU worker threads.
-        seed: seeds DALI's own random operators ("inception" only).
+        seed: seeds DALI's own random operators ("inception"'s crop and flip, TrivialAugment).
         channels_last, half: output layout HWC instead of CHW; float16 instead of float32.
         encoded: the feed's first output is the encoded image itself, not its file name (the
             sharded layout reads the bytes from the node's shard cache).
@@ -142,15 +168,22 @@ def build_train_pipeline(
 
     if mode not in TRAIN_MODES:
         raise ValueError(f"data.augment={mode!r}; choose one of {TRAIN_MODES}")
-    pipe = _new_pipeline(cfg, batch_size, device_id, num_threads, seed)
+    if mode == "none" and (cfg.auto_augment != "none" or cfg.random_erase > 0):
+        raise ValueError(
+            "data.auto_augment and data.random_erase follow a random crop: data.augment paper or inception"
+        )
     decode_kwargs, to_gpu = _decode_kwargs(cfg, device_id)
     # data.normalize=mean: the training set's mean from `data stats` (pipeline.data.stats); the
     # feed folds the same channel means into "paper"'s per-sample means.
     channel_mean, pixel_mean = pipeline_means(cfg, mode, channels_last, IMAGENET_MEAN)
     cmn_kwargs = _normalize_kwargs(cfg, channels_last, half and pixel_mean is None)
     mean = [float(x) for x in channel_mean]
-    with pipe:
-        names, labels, *aug = fn.external_source(source=feed, num_outputs=FEED_OUTPUTS[mode], batch=True)
+    auto_augment = cfg.auto_augment == "ta_wide"
+
+    def graph() -> tuple[Any, Any]:
+        names, labels, *aug = fn.external_source(source=feed, num_outputs=feed_outputs(cfg), batch=True)
+        if cfg.random_erase > 0:
+            *aug, erase_anchor, erase_shape = aug
         # mmap pays off on a local disk only; on network filesystems (Lustre, NFS, Filestore) plain reads win.
         jpegs = names if encoded else fn.io.file.read(names, dont_use_mmap=not cfg.mmap)
         if mode == "paper":
@@ -168,6 +201,8 @@ def build_train_pipeline(
             images = images.gpu() if to_gpu else images
             # The side is an input, not a constant: a new resolution needs no new pipeline.
             images = fn.resize(images, resize_x=side, resize_y=side, antialias=True)
+            if auto_augment:
+                images, mirror = _flip_and_trivial_augment(images, mirror), 0
             images = fn.crop_mirror_normalize(images, mirror=mirror, mean=sample_mean, **cmn_kwargs)
         elif mode == "inception":
             (side,) = aug
@@ -182,6 +217,8 @@ def build_train_pipeline(
             images = images.gpu() if to_gpu else images
             images = fn.resize(images, resize_x=side, resize_y=side, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
+            if auto_augment:
+                images, mirror = _flip_and_trivial_augment(images, mirror), 0
             images = fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, **cmn_kwargs)
         else:  # "none": the centre crop of the test protocol, torchvision's pixels
             images = fn.decoders.image(jpegs, **decode_kwargs)
@@ -191,7 +228,20 @@ def build_train_pipeline(
             images = fn.crop_mirror_normalize(cut(images, top, left, cfg.crop_size), mean=mean, **cmn_kwargs)
         if pixel_mean is not None:
             images = subtract_pixel_mean(images, pixel_mean, half=half, on_gpu=device_id is not None)
-        pipe.set_outputs(images, labels.gpu() if device_id is not None else labels)
+        if cfg.random_erase > 0:
+            # Last, on the normalised crop: 0 here is torchvision's RandomErasing(value=0).
+            images = fn.erase(
+                images, anchor=erase_anchor, shape=erase_shape, axes=[0, 1] if channels_last else [1, 2],
+                fill_value=0.0,
+            )  # fmt: skip
+        return images, labels.gpu() if device_id is not None else labels
+
+    # TrivialAugment picks each sample's operation with DALI's `if` on data, which only a pipeline
+    # function converted with enable_conditionals runs; without it the graph is the one it always was.
+    kwargs = _pipeline_kwargs(cfg, batch_size, device_id, num_threads, seed)
+    # (DALI's own TrivialAugment suite warns that it calls its deprecated fn.experimental.filter and
+    # equalize; DALI forces that warning on, so it cannot be filtered here.)
+    pipe = dali.pipeline_def(graph, enable_conditionals=auto_augment, **kwargs)()
     pipe.build()
     return pipe
 

@@ -35,6 +35,7 @@ from pipeline.data.dali_pipeline import (
     build_val_pipeline,
     lighting_means,
 )
+from pipeline.data.erasing import erasing_inputs
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Loader
 from pipeline.data.sharding import augmentation_seed, rank_slice, train_shard, val_shard
@@ -110,12 +111,8 @@ class _TrainFeed:
         read=None,
     ):
         self.files, self.labels, self.cfg = files, labels, cfg
-        self.global_batch, self.shard_id, self.num_shards, self.seed = (
-            global_batch,
-            shard_id,
-            num_shards,
-            seed,
-        )
+        self.global_batch, self.shard_id = global_batch, shard_id
+        self.num_shards, self.seed = num_shards, seed
         self.mine = rank_slice(global_batch, shard_id, num_shards)
         self.per_rank = self.mine.stop - self.mine.start
         self.steps = len(files) // global_batch
@@ -173,10 +170,14 @@ class _TrainFeed:
             else [np.frombuffer(name.encode(), np.uint8) for name in names],
             [np.int64(self.labels[i]) for i in idx],
         ]
+        side = self.cfg.train_crop(self.epoch)
         if self.cfg.augment != "none":  # the crop's side of this epoch (data.res_schedule)
-            batch.append([np.float32(self.cfg.train_crop(self.epoch))] * len(idx))
+            batch.append([np.float32(side)] * len(idx))
         if self.cfg.augment == "paper":
             batch += self._augmentation()
+        if self.cfg.random_erase > 0:
+            batch += erasing_inputs(self.cfg.random_erase, side, seed=self.seed, epoch=self.epoch,
+                                    step=self.step, global_batch=self.global_batch, mine=self.mine)  # fmt: skip
         self.step += 1
         if self.step == self.steps:  # run on into the next epoch: the prefetch queue never drains
             self.epoch, self.step = self.epoch + 1, 0
@@ -251,7 +252,8 @@ def build_train_loader(
 
     Args:
         index: the scanned dataset (``scan_imagenet``).
-        cfg: augmentation ("paper" | "inception" | "none"), sizes, PCA std, normalisation, decoder.
+        cfg: augmentation ("paper" | "inception" | "none", auto_augment, random_erase), sizes, PCA std,
+            normalisation, decoder.
         global_batch: batch over all ranks (split as evenly as it goes: ``rank_slice``).
         shard_id, num_shards: this worker's world rank and the world size.
         device_id: local GPU index (mixed decode, outputs and labels on ``cuda:device_id``) or None.
@@ -282,19 +284,12 @@ def build_train_loader(
         )  # fmt: skip
 
     def build(feed: _TrainFeed) -> Any:
+        # "inception" and TrivialAugment draw in DALI; the stream depends on where the pipeline started.
         return build_train_pipeline(
-            cfg.augment,
-            feed,
-            cfg,
-            batch_size=feed.per_rank,
-            device_id=device_id,
-            num_threads=threads,
-            # Only "inception" draws in DALI; its stream depends on where the pipeline started.
+            cfg.augment, feed, cfg, batch_size=feed.per_rank, device_id=device_id, num_threads=threads,
             seed=augmentation_seed(seed, feed.epoch * feed.steps + feed.step, shard_id),
-            channels_last=channels_last,
-            half=half,
-            encoded=read is not None,
-        )
+            channels_last=channels_last, half=half, encoded=read is not None,
+        )  # fmt: skip
 
     return _TrainLoader(make_feed, build, len(files) // global_batch, _torch_device(device_id), channels_last)
 
