@@ -16,7 +16,7 @@ from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.erasing import erase_boxes, erasing_draws, erasing_inputs
 from pipeline.data.imagenet import build_train_loader
 from pipeline.data.layout import ImageFolderIndex
-from pipeline.data.synth import render_image
+from pipeline.data.prep.synth import render_image
 
 # Small sizes keep DALI fast on two CPU cores (tests/test_data_imagenet.py's).
 CFG = DataConfig(crop_size=56, val_resize=64, scale_min=64, scale_max=96, normalize="meanstd")
