@@ -3,7 +3,7 @@
     source = open_sharded(cfg.data)     # None when data.root holds no manifest.json.gz
     data = source.loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), num_threads=2, eval_batch=64)
 
-The training feed is ImageNet's (``pipeline.data.imagenet._TrainFeed``): at (seed, epoch, step)
+The training feed is ImageNet's (``pipeline.data.dali_loaders.TrainFeed``): at (seed, epoch, step)
 it takes the global batch's sample ids from the epoch's order and this rank's slice of it;
 the augmentation comes from (seed, epoch, step, position in the global batch). What changes
 is the order and where the bytes come from:
@@ -42,8 +42,9 @@ import torch
 from pipeline.config import Config, ConfigError, DataConfig
 from pipeline.data.cache_sizing import GB, check_limit, minimum_bytes
 from pipeline.data.constants import NUM_TEN_CROPS
+from pipeline.data.dali_loaders import ValLoader, labels_on, nchw, torch_device
 from pipeline.data.fetch import FetchPolicy
-from pipeline.data.imagenet import _labels, _nchw, _torch_device, _ValLoader, build_train_loader
+from pipeline.data.imagenet import build_train_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Data
 from pipeline.data.shard_cache import ShardCache
@@ -244,7 +245,7 @@ def build_sharded_val_loader(
         )  # fmt: skip
 
     files = list(names[mine.start : mine.stop])
-    return _ShardValLoader(mode, files, make_pipe, batch_size, _torch_device(device_id), channels_last)
+    return _ShardValLoader(mode, files, make_pipe, batch_size, torch_device(device_id), channels_last)
 
 
 def _to_torch(tl: Any, device: torch.device) -> torch.Tensor:
@@ -257,7 +258,7 @@ def _to_torch(tl: Any, device: torch.device) -> torch.Tensor:
     return out
 
 
-class _ShardValLoader(_ValLoader):
+class _ShardValLoader(ValLoader):
     """The folder layout's val loader, run with ``pipe.run()``: the feed pads, this cuts."""
 
     def _suspects(self, seen: int) -> list[str]:
@@ -273,4 +274,4 @@ class _ShardValLoader(_ValLoader):
             if self.mode == "tencrop":
                 x = x.reshape(n * NUM_TEN_CROPS, *x.shape[2:])
             seen += n
-            yield _nchw(x, self._channels_last), _labels(y, self._device)
+            yield nchw(x, self._channels_last), labels_on(y, self._device)
