@@ -227,7 +227,7 @@ def test_train_init_from_loads_weights_only_starts_at_step_0_and_resumes_its_own
     from pipeline.train.evaluate import evaluate
 
     loaders = build_cifar_loaders(
-        cifar, cfg.data, global_batch=10, shard_id=0, num_shards=1, device=CPU, seed=0, eval_batch_size=7
+        cifar, cfg.data, global_batch=10, rank=0, world_size=1, device=CPU, seed=0, eval_batch_size=7
     )
     mine = evaluate(net, loaders.train.unaugmented(7).epoch(0), mode="center", device=CPU)
     assert mine["val/images"] == 30

@@ -31,7 +31,7 @@ def cifar_root(tmp_path_factory):
 
 
 def _loaders(root, cfg=CFG, **kw):
-    args = dict(global_batch=32, shard_id=0, num_shards=1, device=CPU, seed=0, eval_batch_size=16)
+    args = dict(global_batch=32, rank=0, world_size=1, device=CPU, seed=0, eval_batch_size=16)
     return build_cifar_loaders(root, cfg, **{**args, **kw})
 
 
@@ -125,17 +125,17 @@ def test_train_determinism_and_epochs(cifar_root):
 
 
 def test_ranks_equal_steps_disjoint_and_val_once(cifar_root):
-    from pipeline.data.sharding import train_shard
+    from pipeline.data.rank_split import rank_train_order
 
     full_val = torch.cat([x for x, _ in _loaders(cifar_root)[1].epoch(0)])
     for world in (1, 2, 3):
         taken, val_parts = [], []
         for rank in range(world):
-            train, val, n, _ = _loaders(cifar_root, global_batch=30, shard_id=rank, num_shards=world)
+            train, val, n, _ = _loaders(cifar_root, global_batch=30, rank=rank, world_size=world)
             batches = list(train.epoch(1))
             assert len(batches) == len(train) == 10  # every rank the same number of steps
             assert all(x.shape[0] == 30 // world for x, _ in batches)
-            order = train_shard(n, global_batch=30, shard_id=rank, num_shards=world, seed=0, epoch=1)
+            order = rank_train_order(n, global_batch=30, rank=rank, world_size=world, seed=0, epoch=1)
             assert torch.equal(torch.cat([y for _, y in batches]), train.labels[torch.as_tensor(order)])
             taken += order.tolist()
             val_parts.append(torch.cat([x for x, _ in val.epoch(0)]))
@@ -154,9 +154,7 @@ def test_resumed_epoch_and_other_world_sizes_get_the_same_augmented_batches(cifa
     resumed = list(_loaders(cifar_root, global_batch=30)[0].epoch(2, start=4))
     for (x, y), (xr, yr) in zip(straight[4:], resumed, strict=True):
         assert torch.equal(x, xr) and torch.equal(y, yr)
-    thirds = [
-        list(_loaders(cifar_root, global_batch=30, shard_id=r, num_shards=3)[0].epoch(2)) for r in range(3)
-    ]
+    thirds = [list(_loaders(cifar_root, global_batch=30, rank=r, world_size=3)[0].epoch(2)) for r in range(3)]
     for step, (x, y) in enumerate(straight):
         assert torch.equal(torch.cat([t[step][0] for t in thirds]), x)
         assert torch.equal(torch.cat([t[step][1] for t in thirds]), y)
@@ -166,9 +164,9 @@ def test_augment_none_gives_the_images_as_they_are(cifar_root):
     train, _, _, _ = _loaders(cifar_root, replace(CFG, augment="none"), seed=3)
     order = torch.cat([y for _, y in train.epoch(2)])
     images = torch.cat([x for x, _ in train.epoch(2)])
-    from pipeline.data.sharding import train_shard
+    from pipeline.data.rank_split import rank_train_order
 
-    idx = torch.as_tensor(train_shard(300, global_batch=32, shard_id=0, num_shards=1, seed=3, epoch=2))
+    idx = torch.as_tensor(rank_train_order(300, global_batch=32, rank=0, world_size=1, seed=3, epoch=2))
     assert torch.equal(order, train.labels[idx])
     assert torch.equal(images, train.normalize(train.images[idx]))  # no pad, crop or flip
     augmented, _, _, _ = _loaders(cifar_root, seed=3)

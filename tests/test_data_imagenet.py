@@ -17,7 +17,7 @@ from pipeline.data.constants import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA
 from pipeline.data.imagenet import build_train_loader, build_val_loader
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.prep.synth import render_image
-from pipeline.data.sharding import train_shard, val_shard
+from pipeline.data.rank_split import rank_train_order, rank_val_range
 
 # Small sizes keep DALI fast on two CPU cores; the geometry is the paper's (resize, then crop).
 CFG = DataConfig(crop_size=56, val_resize=64, scale_min=64, scale_max=96, normalize="meanstd")
@@ -34,10 +34,10 @@ def _index(files: list[str], labels: list[int] | None = None) -> ImageFolderInde
     return ImageFolderIndex(("c",), tuple(files), tuple(labels), tuple(files), tuple(labels))
 
 
-def _val_loader(index, mode="center", scales=(), batch_size=2, shard_id=0, num_shards=1):
-    """A validation loader on the CPU with one DALI thread; rank ``shard_id`` of ``num_shards``."""
+def _val_loader(index, mode="center", scales=(), batch_size=2, rank=0, world_size=1):
+    """A validation loader on the CPU with one DALI thread; rank ``rank`` of ``world_size``."""
     return build_val_loader(
-        index, CFG, mode=mode, scales=scales, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+        index, CFG, mode=mode, scales=scales, batch_size=batch_size, rank=rank, world_size=world_size,
         device_id=None, num_threads=1,
     )  # fmt: skip
 
@@ -45,7 +45,7 @@ def _val_loader(index, mode="center", scales=(), batch_size=2, shard_id=0, num_s
 def _train_loader(index, cfg=CFG, *, global_batch, seed=0, num_threads=1, **options):
     """A training loader on the CPU for a single process (rank 0 of 1); ``options`` as the builder's."""
     return build_train_loader(
-        index, cfg, global_batch=global_batch, shard_id=0, num_shards=1, device_id=None, seed=seed,
+        index, cfg, global_batch=global_batch, rank=0, world_size=1, device_id=None, seed=seed,
         num_threads=num_threads, **options,
     )  # fmt: skip
 
@@ -149,7 +149,7 @@ def test_val_every_image_exactly_once(train_images, mode, world):
     index = _index(train_images[:7])
     labels = []
     for rank in range(world):
-        loader = _val_loader(index, mode, (48,), shard_id=rank, num_shards=world)
+        loader = _val_loader(index, mode, (48,), rank=rank, world_size=world)
         got = [y for _, y in loader.epoch(0)]
         assert len(got) == len(loader)
         labels += [label for y in got for label in y.tolist()]
@@ -159,7 +159,7 @@ def test_val_every_image_exactly_once(train_images, mode, world):
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_val_shard_partitions(world):
     for n in (0, 1, 7, 50_000):
-        parts = [val_shard(n, shard_id=r, num_shards=world) for r in range(world)]
+        parts = [rank_val_range(n, rank=r, world_size=world) for r in range(world)]
         assert sum(len(p) for p in parts) == n
         assert [i for p in parts for i in p] == list(range(n))
 
@@ -168,7 +168,7 @@ def test_val_shard_partitions(world):
 def test_train_shards_equal_steps_and_disjoint(world):
     n, batch = 103, 12
     shards = [
-        train_shard(n, global_batch=batch, shard_id=r, num_shards=world, seed=5, epoch=2)
+        rank_train_order(n, global_batch=batch, rank=r, world_size=world, seed=5, epoch=2)
         for r in range(world)
     ]
     sizes = [batch * (r + 1) // world - batch * r // world for r in range(world)]
@@ -178,18 +178,18 @@ def test_train_shards_equal_steps_and_disjoint(world):
     # The global batch at step k is the same set whatever the world size.
     step0 = sorted(np.concatenate([s[:k] for s, k in zip(shards, sizes, strict=True)]).tolist())
     assert step0 == sorted(
-        train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=2)[:batch].tolist()
+        rank_train_order(n, global_batch=batch, rank=0, world_size=1, seed=5, epoch=2)[:batch].tolist()
     )
 
 
 def test_train_shards_change_with_the_epoch_and_need_a_sample_per_worker():
     n, batch = 103, 12
     assert not np.array_equal(
-        train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=0),
-        train_shard(n, global_batch=batch, shard_id=0, num_shards=1, seed=5, epoch=1),
+        rank_train_order(n, global_batch=batch, rank=0, world_size=1, seed=5, epoch=0),
+        rank_train_order(n, global_batch=batch, rank=0, world_size=1, seed=5, epoch=1),
     )
     with pytest.raises(ValueError, match="smaller than the 16 workers"):
-        train_shard(n, global_batch=10, shard_id=0, num_shards=16, seed=0, epoch=0)
+        rank_train_order(n, global_batch=10, rank=0, world_size=16, seed=0, epoch=0)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_train_ranks_equal_steps_disjoint_labels(train_images, layouts, layout, 
     seen = []
     for rank in range(world):
         loader = layouts(
-            layout, files, replace(CFG, augment="none"), global_batch=6, shard_id=rank, num_shards=world,
+            layout, files, replace(CFG, augment="none"), global_batch=6, rank=rank, world_size=world,
             device_id=None, seed=0, num_threads=1,
         )  # fmt: skip
         batches = list(loader.epoch(4))
@@ -381,15 +381,14 @@ def test_train_resume_mid_epoch_and_any_world_size_replay_the_same_batches(train
     a loader started at step k of an epoch, or run on another world size, sees the same samples.
     On both layouts (the sharded one orders an epoch by windows of shards)."""
     common = dict(global_batch=8, device_id=None, seed=3, num_threads=1)  # 24 images: 3 steps per epoch
-    one = layouts(layout, train_images, CFG, shard_id=0, num_shards=1, **common)
+    one = layouts(layout, train_images, CFG, rank=0, world_size=1, **common)
     straight = list(one.epoch(0)) + list(one.epoch(1))  # one pipeline, run on across the boundary
     assert one._next == (2, 0)  # the pipeline was not rebuilt for epoch 1
-    resumed = list(layouts(layout, train_images, CFG, shard_id=0, num_shards=1, **common).epoch(1, start=1))
+    resumed = list(layouts(layout, train_images, CFG, rank=0, world_size=1, **common).epoch(1, start=1))
     for (x, y), (xr, yr) in zip(straight[4:], resumed, strict=True):
         assert torch.equal(x, xr) and torch.equal(y, yr)
     halves = [
-        list(layouts(layout, train_images, CFG, shard_id=r, num_shards=2, **common).epoch(1))
-        for r in range(2)
+        list(layouts(layout, train_images, CFG, rank=r, world_size=2, **common).epoch(1)) for r in range(2)
     ]
     for step in range(3):
         x, y = straight[3 + step]
@@ -405,7 +404,7 @@ def test_resolution_schedule_changes_the_crop_without_a_new_pipeline(train_image
     boundary; a run resumed mid-way through epoch 1 gets 64 px and, with the paper's augmentation
     (drawn by the feed), the very same pixels."""
     cfg = replace(CFG, crop_size=48, augment=augment, res_schedule=ResolutionSchedule(64, 0, 1, 16))
-    common = dict(global_batch=8, device_id=None, seed=3, num_threads=1, shard_id=0, num_shards=1)
+    common = dict(global_batch=8, device_id=None, seed=3, num_threads=1, rank=0, world_size=1)
     one = layouts(layout, train_images, cfg, **common)
     straight = list(one.epoch(0)) + list(one.epoch(1))
     assert one._next == (2, 0)  # the pipeline was not rebuilt for epoch 1

@@ -189,7 +189,7 @@ DALI_SCRIPT = textwrap.dedent(
     for name, root in (("s3", sys.argv[1]), ("local", sys.argv[2])):
         index = scan_imagenet(root)
         assert (index.index_file is not None) == (name == "s3"), index.index_file
-        kw = dict(shard_id=0, num_shards=1, device_id=None, num_threads=1)
+        kw = dict(rank=0, world_size=1, device_id=None, num_threads=1)
         val = build_val_loader(index, cfg, mode="center", scales=(), batch_size=4, **kw)
         train = build_train_loader(index, cfg, global_batch=4, seed=0, **kw)
         out[name] = [torch.cat([x for x, _ in loader.epoch(0)]) for loader in (val, train)]

@@ -120,7 +120,7 @@ def test_pipelines_subtract_the_mean_image(tmp_path, flat_grey, channels_last):
     image = _mean_image(tmp_path)
     cfg = replace(CFG, root=str(tmp_path))
     expected = torch.from_numpy(128.0 - image).permute(2, 0, 1)  # CHW
-    common = dict(shard_id=0, num_shards=1, device_id=None, num_threads=1, channels_last=channels_last)
+    common = dict(rank=0, world_size=1, device_id=None, num_threads=1, channels_last=channels_last)
     train = build_train_loader(_index([flat_grey] * 4), cfg, global_batch=4, seed=0, **common)
     outputs = [x for x, _ in train.epoch(0)]
     for mode in ("center", "tencrop"):
@@ -141,14 +141,14 @@ def test_half_outputs_and_channel_means(tmp_path, flat_grey):
     _mean_image(tmp_path)
     cfg = replace(CFG, root=str(tmp_path))
     val = build_val_loader(
-        _index([flat_grey]), cfg, mode="center", scales=(), batch_size=1, shard_id=0, num_shards=1,
+        _index([flat_grey]), cfg, mode="center", scales=(), batch_size=1, rank=0, world_size=1,
         device_id=None, num_threads=1, half=True,
     )  # fmt: skip
     ((x, _),) = list(val.epoch(0))
     assert x.dtype == torch.float16
     write_mean(tmp_path, MeanStats("channel", np.array([100.0, 50.0, 20.0], np.float32), CROP, 1))
     val = build_val_loader(  # the mean is read when a loader is built: a new one sees the new file
-        _index([flat_grey]), cfg, mode="center", scales=(), batch_size=1, shard_id=0, num_shards=1,
+        _index([flat_grey]), cfg, mode="center", scales=(), batch_size=1, rank=0, world_size=1,
         device_id=None, num_threads=1,
     )  # fmt: skip
     ((x, _),) = list(val.epoch(0))

@@ -39,9 +39,9 @@ def index(tmp_path_factory) -> ImageFolderIndex:
     return ImageFolderIndex(("c",), tuple(files), labels, tuple(files), labels)
 
 
-def _loader(index, cfg, shard_id=0, num_shards=1, **options):
+def _loader(index, cfg, rank=0, world_size=1, **options):
     return build_train_loader(
-        index, cfg, global_batch=BATCH, shard_id=shard_id, num_shards=num_shards, device_id=None, seed=SEED,
+        index, cfg, global_batch=BATCH, rank=rank, world_size=world_size, device_id=None, seed=SEED,
         num_threads=1, **options,
     )  # fmt: skip
 
@@ -124,7 +124,7 @@ def test_random_erase_on_the_inception_crop_and_a_split_batch(index):
     are 0 over its part of the global batch's rectangles."""
     cfg = replace(CFG, augment="inception", random_erase=1.0)
     for rank in range(2):
-        (x, _), *_ = _loader(index, cfg, shard_id=rank, num_shards=2).epoch(0)
+        (x, _), *_ = _loader(index, cfg, rank=rank, world_size=2).epoch(0)
         for n, (top, left, h, w) in enumerate(_boxes(0, 0, 56, 1.0)[rank * 4 : rank * 4 + 4]):
             assert h > 0 and (x[n][:, top : top + h, left : left + w] == 0).all()
             assert x[n].abs().sum() > (x[n][:, top : top + h, left : left + w]).abs().sum()  # the rest is not

@@ -33,7 +33,7 @@ def _index(files: list[str]) -> ImageFolderIndex:
 
 def _load(files: list[str], mode: str, cfg: DataConfig = CFG, scales: tuple[int, ...] = ()) -> list:
     loader = build_val_loader(
-        _index(files), cfg, mode=mode, scales=scales, batch_size=3, shard_id=0, num_shards=1,
+        _index(files), cfg, mode=mode, scales=scales, batch_size=3, rank=0, world_size=1,
         device_id=None, num_threads=1,
     )  # fmt: skip
     return list(loader.epoch(0))

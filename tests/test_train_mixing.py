@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ConfigError, OptimConfig, load_config
-from pipeline.data.sharding import rank_slice
+from pipeline.data.rank_split import rank_slice
 from pipeline.train.loop import train_step
 from pipeline.train.mixing import MixDraws, MixedTargets, Mixer, draw, mix, mix_seed, mixed_cross_entropy
 

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.config import load_config
-from pipeline.data.sharding import rank_slice
+from pipeline.data.rank_split import rank_slice
 from pipeline.train.derived import accumulation, derive
 from pipeline.train.loop import train_step
 

@@ -146,7 +146,7 @@ def dali_batches(
     train_files, train_labels = cycled(index.train_files, index.train_labels, images)
     val_files, val_labels = cycled(index.val_files, index.val_labels, images)
     stream = ImageFolderIndex(index.classes, train_files, train_labels, val_files, val_labels)
-    common = dict(shard_id=0, num_shards=1, device_id=None, num_threads=threads)
+    common = dict(rank=0, world_size=1, device_id=None, num_threads=threads)
     if mode == "train":
         return build_train_loader(stream, data_cfg, global_batch=batch_size, seed=seed, **common).epoch(0)
     return build_val_loader(
@@ -234,7 +234,7 @@ def epoch_boundary(
 
     files, labels = cycled(index.train_files, index.train_labels, images)
     stream = ImageFolderIndex(index.classes, files, labels, index.val_files, index.val_labels)
-    common = dict(global_batch=batch_size, shard_id=0, num_shards=1, device_id=None, num_threads=threads)
+    common = dict(global_batch=batch_size, rank=0, world_size=1, device_id=None, num_threads=threads)
     continuous, rebuilt = [], []
     for r in range(repeats):
         loader = build_train_loader(stream, data_cfg, seed=r, **common)

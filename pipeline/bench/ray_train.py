@@ -134,7 +134,7 @@ def synthetic_loop(config: dict[str, Any], under_ray: bool = False) -> dict[str,
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     global_batch = config.get("global_batch") or 0
     if global_batch:  # the training loop's split: this rank's share, in micro-batches weighted by their size
-        from pipeline.data.sharding import rank_slice
+        from pipeline.data.rank_split import rank_slice
         from pipeline.train.derived import accumulation
 
         share = rank_slice(global_batch, ctx.rank, world)

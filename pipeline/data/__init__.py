@@ -4,7 +4,7 @@
   ``loaders``: what a worker gets (``Data``, this rank's loaders, each a ``Loader``);
 - ``shard_feed``: the sharded layout (``data shard``) read through the node's shard cache;
   ``shard_reads``: its epoch order and byte reader (no torch, no DALI);
-- ``sharding``: who reads what in which order (pure functions of seed, epoch, rank, world);
+- ``rank_split``: who reads what in which order (pure functions of seed, epoch, rank, world);
 - ``dali_pipeline``: the DALI graphs; ``dali_loaders``: the loaders every ImageNet layout shares (one
   feed over a reader: file names or the shard cache's bytes); ``imagenet``: their builders;
 - ``cifar``: CIFAR-10 held on the training device; ``layout``: the ImageNet folder scan;

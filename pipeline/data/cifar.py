@@ -1,7 +1,7 @@
 """CIFAR-10 held whole on the training device, augmented there per batch with torch ops.
 
-    loaders = build_cifar_loaders("data/cifar", cfg.data, global_batch=128, shard_id=rank,
-                                  num_shards=world, device=device, seed=cfg.seed, eval_batch_size=500)
+    loaders = build_cifar_loaders("data/cifar", cfg.data, global_batch=128, rank=rank,
+                                  world_size=world, device=device, seed=cfg.seed, eval_batch_size=500)
     for images, labels in loaders.train.epoch(epoch): ...
 
 With ``data.val_split: 5000`` (the paper's 45k/5k split) ``loaders.val`` scores the held-out
@@ -29,7 +29,7 @@ from pipeline.config import DataConfig
 from pipeline.data.constants import CIFAR_DIRNAME, CIFAR_IMAGE_SIZE, CIFAR_PAD, CIFAR_SPLIT_SEED
 from pipeline.data.layout import DataLayoutError
 from pipeline.data.loaders import Loader
-from pipeline.data.sharding import batch_seed, rank_slice, train_shard, val_shard
+from pipeline.data.rank_split import batch_seed, rank_slice, rank_train_order, rank_val_range
 
 
 def _read_split(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -120,15 +120,15 @@ def augment_batch(
 
 
 class _CifarTrain:
-    def __init__(self, images, labels, normalize, *, augment, global_batch, shard_id, num_shards, seed):
+    def __init__(self, images, labels, normalize, *, augment, global_batch, rank, world_size, seed):
         self.images, self.labels, self.normalize, self.augment = images, labels, normalize, augment
-        self.global_batch, self.shard_id, self.num_shards, self.seed = (
+        self.global_batch, self.rank, self.world_size, self.seed = (
             global_batch,
-            shard_id,
-            num_shards,
+            rank,
+            world_size,
             seed,
         )
-        self.mine = rank_slice(global_batch, shard_id, num_shards)  # validates the sharding arguments
+        self.mine = rank_slice(global_batch, rank, world_size)  # validates the rank and world size
         self.per_rank = self.mine.stop - self.mine.start
         if len(labels) < global_batch:
             raise ValueError(
@@ -142,17 +142,17 @@ class _CifarTrain:
         """The training images as they are, in order, this rank's disjoint share: the training error in eval mode."""
         return _CifarEval(
             self.images, self.labels, self.normalize,
-            batch_size=batch_size, shard_id=self.shard_id, num_shards=self.num_shards,
+            batch_size=batch_size, rank=self.rank, world_size=self.world_size,
         )  # fmt: skip
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from step ``start`` on; the augmentation of step k is drawn
         from (seed, epoch, k), so a resumed epoch replays exactly."""
-        order = train_shard(
+        order = rank_train_order(
             len(self.labels),
             global_batch=self.global_batch,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
+            rank=self.rank,
+            world_size=self.world_size,
             seed=self.seed,
             epoch=epoch,
         )
@@ -170,8 +170,8 @@ class _CifarTrain:
 
 
 class _CifarEval:
-    def __init__(self, images, labels, normalize, *, batch_size, shard_id, num_shards):
-        mine = val_shard(len(labels), shard_id=shard_id, num_shards=num_shards)
+    def __init__(self, images, labels, normalize, *, batch_size, rank, world_size):
+        mine = rank_val_range(len(labels), rank=rank, world_size=world_size)
         self.images, self.labels = images[mine.start : mine.stop], labels[mine.start : mine.stop]
         self.normalize, self.batch_size = normalize, batch_size
 
@@ -189,8 +189,8 @@ def build_cifar_loaders(
     cfg: DataConfig,
     *,
     global_batch: int,
-    shard_id: int,
-    num_shards: int,
+    rank: int,
+    world_size: int,
     device: torch.device,
     seed: int,
     eval_batch_size: int,
@@ -205,7 +205,7 @@ def build_cifar_loaders(
             they are; ImageNet's modes are refused when the config loads) and ``val_split`` (> 0: hold out that many training images as validation,
             the paper's 5000, and score test_batch as a separate test set; 0: validate on test_batch).
         global_batch: training batch over all ranks (split as evenly as it goes: ``rank_slice``).
-        shard_id, num_shards: world rank and size.
+        rank, world_size: world rank and size.
         device: where the dataset lives and augmentation runs.
         seed: run seed: per-epoch order from (seed, epoch), augmentation from (seed, epoch, rank).
         eval_batch_size: validation batch per worker.
@@ -213,7 +213,7 @@ def build_cifar_loaders(
 
     Returns:
         ``CifarLoaders(train, val, num_train, test)``. Train batches are ``global_batch //
-        num_shards`` float32 [B, 3, 32, 32] with int64 labels [B]; each rank's val and test loaders
+        world_size`` float32 [B, 3, 32, 32] with int64 labels [B]; each rank's val and test loaders
         cover a disjoint slice, so the ranks together score each image once. ``test`` is None
         without a split (``val`` is the test set then).
     """
@@ -243,15 +243,15 @@ def build_cifar_loaders(
         normalize,
         augment=cfg.augment == "paper",
         global_batch=global_batch,
-        shard_id=shard_id,
-        num_shards=num_shards,
+        rank=rank,
+        world_size=world_size,
         seed=seed,
     )
-    sharding = dict(batch_size=eval_batch_size, shard_id=shard_id, num_shards=num_shards)
-    val = _CifarEval(val_x, val_t, normalize, **sharding)
+    split = dict(batch_size=eval_batch_size, rank=rank, world_size=world_size)
+    val = _CifarEval(val_x, val_t, normalize, **split)
     test = None
     if cfg.val_split > 0:
-        test = _CifarEval(*to_device(test_np, test_y), normalize, **sharding)
+        test = _CifarEval(*to_device(test_np, test_y), normalize, **split)
     return CifarLoaders(train, val, len(train_t), test)
 
 

@@ -4,7 +4,7 @@ The reader is what the training feed hands DALI for each sample: a file name tha
 itself (the folder layout, ``pipeline.data.imagenet``), or the encoded image read from the
 node's shard cache (``read``: the sharded layout, ``pipeline.data.shard_feed``). Everything
 else is the same for both: ``TrainFeed`` walks epoch after epoch through this rank's slice of
-each global batch (``pipeline.data.sharding``) with each sample's augmentation drawn from
+each global batch (``pipeline.data.rank_split``) with each sample's augmentation drawn from
 (seed, epoch, step, position in the global batch), so a run resumed at any step, on any world
 size, sees what an uninterrupted run would have; ``TrainLoader`` keeps one pipeline for the run;
 ``ValLoader`` builds its pipeline at the first pass and reuses it, and never yields the samples a
@@ -24,7 +24,7 @@ from pipeline.config import DataConfig
 from pipeline.data.constants import NUM_TEN_CROPS
 from pipeline.data.dali_pipeline import READER, lighting_means
 from pipeline.data.erasing import erasing_inputs
-from pipeline.data.sharding import rank_slice, train_shard
+from pipeline.data.rank_split import rank_slice, rank_train_order
 
 
 def torch_device(device_id: int | None) -> torch.device:
@@ -85,8 +85,8 @@ class TrainFeed:
         cfg: DataConfig,
         *,
         global_batch,
-        shard_id,
-        num_shards,
+        rank,
+        world_size,
         seed,
         epoch,
         step,
@@ -95,9 +95,9 @@ class TrainFeed:
         read=None,
     ):
         self.files, self.labels, self.cfg = files, labels, cfg
-        self.global_batch, self.shard_id = global_batch, shard_id
-        self.num_shards, self.seed = num_shards, seed
-        self.mine = rank_slice(global_batch, shard_id, num_shards)
+        self.global_batch, self.rank = global_batch, rank
+        self.world_size, self.seed = world_size, seed
+        self.mine = rank_slice(global_batch, rank, world_size)
         self.per_rank = self.mine.stop - self.mine.start
         self.steps = len(files) // global_batch
         self.epoch, self.step = epoch, step
@@ -113,11 +113,11 @@ class TrainFeed:
 
     def _rank_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
-            order = train_shard(
+            order = rank_train_order(
                 len(self.files),
                 global_batch=self.global_batch,
-                shard_id=self.shard_id,
-                num_shards=self.num_shards,
+                rank=self.rank,
+                world_size=self.world_size,
                 seed=self.seed,
                 epoch=self.epoch,
                 perm=None if self.order is None else self.order(self.epoch),
@@ -221,7 +221,7 @@ class TrainLoader:
 
 
 class ValLoader:
-    """One pass over this rank's validation shard per call; the pipeline is built at the first pass
+    """One pass over this rank's validation slice per call; the pipeline is built at the first pass
     and reused (rebuilt only after a pass that was abandoned half-way)."""
 
     def __init__(self, mode: str, files: list[str], make_pipe: Callable[[], Any], batch_size: int,
@@ -238,7 +238,7 @@ class ValLoader:
         return self.files[seen : seen + self.batch_size * (self._pipe.prefetch_queue_depth + 2)]
 
     def epoch(self, _epoch: int, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
-        """Every image of the shard once, in order (``_epoch`` and ``start`` are for the Loader protocol)."""
+        """Every image of the slice once, in order (``_epoch`` and ``start`` are for the Loader protocol)."""
         if not self.files:
             return
         if self._pipe is None:
@@ -261,7 +261,7 @@ class ValLoader:
 
         if self._it is None:
             # Prefetches on construction. At a pass's end auto_reset calls reset(); the reader pads
-            # its last batch (PARTIAL cuts it), so the next pass starts at the shard's first image.
+            # its last batch (PARTIAL cuts it), so the next pass starts at the slice's first image.
             self._it = DALIGenericIterator(
                 self._pipe,
                 ["images", "labels"],

@@ -265,7 +265,7 @@ def build_val_pipeline(
 
     Args:
         mode: "center" | "tencrop" | "multiscale".
-        files, labels: what the reader yields, in this order (no shuffling, no sharding here).
+        files, labels: what the reader yields, in this order (no shuffling, no split over ranks here).
         cfg: crop/scale sizes, PCA std, normalisation, decoder choice.
         batch_size: samples per ``run()``.
         device_id: local GPU index, or None for an all-CPU pipeline.

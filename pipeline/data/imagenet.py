@@ -1,11 +1,11 @@
 """ImageNet-layout loaders: this rank's batches from the DALI graphs, as torch tensors.
 
     index = scan_imagenet(cfg.data.root)
-    train = build_train_loader(index, cfg.data, global_batch=256, shard_id=rank, num_shards=world,
+    train = build_train_loader(index, cfg.data, global_batch=256, rank=rank, world_size=world,
                                device_id=local_gpu_or_None, seed=cfg.seed, num_threads=4)
     for images, labels in train.epoch(epoch): ...
-    val = build_val_loader(index, cfg.data, mode="tencrop", scales=(), batch_size=32, shard_id=rank,
-                           num_shards=world, device_id=local_gpu_or_None, num_threads=4)
+    val = build_val_loader(index, cfg.data, mode="tencrop", scales=(), batch_size=32, rank=rank,
+                           world_size=world, device_id=local_gpu_or_None, num_threads=4)
 
 ``build_train_loader`` is the one training loader of every layout: over the folder layout's
 files, or, given ``order`` and ``read``, over the sharded layout's samples (``shard_feed`` calls it
@@ -32,7 +32,7 @@ from pipeline.data.dali_pipeline import (
 )
 from pipeline.data.layout import ImageFolderIndex
 from pipeline.data.loaders import Loader
-from pipeline.data.sharding import augmentation_seed, train_shard, val_shard
+from pipeline.data.rank_split import augmentation_seed, rank_train_order, rank_val_range
 from pipeline.data.stats import pipeline_means
 from pipeline.host import usable_cpus
 
@@ -42,8 +42,8 @@ def build_train_loader(
     cfg: DataConfig,
     *,
     global_batch: int,
-    shard_id: int,
-    num_shards: int,
+    rank: int,
+    world_size: int,
     device_id: int | None,
     seed: int,
     num_threads: int,
@@ -59,7 +59,7 @@ def build_train_loader(
         cfg: augmentation ("paper" | "inception" | "none", auto_augment, random_erase), sizes, PCA std,
             normalisation, decoder.
         global_batch: batch over all ranks (split as evenly as it goes: ``rank_slice``).
-        shard_id, num_shards: this worker's world rank and the world size.
+        rank, world_size: this worker's world rank and the world size.
         device_id: local GPU index (mixed decode, outputs and labels on ``cuda:device_id``) or None.
         seed: run seed; the file order derives from (seed, epoch), augmentation from (seed, epoch, step).
         num_threads: DALI CPU threads (<= 0: every CPU this process may use).
@@ -73,9 +73,9 @@ def build_train_loader(
     if cfg.augment not in TRAIN_MODES:
         raise ValueError(f"data.augment={cfg.augment!r}; choose one of {TRAIN_MODES}")
     files, labels = list(index.train_files), list(index.train_labels)
-    # Checks the sharding arguments now rather than at the first batch.
-    train_shard(
-        len(files), global_batch=global_batch, shard_id=shard_id, num_shards=num_shards, seed=seed, epoch=0
+    # Checks the rank and world size now rather than at the first batch.
+    rank_train_order(
+        len(files), global_batch=global_batch, rank=rank, world_size=world_size, seed=seed, epoch=0
     )
     threads = num_threads if num_threads > 0 else usable_cpus()
 
@@ -83,7 +83,7 @@ def build_train_loader(
 
     def make_feed(epoch: int, step: int) -> TrainFeed:
         return TrainFeed(
-            files, labels, cfg, global_batch=global_batch, shard_id=shard_id, num_shards=num_shards,
+            files, labels, cfg, global_batch=global_batch, rank=rank, world_size=world_size,
             seed=seed, epoch=epoch, step=step, channel_mean=channel_mean, order=order, read=read,
         )  # fmt: skip
 
@@ -91,7 +91,7 @@ def build_train_loader(
         # "inception" and TrivialAugment draw in DALI; the stream depends on where the pipeline started.
         return build_train_pipeline(
             cfg.augment, feed, cfg, batch_size=feed.per_rank, device_id=device_id, num_threads=threads,
-            seed=augmentation_seed(seed, feed.epoch * feed.steps + feed.step, shard_id),
+            seed=augmentation_seed(seed, feed.epoch * feed.steps + feed.step, rank),
             channels_last=channels_last, half=half, encoded=read is not None,
         )  # fmt: skip
 
@@ -108,8 +108,8 @@ def build_val_loader(
     mode: str,
     scales: tuple[int, ...],
     batch_size: int,
-    shard_id: int,
-    num_shards: int,
+    rank: int,
+    world_size: int,
     device_id: int | None,
     num_threads: int,
     channels_last: bool = False,
@@ -125,7 +125,7 @@ def build_val_loader(
             shorter side s).
         scales: shorter sides for "multiscale"; ignored otherwise.
         batch_size: samples per batch on this worker.
-        shard_id, num_shards: world rank and size; the shards partition the val set.
+        rank, world_size: world rank and size; the shards partition the val set.
         device_id: local GPU index or None.
         num_threads: DALI CPU threads (<= 0: every CPU this process may use).
         channels_last, half: output memory format and dtype.
@@ -139,14 +139,14 @@ def build_val_loader(
         raise ValueError("eval mode 'multiscale' needs at least one scale (eval.scales)")
     if batch_size < 1:
         raise ValueError(f"val batch_size must be positive, got {batch_size}")
-    mine = val_shard(len(index.val_files), shard_id=shard_id, num_shards=num_shards)
+    mine = rank_val_range(len(index.val_files), rank=rank, world_size=world_size)
     files = list(index.val_files[mine.start : mine.stop])
     labels = list(index.val_labels[mine.start : mine.stop])
     device = torch_device(device_id)
     threads = num_threads if num_threads > 0 else usable_cpus()
 
     def make_pipe() -> Any:
-        # An empty shard (more ranks than images) still needs a valid reader: give it one file
+        # An empty slice (more ranks than images) still needs a valid reader: give it one file
         # and yield nothing from it.
         return build_val_pipeline(
             mode,
@@ -156,7 +156,7 @@ def build_val_loader(
             batch_size=batch_size,
             device_id=device_id,
             num_threads=threads,
-            seed=augmentation_seed(0, 0, shard_id),
+            seed=augmentation_seed(0, 0, rank),
             channels_last=channels_last,
             half=half,
             scales=tuple(scales),

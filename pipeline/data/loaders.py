@@ -39,7 +39,7 @@ class Data:
     train: Loader
     num_train: int
     num_classes: int
-    make_val: Callable[[str], Loader]  # eval mode -> a Loader over this rank's validation shard
+    make_val: Callable[[str], Loader]  # eval mode -> a Loader over this rank's validation slice
     # A held-out test set scored once at the end, besides validation: CIFAR-10 with
     # data.val_split > 0 (validation is then held-out training images). None for ImageNet (its
     # test labels are not public) and for CIFAR-10 without a split (validation is the test set).

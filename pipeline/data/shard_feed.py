@@ -129,8 +129,8 @@ class ShardedSource:
     ) -> Data:
         cache = self.cache(cfg.data, cfg.optim.batch_size)
         common: dict[str, Any] = dict(
-            shard_id=rank,
-            num_shards=world_size,
+            rank=rank,
+            world_size=world_size,
             device_id=device.index if device.type == "cuda" else None,
             num_threads=num_threads,
             channels_last=cfg.precision.channels_last,
@@ -206,8 +206,8 @@ def build_sharded_val_loader(
     mode: str,
     scales: tuple[int, ...],
     batch_size: int,
-    shard_id: int,
-    num_shards: int,
+    rank: int,
+    world_size: int,
     device_id: int | None,
     num_threads: int,
     channels_last: bool = False,
@@ -218,7 +218,7 @@ def build_sharded_val_loader(
     ``val``, or ``train`` for the training images in eval mode (each rank a contiguous slice of the
     manifest's training samples, no augmentation)."""
     from pipeline.data.dali_pipeline import VAL_MODES, build_val_pipeline
-    from pipeline.data.sharding import augmentation_seed, val_shard
+    from pipeline.data.rank_split import augmentation_seed, rank_val_range
 
     if mode not in VAL_MODES:
         raise ValueError(f"eval mode {mode!r}; choose one of {VAL_MODES}")
@@ -231,7 +231,7 @@ def build_sharded_val_loader(
     names, all_labels = (
         (index.train_files, index.train_labels) if split == "train" else (index.val_files, index.val_labels)
     )
-    mine = val_shard(len(names), shard_id=shard_id, num_shards=num_shards)
+    mine = rank_val_range(len(names), rank=rank, world_size=world_size)
     ids = np.arange(mine.start, mine.stop)
     labels = np.asarray(all_labels, np.int64)[mine.start : mine.stop]
     reader = ShardReader(manifest, cache, split, None)
@@ -240,7 +240,7 @@ def build_sharded_val_loader(
     def make_pipe() -> Any:
         return build_val_pipeline(
             mode, [], [], cfg, batch_size=batch_size, device_id=device_id, num_threads=num_threads if num_threads > 0 else usable_cpus(),
-            seed=augmentation_seed(0, 0, shard_id), channels_last=channels_last, half=half, scales=tuple(scales),
+            seed=augmentation_seed(0, 0, rank), channels_last=channels_last, half=half, scales=tuple(scales),
             source=_ValFeed(reader, ids, labels, batch_size),
         )  # fmt: skip
 

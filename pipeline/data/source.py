@@ -50,8 +50,8 @@ class ImageNetSource:
         from pipeline.data.imagenet import build_train_loader, build_val_loader
 
         common: dict[str, Any] = dict(
-            shard_id=rank,
-            num_shards=world_size,
+            rank=rank,
+            world_size=world_size,
             device_id=device.index if device.type == "cuda" else None,
             num_threads=num_threads,
             channels_last=cfg.precision.channels_last,
@@ -107,8 +107,8 @@ class CifarSource:
             cfg.data.root,
             cfg.data,
             global_batch=cfg.optim.batch_size,
-            shard_id=rank,
-            num_shards=world_size,
+            rank=rank,
+            world_size=world_size,
             device=device,
             seed=cfg.seed,
             eval_batch_size=eval_batch,

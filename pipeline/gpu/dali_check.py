@@ -129,7 +129,7 @@ def train_batch(root: str, mode: str, device_id: int | None, threads: int, crop:
 
     decoder = "cpu" if device_id is None else "mixed"
     loader = build_train_loader(
-        _index(root), data_config(root, mode, decoder, crop), global_batch=BATCH, shard_id=0, num_shards=1,
+        _index(root), data_config(root, mode, decoder, crop), global_batch=BATCH, rank=0, world_size=1,
         device_id=device_id, seed=0, num_threads=threads,
     )  # fmt: skip
     images, labels = next(iter(loader.epoch(0)))
@@ -150,7 +150,7 @@ def val_batch(
     decoder = "cpu" if device_id is None else "mixed"
     loader = build_val_loader(
         _index(root), data_config(root, "none", decoder, crop), mode=mode, scales=TEST_SCALES,
-        batch_size=BATCH, shard_id=0, num_shards=1, device_id=device_id, num_threads=threads,
+        batch_size=BATCH, rank=0, world_size=1, device_id=device_id, num_threads=threads,
     )  # fmt: skip
     images, labels = next(iter(loader.epoch(0)))
     if labels.shape != (BATCH,):

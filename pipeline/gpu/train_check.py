@@ -239,7 +239,7 @@ def tencrop_eval(root: str, device: torch.device, *, batch: int, crop: int, thre
     gpu = device.type == "cuda"
     index = scan_imagenet(root, use_index=False)
     cfg = data_config(root, "none", "mixed" if gpu else "cpu", crop, round(256 * crop / 224))
-    loader = build_val_loader(index, cfg, mode="tencrop", scales=(), batch_size=batch, shard_id=0, num_shards=1,
+    loader = build_val_loader(index, cfg, mode="tencrop", scales=(), batch_size=batch, rank=0, world_size=1,
                               device_id=device.index if gpu else None, num_threads=threads, channels_last=True)  # fmt: skip
     net = create_model(model).to(device).to(memory_format=torch.channels_last)
     if gpu:

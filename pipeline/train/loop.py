@@ -160,7 +160,7 @@ def train_one_epoch(
     clock: StepClock | None = None,
     preemption: PreemptionPoll | None = None,
 ) -> tuple[dict[str, float], TrainingProgress]:
-    """One pass over this rank's shard (the rest of it, when ``progress.step`` lies inside
+    """One pass over this rank's split (the rest of it, when ``progress.step`` lies inside
     ``epoch``); logs step metrics to ``out`` and saves the mid-epoch checkpoints on the way:
     every ``checkpoint.every_n_steps``, and at a preemption notice (``preemption``, the run's).
     ``clock`` times the steps (``pipeline.train.step_time``; the run's, else one for this epoch).

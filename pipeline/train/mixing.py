@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.sharding import rank_slice
+from pipeline.data.rank_split import rank_slice
 
 if TYPE_CHECKING:
     from pipeline.config import OptimConfig
