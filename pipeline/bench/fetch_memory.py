@@ -53,19 +53,13 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError("needs Linux's /proc/self/clear_refs and VmHWM to measure peak memory")
 
 
-def _peak_rss() -> int:
-    """This process's peak resident memory since the last reset, in bytes (VmHWM)."""
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (``VmHWM``: the peak resident size
+    since the last reset; ``VmRSS``: the resident size now), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise BenchError("no VmHWM in /proc/self/status")
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise BenchError("no VmRSS in /proc/self/status")
+    raise BenchError(f"no {field} in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -90,7 +84,7 @@ def _measure(fetch_one: Callable[[int], None], objects: int, fetchers: int) -> d
                 return
 
     _reset_peak()
-    before = _rss()
+    before = _status_bytes("VmRSS")
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(fetchers)]
     for t in threads:
@@ -99,7 +93,7 @@ def _measure(fetch_one: Callable[[int], None], objects: int, fetchers: int) -> d
         t.join()
     if errors:
         raise errors[0]
-    return {"peak_growth_mib": (_peak_rss() - before) / MIB, "seconds": time.perf_counter() - t0}
+    return {"peak_growth_mib": (_status_bytes("VmHWM") - before) / MIB, "seconds": time.perf_counter() - t0}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
