@@ -240,11 +240,12 @@ def shard_gets(gets: int, shards: int, nodes: int, images: int, cached: dict, ne
 
 
 def check_shard_gets(drill: Drill, check: Check) -> None:
+    from pipeline.data.cache_shards import SHARDS_FOLDER
     from pipeline.data.shard_cache import DEFAULT_DIR_NAME
     from pipeline.data.shard_manifest import load_manifest
 
     m, live = load_manifest(drill.data_uri), [k for k, p in drill.nodes.nodes.items() if p.poll() is None]
-    cache = f"tmp/{DEFAULT_DIR_NAME}/{m.digest[:16]}/*.ok"  # a whole, checked shard in a node's /tmp
+    cache = f"tmp/{DEFAULT_DIR_NAME}/{SHARDS_FOLDER}/*.ok"  # a whole, checked shard in a node's /tmp
     cached = {k: len(list(drill.nodes.view(k).glob(cache))) for k in live}
     images, gets = len(m.split("train")) + len(m.split("val")), drill.nodes.s3_counts().get("GET.tar", 0)
     new = f"worker{drill.args.workers + 1}"  # the replacement

@@ -20,6 +20,7 @@ from shard_data import ROOT, upload_sharded
 from pipeline.bench.feed import lru_gets_per_epoch
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.cache_ledger import LEDGER_NAME, Ledger, on_disk
+from pipeline.data.cache_shards import SHARDS_FOLDER, shard_file
 from pipeline.data.eviction import choose_victims
 from pipeline.data.next_use import NEVER, ReadPlan
 from pipeline.data.shard_cache import ShardCache
@@ -54,14 +55,15 @@ def test_eviction_takes_the_furthest_next_read_and_never_the_current_window(shar
     assert set(batch.tolist()) <= protected  # what the current batch reads is protected...
     assert len(protected) <= 3 * WINDOW  # ...and no more than its windows
     train = m.shard_ids("train")
-    names = {f"d/{m.shards[i].name}": i for i in train}
+    names = {f"shards/{m.shards[i].sha256}.tar": i for i in train}
     cached = {n: (m.shards[i].size, 0) for n, i in names.items()}
     pinned = {n for n, i in names.items() if i in protected}
+    mine = set(names)  # one job on the folder: what it names is all that live jobs name
 
     def next_use(ns):
         return plan.next_use([names[n] for n in ns])
 
-    victims = choose_victims(cached, pinned, {"d"}, "d", next_use, need=1)
+    victims = choose_victims(cached, pinned, mine, mine, next_use, need=1)
     free = [n for n in names if n not in pinned]
     uses = next_use(free)
     assert victims == [free[int(np.argmax(uses))]]
@@ -76,15 +78,16 @@ def test_eviction_takes_the_furthest_next_read_and_never_the_current_window(shar
         assert use == expected
     # A prefetch never pushes out a shard read sooner than the one it fetches.
     soonest = int(uses.min())
-    assert choose_victims(cached, pinned, {"d"}, "d", next_use, need=1, before=int(uses.max())) is None
-    assert choose_victims(cached, pinned, {"d"}, "d", next_use, need=1, before=soonest) == victims
+    assert choose_victims(cached, pinned, mine, mine, next_use, need=1, before=int(uses.max())) is None
+    assert choose_victims(cached, pinned, mine, mine, next_use, need=1, before=soonest) == victims
     # Everything pinned: nothing can go.
-    assert choose_victims(cached, set(cached), {"d"}, "d", next_use, need=1) is None
-    # A finished job's shards go first, oldest first; another live job's only for a read.
-    others = {"old/a.tar": (10, 2), "old/b.tar": (10, 1), "live/c.tar": (10, 0)}
-    assert choose_victims({**cached, **others}, pinned, {"d", "live"}, "d", next_use, need=15)[:2] == [
-        "old/b.tar",
-        "old/a.tar",
+    assert choose_victims(cached, set(cached), mine, mine, next_use, need=1) is None
+    # Shards no live dataset names go first, oldest first; another live job's only for a read.
+    others = {"shards/a.tar": (10, 2), "shards/b.tar": (10, 1), "shards/c.tar": (10, 0)}
+    live = mine | {"shards/c.tar"}
+    assert choose_victims({**cached, **others}, pinned, live, mine, next_use, need=15)[:2] == [
+        "shards/b.tar",
+        "shards/a.tar",
     ]
     assert NEVER not in uses
 
@@ -185,12 +188,12 @@ def test_two_handles_on_one_folder_stay_under_the_limit_together(s3, s3_sharded,
 def test_a_dead_fetchs_temporary_file_is_removed_at_start(s3, s3_sharded, tmp_path):
     m = load_manifest(s3_sharded)
     ShardCache(m, str(tmp_path), 1).close()
-    folder = tmp_path / m.digest[:16]
-    dead = folder / f".{m.shards[1].name}.k1ll3d"
-    live = folder / f".{m.shards[2].name}.fetch1ng"
+    folder = tmp_path / SHARDS_FOLDER
+    dead = folder / f".{shard_file(m.shards[1].sha256)}.k1ll3d"
+    live = folder / f".{shard_file(m.shards[2].sha256)}.fetch1ng"
     dead.write_bytes(b"x" * 100)
     live.write_bytes(b"x" * 100)
-    held = os.open(folder / f"{m.shards[2].name}.lock", os.O_RDONLY | os.O_CREAT)
+    held = os.open(folder / f"{shard_file(m.shards[2].sha256)}.lock", os.O_RDONLY | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)  # a fetch still running holds its shard's lock
     try:
         ShardCache(m, str(tmp_path), 1).close()

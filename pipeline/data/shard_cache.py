@@ -7,12 +7,13 @@
     cache.prefetch(cache.ahead())                 # shard ids in the order the feed will need them
     jpeg = cache.read(shard_id, offset, size, crc32)   # uint8 array; crc32=None: checked before
 
-Layout on disk: ``CACHE_DIR/<first 16 hex of the manifest's SHA-256>/<shard>.tar`` with, beside
-each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) and
-``<shard>.tar.lock``; ``CACHE_DIR/ledger.json`` (and its lock) accounts for every process using the
-folder (``pipeline.data.cache_ledger``). Files are readable by the group and others, the ledger
-group-writable, so two users of a node can share a cache. The protocol, the same in every process of
-the node:
+Layout on disk: shards named by content, ``CACHE_DIR/shards/<sha256>.tar``, beside each its ``.ok``
+(size, SHA-256 and mtime as verified) and ``.lock``: a shard two manifests name (``data shard`` run
+again after an upgrade) is one file, fetched once. ``CACHE_DIR/<16 hex of the manifest's
+SHA-256>/dataset.json`` records a dataset's shards (``cache_folders``: ``data cache ls|prune``);
+``CACHE_DIR/ledger.json`` accounts for every process using the folder (``cache_ledger``). Files are
+readable by the group and others, the ledger group-writable, so two users of a node can share a
+cache. The protocol, the same in every process of the node:
 
 - a shard is usable when its ``.ok`` names the manifest's size and SHA-256 and the file's size
   and mtime are still those recorded (a truncated or rewritten file is not used);
@@ -68,7 +69,8 @@ import numpy as np
 from pipeline.data import cache_sizing
 from pipeline.data.cache_folders import DIR_MODE
 from pipeline.data.cache_reads import CacheReads
-from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock, remove_dead_temp_files
+from pipeline.data.cache_room import CacheRoom, remove_dead_temp_files
+from pipeline.data.cache_shards import FILE_MODE, SHARDS_FOLDER, open_lock, shard_file
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
 from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_manifest import Manifest, ShardError, repair_hint
@@ -117,12 +119,11 @@ class ShardCache:
         self.mapped = self.remote or mmap
         self.setting = cache_dir or default_cache_dir()
         self.root = Path(self.setting).expanduser()
-        self.dataset = manifest.digest[:16]
-        self.dir = self.root / self.dataset
+        self.dir = self.root / SHARDS_FOLDER  # every dataset's shards, named by content
         self.fetchers = max(1, int(fetchers))
         self.plan: ReadPlan | None = None
         self._protected: set[int] = set()  # shards with reads left in the current windows
-        self._names = {s.name for s in manifest.shards}
+        self._files_named = {shard_file(s.sha256) for s in manifest.shards}
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
         self._files: dict[int, int | np.ndarray] = {}  # shard -> open fd, or its mapping
@@ -136,7 +137,7 @@ class ShardCache:
         self.room: CacheRoom | None = None
         if self.remote:
             self._check_writable()
-            remove_dead_temp_files(self.dir, self._names)
+            remove_dead_temp_files(self.dir, self._files_named)
             self.room = CacheRoom(self.root, manifest, limit_bytes, wait_s=max(60.0, self.policy.retry_s))
         # The dataset does not fit: evict by next use, and keep open only what the windows read.
         self.bounded = self.room is not None and self.room.limit < self.dataset_bytes
@@ -226,8 +227,12 @@ class ShardCache:
     # ------------------------------------------------------------ the protocol
 
     def _paths(self, i: int) -> tuple[Path, Path, Path]:
-        name = self.manifest.shards[i].name
+        name = shard_file(self.manifest.shards[i].sha256)
         return self.dir / name, self.dir / (name + ".ok"), self.dir / (name + ".lock")
+
+    def cached_path(self, i: int) -> Path:
+        """Where shard ``i`` lies in the node's cache (once fetched): ``shards/<sha256>.tar``."""
+        return self._paths(i)[0]
 
     def _valid(self, i: int) -> bool:
         shard = self.manifest.shards[i]
@@ -257,7 +262,7 @@ class ShardCache:
         path, ok, _ = self._paths(i)
         where = locations.join(self.manifest.root, shard.name)
         for attempt in (1, 2):
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.")
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.")
             try:
                 with os.fdopen(fd, "wb") as out:  # the engine gets exactly shard.size bytes, or raises
                     sha = self._engine().fetch(where, shard.size, out)
@@ -283,7 +288,7 @@ class ShardCache:
                 )
         st = path.stat()
         mark = {"size": shard.size, "sha256": shard.sha256, "mtime_ns": st.st_mtime_ns}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.ok.")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.ok.")
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(mark))
         os.chmod(tmp, FILE_MODE)
