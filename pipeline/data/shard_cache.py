@@ -19,7 +19,8 @@ cache. The protocol, the same in every process of the node:
   and mtime are still those recorded (a truncated or rewritten file is not used);
 - to fetch, a process takes an exclusive ``flock`` on ``.lock`` (a prefetch that finds it held
   skips to the next shard: another rank is fetching this one), looks again (another rank may
-  have fetched it meanwhile), makes room for it under the ledger's lock (below), streams the
+  have fetched it meanwhile), makes room for it under the ledger's lock (below), takes one of
+  the node's ``data.cache_fetchers`` slots (``cache_slots``: one budget per node), streams the
   object into a temporary file beside it through the fetch engine (``pipeline.data.fetch``:
   ranged GETs of 8 MiB, several at once, hashed as they arrive, retried through throttling and
   resets for ``data.fetch_retry_s``), checks its size and SHA-256 against the manifest, renames
@@ -32,24 +33,20 @@ cache. The protocol, the same in every process of the node:
   is an error. Later reads of the sample come through the same open file, so from the same bytes,
   and skip the CRC: at ~10 us per 59 KB image it was the largest cost of a cached epoch.
 
-**Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus every live process's
-fetches in flight stay under it; a fetch that would pass it first deletes the shards this job reads
-furthest ahead (Belady's policy: ``cache_room``, ``eviction``, ``next_use``), never one pinned in
-the ledger (held open, or read in some process's current windows). When the dataset does not fit, a
-process keeps open only its current windows' shards, so an evicted shard's bytes are freed.
+**Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus fetches in flight stay
+under it; a fetch that would pass it first deletes the shards read furthest ahead (Belady's policy:
+``cache_room``, ``eviction``, ``next_use``), never one pinned in the ledger (held open, or read in a
+current window). When the dataset does not fit, a process keeps open only its windows' shards.
 
-So a worker restarted on the same node, or a second rank, reuses what is there; a crash mid-fetch
-leaves a temporary file and no ``.ok``, so the shard is fetched again, and the next cache handle on
-the folder deletes the temporary file (no process holds its shard's lock). A prefetch that failed is
-not final: the reader that needs the shard fetches it again, with a fresh retry budget.
+So a restarted worker, or a second rank, reuses what is there; a crash mid-fetch leaves a temporary
+file and no ``.ok`` (the next handle deletes the file: no process holds its shard's lock). A failed
+prefetch is not final: the reader that needs the shard fetches it again, with a fresh retry budget.
 
-Cached shards are memory-mapped (the cache is on the node's local disk; a sample is then a view of
-the page cache that DALI copies once, as DALI's own file reader does by default). A local
-``data.root`` (a disk or a shared filesystem mount) is read in place, not copied, with plain reads
-unless ``data.mmap`` (mapping hurts network filesystems); its shard sizes are checked when the
-dataset is opened and each sample against its CRC-32 as above. Nothing here truncates a shard in
-place (fetches and ``data shard`` rename whole files into place), so a mapping never loses its
-pages.
+Cached shards are memory-mapped (a sample is a view of the page cache that DALI copies once, as
+its own file reader does). A local ``data.root`` (a disk or a shared mount) is read in place, with
+plain reads unless ``data.mmap`` (mapping hurts network filesystems); its shard sizes are checked at
+open and each sample against its CRC-32 as above. Nothing truncates a shard in place (fetches and
+``data shard`` rename whole files into place), so a mapping never loses its pages.
 """
 
 from __future__ import annotations
@@ -71,6 +68,7 @@ from pipeline.data.cache_folders import DIR_MODE
 from pipeline.data.cache_reads import CacheReads
 from pipeline.data.cache_room import CacheRoom, remove_dead_temp_files
 from pipeline.data.cache_shards import FILE_MODE, SHARDS_FOLDER, open_lock, shard_file
+from pipeline.data.cache_slots import FetchSlots
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
 from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_manifest import Manifest, ShardError, repair_hint
@@ -106,7 +104,7 @@ class ShardCache:
     Args:
         manifest: the dataset.
         cache_dir: the node's cache folder ("" for ``default_cache_dir()``); unused for a local root.
-        fetchers: shards fetched at once by this process (each ``policy.parts_in_flight`` GETs at once).
+        fetchers: shards in flight on the node, all its processes together (``cache_slots``).
         mmap: map a local root's shards into memory (``data.mmap``); cached shards always are.
         policy: the fetch engine's retries and part size (``data.fetch_retry_s``).
         limit_bytes: the most the folder may hold (``data.cache_limit_gb``); 0: the disk's default.
@@ -138,6 +136,7 @@ class ShardCache:
         if self.remote:
             self._check_writable()
             remove_dead_temp_files(self.dir, self._files_named)
+            self.slots = FetchSlots(self.root, self.fetchers)
             self.room = CacheRoom(self.root, manifest, limit_bytes, wait_s=max(60.0, self.policy.retry_s))
         # The dataset does not fit: evict by next use, and keep open only what the windows read.
         self.bounded = self.room is not None and self.room.limit < self.dataset_bytes
@@ -302,8 +301,8 @@ class ShardCache:
         fetch it again, unless it is gone already (another process replaced it: its copy is used).
         ``wait=False`` (prefetching): when another process of the node holds the shard's lock
         (it is fetching it), or no room can be made without evicting a shard read sooner, return
-        None at once and go on to the next shard; so the node has ranks x fetchers shards in
-        flight, each fetched once.
+        None at once and go on to the next shard. A fetch waits for one of the node's slots, so
+        the node has at most ``fetchers`` shards in flight, each fetched once.
         """
         if not self.remote:
             return Path(
@@ -325,7 +324,8 @@ class ShardCache:
                 if not self.room.reserve(i, ahead=not wait):
                     return None
                 try:
-                    self._fetch_locked(i)
+                    with self.slots.taken():  # the node's budget: data.cache_fetchers at once
+                        self._fetch_locked(i)
                 finally:
                     self.room.unreserve(i)
         finally:
