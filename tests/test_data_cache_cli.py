@@ -23,6 +23,7 @@ from shard_data import BUCKET
 
 from pipeline.data.cache_folders import RECORD_NAME
 from pipeline.data.cache_shards import SHARDS_FOLDER, shard_file
+from pipeline.data.cache_slots import SLOTS_FOLDER
 from pipeline.data.cli import main
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shard_manifest import MANIFEST_NAME, load_manifest
@@ -172,7 +173,9 @@ def test_the_cluster_readme_commands_as_written(cache_dir, roots):
     assert {line.split()[0] for line in out[0].splitlines()[1:]} == {kept, gone, folder_of(roots["c"])}
     assert f"would remove {gone}: {roots['b']}, 3 shards" in out[1]
     assert f"removed {gone}: {roots['b']}, 3 shards" in out[2]
-    assert sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) == sorted([kept, SHARDS_FOLDER])
+    assert sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) == sorted(
+        [kept, SHARDS_FOLDER, SLOTS_FOLDER]
+    )
     assert shard_files(cache_dir) == named(roots["a"], [0, 1, 2])
 
 
@@ -198,7 +201,9 @@ def test_prune_keeps_the_shards_a_kept_dataset_names(cache_dir, roots, capsys):
         assert f"{line} ({stay / 1e6:.2f} MB of shards a kept or running dataset names stay)" in out, out
     total = freed_first + freed_second
     assert out[-1] == f"{cache_dir}: removed 2 dataset(s), freed {total} bytes ({total / 1e6:.2f} MB)"
-    assert sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) == sorted([kept, "notes", SHARDS_FOLDER])
+    assert sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) == sorted(
+        [kept, "notes", SHARDS_FOLDER, SLOTS_FOLDER]
+    )
     assert shard_files(cache_dir) == shared | named(roots["c"], [0])
     # The pruned dataset's shard 0 is fetched again by the next job that reads it.
     fill(cache_dir, roots["a"], [0])
@@ -257,4 +262,6 @@ def test_bad_input_is_exit_2_naming_it(cache_dir, roots, tmp_path, capsys):
     unknown = f"s3://{BUCKET}/not-a-dataset"
     assert main(["cache", "prune", "--cache-dir", str(cache_dir), "--keep", roots["a"], unknown]) == 2
     assert f"--keep {unknown}: unknown dataset root" in capsys.readouterr().err
-    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 4  # nothing removed (3 datasets, shards)
+    assert (
+        len([p for p in cache_dir.iterdir() if p.is_dir()]) == 5
+    )  # nothing removed (3 datasets, shards, slots)

@@ -167,7 +167,8 @@ class CacheRoom:
         if need > room:
             held = [set(e["pinned"]) | set(e["reserved"]) for e in entries.values()]
             pinned = {name}.union(*held)
-            live = self._live_names(entries)
+            datasets = {e["dataset"] for e in entries.values()}  # a live job of the layout before
+            live = self._live_names(entries) | {n for n in cached if n.split("/", 1)[0] in datasets}
             before = int(self._next_use([name])[0]) if ahead else None
             victims = choose_victims(cached, pinned, live, self.mine, self._next_use, need - room, before)
             if victims is None:
