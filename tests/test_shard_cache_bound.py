@@ -216,3 +216,50 @@ def test_cached_files_are_readable_by_other_users(s3, s3_sharded, tmp_path):
     assert mode(path.with_name(path.name + ".lock")) == 0o644
     assert mode(tmp_path / "c" / LEDGER_NAME) == 0o664
     assert mode(path.parent) & 0o055 == 0o055  # the folder can be entered and listed
+
+
+def test_a_node_prefetches_what_its_own_ranks_read_first(s3, s3_sharded, tmp_path):
+    """A node running ranks 2 and 3 of 4 prefetches shards in the order those ranks read them
+    (each its slice of every global batch), window by window, from the step it is at; not in
+    the order the global batch reaches them."""
+    from pipeline.data.sharding import train_shard
+    from pipeline.train.distributed import DistContext
+
+    m = load_manifest(s3_sharded)
+    world, node = 4, (2, 3)
+    order = _order(m)
+    shard_of = m.split("train").shard
+    steps = len(shard_of) // BATCH
+
+    def node_reads(epoch: int) -> np.ndarray:
+        """The shards ranks 2 and 3 read in ``epoch``, step by step, as the feed gives them."""
+        per_rank = [
+            train_shard(len(shard_of), global_batch=BATCH, shard_id=r, num_shards=world, seed=0, epoch=epoch,
+                        perm=order(epoch)).reshape(steps, -1)
+            for r in node
+        ]  # fmt: skip
+        return shard_of[np.concatenate(per_rank, axis=1)]  # (steps, the node's samples per step)
+
+    def by_first_read(shards: np.ndarray) -> list[int]:
+        _, first = np.unique(shards, return_index=True)
+        return [int(shards[i]) for i in np.sort(first)]
+
+    cache = ShardCache(m, str(tmp_path), 1)  # nothing prefetched: the plan and its order alone
+    ShardReader(m, cache, "train", order, BATCH, node_ranks=DistContext(2, 4, 0, None, True, 2).node_ranks,
+                world_size=world)  # fmt: skip
+    whole = ReadPlan(m, order, BATCH)  # every rank's reads: one node
+    for step in (0, steps // 2):
+        cache.at(0, step)
+        whole.at(0, step)
+        mine = by_first_read(node_reads(0)[step:].reshape(-1))
+        assert cache.ahead()[: len(mine)] == mine
+        assert set(cache.ahead()[len(mine) :]).isdisjoint(mine)  # then the next epoch's others
+        assert whole.upcoming()[: len(mine)] != mine  # the global order would fetch otherwise
+    # Eviction looks at the node's next read of a shard too: at step 0, the first position (in
+    # the global order) where rank 2 or 3 reads it.
+    cache.at(0, 0)
+    positions = np.arange(steps * BATCH).reshape(steps, BATCH)[:, BATCH // 2 :].reshape(-1)  # ranks 2, 3
+    read = shard_of[order(0)[positions]]
+    for s in by_first_read(read):
+        assert int(cache.plan.next_use([s])[0]) == positions[np.flatnonzero(read == s)[0]]
+    cache.close()
