@@ -4,6 +4,7 @@ loses: rank 0's node, the job, the head.
     make drill                                      # all three, 24 epochs of cifar_resnet20 on 256 images
     make drill DRILL_ARGS="--kill rank0"            # rank 0's node lost and replaced only
     make drill DRILL_ARGS="--kill stop,head --epochs 8"   # `ray job stop`, then the head lost
+    make drill DRILL_ARGS="--layout sharded --kill rank0 --faults 503:10,cut:20"   # and shard GETs fail
     .venv/bin/python cluster/drill.py --help
 
 As root (a mount namespace per node), on 127.0.0.1 with random ports and its own temp dir: a
@@ -31,7 +32,10 @@ keeps and a fresh start drops), ``summary.json`` and offline W&B segments; the h
 from the head's namespace. ``--layout sharded``: the dataset is ``data shard``'s output in
 ``s3://drill/imagenet-shards``, each node's cache in its private ``/tmp``; one more check reads
 the server's request counts (``pipeline.bench.s3_latency``): GETs per image, no shard fetched
-twice by a node. Exit status: 0 all PASS, 1 a FAIL, 2 the drill could not run. Teardown stops
+twice by a node. ``--faults 503:10,cut:20`` (sharded only): that server fails the shards' GETs,
+1 in 10 with 503 SlowDown and 1 in 20 cut after half the body (``stall:N`` too), and every
+check must hold as without; the shard GETs check counts the failed GETs apart (each retried
+by the fetch engine) and wants some. Exit status: 0 all PASS, 1 a FAIL, 2 the drill could not run. Teardown stops
 only what the drill started, never ``ray stop``.
 
 This file is the command and the order of events; the cluster, its bucket and what is done to
@@ -64,6 +68,21 @@ def kill_events(text: str) -> list[str]:
     raise argparse.ArgumentTypeError(
         f"{text!r}: rank0 or preempt (first, if at all), then stop and head in any order (e.g. rank0,stop,head)"
     )
+
+
+def faults_asked(p: argparse.ArgumentParser, spec: str, layout: str) -> dict[str, int]:
+    """``--faults`` as ``Faults`` fields ({} for none); refused unless the shards are read from S3."""
+    from pipeline.bench.common import BenchError
+    from pipeline.bench.feed_nodes import parse_faults
+
+    if not spec:
+        return {}
+    if layout != "sharded":
+        p.error("--faults needs --layout sharded: the faults touch the shard GETs, which the cache retries")
+    try:
+        return parse_faults(spec)
+    except BenchError as e:
+        p.error(str(e))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -107,8 +126,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "the run keeps its size), first if at all; stop (`ray job stop`), head (the head and "
                    "its workers lost, a new cluster started), after each of which the same job is "
                    "submitted again (default rank0,stop,head)")  # fmt: skip
+    p.add_argument("--faults", default="", metavar="KIND:N,...",
+                   help="--layout sharded: shard GETs the S3 server fails, 1 in N of each KIND (503: "
+                   "503 SlowDown, cut: the body cut at half, stall: 5 s without a byte), e.g. 503:10,cut:20")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, W&B merge) even on success")
     args = p.parse_args(argv)
+    args.faults = faults_asked(p, args.faults, args.layout)
     if args.max_failures == -1:
         args.max_failures = 0 if "preempt" in args.kill else 3
     # With three or more ranks DDP's first step after a restart sums the gradients in another

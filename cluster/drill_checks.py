@@ -231,24 +231,37 @@ def check_same_weights(drill: Drill, check: Check, preempted: dict | None, summa
           + (f"{len(differ)} differ ({', '.join(differ[:3])})" if differ else "bitwise equal"))  # fmt: skip
 
 
-def shard_gets(gets: int, shards: int, nodes: int, images: int, cached: dict, new: str) -> tuple[bool, str]:
-    """Each shard fetched at least once, at most once per node; the replacement ``new`` filled its own cache."""
-    ok = shards <= gets <= shards * nodes and cached.get(new, 0) > 0 and max(cached.values()) <= shards
-    return ok, (f"{gets} GETs of .tar objects for {shards} shards x {nodes} nodes (at most {shards * nodes}): "
-                f"{gets / images:.3f} GETs per image ({images} images); shards in each live node's cache: "
-                f"{', '.join(f'{name} {k}' for name, k in cached.items())}")  # fmt: skip
+def shard_gets(gets: int, shards: int, nodes: int, images: int, cached: dict, new: str,
+               failed: dict[str, int] | None = None) -> tuple[bool, str]:  # fmt: skip
+    """Each shard fetched at least once, at most once per node; the replacement ``new`` filled its own
+    cache. ``failed`` (``--faults``): the GETs the server refused or cut, by kind; each is retried,
+    so it is not counted as a fetch, and with faults asked some must have failed."""
+    lost = sum((failed or {}).values())
+    fetched = gets - lost
+    ok = shards <= fetched <= shards * nodes and cached.get(new, 0) > 0 and max(cached.values()) <= shards
+    ok = ok and (failed is None or lost > 0)
+    retried = "" if failed is None else (
+        f" (and {lost} that failed and were retried: " + ", ".join(f"{n} {k}" for k, n in failed.items()) + ")"
+    )  # fmt: skip
+    return ok, (f"{fetched} GETs of .tar objects{retried} for {shards} shards x {nodes} nodes (at most "
+                f"{shards * nodes}): {fetched / images:.3f} GETs per image ({images} images); shards in each "
+                f"live node's cache: {', '.join(f'{name} {k}' for name, k in cached.items())}")  # fmt: skip
 
 
 def check_shard_gets(drill: Drill, check: Check) -> None:
+    from pipeline.data.cache_shards import SHARDS_FOLDER
     from pipeline.data.shard_cache import DEFAULT_DIR_NAME
     from pipeline.data.shard_manifest import load_manifest
 
     m, live = load_manifest(drill.data_uri), [k for k, p in drill.nodes.nodes.items() if p.poll() is None]
-    cache = f"tmp/{DEFAULT_DIR_NAME}/{m.digest[:16]}/*.ok"  # a whole, checked shard in a node's /tmp
+    cache = f"tmp/{DEFAULT_DIR_NAME}/{SHARDS_FOLDER}/*.ok"  # a whole, checked shard in a node's /tmp
     cached = {k: len(list(drill.nodes.view(k).glob(cache))) for k in live}
-    images, gets = len(m.split("train")) + len(m.split("val")), drill.nodes.s3_counts().get("GET.tar", 0)
+    counts = drill.nodes.s3_counts()
+    images, gets = len(m.split("train")) + len(m.split("val")), counts.get("GET.tar", 0)
     new = f"worker{drill.args.workers + 1}"  # the replacement
-    ok, detail = shard_gets(gets, len(m.shards), len(drill.nodes.nodes), images, cached, new)
+    # A stalled GET is answered in full (5 s < the fetch engine's 20 s timeout): a fetch, not a failure.
+    failed = {"refused (503)": counts["refused"], "cut": counts["cut"]} if drill.args.faults else None
+    ok, detail = shard_gets(gets, len(m.shards), len(drill.nodes.nodes), images, cached, new, failed)
     check(ok, "shard GETs", detail)
 
 

@@ -68,7 +68,11 @@ class Drill:
     # ------------------------------------------------------------ object store, dataset, commands
 
     def start_s3(self) -> None:
-        self.aws = self.nodes.start_s3(BUCKET, counted=self.sharded)
+        from pipeline.bench.s3_latency import Faults
+
+        # --faults: the shards' GETs (.tar) fail as asked, the manifest's and the uploads do not.
+        faults = Faults(**self.args.faults, suffix=".tar").to_args() if self.args.faults else []
+        self.aws = self.nodes.start_s3(BUCKET, counted=self.sharded, faults=tuple(faults))
         self.env = {**self.nodes.client_env, **self.aws}  # the drill's own commands
         os.environ.update(self.aws)  # this process's pyarrow clients (upload, checks)
 

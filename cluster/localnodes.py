@@ -216,11 +216,11 @@ class LocalNodes(DashboardClient):
 
     # ------------------------------------------------------------ object storage
 
-    def start_s3(self, bucket: str, counted: bool = False) -> dict[str, str]:
+    def start_s3(self, bucket: str, counted: bool = False, faults: tuple[str, ...] = ()) -> dict[str, str]:
         """A local S3 server (moto's server mode) holding an empty ``bucket``; returns the AWS
         environment that points a client (pyarrow, boto3, a job's ``env_vars``) at it.
         ``counted``: the same moto behind ``pipeline.bench.s3_latency`` (no added latency), which
-        counts requests by kind (``s3_counts``)."""
+        counts requests by kind (``s3_counts``), with ``faults`` (its flags, ``Faults.to_args``)."""
         endpoint = f"http://127.0.0.1:{self.port()}"
         self.s3_endpoint = endpoint
         aws = {
@@ -234,7 +234,8 @@ class LocalNodes(DashboardClient):
             port = endpoint.rsplit(":", 1)[1]
             cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", port]
             if counted:  # `python -m pipeline...` of this checkout (its root is the cwd)
-                cmd = [sys.executable, "-m", "pipeline.bench.s3_latency", "--latency-ms", "0", "--port", port]
+                cmd = [sys.executable, "-m", "pipeline.bench.s3_latency", "--latency-ms", "0", "--port", port,
+                       *faults]  # fmt: skip
             self.s3 = subprocess.Popen(
                 cmd, env=self.client_env, cwd=CHECKOUT, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=ends_with_its_starter,

@@ -5,6 +5,7 @@
 #   make drill DRILL_ARGS="--kill rank0"       # rank 0's node lost and replaced only
 #   make drill DRILL_ARGS="--epochs 30 --model resnet18 --crop 64"   # any default can be changed
 #   make drill DRILL_ARGS="--layout sharded"   # the dataset as `data shard`'s shards, a cache per node
+#   make drill DRILL_ARGS="--layout sharded --kill rank0 --faults 503:10,cut:20"   # shard GETs fail too
 #   make drill DRILL_ARGS="--kill head"        # the head and its workers lost, a new cluster, the job again
 #   make drill DRILL_ARGS="--kill stop,head --epochs 8"   # `ray job stop` and the job again, then the head
 #   make drill DRILL_ARGS=--keep    # keep the logs and the merged W&B run even when every check passes

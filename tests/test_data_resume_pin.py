@@ -4,7 +4,8 @@ Checkpoints record the sharded layout's manifest SHA-256 and ``data.shuffle_wind
 ``pipeline train --no-ray`` runs (in this process): two epochs with mid-epoch checkpoints, the
 last epoch-end one removed (as if the run had been killed in epoch 2); a resume over another
 manifest (or window) stops before training, naming both digests and the checkpoints to remove
-to redo the epoch from its start; once they are removed, the run resumes at the epoch boundary
+to redo the epoch from its start (and the command under Ray stops in the driver, before Ray
+starts: exit 1, no traceback); once they are removed, the run resumes at the epoch boundary
 over the new data.
 """
 
@@ -17,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import run_pipeline, tiny_overrides
 from shard_data import ROOT
 
 import pipeline.__main__
@@ -35,7 +36,7 @@ def resharded(sharded, tmp_path_factory) -> Path:
     return out
 
 
-def _train(root: Path, runs: Path, *extra: str) -> int:
+def _command(root: Path, runs: Path, *extra: str) -> list[str]:
     """Two epochs of 3 steps (batch 32 of 120 images), a checkpoint every 2 steps too, all kept; a
     small network (1 MB checkpoints)."""
     overrides = tiny_overrides(root, runs, "pinned") + [
@@ -43,8 +44,11 @@ def _train(root: Path, runs: Path, *extra: str) -> int:
         "checkpoint.every_n_steps=2", "checkpoint.num_to_keep=10", "eval.final_mode=center",
         "tracking.mode=disabled", *extra,
     ]  # fmt: skip
-    command = ["train", "--config", str(ROOT / "configs/demo.yaml"), "--no-ray", *overrides]
-    return pipeline.__main__.main(command)
+    return ["train", "--config", str(ROOT / "configs/demo.yaml"), *overrides]
+
+
+def _train(root: Path, runs: Path, *extra: str) -> int:
+    return pipeline.__main__.main([*_command(root, runs, *extra), "--no-ray"])
 
 
 def _digest(root: Path) -> str:
@@ -63,9 +67,17 @@ def test_a_mid_epoch_resume_over_another_manifest_stops_and_says_how_to_switch(
     assert kept == [f"checkpoint_epoch000{e}" for e in ("0_step0000002", "1", "1_step0000004")]
     capsys.readouterr()
 
+    # The command as a user types it, under Ray: refused by the driver before Ray or any worker starts.
+    ray = run_pipeline(*_command(resharded, runs), timeout=240)
+    old, new = _digest(sharded), _digest(resharded)
+    assert ray.returncode == 1, ray.stderr[-3000:]
+    assert "Traceback" not in ray.stderr and ray.stderr.startswith("error: "), ray.stderr[-3000:]
+    assert old in ray.stderr and new in ray.stderr and "at an epoch boundary" in ray.stderr
+    assert "Ray" not in ray.stdout + ray.stderr  # no local Ray was started, no worker ran
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == kept
+
     assert _train(resharded, runs) == 1
     error = capsys.readouterr().err
-    old, new = _digest(sharded), _digest(resharded)
     assert old != new and old in error and new in error
     assert "middle of epoch 2 (step 4)" in error and f"data.root={sharded}" in error
     assert f"remove {run / 'checkpoint_epoch0001_step0000004'} " in error

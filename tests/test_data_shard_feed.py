@@ -248,7 +248,7 @@ def test_altered_shard_on_s3_is_fetched_again_then_named(s3, s3_sharded, sharded
     try:
         with pytest.raises(ShardError, match=rf"{m.shards[1].name}: .*SHA-256.*data shard"):
             cache.ensure(1)
-        assert not (cache.dir / m.shards[1].name).exists()  # never left in the cache
+        assert not cache.cached_path(1).exists()  # never left in the cache
     finally:
         locations.write_bytes(f"{s3_sharded}/{m.shards[1].name}", (sharded / m.shards[1].name).read_bytes())
 
@@ -266,7 +266,7 @@ def test_a_bad_copy_met_by_every_rank_of_a_node_is_fetched_once(s3, s3_sharded, 
     want = (sharded / m.shards[0].name).read_bytes()[sample[0] : sample[0] + sample[1]]
     for cache in ranks:
         assert cache.read(0, *sample).tobytes() == want  # open (mapped), checked
-    path = ranks[0].dir / m.shards[0].name
+    path = ranks[0].cached_path(0)
     st = path.stat()
     with open(path, "r+b") as f:  # the mappings see it: the pages are the file's
         f.seek(sample[0] + 100)

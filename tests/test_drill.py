@@ -87,6 +87,14 @@ def test_kill_events_take_rank0_first_then_stops_and_head_losses():
         with pytest.raises(argparse.ArgumentTypeError, match="rank0 or preempt \\(first, if at all\\)"):
             drill.kill_events(bad)
     assert drill.parse_args([]).kill == ["rank0", "stop", "head"]
+    assert drill.parse_args(["--layout", "sharded", "--faults", "503:10,cut:20"]).faults == {
+        "slowdown_every": 10,
+        "cut_every": 20,
+    }
+    assert drill.parse_args([]).faults == {}
+    for bad in (["--faults", "503:10"], ["--layout", "sharded", "--faults", "503:0"]):
+        with pytest.raises(SystemExit):
+            drill.parse_args(bad)  # the folder layout's JPEG GETs are not retried; N >= 1
 
 
 # ---------------------------------------------------------------- the drill's checks, on a fake run
@@ -243,6 +251,15 @@ def test_shard_gets_check_bounds_the_gets_by_shards_and_nodes():
     assert not ok(45, {**cached, "worker4": 0})  # the replacement's cache is empty
     assert not ok(45, {k: v for k, v in cached.items() if k != "worker4"})  # no replacement alive
     assert not ok(45, {**cached, "worker1": 11})  # a cache holds shards of another dataset
+    # --faults: the GETs refused or cut were retried; they are not fetches, and some must have failed.
+    failed = {"refused (503)": 6, "cut": 3}
+    passed, detail = checks.shard_gets(54, 10, 5, 148, cached, "worker4", failed)
+    assert (
+        passed
+        and "45 GETs of .tar objects (and 9 that failed and were retried: 6 refused (503), 3 cut)" in detail
+    )
+    assert not checks.shard_gets(60, 10, 5, 148, cached, "worker4", failed)[0]  # 51 fetches: one twice
+    assert not checks.shard_gets(45, 10, 5, 148, cached, "worker4", {"refused (503)": 0, "cut": 0})[0]
 
 
 def test_resubmitted_check_wants_the_records_before_each_event_kept():

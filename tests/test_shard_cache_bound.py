@@ -20,6 +20,7 @@ from shard_data import ROOT, upload_sharded
 from pipeline.bench.feed import lru_gets_per_epoch
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.cache_ledger import LEDGER_NAME, Ledger, on_disk
+from pipeline.data.cache_shards import SHARDS_FOLDER, shard_file
 from pipeline.data.eviction import choose_victims
 from pipeline.data.next_use import NEVER, ReadPlan
 from pipeline.data.shard_cache import ShardCache
@@ -54,14 +55,15 @@ def test_eviction_takes_the_furthest_next_read_and_never_the_current_window(shar
     assert set(batch.tolist()) <= protected  # what the current batch reads is protected...
     assert len(protected) <= 3 * WINDOW  # ...and no more than its windows
     train = m.shard_ids("train")
-    names = {f"d/{m.shards[i].name}": i for i in train}
+    names = {f"shards/{m.shards[i].sha256}.tar": i for i in train}
     cached = {n: (m.shards[i].size, 0) for n, i in names.items()}
     pinned = {n for n, i in names.items() if i in protected}
+    mine = set(names)  # one job on the folder: what it names is all that live jobs name
 
     def next_use(ns):
         return plan.next_use([names[n] for n in ns])
 
-    victims = choose_victims(cached, pinned, {"d"}, "d", next_use, need=1)
+    victims = choose_victims(cached, pinned, mine, mine, next_use, need=1)
     free = [n for n in names if n not in pinned]
     uses = next_use(free)
     assert victims == [free[int(np.argmax(uses))]]
@@ -76,15 +78,16 @@ def test_eviction_takes_the_furthest_next_read_and_never_the_current_window(shar
         assert use == expected
     # A prefetch never pushes out a shard read sooner than the one it fetches.
     soonest = int(uses.min())
-    assert choose_victims(cached, pinned, {"d"}, "d", next_use, need=1, before=int(uses.max())) is None
-    assert choose_victims(cached, pinned, {"d"}, "d", next_use, need=1, before=soonest) == victims
+    assert choose_victims(cached, pinned, mine, mine, next_use, need=1, before=int(uses.max())) is None
+    assert choose_victims(cached, pinned, mine, mine, next_use, need=1, before=soonest) == victims
     # Everything pinned: nothing can go.
-    assert choose_victims(cached, set(cached), {"d"}, "d", next_use, need=1) is None
-    # A finished job's shards go first, oldest first; another live job's only for a read.
-    others = {"old/a.tar": (10, 2), "old/b.tar": (10, 1), "live/c.tar": (10, 0)}
-    assert choose_victims({**cached, **others}, pinned, {"d", "live"}, "d", next_use, need=15)[:2] == [
-        "old/b.tar",
-        "old/a.tar",
+    assert choose_victims(cached, set(cached), mine, mine, next_use, need=1) is None
+    # Shards no live dataset names go first, oldest first; another live job's only for a read.
+    others = {"shards/a.tar": (10, 2), "shards/b.tar": (10, 1), "shards/c.tar": (10, 0)}
+    live = mine | {"shards/c.tar"}
+    assert choose_victims({**cached, **others}, pinned, live, mine, next_use, need=15)[:2] == [
+        "shards/b.tar",
+        "shards/a.tar",
     ]
     assert NEVER not in uses
 
@@ -185,12 +188,12 @@ def test_two_handles_on_one_folder_stay_under_the_limit_together(s3, s3_sharded,
 def test_a_dead_fetchs_temporary_file_is_removed_at_start(s3, s3_sharded, tmp_path):
     m = load_manifest(s3_sharded)
     ShardCache(m, str(tmp_path), 1).close()
-    folder = tmp_path / m.digest[:16]
-    dead = folder / f".{m.shards[1].name}.k1ll3d"
-    live = folder / f".{m.shards[2].name}.fetch1ng"
+    folder = tmp_path / SHARDS_FOLDER
+    dead = folder / f".{shard_file(m.shards[1].sha256)}.k1ll3d"
+    live = folder / f".{shard_file(m.shards[2].sha256)}.fetch1ng"
     dead.write_bytes(b"x" * 100)
     live.write_bytes(b"x" * 100)
-    held = os.open(folder / f"{m.shards[2].name}.lock", os.O_RDONLY | os.O_CREAT)
+    held = os.open(folder / f"{shard_file(m.shards[2].sha256)}.lock", os.O_RDONLY | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)  # a fetch still running holds its shard's lock
     try:
         ShardCache(m, str(tmp_path), 1).close()
@@ -213,3 +216,50 @@ def test_cached_files_are_readable_by_other_users(s3, s3_sharded, tmp_path):
     assert mode(path.with_name(path.name + ".lock")) == 0o644
     assert mode(tmp_path / "c" / LEDGER_NAME) == 0o664
     assert mode(path.parent) & 0o055 == 0o055  # the folder can be entered and listed
+
+
+def test_a_node_prefetches_what_its_own_ranks_read_first(s3, s3_sharded, tmp_path):
+    """A node running ranks 2 and 3 of 4 prefetches shards in the order those ranks read them
+    (each its slice of every global batch), window by window, from the step it is at; not in
+    the order the global batch reaches them."""
+    from pipeline.data.rank_split import rank_train_order
+    from pipeline.train.distributed import DistContext
+
+    m = load_manifest(s3_sharded)
+    world, node = 4, (2, 3)
+    order = _order(m)
+    shard_of = m.split("train").shard
+    steps = len(shard_of) // BATCH
+
+    def node_reads(epoch: int) -> np.ndarray:
+        """The shards ranks 2 and 3 read in ``epoch``, step by step, as the feed gives them."""
+        per_rank = [
+            rank_train_order(len(shard_of), global_batch=BATCH, rank=r, world_size=world, seed=0, epoch=epoch,
+                        perm=order(epoch)).reshape(steps, -1)
+            for r in node
+        ]  # fmt: skip
+        return shard_of[np.concatenate(per_rank, axis=1)]  # (steps, the node's samples per step)
+
+    def by_first_read(shards: np.ndarray) -> list[int]:
+        _, first = np.unique(shards, return_index=True)
+        return [int(shards[i]) for i in np.sort(first)]
+
+    cache = ShardCache(m, str(tmp_path), 1)  # nothing prefetched: the plan and its order alone
+    ShardReader(m, cache, "train", order, BATCH, node_ranks=DistContext(2, 4, 0, None, True, 2).node_ranks,
+                world_size=world)  # fmt: skip
+    whole = ReadPlan(m, order, BATCH)  # every rank's reads: one node
+    for step in (0, steps // 2):
+        cache.at(0, step)
+        whole.at(0, step)
+        mine = by_first_read(node_reads(0)[step:].reshape(-1))
+        assert cache.ahead()[: len(mine)] == mine
+        assert set(cache.ahead()[len(mine) :]).isdisjoint(mine)  # then the next epoch's others
+        assert whole.upcoming()[: len(mine)] != mine  # the global order would fetch otherwise
+    # Eviction looks at the node's next read of a shard too: at step 0, the first position (in
+    # the global order) where rank 2 or 3 reads it.
+    cache.at(0, 0)
+    positions = np.arange(steps * BATCH).reshape(steps, BATCH)[:, BATCH // 2 :].reshape(-1)  # ranks 2, 3
+    read = shard_of[order(0)[positions]]
+    for s in by_first_read(read):
+        assert int(cache.plan.next_use([s])[0]) == positions[np.flatnonzero(read == s)[0]]
+    cache.close()

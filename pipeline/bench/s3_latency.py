@@ -11,8 +11,9 @@ as S3 Standard's time to first byte does for small objects; other requests are a
 once. This machine's kernel has no ``netem``, so the delay is put in the server. Requests are
 counted by kind: ``GET`` (object reads), ``HEAD``, ``PUT`` (object writes and multipart parts),
 ``LIST`` (bucket listings), ``OTHER``; GETs again by the key's extension (``GET.tar``,
-``GET.JPEG``, ``GET.gz``: data GETs apart from the manifest's); and the bytes the GETs
-returned (``get_bytes``).
+``GET.JPEG``, ``GET.gz``: data GETs apart from the manifest's); the bytes the GETs
+returned (``get_bytes``); and the most object GETs answered at once (``most_gets_at_once``,
+from a GET's arrival until its body is sent).
 
 Faults (``Faults``; none by default) make the server behave as S3 does under load, on the
 object GETs whose key ends with ``suffix``, numbered 1, 2, ... in the order they arrive: every
@@ -123,6 +124,7 @@ class LatencyApp:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self.get_bytes = 0
+        self._gets_now = self._most_gets = 0  # object GETs being answered; the most at once
         self._link_free = 0.0  # when the shared link (total_bandwidth_mbps) has sent what it was given
         self.set_faults(faults or Faults())
 
@@ -146,7 +148,32 @@ class LatencyApp:
             self._counts[kind] += 1
             if kind == "GET":
                 self._counts["GET" + os.path.splitext(path)[1]] += 1
+                self._gets_now += 1
+                self._most_gets = max(self._most_gets, self._gets_now)
             fault = self._fault(path) if kind == "GET" else None
+        if kind != "GET":
+            return self._answer(environ, start_response, kind, path, fault)
+        try:
+            body = self._answer(environ, start_response, kind, path, fault)
+        except BaseException:
+            self._get_done()
+            raise
+        return self._until_sent(body)
+
+    def _get_done(self) -> None:
+        with self._lock:
+            self._gets_now -= 1
+
+    def _until_sent(self, body: Any) -> Iterator[bytes]:
+        """``body``, the GET counted in flight until it is sent or the client hung up."""
+        try:
+            yield from body
+        finally:
+            self._get_done()
+
+    def _answer(
+        self, environ: dict[str, Any], start_response: Any, kind: str, path: str, fault: str | None
+    ) -> Any:
         if kind == "GET" and self.latency_s > 0:
             time.sleep(self.latency_s)
         if fault == "refused":
@@ -229,12 +256,14 @@ class LatencyApp:
                 "denied": 0,
                 **self._counts,
                 "get_bytes": self.get_bytes,
+                "most_gets_at_once": self._most_gets,
             }
 
     def reset(self) -> None:
         with self._lock:
             self._counts.clear()
             self.get_bytes = 0
+            self._most_gets = self._gets_now
 
 
 class LatencyS3:

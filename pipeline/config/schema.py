@@ -93,8 +93,8 @@ class DataConfig:
     # the cache evicts the shard read furthest in the future (the order is known); it cannot go
     # below one window of shards plus data.cache_fetchers in flight (the start refuses, naming it).
     cache_limit_gb: float = 0.0
-    # Shards each rank fetches at once ahead of the sample order (each as ranged GETs of 8 MiB,
-    # 4 at once).
+    # Shards each node fetches at once ahead of the sample order, all its ranks together (slot
+    # lock files in data.cache_dir; each shard as ranged GETs of 8 MiB, 4 at once).
     cache_fetchers: int = 4
     # Seconds a shard's fetch keeps retrying (503 SlowDown, 5xx, resets, cut or stalled GETs,
     # with jittered exponential backoff) before it is an error: S3 answers 503 SlowDown for

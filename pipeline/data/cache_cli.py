@@ -6,7 +6,9 @@
 DIR defaults to ``data.cache_dir``'s default (``<system temp dir>/resnet-pipeline-shards``); the
 templates put it at ``/mnt/shard-cache``. ``--keep ROOT`` names a dataset as ``data.root`` does;
 its manifest is read to find its folder, the same way the cache names it. A dataset that a live
-process uses (the folder's ledger says so, under its lock) is never removed.
+process uses (the folder's ledger says so, under its lock) is never removed, nor a shard that a
+kept or used dataset names (shards are named by content, so two datasets may name one file: it
+is counted once, and removed only with the last dataset naming it).
 
 Exit status: 0 done; 1 (prune) a dataset not kept was left because a running job uses it;
 2 a cache folder that does not exist, or a ``--keep`` root that is not a sharded dataset.
@@ -74,11 +76,14 @@ def _ls(args: argparse.Namespace) -> int:
     from pipeline.data.cache_folders import describe, scan, size_text
 
     root = _cache_root(args.cache_dir)
-    found = scan(root)
-    total = sum(d.bytes for d in found)
-    print(f"{root}: {len(found)} cached dataset{'s' if len(found) != 1 else ''}, {size_text(total)}")
+    contents = scan(root)
+    found = contents.datasets
+    print(f"{root}: {len(found)} cached dataset{'s' if len(found) != 1 else ''}, {size_text(contents.total)}")
     for d in found:
         print(describe(d))
+    if contents.unnamed:
+        size = sum(b for b, _ in contents.unnamed.values())
+        print(f"{len(contents.unnamed)} shards named by no dataset, {size_text(size)} (a prune removes them)")
     return 0
 
 
@@ -103,7 +108,15 @@ def _prune(args: argparse.Namespace) -> int:
         pids = ", ".join(str(p) for p in d.users)
         print(f"refused {d.name}: {_root(d)} is in use by a running job (pid {pids})")
     for d in result.removed:
-        print(f"{verb} {d.name}: {_root(d)}, {d.shards} shards, {size_text(d.bytes)}")
+        stay = result.kept_by[d.name]
+        shared = f" ({size_text(stay)} of shards a kept or running dataset names stay)" if stay else ""
+        print(f"{verb} {d.name}: {_root(d)}, {d.shards} shards, {size_text(result.freed_by[d.name])}{shared}")
+    if result.unnamed:
+        print(f"{verb} shards named by no dataset: {size_text(result.unnamed)}")
+    if result.stale:
+        print(
+            f"{verb} {result.stale} files of kept datasets in the layout before shards were named by content"
+        )
     for path in result.leftovers:
         print(f"{verb} {path.name}: left by a prune that did not finish")
     print(

@@ -2,8 +2,8 @@
 
     ledger = Ledger(Path("/local/nvme/shards"))
     with ledger.entries() as entries:       # flock'ed; entries of dead processes already dropped
-        entries[ledger.key] = {"limit": ..., "pinned": [...], "reserved": {...}}
-    on_disk(Path("/local/nvme/shards"))     # {"<dataset>/<shard>.tar": (bytes, mtime_ns)}
+        entries[ledger.key] = {"dataset": ..., "limit": ..., "pinned": [...], "reserved": {...}}
+    on_disk(Path("/local/nvme/shards"))     # {"shards/<sha256>.tar": (bytes, mtime_ns)}
 
 Several processes share a node's cache folder: the ranks of a job, and sometimes two jobs (on
 one dataset or two). The bytes on the disk are the cached shards (``on_disk``, the truth, read
@@ -55,7 +55,8 @@ def is_alive(key: str) -> bool:
 
 
 def on_disk(folder: Path) -> dict[str, tuple[int, int]]:
-    """Cached shards under ``folder`` (every dataset's): ``"<dataset>/<name>"`` -> (bytes, mtime_ns).
+    """Cached shards under ``folder``: ``"shards/<sha256>.tar"`` -> (bytes, mtime_ns), and those of
+    the layout before content names (``"<dataset>/<name>.tar"``), which eviction takes first.
 
     Only finished shards count: temporary files of fetches are covered by their reservations.
     """

@@ -25,33 +25,24 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import cache_sizing
-from pipeline.data.cache_folders import record_use, touch_record
+from pipeline.data.cache_folders import read_record, record_use, touch_record
 from pipeline.data.cache_ledger import Ledger, on_disk
+from pipeline.data.cache_shards import SHARDS_FOLDER, delete_unlocked, named_shards, open_lock, shard_file
 from pipeline.data.eviction import choose_victims
 from pipeline.data.next_use import NEVER, ReadPlan
 from pipeline.data.shard_manifest import Manifest, ShardError
 
-FILE_MODE = 0o644  # cached shards, their marks and locks: any user of the node may read them
 POLL_S = 0.2  # how often a read waiting for room looks again
 
 
-def open_lock(path: Path) -> int:
-    """A read-only fd on a lock file (``flock`` needs no write access), created readable by all."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, FILE_MODE)
-    st = os.fstat(fd)
-    if st.st_uid == os.getuid() and st.st_mode & 0o777 != FILE_MODE:
-        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
-    return fd
-
-
-def remove_dead_temp_files(folder: Path, shard_names: set[str]) -> None:
+def remove_dead_temp_files(folder: Path, shard_files: set[str]) -> None:
     """Delete the temporary files of fetches whose process died (no one holds their shard's lock):
     the room they took is free again."""
     for f in os.scandir(folder):
         if not f.name.startswith(".") or f.name.startswith(".probe."):
             continue
         name = f.name[1:].split(".tar", 1)[0] + ".tar"
-        if name not in shard_names:
+        if name not in shard_files:
             continue
         fd = open_lock(folder / (name + ".lock"))
         try:
@@ -68,7 +59,8 @@ class CacheRoom:
 
     Args:
         root: the cache folder (``data.cache_dir``), every dataset's.
-        manifest: this job's dataset (its shards live in ``root/<first 16 hex of its digest>``).
+        manifest: this job's dataset (its record in ``root/<first 16 hex of its digest>``, its
+            shards in ``root/shards/<sha256>.tar``).
         limit_bytes: ``data.cache_limit_gb`` in bytes; 0: the disk's default (``cache_sizing``).
         wait_s: how long a read waits for room before it is an error.
     """
@@ -79,7 +71,11 @@ class CacheRoom:
         self.explicit = limit_bytes > 0
         self.plan: ReadPlan | None = None
         self.evictions = 0  # shards this handle deleted to make room
-        self._ids = {s.name: i for i, s in enumerate(manifest.shards)}
+        self._ids: dict[str, list[int]] = {}  # "shards/<sha256>.tar" -> the shards with those bytes
+        for i in range(len(manifest.shards)):
+            self._ids.setdefault(self.name(i), []).append(i)
+        self.mine = set(self._ids)
+        self._named: dict[str, set[str]] = {self.dataset: self.mine}  # dataset -> the names it names
         self._pinned: set[int] = set()
         self.ledger = Ledger(root)
         with self.ledger.entries() as entries:
@@ -88,11 +84,29 @@ class CacheRoom:
             self._entry(entries)
             # Under the ledger's lock: from here on `data cache prune` sees the folder in use (and
             # a folder a prune took before it is made again).
-            record_use(root / self.dataset, manifest)
+            try:
+                record_use(root / self.dataset, manifest)
+            except OSError as e:
+                raise ShardError(
+                    f"{root / self.dataset}: cannot write its dataset record ({e}); set "
+                    "data.cache_dir to a writable folder on the node's local disk"
+                ) from None
 
     def name(self, i: int) -> str:
-        """Shard ``i`` as the ledger names it: ``<dataset>/<shard>.tar``."""
-        return f"{self.dataset}/{self.manifest.shards[i].name}"
+        """Shard ``i`` as the ledger names it: ``shards/<sha256>.tar``."""
+        return f"{SHARDS_FOLDER}/{shard_file(self.manifest.shards[i].sha256)}"
+
+    def _live_names(self, entries: dict[str, Any]) -> set[str]:
+        """The shards that the datasets of live processes name (each dataset's record read once)."""
+        out: set[str] = set()
+        for dataset in {e["dataset"] for e in entries.values()}:
+            if dataset not in self._named:
+                record = read_record(self.root / dataset)
+                if not record:  # not written yet, or a process of an older version: ask again later
+                    continue
+                self._named[dataset] = {f"{SHARDS_FOLDER}/{n}" for n in named_shards(record)}
+            out |= self._named[dataset]
+        return out
 
     def _entry(self, entries: dict[str, Any]) -> dict[str, Any]:
         return entries.setdefault(
@@ -137,7 +151,12 @@ class CacheRoom:
     def _next_use(self, names: list[str]) -> np.ndarray:
         if self.plan is None:
             return np.full(len(names), NEVER, np.int64)
-        return self.plan.next_use([self._ids[n.split("/", 1)[1]] for n in names])
+        if not names:
+            return np.empty(0, np.int64)
+        groups = [self._ids[n] for n in names]  # one file may hold several identical shards: the soonest
+        uses = self.plan.next_use([i for group in groups for i in group])
+        starts = np.concatenate([[0], np.cumsum([len(g) for g in groups])[:-1]])
+        return np.minimum.reduceat(uses, starts)
 
     def _make_room(self, entries: dict[str, Any], i: int, ahead: bool) -> bool:
         mine = self._entry(entries)
@@ -148,9 +167,10 @@ class CacheRoom:
         if need > room:
             held = [set(e["pinned"]) | set(e["reserved"]) for e in entries.values()]
             pinned = {name}.union(*held)
-            live = {e["dataset"] for e in entries.values()}
+            datasets = {e["dataset"] for e in entries.values()}  # a live job of the layout before
+            live = self._live_names(entries) | {n for n in cached if n.split("/", 1)[0] in datasets}
             before = int(self._next_use([name])[0]) if ahead else None
-            victims = choose_victims(cached, pinned, live, self.dataset, self._next_use, need - room, before)
+            victims = choose_victims(cached, pinned, live, self.mine, self._next_use, need - room, before)
             if victims is None:
                 return False
             room += self._evict(victims, cached)
@@ -163,16 +183,7 @@ class CacheRoom:
         """Delete these shards, each under its lock (one being fetched stays); the bytes freed."""
         freed = 0
         for victim in victims:
-            path = self.root / victim
-            fd = open_lock(path.with_name(path.name + ".lock"))
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                path.with_name(path.name + ".ok").unlink(missing_ok=True)
-                path.unlink(missing_ok=True)
-                freed += cached[victim][0]
-                self.evictions += 1
-            except BlockingIOError:
-                pass
-            finally:
-                os.close(fd)
+            gone = delete_unlocked(self.root / victim)
+            freed += gone
+            self.evictions += gone > 0
         return freed

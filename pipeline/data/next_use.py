@@ -1,74 +1,104 @@
 """When each shard is read next: what a bounded shard cache evicts by (Belady's policy).
 
-    plan = ReadPlan(manifest, order, global_batch=256)   # order(epoch) -> the epoch's sample ids
+    plan = ReadPlan(manifest, order, global_batch=256, node_ranks=[2, 3], world_size=4)
     plan.at(epoch, step)                                 # where this process reads now
     plan.next_use([3, 17, 40])                           # sample positions of their next reads
     plan.protected()                                     # shards the current windows still read
-    plan.upcoming()                                      # shards by next read: what to prefetch
+    plan.upcoming()                                      # shards by this node's next read: what to prefetch
 
 The training order is a pure function of (seed, epoch, step, position) (``shard_reads.epoch_order``),
 so the cache knows the future: the shard read furthest ahead is the best to drop (Belady's
 optimal policy; an LRU cache, which only knows the past, drops shards that are read again
-soon). Positions count samples of the global batch order over epochs (``epoch x N + position``):
-every rank of the node reads a slice of each global batch, and a window's shards are spread
-over all of its batches, so the node's next read of a shard is where the global order next
-reaches it, within a batch or two.
+soon). Positions count samples of the global batch order over epochs (``epoch x N + position``);
+each rank reads its contiguous slice of every global batch (``sharding.rank_slice``), so the
+node's ranks (``node_ranks``, sharing the node's cache) read the positions of their slices only.
+A shard's next use is the next position one of them reads in it, and prefetching follows that
+order, window by window: a node fetches first what its own ranks read first, not what the
+global order reaches first (within a window the two differ by a batch or two; for a shard only
+other nodes read in an epoch, by that whole epoch).
 
 A shard's samples lie in one window of ``data.shuffle_window`` shards per epoch, so its reads
-in an epoch span its window's positions. ``protected`` is every shard with reads left in the
-windows the current global batch touches: those are never evicted. With ``shuffle_window=0``
+in an epoch span its window's positions. ``protected`` is every shard with reads left (by the
+node's ranks) in the windows the current global batch touches: those are never evicted. With ``shuffle_window=0``
 (a full shuffle) that is the whole training split, and a cache smaller than it cannot work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from pipeline.data.shard_manifest import Manifest
+from pipeline.data.sharding import rank_slice
 
 NEVER = np.iinfo(np.int64).max  # the next use of a shard the plan does not read (a val shard)
 
 
-class _Epoch:
-    """One epoch's first and last read of each shard, and the span of the window it lies in."""
+def _spans(
+    shard_of_position: np.ndarray, positions: np.ndarray, num_shards: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each shard's first and last position among ``positions`` (NEVER and -1: not read there)."""
+    first = np.full(num_shards, NEVER, np.int64)
+    last = np.full(num_shards, -1, np.int64)
+    np.minimum.at(first, shard_of_position[positions], positions)
+    np.maximum.at(last, shard_of_position[positions], positions)
+    return first, last
 
-    def __init__(self, shard_of_position: np.ndarray, num_shards: int):
-        n = len(shard_of_position)
-        positions = np.arange(n, dtype=np.int64)
-        self.first = np.full(num_shards, NEVER, np.int64)
-        self.last = np.full(num_shards, -1, np.int64)
-        np.minimum.at(self.first, shard_of_position, positions)
-        np.maximum.at(self.last, shard_of_position, positions)
-        # Windows are disjoint runs of positions; merging the shards' [first, last] spans finds them.
-        read = np.flatnonzero(self.last >= 0)
-        by_first = read[np.argsort(self.first[read], kind="stable")]
+
+class _Epoch:
+    """One epoch's first and last read of each shard by the node's ranks (``node_columns``: the
+    positions of a global batch they read; None: all), and the span of the window it lies in."""
+
+    def __init__(self, shard_of_position: np.ndarray, num_shards: int, node_columns: np.ndarray | None):
+        positions = np.arange(len(shard_of_position), dtype=np.int64)
+        first, last = _spans(shard_of_position, positions, num_shards)
+        if node_columns is None:
+            self.first, self.last = first, last
+        else:
+            mine = positions[node_columns[positions % len(node_columns)]]
+            self.first, self.last = _spans(shard_of_position, mine, num_shards)
+        # Windows are disjoint runs of positions; merging the shards' [first, last] spans over
+        # every rank's reads finds them.
+        read = np.flatnonzero(last >= 0)
+        by_first = read[np.argsort(first[read], kind="stable")]
         self.window_start = np.full(num_shards, NEVER, np.int64)
         self.window_end = np.full(num_shards, -1, np.int64)
         members: list[int] = []
         end = -1
         for s in by_first.tolist() + [None]:
-            if members and (s is None or self.first[s] > end):
-                self.window_start[members] = self.first[members[0]]
+            if members and (s is None or first[s] > end):
+                self.window_start[members] = first[members[0]]
                 self.window_end[members] = end
                 members = []
             if s is not None:
                 members.append(s)
-                end = max(end, int(self.last[s]))
+                end = max(end, int(last[s]))
+
+
+def node_columns(global_batch: int, node_ranks: Sequence[int], world_size: int) -> np.ndarray:
+    """Which positions of a global batch the node's ranks read (bool, one per position)."""
+    columns = np.zeros(global_batch, bool)
+    for rank in node_ranks:
+        columns[rank_slice(global_batch, rank, world_size)] = True
+    return columns
 
 
 class ReadPlan:
-    """The order in which this process reads training shards, and where it is now.
+    """The order in which this node's ranks read training shards, and where this process is now.
 
     Args:
         manifest: the dataset.
         order: ``order(epoch)`` -> the epoch's training sample ids in order (``epoch_order``).
         global_batch: samples per step over all ranks.
+        node_ranks: the ranks that share this node's cache; None: every rank (one node).
+        world_size: the number of ranks (with ``node_ranks``).
     """
 
-    def __init__(self, manifest: Manifest, order: Callable[[int], np.ndarray], global_batch: int):
+    def __init__(self, manifest: Manifest, order: Callable[[int], np.ndarray], global_batch: int,
+                 node_ranks: Sequence[int] | None = None, world_size: int = 1):  # fmt: skip
         self.manifest, self.order, self.global_batch = manifest, order, global_batch
+        self.columns = None if node_ranks is None else node_columns(global_batch, node_ranks, world_size)
         self.shard_of_sample = manifest.split("train").shard
         self.size = len(self.shard_of_sample)
         self.steps = self.size // global_batch
@@ -80,7 +110,7 @@ class ReadPlan:
             if len(self._epochs) > 2:
                 self._epochs.pop(min(self._epochs))
             ids = self.order(epoch)[: self.steps * self.global_batch]  # the batches actually read
-            self._epochs[epoch] = _Epoch(self.shard_of_sample[ids], len(self.manifest.shards))
+            self._epochs[epoch] = _Epoch(self.shard_of_sample[ids], len(self.manifest.shards), self.columns)
         return self._epochs[epoch]
 
     def at(self, epoch: int, step: int) -> None:
@@ -108,7 +138,8 @@ class ReadPlan:
         return set(np.flatnonzero(touched).tolist())
 
     def upcoming(self) -> list[int]:
-        """Training shards not yet read from now, by next read: this epoch's, then the next one's."""
+        """Training shards the node's ranks have yet to read, by their next read: this epoch's,
+        then the next one's."""
         this, following = self._of(self.epoch), self._of(self.epoch + 1)
         now = np.flatnonzero(this.last >= self.position)
         now = now[np.argsort(np.maximum(this.first[now], self.position), kind="stable")]

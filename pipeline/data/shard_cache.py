@@ -7,18 +7,20 @@
     cache.prefetch(cache.ahead())                 # shard ids in the order the feed will need them
     jpeg = cache.read(shard_id, offset, size, crc32)   # uint8 array; crc32=None: checked before
 
-Layout on disk: ``CACHE_DIR/<first 16 hex of the manifest's SHA-256>/<shard>.tar`` with, beside
-each, ``<shard>.tar.ok`` (the size, SHA-256 and mtime of the file as verified) and
-``<shard>.tar.lock``; ``CACHE_DIR/ledger.json`` (and its lock) accounts for every process using the
-folder (``pipeline.data.cache_ledger``). Files are readable by the group and others, the ledger
-group-writable, so two users of a node can share a cache. The protocol, the same in every process of
-the node:
+Layout on disk: shards named by content, ``CACHE_DIR/shards/<sha256>.tar``, beside each its ``.ok``
+(size, SHA-256 and mtime as verified) and ``.lock``: a shard two manifests name (``data shard`` run
+again after an upgrade) is one file, fetched once. ``CACHE_DIR/<16 hex of the manifest's
+SHA-256>/dataset.json`` records a dataset's shards (``cache_folders``: ``data cache ls|prune``);
+``CACHE_DIR/ledger.json`` accounts for every process using the folder (``cache_ledger``). Files are
+readable by the group and others, the ledger group-writable, so two users of a node can share a
+cache. The protocol, the same in every process of the node:
 
 - a shard is usable when its ``.ok`` names the manifest's size and SHA-256 and the file's size
   and mtime are still those recorded (a truncated or rewritten file is not used);
 - to fetch, a process takes an exclusive ``flock`` on ``.lock`` (a prefetch that finds it held
   skips to the next shard: another rank is fetching this one), looks again (another rank may
-  have fetched it meanwhile), makes room for it under the ledger's lock (below), streams the
+  have fetched it meanwhile), makes room for it under the ledger's lock (below), takes one of
+  the node's ``data.cache_fetchers`` slots (``cache_slots``: one budget per node), streams the
   object into a temporary file beside it through the fetch engine (``pipeline.data.fetch``:
   ranged GETs of 8 MiB, several at once, hashed as they arrive, retried through throttling and
   resets for ``data.fetch_retry_s``), checks its size and SHA-256 against the manifest, renames
@@ -31,24 +33,20 @@ the node:
   is an error. Later reads of the sample come through the same open file, so from the same bytes,
   and skip the CRC: at ~10 us per 59 KB image it was the largest cost of a cached epoch.
 
-**Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus every live process's
-fetches in flight stay under it; a fetch that would pass it first deletes the shards this job reads
-furthest ahead (Belady's policy: ``cache_room``, ``eviction``, ``next_use``), never one pinned in
-the ledger (held open, or read in some process's current windows). When the dataset does not fit, a
-process keeps open only its current windows' shards, so an evicted shard's bytes are freed.
+**Bounded by ``data.cache_limit_gb``** (``cache_sizing``): cached shards plus fetches in flight stay
+under it; a fetch that would pass it first deletes the shards read furthest ahead (Belady's policy:
+``cache_room``, ``eviction``, ``next_use``), never one pinned in the ledger (held open, or read in a
+current window). When the dataset does not fit, a process keeps open only its windows' shards.
 
-So a worker restarted on the same node, or a second rank, reuses what is there; a crash mid-fetch
-leaves a temporary file and no ``.ok``, so the shard is fetched again, and the next cache handle on
-the folder deletes the temporary file (no process holds its shard's lock). A prefetch that failed is
-not final: the reader that needs the shard fetches it again, with a fresh retry budget.
+So a restarted worker, or a second rank, reuses what is there; a crash mid-fetch leaves a temporary
+file and no ``.ok`` (the next handle deletes the file: no process holds its shard's lock). A failed
+prefetch is not final: the reader that needs the shard fetches it again, with a fresh retry budget.
 
-Cached shards are memory-mapped (the cache is on the node's local disk; a sample is then a view of
-the page cache that DALI copies once, as DALI's own file reader does by default). A local
-``data.root`` (a disk or a shared filesystem mount) is read in place, not copied, with plain reads
-unless ``data.mmap`` (mapping hurts network filesystems); its shard sizes are checked when the
-dataset is opened and each sample against its CRC-32 as above. Nothing here truncates a shard in
-place (fetches and ``data shard`` rename whole files into place), so a mapping never loses its
-pages.
+Cached shards are memory-mapped (a sample is a view of the page cache that DALI copies once, as
+its own file reader does). A local ``data.root`` (a disk or a shared mount) is read in place, with
+plain reads unless ``data.mmap`` (mapping hurts network filesystems); its shard sizes are checked at
+open and each sample against its CRC-32 as above. Nothing truncates a shard in place (fetches and
+``data shard`` rename whole files into place), so a mapping never loses its pages.
 """
 
 from __future__ import annotations
@@ -68,7 +66,9 @@ import numpy as np
 from pipeline.data import cache_sizing
 from pipeline.data.cache_folders import DIR_MODE
 from pipeline.data.cache_reads import CacheReads
-from pipeline.data.cache_room import FILE_MODE, CacheRoom, open_lock, remove_dead_temp_files
+from pipeline.data.cache_room import CacheRoom, remove_dead_temp_files
+from pipeline.data.cache_shards import FILE_MODE, SHARDS_FOLDER, open_lock, shard_file
+from pipeline.data.cache_slots import FetchSlots
 from pipeline.data.fetch import Fetcher, FetchError, FetchPolicy, FetchStats
 from pipeline.data.next_use import ReadPlan
 from pipeline.data.shard_manifest import Manifest, ShardError, repair_hint
@@ -104,7 +104,7 @@ class ShardCache:
     Args:
         manifest: the dataset.
         cache_dir: the node's cache folder ("" for ``default_cache_dir()``); unused for a local root.
-        fetchers: shards fetched at once by this process (each ``policy.parts_in_flight`` GETs at once).
+        fetchers: shards in flight on the node, all its processes together (``cache_slots``).
         mmap: map a local root's shards into memory (``data.mmap``); cached shards always are.
         policy: the fetch engine's retries and part size (``data.fetch_retry_s``).
         limit_bytes: the most the folder may hold (``data.cache_limit_gb``); 0: the disk's default.
@@ -117,12 +117,11 @@ class ShardCache:
         self.mapped = self.remote or mmap
         self.setting = cache_dir or default_cache_dir()
         self.root = Path(self.setting).expanduser()
-        self.dataset = manifest.digest[:16]
-        self.dir = self.root / self.dataset
+        self.dir = self.root / SHARDS_FOLDER  # every dataset's shards, named by content
         self.fetchers = max(1, int(fetchers))
         self.plan: ReadPlan | None = None
         self._protected: set[int] = set()  # shards with reads left in the current windows
-        self._names = {s.name for s in manifest.shards}
+        self._files_named = {shard_file(s.sha256) for s in manifest.shards}
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
         self._files: dict[int, int | np.ndarray] = {}  # shard -> open fd, or its mapping
@@ -136,7 +135,8 @@ class ShardCache:
         self.room: CacheRoom | None = None
         if self.remote:
             self._check_writable()
-            remove_dead_temp_files(self.dir, self._names)
+            remove_dead_temp_files(self.dir, self._files_named)
+            self.slots = FetchSlots(self.root, self.fetchers)
             self.room = CacheRoom(self.root, manifest, limit_bytes, wait_s=max(60.0, self.policy.retry_s))
         # The dataset does not fit: evict by next use, and keep open only what the windows read.
         self.bounded = self.room is not None and self.room.limit < self.dataset_bytes
@@ -226,8 +226,12 @@ class ShardCache:
     # ------------------------------------------------------------ the protocol
 
     def _paths(self, i: int) -> tuple[Path, Path, Path]:
-        name = self.manifest.shards[i].name
+        name = shard_file(self.manifest.shards[i].sha256)
         return self.dir / name, self.dir / (name + ".ok"), self.dir / (name + ".lock")
+
+    def cached_path(self, i: int) -> Path:
+        """Where shard ``i`` lies in the node's cache (once fetched): ``shards/<sha256>.tar``."""
+        return self._paths(i)[0]
 
     def _valid(self, i: int) -> bool:
         shard = self.manifest.shards[i]
@@ -257,7 +261,7 @@ class ShardCache:
         path, ok, _ = self._paths(i)
         where = locations.join(self.manifest.root, shard.name)
         for attempt in (1, 2):
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.")
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.")
             try:
                 with os.fdopen(fd, "wb") as out:  # the engine gets exactly shard.size bytes, or raises
                     sha = self._engine().fetch(where, shard.size, out)
@@ -283,7 +287,7 @@ class ShardCache:
                 )
         st = path.stat()
         mark = {"size": shard.size, "sha256": shard.sha256, "mtime_ns": st.st_mtime_ns}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{shard.name}.ok.")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.ok.")
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(mark))
         os.chmod(tmp, FILE_MODE)
@@ -297,8 +301,8 @@ class ShardCache:
         fetch it again, unless it is gone already (another process replaced it: its copy is used).
         ``wait=False`` (prefetching): when another process of the node holds the shard's lock
         (it is fetching it), or no room can be made without evicting a shard read sooner, return
-        None at once and go on to the next shard; so the node has ranks x fetchers shards in
-        flight, each fetched once.
+        None at once and go on to the next shard. A fetch waits for one of the node's slots, so
+        the node has at most ``fetchers`` shards in flight, each fetched once.
         """
         if not self.remote:
             return Path(
@@ -320,7 +324,8 @@ class ShardCache:
                 if not self.room.reserve(i, ahead=not wait):
                     return None
                 try:
-                    self._fetch_locked(i)
+                    with self.slots.taken():  # the node's budget: data.cache_fetchers at once
+                        self._fetch_locked(i)
                 finally:
                     self.room.unreserve(i)
         finally:

@@ -20,7 +20,8 @@ is the order and where the bytes come from:
   ``data.shuffle_window=0`` gives a full shuffle, at the price of a first batch that waits for
   the whole dataset.
 - **The bytes** (``shard_reads.ShardReader``): the feed asks the node's shard cache (``pipeline.data.shard_cache``) for the
-  shards in the order of the epoch from the current step on, ``data.cache_fetchers`` at once,
+  shards in the order this node's ranks read them from the current step on (``next_use``),
+  ``data.cache_fetchers`` at once on the node,
   and reads each sample at its (offset, size), checked against its CRC-32 the first time this
   process reads it; DALI gets the encoded JPEGs and decodes them as for the folder layout
   (mixed on a GPU).
@@ -33,7 +34,7 @@ from the manifest's training samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,10 @@ class ShardedSource:
             tuple(int(x) for x in val.label),
         )
 
+    def order_pin(self, cfg: DataConfig) -> dict[str, Any]:
+        """What fixes the training order besides the seed (``Data.order_pin``, kept in checkpoints)."""
+        return {"manifest_sha256": self.manifest.digest, "shuffle_window": cfg.shuffle_window}
+
     def cache(self, cfg: DataConfig, global_batch: int | None = None) -> ShardCache:
         """The node's cache, checked: writable, and a limit (said in one line) that can work."""
         cache = ShardCache(self.manifest, cfg.cache_dir, cfg.cache_fetchers, mmap=cfg.mmap,
@@ -97,10 +102,10 @@ class ShardedSource:
             print(cache.describe(), flush=True)
         return cache
 
-    def train_loader(
-        self, cfg: DataConfig, cache: ShardCache, *, global_batch: int, seed: int, **common: Any
-    ) -> Any:
-        """``build_train_loader`` over the manifest (same arguments besides the cache)."""
+    def train_loader(self, cfg: DataConfig, cache: ShardCache, *, global_batch: int, seed: int,
+                     node_ranks: Sequence[int] | None = None, **common: Any) -> Any:  # fmt: skip
+        """``build_train_loader`` over the manifest (same arguments besides the cache, and the ranks
+        that share this node's cache: it prefetches in the order they read; None: every rank)."""
         orders: dict[int, np.ndarray] = {}
 
         def order(epoch: int) -> np.ndarray:
@@ -110,7 +115,8 @@ class ShardedSource:
                 orders[epoch] = epoch_order(self.manifest, seed, epoch, cfg.shuffle_window)
             return orders[epoch]
 
-        reader = ShardReader(self.manifest, cache, "train", order, global_batch)
+        world = common.get("world_size", 1)
+        reader = ShardReader(self.manifest, cache, "train", order, global_batch, node_ranks, world)
         train = build_train_loader(
             self.index, cfg, global_batch=global_batch, seed=seed, order=order, read=reader, **common
         )
@@ -126,7 +132,9 @@ class ShardedSource:
         device: torch.device,
         num_threads: int,
         eval_batch: int,
+        node_ranks: Sequence[int] | None = None,
     ) -> Data:
+        """This rank's loaders; ``node_ranks``: the ranks on this node (default: this one alone)."""
         cache = self.cache(cfg.data, cfg.optim.batch_size)
         common: dict[str, Any] = dict(
             rank=rank,
@@ -136,7 +144,8 @@ class ShardedSource:
             channels_last=cfg.precision.channels_last,
             half=cfg.precision.amp == "fp16",
         )
-        train = self.train_loader(cfg.data, cache, global_batch=cfg.optim.batch_size, seed=cfg.seed, **common)
+        train = self.train_loader(cfg.data, cache, global_batch=cfg.optim.batch_size, seed=cfg.seed,
+                                  node_ranks=node_ranks or [rank], **common)  # fmt: skip
         m = self.manifest
 
         def make_val(mode: str) -> Any:
@@ -156,7 +165,7 @@ class ShardedSource:
                                             batch_size=eval_batch, split="train", **common)  # fmt: skip
 
         counts = (lambda: fetch_counts(cache)) if cache.remote else None  # a local root fetches nothing
-        pin = {"manifest_sha256": m.digest, "shuffle_window": cfg.data.shuffle_window}
+        pin = self.order_pin(cfg.data)
         # No make_test: as for the folder layout, ImageNet's test labels are not public.
         return Data(train=train, num_train=self.num_train, num_classes=self.num_classes, make_val=make_val,
                     make_train_eval=make_train_eval, fetch_counts=counts, order_pin=pin)  # fmt: skip

@@ -2,7 +2,8 @@
 ``bench feed``'s node processes start in a fraction of a second).
 
     order = epoch_order(manifest, seed, epoch, window)       # the training sample ids of the epoch
-    reader = ShardReader(manifest, cache, "train", lambda e: epoch_order(manifest, seed, e, window), 256)
+    reader = ShardReader(manifest, cache, "train", lambda e: epoch_order(manifest, seed, e, window), 256,
+                         node_ranks=[2, 3], world_size=4)   # the ranks that share this node's cache
     jpegs = reader(order[:256], epoch, 0)                    # encoded images, the cache prefetching ahead
 
 How the order is drawn and why is said in ``pipeline.data.shard_feed``, which builds the loaders
@@ -11,7 +12,7 @@ over these.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,13 +55,14 @@ def shards_in_order(manifest: Manifest, split: str, ids: np.ndarray) -> list[int
 class ShardReader:
     """What the feed calls per batch: encoded images of sample ids, prefetching ahead.
 
-    With an order (training), the cache follows it (``next_use.ReadPlan``): it pins the shards
-    of the current windows, evicts by next read, and is asked to prefetch again at each epoch
-    and, when the dataset does not fit, each time the windows move on.
+    With an order (training), the cache follows it (``next_use.ReadPlan``) as the node's ranks
+    (``node_ranks`` of ``world_size``; None: every rank) read it: it pins the shards of the
+    current windows, evicts by next read, and is asked to prefetch again at each epoch and, when
+    the dataset does not fit, each time the windows move on.
     """
 
     def __init__(self, manifest: Manifest, cache: ShardCache, split: str, order: Callable[[int], np.ndarray] | None,
-                 global_batch: int = 0):  # fmt: skip
+                 global_batch: int = 0, node_ranks: Sequence[int] | None = None, world_size: int = 1):  # fmt: skip
         self.m, self.cache, self.split, self.order, self.global_batch = (
             manifest,
             cache,
@@ -72,7 +74,7 @@ class ShardReader:
         self.checked = np.zeros(len(self.samples), bool)  # CRC-32 verified by this process
         self._planned: int | None = None  # the epoch whose shards were queued
         if order is not None:
-            cache.follow(ReadPlan(manifest, order, global_batch))
+            cache.follow(ReadPlan(manifest, order, global_batch, node_ranks, world_size))
 
     def __call__(self, ids: np.ndarray, epoch: int, step: int) -> list[np.ndarray]:
         moved = self.cache.at(epoch, step)

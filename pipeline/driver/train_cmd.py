@@ -6,7 +6,8 @@
     python -m pipeline train --config ... --dry-run       # print the plan on this cluster, train nothing
 
 The config and the dataset are checked before Ray starts (exit code 2 with a message that
-names the key or the path). Then a ``TorchTrainer`` runs ``pipeline.train.loop.train_worker`` on
+names the key or the path), and so is a resume in the middle of an epoch over other data than
+its checkpoint's (exit code 1, naming both manifests' digests: ``pipeline.driver.resume_check``). Then a ``TorchTrainer`` runs ``pipeline.train.loop.train_worker`` on
 ``cluster.num_workers`` workers: on the cluster at ``RAY_ADDRESS`` when set (or inside a
 submitted job), otherwise on a local Ray started here.
 """
@@ -55,6 +56,12 @@ def preflight(cfg: Config) -> str:
     """Everything that can be checked before Ray starts; returns the text to print."""
     source = open_dataset(cfg.data)
     check_num_classes(cfg.model.num_classes, source)
+    from pipeline.driver.resume_check import resume_problem
+    from pipeline.train.checkpoint import CheckpointError
+
+    problem = resume_problem(cfg, source)  # before any worker starts, not after Ray placed them
+    if problem:
+        raise CheckpointError(problem)
     import torch
 
     from pipeline.models import build_model
@@ -128,6 +135,7 @@ def _training_failed(e: Exception) -> bool:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pipeline.data.layout import DataLayoutError
+    from pipeline.train.checkpoint import CheckpointError
 
     # Under torchrun every process runs this; rank 0 alone prints the config and the summary.
     prints = not args.no_ray or launched_rank() == 0
@@ -139,12 +147,13 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # a mid-epoch resume over other data (pipeline.driver.resume_check)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.dry_run:
         from pipeline.driver.plan import dry_run
 
         return dry_run(cfg)
-    from pipeline.train.checkpoint import CheckpointError
-
     try:
         if args.no_ray:
             from pipeline.train.loop import train_worker

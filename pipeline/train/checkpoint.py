@@ -305,7 +305,7 @@ def report_checkpoint(
     return join(location, name)
 
 
-def _pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str], list[str]]:
+def pick_checkpoint(candidates: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str], list[str]]:
     """(the newest readable checkpoint, its state, warnings, the candidates that hold a state file).
 
     A folder without ``state.pt`` is a checkpoint that never finished (its node died during the
@@ -334,17 +334,19 @@ def _describe_order(pin: dict[str, Any] | None) -> str:
     return f"the shards of manifest SHA-256 {pin['manifest_sha256']} with data.shuffle_window={pin['shuffle_window']}"
 
 
-def order_pin_problem(state: dict[str, Any], pin: dict[str, Any] | None, chosen: str, run: Run) -> str | None:
-    """Why ``state`` (read from ``chosen``) cannot resume over the data whose ``Data.order_pin`` is
-    ``pin``; None when it can: saved at an epoch's end, over the same manifest and window, or
-    before checkpoints recorded them (format 2 and older).
+def order_pin_problem(state: dict[str, Any], pin: dict[str, Any] | None, chosen: str, location: str,
+                      root: str) -> str | None:  # fmt: skip
+    """Why ``state`` (read from ``chosen``) cannot resume the run at ``location`` over the data at
+    ``root`` whose ``Data.order_pin`` is ``pin``; None when it can: saved at an epoch's end, over
+    the same manifest and window, or before checkpoints recorded them (format 2 and older). The
+    driver asks before the workers start (``pipeline.driver.resume_check``), the workers again.
 
     A mid-epoch resume replays the epoch's sample order from the step it stopped at; another
     manifest or window gives another order, so samples would be skipped or seen twice.
     """
     if not state.get("epoch_sums") or "data" not in state or state["data"] == pin:
         return None
-    epoch, location = int(state["epoch"]) + 1, run.location
+    epoch = int(state["epoch"]) + 1
     listed = list_checkpoints(location)
     after = []  # the mid-epoch checkpoints newer than the newest epoch-end one
     boundary = None
@@ -364,7 +366,7 @@ def order_pin_problem(state: dict[str, Any], pin: dict[str, Any] | None, chosen:
     old_root = state["config"].get("data", {}).get("root")
     return (
         f"{chosen} was saved in the middle of epoch {epoch} (step {state['step']}) over "
-        f"{_describe_order(state['data'])}; data.root={run.cfg.data.root} holds {_describe_order(pin)}. "
+        f"{_describe_order(state['data'])}; data.root={root} holds {_describe_order(pin)}. "
         "A mid-epoch resume replays that epoch's order, which other data changes, so training was not "
         f"started. Change the data at an epoch boundary instead: finish epoch {epoch} with "
         f"data.root={old_root} and switch once its end is checkpointed, or redo epoch {epoch} over the "
@@ -382,10 +384,11 @@ def restore(run: Run) -> tuple[TrainingProgress, str] | None:
     state = None
     if ctx.is_main:
         candidates = checkpoint_candidates(ctx, location, run.cfg.resume_from)
-        chosen, state, warnings, real = _pick_checkpoint(candidates)
+        chosen, state, warnings, real = pick_checkpoint(candidates)
         for line in warnings:
             print(line, flush=True)
-        problem = order_pin_problem(state, run.data.order_pin, chosen, run) if chosen is not None else None
+        pin, root = run.data.order_pin, run.cfg.data.root
+        problem = order_pin_problem(state, pin, chosen, location, root) if chosen is not None else None
         if problem:
             decision = ("error", problem)
         elif chosen is not None:

@@ -36,6 +36,13 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def node_ranks(self) -> range:
+        """The ranks of this run on this node: a contiguous block (Ray Train 2.60 orders world ranks
+        by node, ``_sort_workers_by_gpu_id_grouped_by_node``; torchrun numbers them node by node)."""
+        first = self.rank - self.local_rank
+        return range(first, first + max(1, self.local_world_size))
+
 
 def backend_for(use_gpu: bool) -> str:
     """The collective backend: NCCL between GPUs, gloo between CPU processes (Ray runs and torchrun)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.data.loaders import Data, Loader
+from pipeline.data.shard_feed import ShardedSource
 from pipeline.data.source import check_num_classes, open_dataset
 from pipeline.host import usable_cpus
 from pipeline.store.rundir import run_location
@@ -102,6 +103,8 @@ def build_data(cfg: Config, ctx: DistContext) -> tuple[Data, Derived]:
     source = open_dataset(cfg.data)
     check_num_classes(cfg.model.num_classes, source)
     derived = derive(cfg, source.num_train, ctx.world_size)
+    # The sharded layout's cache is the node's: it prefetches in the order the node's ranks read.
+    node = {"node_ranks": ctx.node_ranks} if isinstance(source, ShardedSource) else {}
     data = source.loaders(
         cfg,
         rank=ctx.rank,
@@ -109,6 +112,7 @@ def build_data(cfg: Config, ctx: DistContext) -> tuple[Data, Derived]:
         device=ctx.device,
         num_threads=worker_threads(cfg, ctx),
         eval_batch=derived.per_worker_eval_batch,
+        **node,
     )
     return data, derived
 
