@@ -10,7 +10,7 @@ The training order is a pure function of (seed, epoch, step, position) (``shard_
 so the cache knows the future: the shard read furthest ahead is the best to drop (Belady's
 optimal policy; an LRU cache, which only knows the past, drops shards that are read again
 soon). Positions count samples of the global batch order over epochs (``epoch x N + position``);
-each rank reads its contiguous slice of every global batch (``sharding.rank_slice``), so the
+each rank reads its contiguous slice of every global batch (``rank_split.rank_slice``), so the
 node's ranks (``node_ranks``, sharing the node's cache) read the positions of their slices only.
 A shard's next use is the next position one of them reads in it, and prefetching follows that
 order, window by window: a node fetches first what its own ranks read first, not what the
@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from pipeline.data.rank_split import rank_slice
 from pipeline.data.shard_manifest import Manifest
-from pipeline.data.sharding import rank_slice
 
 NEVER = np.iinfo(np.int64).max  # the next use of a shard the plan does not read (a val shard)
 
