@@ -28,7 +28,10 @@ def resume_problem(cfg: Config, source: Any) -> str | None:
     """Why this run cannot resume where its checkpoints say over ``source`` (the opened dataset),
     or None."""
     location = run_location(cfg.checkpoint.storage_path, cfg.name)
-    candidates = list_checkpoints(location) or ([cfg.resume_from] if cfg.resume_from else [])
+    try:
+        candidates = list_checkpoints(location) or ([cfg.resume_from] if cfg.resume_from else [])
+    except (OSError, ValueError):
+        return None  # storage that cannot be listed: the cluster checks (or the workers) say why
     if not candidates or MID_EPOCH_MARK not in Path(candidates[0].rstrip("/")).name:
         return None
     chosen, state, _, _ = pick_checkpoint(candidates)
