@@ -290,7 +290,7 @@ def _check(cfg: Config) -> None:
         )
     if cfg.data.cache_fetchers < 1:
         raise ConfigError(
-            "data.cache_fetchers: must be at least 1 (the shards each rank fetches at once), "
+            "data.cache_fetchers: must be at least 1 (the shards each node fetches at once), "
             f"got {cfg.data.cache_fetchers}"
         )
     if cfg.data.cache_limit_gb < 0:
