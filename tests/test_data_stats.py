@@ -155,3 +155,24 @@ def test_half_outputs_and_channel_means(tmp_path, flat_grey):
     torch.testing.assert_close(
         x.float(), torch.tensor([28.0, 78.0, 108.0]).view(1, 3, 1, 1).expand_as(x.float())
     )
+
+
+def test_a_growing_training_crop_subtracts_the_same_channel_means_in_training_and_test(tmp_path):
+    """With a per-pixel mean and data.res_schedule, training crops change size, so they subtract
+    the mean image's channel means; the test views then do too (else training and evaluation
+    would normalise differently). Without the schedule the mean image itself is subtracted."""
+    from dataclasses import replace
+
+    from pipeline.config.schema import ResolutionSchedule
+    from pipeline.data.stats import pipeline_means
+
+    rng = np.random.default_rng(0)
+    write_mean(tmp_path, MeanStats("pixel", rng.uniform(0, 255, (CROP, CROP, 3)).astype(np.float32), CROP, 4))
+    fixed = replace(CFG, root=str(tmp_path))
+    growing = replace(fixed, scale_min=64, res_schedule=ResolutionSchedule(end_res=32, end_ramp=2, step=8))
+    for mode in ("paper", "inception", "center", "tencrop"):
+        channel, image = pipeline_means(fixed, mode, False, (0.0, 0.0, 0.0))
+        assert image is not None and channel == [0.0, 0.0, 0.0], mode
+        channel, image = pipeline_means(growing, mode, False, (0.0, 0.0, 0.0))
+        assert image is None, mode
+        np.testing.assert_allclose(channel, load_mean(tmp_path, CROP).channel_mean, rtol=1e-6)

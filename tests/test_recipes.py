@@ -65,6 +65,13 @@ def test_resolution_rule_on_other_ramps_and_steps():
                              "data.res_schedule.step=16", "data.crop_size=128", "data.scale_min=192"])  # fmt: skip
     assert [cfg.data.train_crop(e) for e in range(6)] == [128, 144, 160, 176, 192, 192]
     assert load_config(None, []).data.train_crop(50) == 224  # off: data.crop_size throughout
+    # Ends that are not multiples of the step: the side stays within them and never shrinks.
+    for start, end in ((160, 180), (170, 200)):
+        cfg = load_config(None, [f"data.crop_size={start}", f"data.res_schedule.end_res={end}",
+                                 "data.res_schedule.end_ramp=10", "data.scale_min=256"])  # fmt: skip
+        sides = [cfg.data.train_crop(e) for e in range(12)]
+        assert sides[0] == start and sides[-1] == end and all(start <= x <= end for x in sides)
+        assert sides == sorted(sides), sides
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,9 @@ class ResolutionSchedule:
             return self.end_res
         slope = (self.end_res - start_res) / (self.end_ramp - self.start_ramp)  # np.interp's arithmetic
         ramp = slope * (epoch - self.start_ramp) + start_res
-        return int(round(ramp / self.step)) * self.step  # half to even, as FFCV's np.round
+        rounded = int(round(ramp / self.step)) * self.step  # half to even, as FFCV's np.round
+        # Ends that are not multiples of the step: never past them, so the side grows monotonically.
+        return min(max(rounded, start_res), self.end_res)
 
 
 @dataclass(frozen=True)

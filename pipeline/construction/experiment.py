@@ -134,6 +134,7 @@ def main(argv: list[str]) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
 
     from pipeline.data.layout import DataLayoutError
+    from pipeline.train.checkpoint import CheckpointError
 
     try:
         pairs = parse_pairs(args.pairs)
@@ -152,6 +153,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # a run that would resume mid-epoch over other data (preflight)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     sweep = {"cpus_per_trial": args.cpus_per_trial, "max_concurrent": args.max_concurrent}
     print(f"construction: stage 1 of 3, the shallower nets ({len(stages['shallow'])} runs)", flush=True)
     unfinished = run_sweep(stages["shallow"], **sweep)

@@ -167,7 +167,8 @@ class CacheRoom:
         if need > room:
             held = [set(e["pinned"]) | set(e["reserved"]) for e in entries.values()]
             pinned = {name}.union(*held)
-            datasets = {e["dataset"] for e in entries.values()}  # a live job of the layout before
+            # Another live job's folder of the layout before; this job's own old copy may go.
+            datasets = {e["dataset"] for e in entries.values()} - {mine["dataset"]}
             live = self._live_names(entries) | {n for n in cached if n.split("/", 1)[0] in datasets}
             before = int(self._next_use([name])[0]) if ahead else None
             victims = choose_victims(cached, pinned, live, self.mine, self._next_use, need - room, before)

@@ -20,6 +20,7 @@ nothing but the bucket, so slots cannot deadlock with shard locks or with room i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -42,7 +43,8 @@ class FetchSlots:
         self.count = max(1, int(count))
         if not self.folder.is_dir():
             self.folder.mkdir(exist_ok=True)
-            os.chmod(self.folder, DIR_MODE)  # another user's processes take slots too
+            with contextlib.suppress(PermissionError):  # made by another user's process meanwhile
+                os.chmod(self.folder, DIR_MODE)  # another user's processes take slots too
         self.waits = 0  # fetches that found every slot taken (the budget was full)
 
     def _try(self) -> int | None:

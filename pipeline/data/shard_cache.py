@@ -147,7 +147,7 @@ class ShardCache:
         try:
             for folder in (self.root, self.dir):
                 if not folder.is_dir():
-                    folder.mkdir(parents=True)
+                    folder.mkdir(parents=True, exist_ok=True)  # ranks of a node may race to make it
                     os.chmod(folder, DIR_MODE)
             probe = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe.", delete=True)
             probe.close()

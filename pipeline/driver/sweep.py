@@ -229,6 +229,7 @@ def main(argv: list[str]) -> int:
     args = parse_trial_args(parser, argv)
 
     from pipeline.data.layout import DataLayoutError
+    from pipeline.train.checkpoint import CheckpointError
 
     try:
         specs = plan(args.configs, list(range(args.first_seed, args.first_seed + args.seeds)), args.overrides)
@@ -242,6 +243,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # a run that would resume mid-epoch over other data (preflight)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         unfinished = run_sweep(specs, cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent)
     except ConfigError as e:  # the cluster cannot run it (e.g. cluster.use_gpu=true and no GPU)

@@ -235,7 +235,8 @@ def train_one_epoch(
     clock.stop()
     wall = time.perf_counter() - start
     metrics = epoch_metrics(run, acc, clock, lr=lr, steps=end - first, wall=wall)
-    metrics["train/crop_px"] = side
+    if side:  # a step ran: the side it trained at
+        metrics["train/crop_px"] = side
     return metrics, dataclasses.replace(progress, step=step, schedule=state, epoch_sums=())
 
 
