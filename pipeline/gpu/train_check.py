@@ -34,6 +34,15 @@ def _config(path: str, overrides: list[str]) -> dict[str, Any]:
     return to_dict(load_config(path, overrides))
 
 
+def _one_process_run(name: str, root: str, runs: str, gpu: bool) -> list[str]:
+    """The overrides every check's run shares: one worker in this process on ``root``, no
+    tracking, one checkpoint kept under ``runs``, no per-step lines."""
+    return [
+        f"name={name}", f"data.root={root}", f"cluster.use_gpu={'true' if gpu else 'false'}", "cluster.num_workers=1",
+        "tracking.mode=disabled", f"checkpoint.storage_path={runs}", "checkpoint.num_to_keep=1", "log_every_n_steps=1000",
+    ]  # fmt: skip
+
+
 def _metrics(run_dir: str) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -58,15 +67,12 @@ def train_demo(
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.loop import train_worker
 
-    overrides = [
-        f"name={name}", f"data.root={root}", f"data.num_threads={threads}", f"optim.batch_size={batch}",
+    overrides = _one_process_run(name, root, runs, gpu) + [
+        f"data.num_threads={threads}", f"optim.batch_size={batch}",
         f"optim.lr={0.1 * batch / 64:g}", f"schedule.epochs={epochs}", f"schedule.milestones=[{epochs}]",
         "schedule.warmup_epochs=0",
-        f"cluster.use_gpu={'true' if gpu else 'false'}", "cluster.num_workers=1",
         f"precision.amp={amp}", f"precision.channels_last={'true' if channels_last else 'false'}",
-        f"precision.compile={'true' if compile else 'false'}", "tracking.mode=disabled",
-        f"checkpoint.storage_path={runs}", "checkpoint.num_to_keep=1", "eval.final_mode=tencrop",
-        "log_every_n_steps=1000",
+        f"precision.compile={'true' if compile else 'false'}", "eval.final_mode=tencrop",
     ]  # fmt: skip
     config = _config(DEMO_CONFIG, overrides)
     t0 = time.perf_counter()
@@ -197,16 +203,14 @@ def end_to_end(root: str, runs: str, *, name: str, gpu: bool, batch: int, crop: 
     from pipeline.train.loop import train_worker
 
     scale = crop / 224
-    overrides = [
-        f"name={name}", f"data.root={root}", "data.normalize=meanstd", f"data.crop_size={crop}",
+    overrides = _one_process_run(name, root, runs, gpu) + [
+        "data.normalize=meanstd", f"data.crop_size={crop}",
         f"data.scale_min={round(256 * scale)}", f"data.scale_max={round(480 * scale)}",
         f"data.val_resize={round(256 * scale)}", f"data.decoder={'mixed' if gpu else 'cpu'}",
         f"data.num_threads={threads}", f"model.name={model}", f"optim.batch_size={batch}",
         "schedule.kind=constant", f"schedule.epochs={epochs}", "schedule.max_iters=null",
         f"eval.every_n_epochs={epochs}", "eval.final_mode=center", f"precision.amp={amp}",
         "precision.channels_last=true", f"precision.compile={'true' if compile else 'false'}",
-        f"cluster.use_gpu={'true' if gpu else 'false'}", "tracking.mode=disabled",
-        f"checkpoint.storage_path={runs}", "checkpoint.num_to_keep=1", "log_every_n_steps=1000",
     ]  # fmt: skip
     summary = train_worker(_config(IMAGENET_CONFIG, overrides))
     rows = _metrics(summary["run_dir"])
@@ -283,16 +287,14 @@ def fast_recipe(root: str, runs: str, *, name: str, gpu: bool, batch: int, crops
     from pipeline.train.loop import train_worker
 
     small, large = crops
-    overrides = [
-        f"name={name}", f"data.root={root}", f"data.decoder={'mixed' if gpu else 'cpu'}", f"data.num_threads={threads}",
+    overrides = _one_process_run(name, root, runs, gpu) + [
+        f"data.decoder={'mixed' if gpu else 'cpu'}", f"data.num_threads={threads}",
         f"data.crop_size={small}", f"data.res_schedule.end_res={large}", "data.res_schedule.start_ramp=1",
         "data.res_schedule.end_ramp=2", f"data.res_schedule.step={large - small}",
         f"data.val_resize={round(large * 293 / 192)}", f"data.val_crop={round(large * 256 / 192)}",
         f"model.name={model}", f"model.v1_5={'true' if model.startswith('resnet50') else 'null'}",
         f"optim.batch_size={batch}", "optim.ema_decay=0.9", "schedule.epochs=4", "schedule.warmup_epochs=1",
         "eval.every_n_epochs=1", f"precision.amp={amp}", "precision.channels_last=true",
-        f"cluster.use_gpu={'true' if gpu else 'false'}", "cluster.num_workers=1", "tracking.mode=disabled",
-        f"checkpoint.storage_path={runs}", "checkpoint.num_to_keep=1", "log_every_n_steps=1000",
     ]  # fmt: skip
     summary = train_worker(_config(str(REPO / FAST_CONFIG.format(epochs=16)), overrides))
     rows = _metrics(summary["run_dir"])
